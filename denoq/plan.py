@@ -1,0 +1,170 @@
+"""QuantPlan: every number the export passes need from calibration, and nothing else (DESIGN.md, Contracts).
+
+A plan is written as two files of an artifact: the tensors in `plan.safetensors` and the small description
+(bits, layouts, zero points) in the `plan` section of `manifest.json`. Calibrators write plans, passes read them;
+the plan is the only thing that flows between the two.
+
+Per layer (keyed by its PyTorch module name):
+- weights: the already-rounded integers in PyTorch layout (`[out, in, kh, kw]` for conv, `[out, in]` for
+  linear) with their symmetric scales, per output channel (`[out]`) or blocked along the input dimension
+  (`[out, in // block_size]`). Passes never re-round.
+- input activation quantizer and, for the `ort-cpu` target, an output quantizer: bits, signedness, a constant
+  zero point and a per-timestep scale table of length T = `num_train_timesteps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from denoq.errors import DenoqError
+
+TARGETS = ("trt", "ort-cpu")
+LAYER_OPS = ("conv", "linear")
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a `bits`-bit quantizer: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass
+class ActQuant:
+    """A per-tensor activation quantizer: `q = saturate(round(x / scale[t]) + zero_point)`.
+
+    `signed` selects int8 (range [-128, 127]; the `trt` target uses zero point 0) or uint8 ([0, 255]).
+    `scale` is a float32 table of length T indexed by the scheduler's training timestep.
+    """
+
+    bits: int
+    signed: bool
+    zero_point: int
+    scale: torch.Tensor
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, self.signed)
+
+    @property
+    def is_constant(self) -> bool:
+        """True when one scale serves every timestep (no timestep groups)."""
+        return bool(torch.all(self.scale == self.scale[0]))
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "signed": self.signed, "zero_point": self.zero_point}
+
+
+@dataclass
+class LayerPlan:
+    """Quantization of one Conv2d / Linear layer (see module docstring for layouts)."""
+
+    name: str
+    op: str
+    weight_bits: int
+    weight_int: torch.Tensor
+    weight_scale: torch.Tensor
+    block_size: int = 0
+    input: ActQuant | None = None
+    output: ActQuant | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in LAYER_OPS:
+            raise DenoqError(f"layer {self.name}: unknown op {self.op!r}; expected one of {LAYER_OPS}")
+        if self.weight_int.dtype != torch.int8:
+            raise DenoqError(f"layer {self.name}: integer weights must be int8, got {self.weight_int.dtype}")
+        expected = self.weight_int.shape[:1] if self.block_size == 0 else (
+            self.weight_int.shape[0], self.weight_int.shape[1] // self.block_size)
+        if tuple(self.weight_scale.shape) != tuple(expected):
+            raise DenoqError(f"layer {self.name}: weight scale shape {tuple(self.weight_scale.shape)} does not "
+                             f"match weights {tuple(self.weight_int.shape)} with block size {self.block_size}")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Float weights exactly as DequantizeLinear computes them: `q · s` in float32."""
+        q = self.weight_int.to(torch.float32)
+        s = self.weight_scale.to(torch.float32)
+        if self.block_size == 0:
+            return q * s.view(-1, *([1] * (q.dim() - 1)))
+        s = s.repeat_interleave(self.block_size, dim=1)
+        return q * s.view(*s.shape, *([1] * (q.dim() - 2)))
+
+
+@dataclass
+class QuantPlan:
+    """All layers' quantization for one model and target profile."""
+
+    num_train_timesteps: int
+    target: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise DenoqError(f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
+
+    def add(self, layer: LayerPlan) -> None:
+        for q in (layer.input, layer.output):
+            if q is not None and q.scale.shape != (self.num_train_timesteps,):
+                raise DenoqError(f"layer {layer.name}: activation scale table has shape {tuple(q.scale.shape)}, "
+                                 f"expected ({self.num_train_timesteps},) = the scheduler's num_train_timesteps")
+        self.layers[layer.name] = layer
+
+    # -- files ---------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted(self.layers):
+            lp = self.layers[name]
+            out[f"{name}.weight_int"] = lp.weight_int.contiguous()
+            out[f"{name}.weight_scale"] = lp.weight_scale.to(torch.float32).contiguous()
+            for role, q in (("input", lp.input), ("output", lp.output)):
+                if q is not None:
+                    out[f"{name}.{role}_scale"] = q.scale.to(torch.float32).contiguous()
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        layers = {}
+        for name in sorted(self.layers):
+            lp = self.layers[name]
+            layers[name] = {
+                "op": lp.op,
+                "weight_bits": lp.weight_bits,
+                "block_size": lp.block_size,
+                "input": lp.input.meta() if lp.input else None,
+                "output": lp.output.meta() if lp.output else None,
+            }
+        return {"num_train_timesteps": self.num_train_timesteps, "target": self.target, "layers": layers}
+
+    def save(self, path: Path) -> dict[str, Any]:
+        """Write the tensors to `path` (safetensors) and return the manifest's `plan` section."""
+        save_file(self.tensors(), str(path), metadata={"format": "denoq-plan"})
+        return self.meta()
+
+    @classmethod
+    def load(cls, path: Path, meta: dict[str, Any]) -> QuantPlan:
+        """Read a plan from its safetensors file and manifest section."""
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise DenoqError(f"cannot read quantization plan {path}: {exc}; recompile the artifact") from exc
+        plan = cls(num_train_timesteps=int(meta["num_train_timesteps"]), target=meta["target"])
+        for name, lm in sorted(meta["layers"].items()):
+            try:
+                acts = {}
+                for role in ("input", "output"):
+                    qm = lm[role]
+                    acts[role] = None if qm is None else ActQuant(
+                        bits=qm["bits"], signed=qm["signed"], zero_point=qm["zero_point"],
+                        scale=tensors[f"{name}.{role}_scale"])
+                plan.add(LayerPlan(name=name, op=lm["op"], weight_bits=lm["weight_bits"],
+                                   weight_int=tensors[f"{name}.weight_int"],
+                                   weight_scale=tensors[f"{name}.weight_scale"], block_size=lm["block_size"],
+                                   input=acts["input"], output=acts["output"]))
+            except KeyError as exc:
+                raise DenoqError(f"quantization plan {path} lacks tensor {exc} of layer {name}; "
+                                 "recompile the artifact") from exc
+        return plan
+

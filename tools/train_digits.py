@@ -1,0 +1,103 @@
+"""Train the embedded default model `digits`: an unconditional DDPM (diffusers UNet2DModel) on sklearn digits.
+
+Seeded and deterministic on the CPU. Writes a diffusers pipeline folder (model_index.json, unet/, scheduler/)
+as `DDPMPipeline.save_pretrained` does, plus `training.json` with the settings and the final loss.
+
+    python tools/train_digits.py --out denoq/models/digits            # the shipped model
+    python tools/train_digits.py --seed 1 --width 48 --out /tmp/digits-b  # a second, hidden-from-tuning model
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from tqdm import tqdm
+
+from denoq.models.digits_data import IMAGE_SIZE, load_digits_16
+
+
+def build_unet(width: int) -> UNet2DModel:
+    """A ~1M-parameter UNet for 16×16×1 with self-attention at 8×8 resolution."""
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    images, _ = load_digits_16()
+    unet = build_unet(args.width)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(args.seed)
+    ac = scheduler.alphas_cumprod
+    bar = tqdm(range(args.steps), desc="train digits DDPM", unit="step")
+    loss_avg = None
+    for _ in bar:
+        idx = torch.randint(0, images.shape[0], (args.batch,), generator=gen)
+        x0 = images[idx]
+        # light augmentation: random one-pixel shifts keep the model from memorizing the 1797 digits
+        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+        x0 = torch.roll(x0, shifts=shift, dims=(2, 3))
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(p, 1.0 - args.ema)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.4f}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=args.out.parent))
+    DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta["final_loss_ema"] = loss_avg
+    meta["parameters"] = sum(p.numel() for p in ema.parameters())
+    (tmp / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({meta['parameters']} parameters, loss {loss_avg:.4f})")
+
+
+if __name__ == "__main__":
+    main()
