@@ -1,0 +1,59 @@
+"""The backbone calibration: round-to-nearest per-channel weights and one observed range per activation.
+
+Weights: int8 symmetric per output channel, s_c = max|w_c| / 127 (`quantizer.symmetric_weight_quant`).
+Activations: each layer's input (and, for the `ort-cpu` target, the output of conv and 2-D linear layers, which
+ORT fuses as QLinearConv / QGemm) gets one (scale, zero point) from the observer over all calibration timesteps,
+stored as a constant per-timestep table of length T (DESIGN.md, QuantPlan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from denoq.calibrators.observers import ObserverSettings, observe_qparams
+from denoq.calibrators.quantizer import symmetric_weight_quant
+from denoq.calibrators.stats import LayerStats, TensorStats
+from denoq.layers import layer_op
+from denoq.plan import ActQuant, LayerPlan, QuantPlan
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    target: str
+    weight_bits: int
+    activations: ObserverSettings
+
+    @property
+    def quantize_outputs(self) -> bool:
+        return self.target == "ort-cpu"
+
+
+def activation_signed(target: str) -> bool:
+    """int8 symmetric activations for TensorRT, uint8 asymmetric for ORT's CPU integer kernels."""
+    return target == "trt"
+
+
+def _act_quant(stats: TensorStats, settings: ObserverSettings, num_train_timesteps: int) -> ActQuant:
+    values, amin, amax = stats.pooled()
+    scale, zp = observe_qparams(values, amin, amax, settings)
+    table = torch.full((num_train_timesteps,), scale, dtype=torch.float32)
+    return ActQuant(bits=settings.bits, signed=settings.signed, zero_point=zp, scale=table)
+
+
+def build_baseline_plan(layers: dict[str, nn.Module], stats: dict[str, LayerStats], settings: BaselineSettings,
+                        num_train_timesteps: int) -> QuantPlan:
+    """A QuantPlan for `layers` from their activation statistics (see module docstring)."""
+    plan = QuantPlan(num_train_timesteps=num_train_timesteps, target=settings.target)
+    for name, module in layers.items():
+        w_int, w_scale = symmetric_weight_quant(module.weight, settings.weight_bits)
+        st = stats[name]
+        out_q = None
+        if settings.quantize_outputs and st.output.values and (layer_op(module) == "conv" or st.input_ndim == 2):
+            out_q = _act_quant(st.output, settings.activations, num_train_timesteps)
+        plan.add(LayerPlan(name=name, op=layer_op(module), weight_bits=settings.weight_bits, weight_int=w_int,
+                           weight_scale=w_scale, input=_act_quant(st.input, settings.activations,
+                                                                  num_train_timesteps), output=out_q))
+    return plan

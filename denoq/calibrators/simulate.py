@@ -1,0 +1,97 @@
+"""The PyTorch simulation of the Q/DQ graph: model + QuantPlan → quantized nn.Module (DESIGN.md, Quantizer semantics).
+
+Each planned Conv2d / Linear is replaced by a layer that computes, in the graph's own op order,
+
+    x̂ = DQ(Q(x; s_in[t], z_in))            (true division by the scale, round half to even, saturation)
+    y  = conv/linear(x̂, q_w · s_w, bias)     (the plan's integers; never re-rounded)
+    ŷ = DQ(Q(y; s_out[t], z_out))          (ort-cpu target only, where the plan quantizes the output)
+
+with the scale gathered per sample from the layer's table of length T by the sample's own timestep, so a batch may
+mix timesteps. Layer by layer this agrees with ONNX Runtime and `onnx.reference` to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from denoq.calibrators.quantizer import fake_quantize
+from denoq.errors import DenoqError
+from denoq.plan import ActQuant, LayerPlan, QuantPlan
+
+
+class TimestepClock:
+    """The per-sample int64 timesteps `[B]` of the forward pass in flight, shared by all simulated layers."""
+
+    def __init__(self) -> None:
+        self.t: torch.Tensor | None = None
+
+
+def _fake_quant_t(x: torch.Tensor, q: ActQuant, t: torch.Tensor) -> torch.Tensor:
+    qmin, qmax = q.qrange
+    scale = q.scale.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+    return fake_quantize(x, scale, q.zero_point, qmin, qmax)
+
+
+class SimulatedLayer(nn.Module):
+    """A Conv2d or Linear computed from the plan's integer weights with fake-quantized activations."""
+
+    def __init__(self, module: nn.Module, plan: LayerPlan, clock: TimestepClock) -> None:
+        super().__init__()
+        self.source = module
+        self.plan = plan
+        self.clock = clock
+        self.register_buffer("weight", plan.dequantized_weight().to(module.weight.device))
+        self.bias = module.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.clock.t
+        if t is None or t.shape[0] != x.shape[0]:
+            raise DenoqError(f"simulated layer {self.plan.name} got a batch of {x.shape[0]} but timesteps "
+                             f"{None if t is None else tuple(t.shape)}; call the SimulatedModel, not its layers")
+        if self.plan.input is not None:
+            x = _fake_quant_t(x, self.plan.input, t)
+        if isinstance(self.source, nn.Conv2d):
+            m = self.source
+            y = F.conv2d(x, self.weight, self.bias, m.stride, m.padding, m.dilation, m.groups)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.plan.output is not None:
+            y = _fake_quant_t(y, self.plan.output, t)
+        return y
+
+
+class SimulatedModel(nn.Module):
+    """`(sample, timestep[, encoder_hidden_states]) → out_sample` of the quantized model (an eps backend)."""
+
+    def __init__(self, model: nn.Module, plan: QuantPlan) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        self.clock = TimestepClock()
+        modules = dict(self.model.named_modules())
+        for name in sorted(plan.layers):
+            if name not in modules:
+                raise DenoqError(f"plan layer {name} is not a module of this model; the plan belongs to another "
+                                 "model (recompile)")
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else self.model
+            setattr(parent, child, SimulatedLayer(modules[name], plan.layers[name], self.clock))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        t = timestep.reshape(-1).to(torch.int64)
+        self.clock.t = t.expand(sample.shape[0]) if t.numel() == 1 else t
+        try:
+            if encoder_hidden_states is None:
+                return self.model(sample, timestep).sample
+            return self.model(sample, timestep, encoder_hidden_states).sample
+        finally:
+            self.clock.t = None
+
+
+def simulate(model: nn.Module, plan: QuantPlan) -> SimulatedModel:
+    """The quantized twin of `model` under `plan` (the FP model is left untouched)."""
+    return SimulatedModel(model, plan)

@@ -1,0 +1,333 @@
+"""The artifact folder: its manifest, atomic writing and checked reading (DESIGN.md, Artifact folder).
+
+An artifact is a folder whose `manifest.json` holds
+
+- `schema_version` (this module's SCHEMA_VERSION when written), `denoq_version`, and `versions`: the versions of
+  torch, onnx, onnxruntime, diffusers, numpy and tensorrt (null when not installed);
+- `files`: `{relative posix path: sha256 hex}` for every file of the folder except manifest.json itself;
+- whatever sections the writer adds (the recipe, the plan, …).
+
+No timestamp is stored: the same inputs give the same artifact, byte for byte.
+
+Writing (`ArtifactWriter`) happens in a hidden temporary folder beside the output, which is renamed into place
+only when `commit` has written every file and the manifest last; an exception leaves the output untouched and no
+temporary folder behind. Reading (`Artifact.open`) checks the schema version and, unless told not to, every hash,
+and says in one line what does not match and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any
+
+from denoq import __version__ as DENOQ_VERSION
+from denoq.errors import DenoqError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+#: Manifest keys the artifact code owns; callers may not set them.
+RESERVED_KEYS = ("schema_version", "denoq_version", "versions", "files")
+#: Library → (module name, distribution names to ask importlib.metadata), recorded in `versions`.
+_LIBRARIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch": ("torch", ("torch",)),
+    "onnx": ("onnx", ("onnx",)),
+    "onnxruntime": ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")),
+    "diffusers": ("diffusers", ("diffusers",)),
+    "numpy": ("numpy", ("numpy",)),
+    "tensorrt": ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu13")),
+}
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries an artifact depends on; None for one that is not installed.
+
+    A library already imported reports its `__version__`; otherwise the installed distribution's version is read
+    from its metadata (no import, so this is fast).
+    """
+    versions: dict[str, str | None] = {}
+    for lib, (module, dists) in _LIBRARIES.items():
+        version = getattr(sys.modules.get(module), "__version__", None)
+        for dist in dists:
+            if version is not None:
+                break
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                version = metadata.version(dist)
+        versions[lib] = None if version is None else str(version)
+    return versions
+
+
+def _dump_json(obj: Any) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode()
+
+
+def _check_name(name: str) -> str:
+    """A file name inside an artifact: relative, no `..`, not the manifest. Returns its posix form."""
+    p = PurePosixPath(str(name).replace(os.sep, "/"))
+    if not str(name) or p.is_absolute() or ".." in p.parts or str(p) in ("", "."):
+        raise ValueError(f"artifact file name {name!r} must be a relative path inside the artifact")
+    if str(p) == MANIFEST:
+        raise ValueError(f"{MANIFEST} is written by the artifact code itself; pass its content to commit()")
+    return str(p)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace (readers never see a
+    partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an output path that exists unless `force`; callers run this before any work.
+
+    Raises DenoqError when `out` exists and `force` is false, when `out` is a file (never replaced), and, even with
+    `force`, when `out` is a non-empty folder that is not a denoq artifact (no manifest.json): --force replaces
+    artifacts, it does not delete arbitrary folders.
+    """
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise DenoqError(f"output path {out} exists and is not a folder; choose another --out")
+    if not force:
+        raise DenoqError(f"output folder {out} exists; pass --force to replace it or choose another --out")
+    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise DenoqError(f"output folder {out} exists and is not a denoq artifact (no {MANIFEST}); refusing to "
+                         "replace it even with --force; delete it yourself or choose another --out")
+
+
+class ArtifactWriter:
+    """Writes an artifact folder atomically. Use as a context manager and call `commit` last:
+
+        with ArtifactWriter(out, force) as w:
+            w.write_json("report.json", {...})
+            plan.save(w.path("plan.safetensors"))
+            w.commit({"recipe": recipe.to_dict(), "plan": ...})
+
+    Files go to a hidden temporary folder beside `out` (`.NAME.tmp-XXXX`, same parent so the final rename is
+    atomic). `commit` hashes every file, writes manifest.json last and renames the folder into place; with
+    `force` an existing artifact is first renamed aside, then deleted once the new one is in place. An exception
+    inside the `with` removes the temporary folder and leaves `out` untouched. Leaving the `with` without an
+    exception and without `commit` is a programming error (RuntimeError); nothing is written then either.
+    """
+
+    def __init__(self, out: Path, force: bool = False) -> None:
+        self.out = Path(out)
+        self.force = force
+        self._tmp: Path | None = None
+        self._committed = False
+
+    def __enter__(self) -> ArtifactWriter:
+        check_output_dir(self.out, self.force)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if exc_type is None and not self._committed:
+            raise RuntimeError("ArtifactWriter left without commit(); nothing was written")
+
+    @property
+    def tmp_dir(self) -> Path:
+        """The temporary folder files are written to before commit."""
+        if self._tmp is None:
+            raise RuntimeError("ArtifactWriter is not open (use it as a context manager, before commit())")
+        return self._tmp
+
+    def path(self, name: str) -> Path:
+        """Where to write the artifact file `name` (a relative path; its parent folders are created)."""
+        p = self.tmp_dir / _check_name(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write `data` as the artifact file `name`; returns its (temporary) path."""
+        p = self.path(name)
+        p.write_bytes(data)
+        return p
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """Write `obj` as JSON (sorted keys, indent 2) to the artifact file `name`; returns its (temporary) path."""
+        return self.write_bytes(name, _dump_json(obj))
+
+    def commit(self, manifest: Mapping[str, Any]) -> Artifact:
+        """Hash every file, write manifest.json (`manifest` plus the reserved keys) and move the folder into place.
+
+        `manifest` must be JSON-serializable and may not set RESERVED_KEYS. Returns the committed Artifact.
+        """
+        tmp = self.tmp_dir
+        clash = sorted(set(manifest) & set(RESERVED_KEYS))
+        if clash:
+            raise ValueError(f"manifest keys {clash} are set by commit() itself")
+        files = {}
+        for p in sorted(tmp.rglob("*"), key=lambda q: q.relative_to(tmp).as_posix()):
+            if p.is_symlink() or (not p.is_file() and not p.is_dir()):
+                raise ValueError(f"artifact file {p.relative_to(tmp)} is not a plain file")
+            if p.is_file():
+                files[p.relative_to(tmp).as_posix()] = sha256_file(p)
+        if MANIFEST in files:
+            raise ValueError(f"{MANIFEST} is written by commit() itself")
+        full = {**manifest, "schema_version": SCHEMA_VERSION, "denoq_version": DENOQ_VERSION,
+                "versions": library_versions(), "files": files}
+        data = _dump_json(full)  # serialize before touching anything, so a bad manifest fails early
+        with (tmp / MANIFEST).open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._move_into_place(tmp)
+        self._tmp = None
+        self._committed = True
+        return Artifact(self.out, json.loads(data))
+
+    def _move_into_place(self, tmp: Path) -> None:
+        out = self.out
+        check_output_dir(out, self.force)  # again: something may have appeared while we worked
+        if not out.exists():
+            os.rename(tmp, out)
+            return
+        aside = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.rename(out, aside)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(aside, out)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+class Artifact:
+    """A compiled artifact folder, checked on open. `path`, `manifest` (the parsed manifest.json), `file(name)`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: Path, verify: bool = True) -> Artifact:
+        """Read an artifact folder, checking its manifest and schema version and, if `verify`, every file's hash.
+
+        Raises DenoqError, naming the folder or file and the fix, when the folder is missing, has no or an
+        unreadable manifest, has a schema version this denoq does not read, or a listed file is missing or
+        differs from its recorded sha256.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise DenoqError(f"artifact folder {path} does not exist; run denoq compile --out {path} first")
+        if not path.is_dir():
+            raise DenoqError(f"{path} is not a folder; pass the artifact folder denoq compile wrote")
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise DenoqError(f"{path} is not a denoq artifact (no {MANIFEST}); run denoq compile first")
+        try:
+            manifest = json.loads(mpath.read_bytes())
+        except (ValueError, OSError) as exc:
+            raise DenoqError(f"{mpath} cannot be read ({type(exc).__name__}: {exc}); "
+                             "recompile with denoq compile") from None
+        if not isinstance(manifest, dict):
+            raise DenoqError(f"{mpath} is not a JSON object; recompile with denoq compile")
+        version = manifest.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise DenoqError(f"{mpath} has no valid schema_version (got {version!r}); it was not written by "
+                             "denoq compile; recompile with denoq compile")
+        if version > SCHEMA_VERSION:
+            raise DenoqError(f"artifact schema {version} is newer than this denoq supports (≤{SCHEMA_VERSION}); "
+                             "upgrade denoq")
+        if version < SCHEMA_VERSION:
+            raise DenoqError(f"artifact schema {version} is older than this denoq supports ({SCHEMA_VERSION}); "
+                             "recompile with denoq compile")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise DenoqError(f"{mpath} has no valid 'files' table; recompile with denoq compile")
+        for name in files:
+            try:
+                _check_name(name)
+            except ValueError:
+                raise DenoqError(f"{mpath} lists an invalid file name {name!r}; recompile with denoq compile") \
+                    from None
+        art = cls(path, manifest)
+        if verify:
+            art.verify()
+        return art
+
+    @property
+    def files(self) -> dict[str, str]:
+        """`{relative path: sha256}` of every file the manifest lists."""
+        return self.manifest["files"]
+
+    def verify(self) -> None:
+        """Check every listed file exists and matches its sha256; DenoqError naming the first that does not."""
+        for name in sorted(self.files):
+            p = self.path / name
+            if not p.is_file():
+                raise DenoqError(f"artifact file {p} is missing (listed in {MANIFEST}); recompile with denoq compile")
+            if sha256_file(p) != self.files[name]:
+                raise DenoqError(f"artifact file {p} was modified or corrupted after compile (sha256 mismatch); "
+                                 "recompile with denoq compile")
+
+    def has(self, name: str) -> bool:
+        """True when the manifest lists the file `name`."""
+        return name in self.files
+
+    def file(self, name: str) -> Path:
+        """The path of the listed artifact file `name`; DenoqError when the artifact has no such file."""
+        if name not in self.files:
+            raise DenoqError(f"artifact {self.path} has no file {name!r} (it has: {', '.join(sorted(self.files))}); "
+                             "recompile with denoq compile")
+        return self.path / name
+
+    def add_files(self, files: Mapping[str, bytes], manifest_updates: Mapping[str, Any] | None = None) -> None:
+        """Add or replace files of this artifact (e.g. `denoq eval`'s report.json) and update the manifest.
+
+        Each file is written to a temporary name and os.replace'd into place; then manifest.json is rewritten the
+        same way with the new hashes merged into `files` and `manifest_updates` merged shallowly (top-level keys
+        replaced; RESERVED_KEYS may not be set). Readers never see a partial file; a crash between the two steps
+        can leave a replaced file whose hash the manifest does not yet record, which `open` then reports.
+        """
+        updates = dict(manifest_updates or {})
+        clash = sorted(set(updates) & set(RESERVED_KEYS))
+        if clash:
+            raise ValueError(f"manifest keys {clash} are managed by the artifact code")
+        names = {_check_name(name): bytes(data) for name, data in files.items()}
+        manifest = {**self.manifest, **updates, "files": dict(self.files)}
+        _dump_json(manifest)  # fail on unserializable updates before writing anything
+        for name, data in sorted(names.items()):
+            _atomic_write(self.path / name, data)
+            manifest["files"][name] = hashlib.sha256(data).hexdigest()
+        new_manifest = _dump_json(manifest)
+        _atomic_write(self.path / MANIFEST, new_manifest)
+        self.manifest = json.loads(new_manifest)

@@ -1,0 +1,60 @@
+"""Wire a backend into the sampler: the only place that turns an artifact into an `eps(x, t, cond)` callable.
+
+Backends: `torch-fp` (the FP PyTorch model), `torch-sim` (the PyTorch simulation of the Q/DQ graph), `ort` (ONNX
+Runtime on `model.qdq.onnx`) and `ort-fp` (ONNX Runtime on `model.fp.onnx`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from denoq.calibrators.simulate import simulate
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.load import ModelSpec, load_model
+from denoq.errors import DenoqError
+from denoq.plan import QuantPlan
+
+BACKENDS = ("torch-fp", "torch-sim", "ort", "ort-fp")
+EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def torch_eps(module: torch.nn.Module) -> EpsFn:
+    """The sampler's eps callable around a diffusers UNet (`.sample` of its output) or a SimulatedModel."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        with torch.no_grad():
+            out = module(x, t) if cond is None else module(x, t, cond)
+        return out.sample if hasattr(out, "sample") else out
+
+    return eps
+
+
+def artifact_model(art: Artifact) -> ModelSpec:
+    """Reload the FP model an artifact was compiled from, refusing a model whose weights changed since."""
+    meta = art.manifest["model"]
+    spec = load_model(meta["name"])
+    if spec.weights_sha256 != meta["weights_sha256"]:
+        raise DenoqError(f"model {meta['name']} changed since {art.path} was compiled (weights sha256 differs); "
+                         "recompile the artifact")
+    return spec
+
+
+def artifact_plan(art: Artifact) -> QuantPlan:
+    return QuantPlan.load(art.file("plan.safetensors"), art.manifest["plan"])
+
+
+def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: ModelSpec | None = None) -> EpsFn:
+    """The eps callable of backend `name` for artifact `art` (`spec` avoids reloading the FP model)."""
+    if name not in BACKENDS:
+        raise DenoqError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name in ("ort", "ort-fp"):
+        from denoq.engines.ort import OrtBackend
+
+        return OrtBackend(art.file("model.qdq.onnx" if name == "ort" else "model.fp.onnx"), threads=threads)
+    spec = spec or artifact_model(art)
+    if name == "torch-fp":
+        return torch_eps(spec.module)
+    return torch_eps(simulate(spec.module, artifact_plan(art)))

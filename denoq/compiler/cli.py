@@ -1,0 +1,155 @@
+"""The `denoq` command line: compile, sample, eval, inspect, recipes (DESIGN.md, Interfaces).
+
+Every user error is one line `error: <problem>; <fix>` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from denoq.errors import DenoqError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from denoq.compiler.pipeline import compile_model
+    from denoq.compiler.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set, args.config)
+    compile_model(args.model, recipe, args.out, force=args.force, progress=not args.quiet, quiet=args.quiet)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import io
+
+    import numpy as np
+
+    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.evaluate import generate
+    from denoq.compiler.pictures import grid_png
+
+    for target in (args.out, args.save_tensor):
+        if target is not None and target.exists() and not args.force:
+            raise DenoqError(f"{target} exists; pass --force to overwrite it or choose another path")
+    art = Artifact.open(args.art)
+    x = generate(art, args.backend, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
+                 threads=args.threads)
+    atomic_write(args.out, grid_png(x))
+    print(f"[denoq] wrote {args.out} ({args.n} samples, backend {args.backend}, {args.sampler} {args.steps} steps)")
+    if args.save_tensor is not None:
+        buf = io.BytesIO()
+        np.save(buf, x.numpy())
+        atomic_write(args.save_tensor, buf.getvalue())
+        print(f"[denoq] wrote {args.save_tensor} {tuple(x.shape)}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.evaluate import EvalSettings, evaluate
+
+    art = Artifact.open(args.art)
+    settings = EvalSettings(backend=args.backend, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                            seed=args.seed, n=args.n, threads=args.threads)
+    report = evaluate(art, settings)
+    print(json.dumps({k: report[k] for k in ("fd_digits_fp", "fd_digits", "psnr_vs_fp", "fd_to_fp")}, indent=2))
+    print(f"[denoq] wrote {args.art / 'report.json'} and {args.art / 'report.html'}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.inspect import describe
+
+    art = Artifact.open(args.art)
+    print(json.dumps(art.manifest, indent=2, sort_keys=True) if args.json else describe(art))
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from denoq.compiler.recipe import describe_recipes
+
+    print(describe_recipes())
+
+
+def _sampling_args(p: argparse.ArgumentParser, n: int, backend: str) -> None:
+    from denoq.compiler.backends import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default=backend, help=f"eps backend (default {backend})")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=n, help=f"number of samples (default {n})")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="denoq", description="Post-training quantization compiler for diffusion "
+                                     "models: calibrate in PyTorch, Q/DQ ONNX, ONNX Runtime / TensorRT.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="calibrate, export and quantize a model into an artifact folder")
+    p.add_argument("model", nargs="?", default=None,
+                   help="diffusers pipeline folder or embedded model name (default: digits)")
+    p.add_argument("--recipe", default="w8a8", help="recipe preset (denoq recipes lists them; default w8a8)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--config", type=Path, default=None, help="TOML file of recipe keys")
+    p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("sample", help="sample a grid of images from an artifact's backend")
+    p.add_argument("art", type=Path, help="artifact folder")
+    _sampling_args(p, n=64, backend="ort")
+    p.add_argument("--out", type=Path, required=True, help="grid PNG to write")
+    p.add_argument("--save-tensor", type=Path, default=None, help="also save the raw samples [N,C,H,W] (.npy)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="quality (FD-digits, PSNR vs FP), latency and pictures into the artifact")
+    p.add_argument("art", type=Path, help="artifact folder")
+    _sampling_args(p, n=512, backend="ort")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="what is in an artifact: recipe, layers, bit widths, hashes, versions")
+    p.add_argument("art", type=Path)
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("recipes", help="list recipe presets and keys with their defaults")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DenoqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

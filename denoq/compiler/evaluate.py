@@ -1,0 +1,229 @@
+"""`denoq eval`: quality, latency and pictures of an artifact, written into it (report.json, report.html, PNGs).
+
+Quality (DESIGN.md, Measuring quality): the FP model and the quantized backend sample from the same noise with the
+same sampler. FD-digits is the Fréchet distance in the shipped digits classifier's features to all real digits;
+PSNR vs FP compares each quantized sample with its FP twin; FD-to-FP is the Fréchet distance between the two sets.
+Also measured: the relative ε error of the quantized backend on the FP trajectory per timestep, how far the
+quantized trajectory drifts from the FP one, each layer's output SQNR (simulation vs FP), ORT latency per model
+call FP32 vs the Q/DQ graph, and which quantized layers ORT fused into integer kernels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from denoq.calibrators.simulate import SimulatedLayer, simulate
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.backends import EpsFn, artifact_model, artifact_plan, make_backend, torch_eps
+from denoq.compiler.load import ModelSpec
+from denoq.compiler.pictures import layer_error_png, side_by_side_png, timestep_error_png
+from denoq.engines.ort import OrtBackend, fusion_report, latency
+from denoq.layers import quantizable_layers
+from denoq.metrics import fd_between, fd_digits, psnr
+from denoq.sampling import NoiseSchedule, sample
+
+DIGITS_SHAPE = (1, 16, 16)
+LATENCY_BATCHES = (1, 8)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    backend: str = "ort"
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    seed: int = 0
+    n: int = 512
+    threads: int | None = None
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.sampler}{self.steps}-eta{self.eta:g}-{self.backend}-n{self.n}-seed{self.seed}"
+
+
+def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
+    """Seeded `encoder_hidden_states` for cross-attention models (no prompts here); None for unconditional ones."""
+    if spec.cond_shape is None:
+        return None
+    return torch.randn((n, *spec.cond_shape), generator=torch.Generator().manual_seed(10_000 + seed))
+
+
+def _sample(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int, eta: float,
+            seed: int, n: int, cond: torch.Tensor | None, callback=None) -> torch.Tensor:
+    schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
+    return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
+                  generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback)
+
+
+def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
+             threads: int | None = None) -> torch.Tensor:
+    """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend."""
+    spec = artifact_model(art) if backend.startswith("torch") or art.manifest["model"]["cond_shape"] else None
+    eps = make_backend(art, backend, threads=threads, spec=spec)
+    cond = eval_cond(spec, n, seed) if spec is not None else None
+    return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
+                   seed=seed, n=n, cond=cond)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def layer_sqnr(spec: ModelSpec, art: Artifact, x: torch.Tensor, t: torch.Tensor,
+               cond: torch.Tensor | None) -> dict[str, float]:
+    """Output SQNR (dB) of every quantized layer, simulation vs FP, on the same model inputs (errors accumulate
+    through the network as they do in deployment)."""
+    fp_out: dict[str, torch.Tensor] = {}
+    q_out: dict[str, torch.Tensor] = {}
+    sim = simulate(spec.module, artifact_plan(art))
+    handles = [m.register_forward_hook(lambda mod, a, o, n=name: fp_out.__setitem__(n, o.detach()))
+               for name, m in quantizable_layers(spec.module).items()]
+    handles += [m.register_forward_hook(lambda mod, a, o: q_out.__setitem__(mod.plan.name, o))
+                for m in sim.modules() if isinstance(m, SimulatedLayer)]
+    try:
+        torch_eps(spec.module)(x, t, cond)
+        torch_eps(sim)(x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in fp_out:
+        err = (q_out[name] - fp_out[name]).pow(2).sum()
+        out[name] = float(10 * torch.log10(fp_out[name].pow(2).sum() / err.clamp_min(1e-30)))
+    return out
+
+
+def _latency_table(art: Artifact, spec_shape: tuple[int, ...], cond_shape, threads: int) -> dict[str, Any]:
+    rows = {}
+    for batch in LATENCY_BATCHES:
+        x = torch.randn((batch, *spec_shape), generator=torch.Generator().manual_seed(0))
+        t = torch.full((batch,), 500, dtype=torch.int64)
+        cond = None if cond_shape is None else torch.randn((batch, *cond_shape))
+        res = {}
+        for label, fname in (("fp32", "model.fp.onnx"), ("qdq", "model.qdq.onnx")):
+            res[label] = latency(OrtBackend(art.file(fname), threads=threads), (x, t, cond))["median_ms"]
+        res["speedup"] = res["fp32"] / res["qdq"]
+        rows[f"batch{batch}"] = res
+    return {"threads": threads, **rows}
+
+
+def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
+    """Run the evaluation, write report.json / report.html / pictures into `art`, and return the report."""
+    spec = artifact_model(art)
+    shape = spec.sample_shape
+    fp = torch_eps(spec.module)
+    q = make_backend(art, settings.backend, threads=settings.threads, spec=spec)
+    cond = eval_cond(spec, settings.n, settings.seed)
+    kw = dict(sampler=settings.sampler, steps=settings.steps, eta=settings.eta, seed=settings.seed, n=settings.n,
+              cond=cond)
+
+    ts: list[int] = []
+    eps_err: list[float] = []
+    fp_traj: list[torch.Tensor] = []
+
+    def on_fp(step: int, t: torch.Tensor, x_t: torch.Tensor, eps_fp: torch.Tensor) -> None:
+        ts.append(int(t[0]))
+        fp_traj.append(x_t)
+        eps_err.append(_rel(q(x_t, t, cond), eps_fp))
+
+    q_traj: list[torch.Tensor] = []
+    x_fp = _sample(fp, art, shape, callback=on_fp, **kw)
+    x_q = _sample(q, art, shape, callback=lambda s, t, x_t, e: q_traj.append(x_t), **kw)
+    drift = [_rel(a, b) for a, b in zip(q_traj, fp_traj, strict=True)]
+
+    digits = tuple(shape) == DIGITS_SHAPE
+    report: dict[str, Any] = {
+        "sampler": asdict(settings),
+        "fd_digits_fp": fd_digits(x_fp) if digits else None,
+        "fd_digits": fd_digits(x_q) if digits else None,
+        "fd_to_fp": fd_between(x_q, x_fp) if digits else None,
+        "psnr_vs_fp": psnr(x_q, x_fp),
+        "eps_rel_error_per_step": {"t": ts, "value": eps_err},
+        "trajectory_drift_per_step": {"t": ts, "value": drift},
+    }
+    if report["fd_digits"] is not None:
+        report["fd_ratio"] = report["fd_digits"] / report["fd_digits_fp"]
+    if not digits:
+        report["fd_note"] = f"FD-digits needs {DIGITS_SHAPE} samples; this model makes {tuple(shape)}"
+
+    mid = len(fp_traj) // 2
+    probe = torch.cat([fp_traj[i][:8] for i in (0, mid, len(fp_traj) - 1)])
+    probe_t = torch.tensor([ts[i] for i in (0, mid, len(ts) - 1) for _ in range(min(8, settings.n))])
+    probe_c = None if cond is None else torch.cat([cond[:8]] * 3)
+    sqnr = layer_sqnr(spec, art, probe, probe_t, probe_c)
+    report["layer_sqnr_db"] = sqnr
+    threads = settings.threads or 2
+    report["latency_ms"] = _latency_table(art, shape, spec.cond_shape, threads)
+    report["fusion"] = fusion_report(art.file("model.qdq.onnx"), threads=threads)
+
+    runs = dict(art.manifest.get("eval_runs", {}))
+    runs[settings.run_name] = {k: report[k] for k in ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")}
+    pictures = {
+        "samples_fp_vs_quant.png": side_by_side_png(x_fp[:64], x_q[:64], ("FP32", f"quantized ({settings.backend})")),
+        "layer_error.png": layer_error_png(list(sqnr), list(sqnr.values()),
+                                           "per-layer output SQNR, simulation vs FP (3 timesteps)"),
+        "timestep_error.png": timestep_error_png(ts, {"‖ε_q − ε_fp‖ / ‖ε_fp‖ on the FP trajectory": eps_err,
+                                                      "‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ (trajectory drift)": drift},
+                                                 "relative error", f"quantized vs FP per timestep "
+                                                 f"({settings.sampler} {settings.steps})"),
+    }
+    report["pictures"] = sorted(pictures)
+    report["runs"] = runs
+    files = {"report.json": (json.dumps(_finite(report), indent=2, sort_keys=True) + "\n").encode(),
+             "report.html": render_html(art, report, pictures).encode(), **pictures}
+    art.add_files(files, {"eval_runs": runs})
+    return report
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def render_html(art: Artifact, report: dict[str, Any], pictures: dict[str, bytes]) -> str:
+    """A self-contained page (pictures inlined as base64) a person can read instead of the JSON."""
+    m = art.manifest
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(report.get(k))}</td></tr>"
+                   for k in ("fd_digits_fp", "fd_digits", "fd_ratio", "fd_to_fp", "psnr_vs_fp"))
+    runs = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(r[k])}</td>" for k in
+                   ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")) + "</tr>"
+                   for name, r in sorted(report["runs"].items()))
+    lat = report["latency_ms"]
+    lat_rows = "".join(f"<tr><td>{k}</td><td>{v['fp32']:.2f}</td><td>{v['qdq']:.2f}</td><td>{v['speedup']:.2f}×</td>"
+                       "</tr>" for k, v in lat.items() if k.startswith("batch"))
+    fusion = html.escape(json.dumps(report["fusion"], sort_keys=True))
+    imgs = "".join(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+                   for name, data in pictures.items())
+    title = html.escape(str(art.path))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>denoq report: {title}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}
+table{{border-collapse:collapse;margin:1em 0}}img{{max-width:100%}}</style></head><body>
+<h1>denoq report</h1><p>model <b>{html.escape(m['model']['name'])}</b> ({m['model']['class']}), recipe
+<b>{html.escape(m['recipe']['name'])}</b>, target <b>{m['plan']['target']}</b>, backend {report['sampler']['backend']},
+sampler {report['sampler']['sampler']} {report['sampler']['steps']} steps, η={report['sampler']['eta']},
+{report['sampler']['n']} samples, seed {report['sampler']['seed']}.</p>
+<h2>Quality (this run)</h2><table>{rows}</table>
+<h2>All evaluation runs of this artifact</h2><table><tr><th>run</th><th>FD-digits FP</th><th>FD-digits quant</th>
+<th>FD to FP</th><th>PSNR vs FP (dB)</th></tr>{runs}</table>
+<h2>ONNX Runtime latency per model call ({lat['threads']} threads)</h2><table><tr><th></th><th>FP32 ms</th>
+<th>Q/DQ ms</th><th>speed-up</th></tr>{lat_rows}</table>
+<h2>Integer-kernel fusion in ORT</h2><pre>{fusion}</pre>
+<h2>Pictures</h2>{imgs}</body></html>
+"""

@@ -1,0 +1,33 @@
+"""`denoq inspect`: a readable summary of an artifact's manifest."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from denoq.compiler.artifact import Artifact
+
+
+def describe(art: Artifact) -> str:
+    """Recipe, model, layers with bit widths, checks, file hashes and library versions, as text."""
+    m = art.manifest
+    lines = [f"artifact {art.path}  (schema {m['schema_version']}, denoq {m.get('denoq_version')})"]
+    model = m["model"]
+    lines.append(f"model    {model['name']}: {model['class']}, sample {model['sample_shape']}, "
+                 f"{model['parameters']:,} parameters, T={model['num_train_timesteps']}")
+    recipe = m["recipe"]
+    lines.append(f"recipe   {recipe['name']}: " + ", ".join(f"{k}={v}" for k, v in sorted(recipe['values'].items())))
+    plan = m["plan"]
+    layers = plan["layers"]
+    kinds = Counter((v["op"], v["weight_bits"], (v["input"] or {}).get("bits"), bool(v["output"]))
+                    for v in layers.values())
+    lines.append(f"plan     target {plan['target']}, {len(layers)} layers:")
+    for (op, wb, ab, out), n in sorted(kinds.items(), key=str):
+        lines.append(f"           {n:4d} × {op:6s} W{wb}A{ab if ab else '-'}" + ("  +output Q/DQ" if out else ""))
+    if "checks" in m:
+        lines.append("checks   " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(m["checks"].items())))
+    lines.append("files")
+    for name, digest in sorted(m["files"].items()):
+        size = art.file(name).stat().st_size
+        lines.append(f"           {name:28s} {size / 1e6:8.2f} MB  sha256 {digest[:16]}…")
+    lines.append("versions " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()) if v))
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Load a model to compile: a local diffusers pipeline folder or an embedded model by name → ModelSpec.
+
+A pipeline folder is what `DiffusionPipeline.save_pretrained` writes: `model_index.json`, `unet/` (config.json and
+safetensors weights) and `scheduler/scheduler_config.json`. Supported denoisers: `UNet2DModel` (unconditional) and
+`UNet2DConditionModel` (conditioning input `encoder_hidden_states`). Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from denoq.errors import DenoqError
+from denoq.models import DEFAULT_MODEL, EMBEDDED
+
+SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+COND_TOKENS = 8  # encoder_hidden_states length used when a cross-attention model is calibrated without prompts
+
+
+@dataclass
+class ModelSpec:
+    """What the compiler knows about the model: the module, its input shapes and its scheduler config."""
+
+    name: str
+    folder: Path
+    module: nn.Module
+    model_class: str
+    scheduler_config: dict[str, Any]
+    sample_shape: tuple[int, int, int]
+    cond_shape: tuple[int, int] | None
+    weights_sha256: str
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's `model` section."""
+        return {"name": self.name, "class": self.model_class, "sample_shape": list(self.sample_shape),
+                "cond_shape": list(self.cond_shape) if self.cond_shape else None,
+                "num_train_timesteps": self.num_train_timesteps, "weights_sha256": self.weights_sha256,
+                "parameters": sum(p.numel() for p in self.module.parameters())}
+
+
+def resolve_model(model: str | None) -> tuple[str, Path]:
+    """(display name, folder) for an embedded model name, a folder path, or None (the default model)."""
+    name = model or DEFAULT_MODEL
+    if name in EMBEDDED:
+        return name, EMBEDDED[name]
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise DenoqError(f"model {name!r} is neither an embedded model ({', '.join(sorted(EMBEDDED))}) nor an existing "
+                         "folder; pass a diffusers pipeline folder (model_index.json, unet/, scheduler/)")
+    if not folder.is_dir():
+        raise DenoqError(f"model {name!r} is a file; pass the diffusers pipeline folder that holds model_index.json")
+    return str(folder), folder
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise DenoqError(f"{what}: {path} is missing; save the pipeline with DiffusionPipeline.save_pretrained")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DenoqError(f"{what}: cannot read {path} ({exc}); re-save the pipeline") from exc
+    if not isinstance(data, dict):
+        raise DenoqError(f"{what}: {path} is not a JSON object; re-save the pipeline")
+    return data
+
+
+def _denoiser_class(folder: Path) -> str:
+    index = _read_json(folder / "model_index.json", "model folder")
+    if "unet" not in index:
+        parts = ", ".join(sorted(k for k in index if not k.startswith("_")))
+        raise DenoqError(f"model folder {folder} has no unet (components: {parts}); denoq compiles UNet2DModel and "
+                         "UNet2DConditionModel pipelines")
+    entry = index["unet"]
+    cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if cls not in SUPPORTED_CLASSES:
+        raise DenoqError(f"model folder {folder}: unet is a {cls}, not one of {', '.join(SUPPORTED_CLASSES)}; "
+                         "pass a pipeline folder with a supported denoiser")
+    return cls
+
+
+def _weights_hash(unet_dir: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(unet_dir.glob("*.safetensors")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def load_model(model: str | None = None) -> ModelSpec:
+    """Load the denoiser (float32, eval mode, CPU) and its scheduler config; every failure is a DenoqError."""
+    name, folder = resolve_model(model)
+    cls = _denoiser_class(folder)
+    unet_dir = folder / "unet"
+    config = _read_json(unet_dir / "config.json", "unet")
+    if not any(unet_dir.glob("*.safetensors")):
+        raise DenoqError(f"unet folder {unet_dir} has no .safetensors weights; save the pipeline with "
+                         "safe_serialization=True")
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = getattr(diffusers, cls).from_pretrained(unet_dir, torch_dtype=torch.float32)
+    except Exception as exc:  # diffusers/safetensors raise many types for corrupt or mismatched files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DenoqError(f"cannot load {cls} from {unet_dir}: {first}; the weights are corrupt or do not match "
+                         "config.json (re-save the pipeline)") from exc
+    module = module.eval().requires_grad_(False)
+    size = config.get("sample_size", 32)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    sample_shape = (int(config.get("in_channels", 4)), int(h), int(w))
+    cond_shape = (COND_TOKENS, int(config["cross_attention_dim"])) if cls == "UNet2DConditionModel" else None
+    return ModelSpec(name=name, folder=folder, module=module, model_class=cls, scheduler_config=scheduler_config,
+                     sample_shape=sample_shape, cond_shape=cond_shape, weights_sha256=_weights_hash(unet_dir))

@@ -1,0 +1,316 @@
+"""Recipes: named presets over one flat set of documented keys (DESIGN.md, Interfaces other tools rely on).
+
+A recipe is a flat mapping `key -> value` over the keys of `RECIPE_KEYS`. `load_recipe` starts from a preset of
+`RECIPES`, applies an optional TOML file, then the command line's `--set KEY=VALUE` items; later wins. Every value
+is checked against its key's spec: an unknown key, a value of the wrong type or a value that is not allowed is a
+`DenoqError` whose one-line message names the key and value, what is allowed, and the fix. Nothing is ignored.
+
+Some keys name features that later versions of denoq add (GPTQ, timestep groups, PTQD, …). In this version they
+accept only their default; any other well-formed value says "is not available in this version of denoq".
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from denoq.errors import DenoqError
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One recipe key: its default, type, the values allowed in this version, and a one-line doc.
+
+    Allowed values are `choices` (an explicit tuple) or the range `lo`..`hi` (either end optional; `lo_open`
+    makes the lower end exclusive). `planned(value)` is true for values a later version of denoq will accept
+    (they are refused with "not available in this version"); values neither allowed nor planned are refused as
+    not allowed.
+    """
+
+    name: str
+    default: Any
+    type: type
+    doc: str
+    choices: tuple[Any, ...] | None = None
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    planned: Callable[[Any], bool] | None = field(default=None, compare=False)
+
+    def allowed_text(self) -> str:
+        """The allowed values in words, as `denoq recipes` and the error messages show them."""
+        if self.choices is not None:
+            return ", ".join(format_value(c) for c in self.choices)
+        kind = "integers" if self.type is int else "numbers"
+        if self.lo is not None and self.hi is not None:
+            if self.type is int and not self.lo_open:
+                return f"{format_value(self.lo)}..{format_value(self.hi)}"
+            return f"{kind} in {'(' if self.lo_open else '['}{format_value(self.lo)}, {format_value(self.hi)}]"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '≥'} {format_value(self.lo)}"
+        if self.hi is not None:
+            return f"{kind} ≤ {format_value(self.hi)}"
+        return f"any {'integer' if self.type is int else self.type.__name__}"
+
+    def is_allowed(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if self.type is float and not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and value > self.hi)
+
+
+def format_value(value: Any) -> str:
+    """A value as it is written after `--set KEY=`: `true`, `8`, `99.99`, `mse`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _specs(*specs: KeySpec) -> dict[str, KeySpec]:
+    return {s.name: s for s in specs}
+
+
+#: Every recipe key, in the order `denoq recipes` lists them.
+RECIPE_KEYS: dict[str, KeySpec] = _specs(
+    KeySpec("target", "trt", str,
+            "target profile: trt = symmetric int8, inputs only; ort-cpu = uint8 activations with quantized outputs "
+            "for ORT CPU integer kernels",
+            choices=("trt", "ort-cpu")),
+    KeySpec("weights.bits", 8, int, "weight bits (symmetric, per output channel)",
+            choices=(8,), planned=lambda v: v in (2, 3, 4, 6)),
+    KeySpec("weights.method", "rtn", str, "weight rounding: rtn = round to nearest",
+            choices=("rtn",), planned=lambda v: v in ("gptq", "obq", "adaround")),
+    KeySpec("weights.group_size", 0, int, "weight block size along the input dimension; 0 = per output channel",
+            choices=(0,), planned=lambda v: v > 0),
+    KeySpec("activations.bits", 8, int, "activation bits (per tensor)",
+            choices=(8,), planned=lambda v: v in (4, 6, 16)),
+    KeySpec("activations.observer", "mse", str, "how activation ranges are chosen from the calibration set",
+            choices=("minmax", "percentile", "mse", "large_magnitude")),
+    KeySpec("activations.percentile", 99.99, float, "percentile of |x| used by the percentile observer",
+            lo=50, hi=100, lo_open=True),
+    KeySpec("activations.lm_rho", 1.0, float,
+            "ρ of the large-magnitude interval: the saturated fraction is ρ/(2^b−1)", lo=0, lo_open=True),
+    KeySpec("activations.timestep_groups", 1, int, "timestep groups with their own activation scales; 1 = off",
+            choices=(1,), planned=lambda v: v > 1),
+    KeySpec("activations.calib_timesteps", "uniform", str, "how calibration timesteps are drawn",
+            choices=("uniform",), planned=lambda v: v in ("normal", "srm")),
+    KeySpec("activations.igq_groups", 0, int, "intra-group quantization groups; 0 = off",
+            choices=(0,), planned=lambda v: v > 0),
+    KeySpec("attention.quantize", False, bool, "quantize the attention matmuls (QKᵀ, AV)",
+            choices=(False,), planned=lambda v: v is True),
+    KeySpec("ptqd.enabled", False, bool, "PTQD correction head (bias and correlated-noise correction)",
+            choices=(False,), planned=lambda v: v is True),
+    KeySpec("ptqd.vsc", False, bool, "PTQD variance schedule calibration in the sampler",
+            choices=(False,), planned=lambda v: v is True),
+    KeySpec("accuquant.window", 0, int,
+            "with weights.method=adaround: 0-1 per-step objective, n ≥ 2 the AccuQuant window",
+            choices=(0,), planned=lambda v: v > 0),
+    KeySpec("calib.samples", 64, int, "number of FP sampling trajectories recorded", lo=1, hi=4096),
+    KeySpec("calib.steps", 25, int, "sampler steps per trajectory", lo=1, hi=1000),
+    KeySpec("calib.sampler", "ddim", str, "sampler that records the calibration trajectories",
+            choices=("ddpm", "ddim")),
+    KeySpec("calib.timesteps", 0, int,
+            "calibration timesteps: 0 = all recorded steps, else a uniform subset of that many steps", lo=0),
+    KeySpec("seed", 0, int, "random seed of calibration (noise, subsets)", lo=0, hi=2**32 - 1),
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: the keys it sets away from their defaults, and a one-line description."""
+
+    name: str
+    description: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: The named presets `--recipe NAME` selects.
+RECIPES: dict[str, Preset] = {
+    p.name: p for p in (
+        Preset("w8a8", "int8 weights per output channel (RTN), int8 activations (MSE); TensorRT target"),
+        Preset("w8a8-ort", "w8a8 for ONNX Runtime CPU: uint8 activations, quantized outputs (QLinear kernels)",
+               {"target": "ort-cpu"}),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete, validated recipe: `name` (the preset it started from) and a value for every key.
+
+    `recipe["calib.steps"]` reads a value. `to_dict()` is the JSON form the artifact's manifest stores,
+    `Recipe.from_dict` reads it back (validating every value again). Treat `values` as read-only.
+    """
+
+    name: str
+    values: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise KeyError(f"unknown recipe key {key!r}{_suggestion(key)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"name": NAME, "values": {key: value}}` with the keys sorted."""
+        return {"name": self.name, "values": {k: self.values[k] for k in sorted(self.values)}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """Inverse of `to_dict`: every key must be known, every value valid; missing keys take their defaults."""
+        values = {k: s.default for k, s in RECIPE_KEYS.items()}
+        for key, value in dict(data.get("values", {})).items():
+            values[key] = validate(key, value, origin="in the artifact's recipe")
+        return cls(name=str(data.get("name", "")), values=values)
+
+
+def _suggestion(key: str) -> str:
+    close = difflib.get_close_matches(key, list(RECIPE_KEYS), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}? (denoq recipes lists the keys)" if close else "; denoq recipes lists the keys"
+
+
+def _check_key(key: str, origin: str) -> KeySpec:
+    spec = RECIPE_KEYS.get(key)
+    if spec is None:
+        where = f" {origin}" if origin else ""
+        raise DenoqError(f"unknown recipe key {key!r}{where}{_suggestion(key)}")
+    return spec
+
+
+def _type_error(spec: KeySpec, raw: Any, origin: str) -> DenoqError:
+    where = f" {origin}" if origin else ""
+    shown = repr(raw) if isinstance(raw, str) else format_value(raw)
+    return DenoqError(f"recipe key {spec.name!r}{where} expects {_TYPE_NAMES[spec.type]}, got {shown} "
+                      f"(allowed: {spec.allowed_text()}); e.g. --set {spec.name}={format_value(spec.default)}")
+
+
+def validate(key: str, value: Any, origin: str = "") -> Any:
+    """Check an already-typed `value` (e.g. from TOML) for `key`; return it normalized (int → float for floats).
+
+    Raises DenoqError for an unknown key, a wrong type, a value not allowed, or a feature value this version
+    does not have. `origin` (e.g. "in recipe.toml") is added to the message.
+    """
+    spec = _check_key(key, origin)
+    if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, spec.type) or (spec.type is not bool and isinstance(value, bool)):
+        raise _type_error(spec, value, origin)
+    if not spec.is_allowed(value):
+        setting = f"{key}={format_value(value)}"
+        if spec.planned is not None and spec.planned(value):
+            raise DenoqError(f"{setting} is not available in this version of denoq (allowed: {spec.allowed_text()})")
+        where = f" {origin}" if origin else ""
+        raise DenoqError(f"{setting}{where} is not allowed (allowed: {spec.allowed_text()}); "
+                         f"e.g. --set {key}={format_value(spec.default)}")
+    return value
+
+
+def _parse_value(spec: KeySpec, text: str, origin: str) -> Any:
+    text = text.strip()
+    if spec.type is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise _type_error(spec, text, origin)
+    if spec.type is str:
+        return text
+    try:
+        return spec.type(text)
+    except ValueError:
+        raise _type_error(spec, text, origin) from None
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse and validate one `--set KEY=VALUE` item into `(key, typed value)`.
+
+    Booleans accept true/false/1/0/yes/no (any case); integers and floats are parsed as Python literals; strings
+    are taken as written. Raises DenoqError for a malformed item or any value `validate` refuses.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise DenoqError(f"--set expects KEY=VALUE, got {item!r}; e.g. --set activations.observer=minmax")
+    spec = _check_key(key, "")
+    return key, validate(key, _parse_value(spec, text, ""), "")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in table.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{name}.")
+        else:
+            yield name, v
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a recipe TOML file into flat dotted keys (nested tables flattened), validating every value."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise DenoqError("recipe TOML files need Python ≥ 3.11 (tomllib); use --set KEY=VALUE instead") from None
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise DenoqError(f"recipe file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise DenoqError(f"recipe file {path} is a folder; pass a .toml file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DenoqError(f"recipe file {path} is not valid TOML ({exc}); fix the file") from None
+    origin = f"in {path}"
+    return {k: validate(k, v, origin) for k, v in _flatten(data)}
+
+
+def load_recipe(name: str, sets: Iterable[str] = (), toml_path: Path | None = None) -> Recipe:
+    """The recipe `name` (a preset of RECIPES), then the TOML file's values, then the `--set` items; later wins.
+
+    Raises DenoqError for an unknown preset (listing the presets) or any key or value refused by `validate`.
+    """
+    preset = RECIPES.get(name)
+    if preset is None:
+        close = difflib.get_close_matches(name, list(RECIPES), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise DenoqError(f"unknown recipe {name!r}; {hint}available presets: {', '.join(RECIPES)} "
+                         "(denoq recipes describes them)")
+    values = {k: s.default for k, s in RECIPE_KEYS.items()}
+    values.update({k: validate(k, v, f"in preset {name}") for k, v in preset.overrides.items()})
+    if toml_path is not None:
+        values.update(read_toml(Path(toml_path)))
+    if isinstance(sets, str):
+        sets = [sets]
+    for item in sets:
+        key, value = parse_set(item)
+        values[key] = value
+    return Recipe(name=name, values=values)
+
+
+def describe_recipes() -> str:
+    """A readable table of the presets and every key (default, allowed values, doc) for `denoq recipes`."""
+    lines = ["Presets (denoq compile --recipe NAME):"]
+    width = max(len(n) for n in RECIPES)
+    for p in RECIPES.values():
+        changes = " ".join(f"{k}={format_value(v)}" for k, v in p.overrides.items())
+        lines.append(f"  {p.name:<{width}}  {p.description}" + (f"  [{changes}]" if changes else ""))
+    lines += ["", "Keys (override with --set KEY=VALUE, or a TOML file; unknown keys and values are errors):"]
+    rows = [("KEY", "DEFAULT", "ALLOWED", "DESCRIPTION")]
+    rows += [(s.name, format_value(s.default), s.allowed_text(), s.doc) for s in RECIPE_KEYS.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        lines.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+    lines.append("")
+    lines.append("Keys whose only allowed value is their default name features that later versions of denoq add.")
+    return "\n".join(lines)

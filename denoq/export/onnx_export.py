@@ -1,0 +1,160 @@
+"""torch → FP ONNX with the module → node → weight map (DESIGN.md, Contracts: Names; Interfaces).
+
+The graph is exported with `torch.onnx.export(..., dynamo=True)` at opset 21 with a dynamic batch axis. Inputs are
+named as diffusers' own ONNX exports name them (`sample`, `timestep` int64 `[B]`, `encoder_hidden_states` when the
+model has cross-attention) and the output is `out_sample`.
+
+The dynamo exporter keeps Conv/Gemm weight names but turns attention projections into MatMul with a transposed
+`[in, out]` weight under a generated name. Each node's `pkg.torch.onnx.name_scopes` metadata names the modules it
+came from, so the map is built from that metadata: for every Conv / Gemm / MatMul whose weight (input 1) is an
+initializer, the deepest scope that is a quantizable module owns it. Every quantizable weight initializer is
+renamed `<module>.weight` and the map is stored in the model's `metadata_props["denoq.layer_map"]` (JSON):
+
+    {module: {"node": str, "op_type": "Conv"|"Gemm"|"MatMul", "weight": "<module>.weight",
+              "weight_axis": int, "transposed": bool}}
+
+`weight_axis` is the output-channel axis of the ONNX initializer (0 for Conv and Gemm transB=1, 1 for a MatMul's
+`[in, out]` weight); `transposed` says the initializer is the transpose of the PyTorch weight. A quantizable module
+with no node is an error: passes would silently skip it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from denoq.errors import DenoqError
+from denoq.layers import quantizable_layers
+
+OPSET = 21
+LAYER_MAP_KEY = "denoq.layer_map"
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    """Example inputs for export; `encoder_hidden_states` only for cross-attention models."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None = None
+
+    def names(self) -> list[str]:
+        return ["sample", "timestep"] + (["encoder_hidden_states"] if self.encoder_hidden_states is not None else [])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        extra = (self.encoder_hidden_states,) if self.encoder_hidden_states is not None else ()
+        return (self.sample, self.timestep, *extra)
+
+
+class EpsWrapper(nn.Module):
+    """`(sample, timestep[, encoder_hidden_states]) → out_sample` around a diffusers UNet; the module's own
+    submodule names stay under the `model.` prefix, which `layer_map_from_graph` strips."""
+
+    PREFIX = "model."
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            return self.model(sample, timestep).sample
+        return self.model(sample, timestep, encoder_hidden_states).sample
+
+
+def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, dict]:
+    """Export `model` (eval mode, float32) to `path` and return the layer map written into the file."""
+    wrapper = EpsWrapper(model).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {"sample": {0: batch}, "timestep": {0: batch}}
+    if inputs.encoder_hidden_states is not None:
+        dynamic["encoder_hidden_states"] = {0: batch}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, inputs.tensors(), dynamo=True, opset_version=OPSET, verbose=False,
+                                    input_names=inputs.names(), output_names=["out_sample"],
+                                    dynamic_shapes=dynamic, report=False)
+    proto = program.model_proto
+    layer_map = map_and_rename_weights(proto, model)
+    proto.metadata_props.add(key=LAYER_MAP_KEY, value=json.dumps(layer_map, sort_keys=True))
+    onnx.save(proto, str(path))
+    return layer_map
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == SCOPES_KEY:
+            return list(ast.literal_eval(prop.value))
+    return []
+
+
+def map_and_rename_weights(proto: onnx.ModelProto, model: nn.Module) -> dict[str, dict]:
+    """Build the layer map from name-scope metadata and rename weight initializers to `<module>.weight` in place."""
+    layers = quantizable_layers(model)
+    inits = {init.name: init for init in proto.graph.initializer}
+    owners: dict[str, onnx.NodeProto] = {}
+    for node in proto.graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        scopes = [s.removeprefix(EpsWrapper.PREFIX) for s in _scopes(node)]
+        owner = next((s for s in reversed(scopes) if s in layers), None)
+        if owner is None:
+            continue
+        if owner in owners:
+            raise DenoqError(f"export: module {owner} maps to two ONNX nodes ({owners[owner].name}, {node.name}); "
+                             "denoq quantizes a layer used once per forward only")
+        owners[owner] = node
+
+    missing = sorted(set(layers) - set(owners))
+    if missing:
+        raise DenoqError(f"export: quantizable module(s) {', '.join(missing[:5])} have no ONNX node carrying their "
+                         "weight; the exporter changed the graph shape (report this with the model config)")
+
+    renames: dict[str, str] = {}
+    layer_map: dict[str, dict] = {}
+    for name in sorted(owners):
+        node, module = owners[name], layers[name]
+        init = inits[node.input[1]]
+        weight = module.weight.detach().cpu().numpy()
+        onnx_w = numpy_helper.to_array(init)
+        transposed = _is_transposed(node, onnx_w, weight, name)
+        new = f"{name}.weight"
+        if init.name != new:
+            renames[init.name] = new
+            init.name = new
+        layer_map[name] = {"node": node.name, "op_type": node.op_type, "weight": new,
+                           "weight_axis": 1 if transposed else 0, "transposed": transposed}
+    for node in proto.graph.node:
+        for i, inp in enumerate(node.input):
+            if inp in renames:
+                node.input[i] = renames[inp]
+    return layer_map
+
+
+def _is_transposed(node: onnx.NodeProto, onnx_w: np.ndarray, weight: np.ndarray, name: str) -> bool:
+    """Whether the ONNX initializer holds the transpose of the PyTorch weight; checks the values either way."""
+    if node.op_type == "MatMul":
+        transposed = True
+    elif node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        transposed = trans_b == 0
+    else:
+        transposed = False
+    expected = weight.T if transposed else weight
+    if onnx_w.shape != expected.shape or not np.array_equal(onnx_w, expected):
+        raise DenoqError(f"export: the ONNX weight of {name} (node {node.name}, shape {onnx_w.shape}) does not hold "
+                         f"the module's weight {weight.shape}; the layer map would be wrong")
+    return transposed
+

@@ -1,0 +1,110 @@
+"""The sampling loop: DDPM or DDIM driving any backend `eps(x, t, cond)`.
+
+A backend is a callable `eps(x: Tensor[B, C, H, W] float32, t: Tensor[B] int64, cond) -> Tensor[B, C, H, W]` that
+returns the model output (ε̂, or x̂_0 / v for `sample` / `v_prediction` models). It can be the FP PyTorch model, the
+quantization simulation, an ONNX Runtime session or a TensorRT engine; the loop neither knows nor cares which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from denoq.errors import DenoqError
+from denoq.sampling.ddim import ddim_step
+from denoq.sampling.ddpm import ddpm_step
+from denoq.sampling.schedule import SAMPLERS, NoiseSchedule, check_sampler
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+__all__ = ["SAMPLERS", "Callback", "EpsFn", "sample"]
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`torch.randn` as diffusers' `randn_tensor` draws it: on the generator's device, then moved to `device`."""
+    rand_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32).to(device)
+
+
+def sample(
+    eps: EpsFn,
+    schedule: NoiseSchedule,
+    *,
+    sampler: str,
+    steps: int,
+    eta: float = 0.0,
+    shape: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None,
+    cond: Any = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from x_T to x_0 and return x_0 (float32, model range, typically [-1, 1]).
+
+    Random numbers come from `generator` in diffusers' order: x_T = randn(shape) first (unless `x_T` is given), then
+    one randn(shape) per step exactly where diffusers draws one (DDPM: every step with t > 0; DDIM: every step when
+    η > 0). So with the same seed the result equals `DDPMPipeline` / `DDIMPipeline`'s latents before their
+    `(x / 2 + 0.5).clamp(0, 1)` (DDIM built as `DDIMScheduler.from_config(config)`, as `DDIMPipeline` does).
+
+    Args:
+        eps: the backend, called as `eps(x_t, t, cond)` with `t` an int64 tensor of shape [B] on x's device.
+        schedule: the noise schedule (`NoiseSchedule.from_config`).
+        sampler: "ddpm" (ancestral, Ho et al. 2020) or "ddim" (Song et al. 2021, with `eta`).
+        steps: number of inference steps, 1..T; timesteps spaced by the config's `timestep_spacing`.
+        eta: DDIM's η ≥ 0 (0: deterministic); must be 0 for DDPM.
+        shape: [B, C, H, W] of x_T to draw; not needed when `x_T` is given.
+        x_T: the starting noise (then nothing is drawn for it).
+        cond: passed through to `eps` (class labels, text embeddings, ...).
+        callback: `callback(step_index, t, x_t, eps_out)` each step, before the update (t: int64 [B]).
+        progress: show a tqdm bar over the steps.
+        device: where x lives when it is drawn here (default: the generator's device, else CPU).
+    """
+    check_sampler(sampler)
+    steps = schedule.check_steps(steps)
+    eta = float(eta)
+    if eta < 0:
+        raise DenoqError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+    if sampler == "ddpm" and eta != 0:
+        raise DenoqError(f"eta={eta} only applies to the ddim sampler; use sampler='ddim' or eta=0")
+
+    if x_T is not None:
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise DenoqError(f"shape {tuple(shape)} does not match x_T's shape {tuple(x_T.shape)}; pass only one")
+        x = x_T.to(device=device if device is not None else x_T.device, dtype=torch.float32)
+    elif shape is not None:
+        if device is None:
+            device = generator.device if generator is not None else torch.device("cpu")
+        x = _randn(shape, generator, torch.device(device))
+    else:
+        raise DenoqError("sample() needs the shape of x_T or x_T itself: pass shape=(B, C, H, W) or x_T=...")
+    if x.dim() < 1:
+        raise DenoqError(f"x_T must have a batch dimension, got shape {tuple(x.shape)}")
+
+    timesteps = schedule.timesteps(steps, sampler).tolist()
+    prev_timesteps = schedule.prev_timesteps(steps, sampler).tolist()
+    batch = x.shape[0]
+    with torch.no_grad():
+        pairs = list(zip(timesteps, prev_timesteps, strict=True))
+        for i, (t, prev_t) in enumerate(tqdm(pairs, desc=sampler, disable=not progress, leave=False)):
+            t_b = torch.full((batch,), t, dtype=torch.int64, device=x.device)
+            out = eps(x, t_b, cond)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise DenoqError(f"the eps backend returned {got} for x of shape {tuple(x.shape)}; it must match x")
+            out = out.to(torch.float32)
+            if callback is not None:
+                callback(i, t_b, x, out)
+            if sampler == "ddpm":
+                step = ddpm_step(schedule, out, t, prev_t, x)
+            else:
+                step = ddim_step(schedule, out, t, prev_t, x, eta)
+            x = step.mean
+            if step.std is not None:
+                x = x + step.std * _randn(x.shape, generator, x.device)
+    return x
