@@ -2,7 +2,8 @@
 
 Weights: int8 symmetric per output channel, s_c = max|w_c| / 127 (`quantizer.symmetric_weight_quant`).
 Activations: each layer's input (and, for the `ort-cpu` target, the output of conv and 2-D linear layers, which
-ORT fuses as QLinearConv / QGemm) gets one (scale, zero point) from the observer over all calibration timesteps,
+ORT fuses as QLinearConv / QGemm, except the layer producing the model's output: quantizing ε itself costs quality
+and buys no fusion that matters) gets one (scale, zero point) from the observer over all calibration timesteps,
 stored as a constant per-timestep table of length T (DESIGN.md, QuantPlan).
 """
 
@@ -51,7 +52,8 @@ def build_baseline_plan(layers: dict[str, nn.Module], stats: dict[str, LayerStat
         w_int, w_scale = symmetric_weight_quant(module.weight, settings.weight_bits)
         st = stats[name]
         out_q = None
-        if settings.quantize_outputs and st.output.values and (layer_op(module) == "conv" or st.input_ndim == 2):
+        if (settings.quantize_outputs and st.output.values and not st.is_model_output
+                and (layer_op(module) == "conv" or st.input_ndim == 2)):
             out_q = _act_quant(st.output, settings.activations, num_train_timesteps)
         plan.add(LayerPlan(name=name, op=layer_op(module), weight_bits=settings.weight_bits, weight_int=w_int,
                            weight_scale=w_scale, input=_act_quant(st.input, settings.activations,

@@ -50,11 +50,13 @@ class TensorStats:
 @dataclass
 class LayerStats:
     """Statistics of a layer's input and output; `input_ndim` tells a linear layer on tokens ([B, L, C], exported
-    as MatMul) from one on vectors ([B, C], exported as Gemm)."""
+    as MatMul) from one on vectors ([B, C], exported as Gemm); `is_model_output` marks the layer whose output is
+    the model's output (the ε prediction)."""
 
     input: TensorStats = field(default_factory=TensorStats)
     output: TensorStats = field(default_factory=TensorStats)
     input_ndim: int = 0
+    is_model_output: bool = False
 
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -66,25 +68,29 @@ def collect_stats(forward: ForwardFn, layers: dict[str, nn.Module], calib: Calib
     stats = {name: LayerStats() for name in layers}
     generator = torch.Generator().manual_seed(seed)
     current_t = [0]
+    last_out: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in layers.items():
         def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
             stats[name].input.observe(args[0], current_t[0], generator, name)
             stats[name].input_ndim = args[0].dim()
 
-        handles.append(module.register_forward_pre_hook(pre))
-        if outputs:
-            def post(mod: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+        def post(mod: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+            last_out[name] = out
+            if outputs:
                 stats[name].output.observe(out, current_t[0], generator, name)
 
-            handles.append(module.register_forward_hook(post))
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
     try:
         total = sum(-(-xi.shape[0] // batch_size) for xi in calib.x)
         with torch.no_grad():
             for x, t, cond in tqdm(calib.batches(batch_size), total=total, desc="activation statistics",
                                    unit="batch", disable=not progress):
                 current_t[0] = int(t[0])
-                forward(x, t, cond)
+                result = forward(x, t, cond)
+                for name, out in last_out.items():
+                    stats[name].is_model_output |= out is result
     finally:
         for h in handles:
             h.remove()
