@@ -1,0 +1,275 @@
+"""ONNX Runtime: session options, providers, the sampler's eps backend, fusion report, latency (DESIGN.md, Targets).
+
+ORT is the validation target (CPU here, CUDA where `onnxruntime-gpu` is installed). Its CPU integer kernels
+replace `DQ → Conv/Gemm/MatMul [→ Q]` groups when the graph allows it; `fusion_report` reads the graph ORT
+actually optimized instead of assuming. Measured on this (shared) machine: spinning intra-op threads made the
+same graph up to 2.4× slower under load, so spinning is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from denoq.errors import DenoqError
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Kernels that compute a quantized layer with integer arithmetic (CPU EP, ONNX and com.microsoft domains), with
+# the input index of their (constant, integer) weight.
+INTEGER_OPS = {"QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3, "MatMulIntegerToFloat": 1, "ConvInteger": 1,
+               "MatMulInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulNBits": 1}
+# Float kernels a quantized layer stays as when ORT does not fuse it (its weight input is a DequantizeLinear).
+FLOAT_OPS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+COND_INPUTS = ("encoder_hidden_states", "class_labels")
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def session_options(threads: int | None = 2, spinning: bool = False, level: str = "all",
+                    optimized_model_path: str | Path | None = None) -> ort.SessionOptions:
+    """Options for one inference session.
+
+    `threads`: intra-op threads (None: ORT's default, one per physical core); inter-op is 1 (sequential).
+    `spinning`: let idle intra-op threads spin (`session.intra_op.allow_spinning`); off by default.
+    `level`: graph optimization, one of `disable`, `basic`, `extended`, `all` (default).
+    `optimized_model_path`: where ORT writes the graph it optimized (for inspection).
+    """
+    if level not in LEVELS:
+        raise DenoqError(f"unknown ORT optimization level {level!r}; use one of {', '.join(LEVELS)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = 0 if threads is None else int(threads)
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3  # errors only: ORT warns about every NCHWc-optimized model it saves
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    return so
+
+
+def providers() -> list[str]:
+    """`CUDAExecutionProvider` (then CPU) when this onnxruntime build offers it, else `CPUExecutionProvider`."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
+    """ORT graph optimizers to turn off for `model`, to work around ORT bugs (observed with onnxruntime 1.31).
+
+    `MatMulAddFusion` on a `DQ → MatMul → Add` with a 3-D input and *int8* activations (the `trt` profile's
+    attention projections) inserts Reshapes with Q/DQ copies that the int8→uint8 QDQ rewrite then breaks:
+    session creation fails with "output_dtype INT8 does not match y_zero_point type UINT8". Without it the
+    layer still runs as MatMulIntegerToFloat. uint8 graphs (`ort-cpu`) keep the fusion (it gives QGemm).
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
+            if inits[node.input[2]].data_type == onnx.TensorProto.INT8:
+                return ["MatMulAddFusion"]
+    return []
+
+
+def create_session(path: str | Path, threads: int | None = 2, execution_providers: Sequence[str] | None = None,
+                   spinning: bool = False, level: str = "all",
+                   optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
+    """An InferenceSession for the ONNX file at `path` with `session_options` and the ORT workarounds."""
+    path = Path(path)
+    if not path.is_file():
+        raise DenoqError(f"ONNX model {path} does not exist; compile the artifact first")
+    header = onnx.load(str(path), load_external_data=False)
+    so = session_options(threads, spinning, level, optimized_model_path)
+    try:
+        return ort.InferenceSession(str(path), so, providers=list(execution_providers or providers()),
+                                    disabled_optimizers=disabled_optimizers(header))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        msg = " ".join(str(exc).split())[:400]
+        raise DenoqError(f"onnxruntime cannot load {path} ({msg}); check the model with denoq inspect") from exc
+
+
+class OrtBackend:
+    """An ONNX Runtime session as the sampler's `eps(x, t, cond)` callable (DESIGN.md, Sampler).
+
+    The graph's inputs are `sample` [B, C, H, W], `timestep` int64 [B] and, for conditional models,
+    `encoder_hidden_states` or `class_labels`; its output is `out_sample`.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = 2, providers: Sequence[str] | None = None,
+                 spinning: bool = False, level: str = "all") -> None:
+        self.path = Path(path)
+        self.session = create_session(self.path, threads, providers, spinning, level)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        for required in ("sample", "timestep"):
+            if required not in self.inputs:
+                raise DenoqError(f"{self.path} has no graph input {required!r} (inputs: {', '.join(self.inputs)}); "
+                                 "export the model with denoq.export")
+        self.cond_input = next((n for n in COND_INPUTS if n in self.inputs), None)
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output = "out_sample" if "out_sample" in outputs else outputs[0]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def feeds(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """The session's input dict for `eps(x, t, cond)`: t broadcast to int64 [B], dtypes as the graph wants."""
+        batch = x.shape[0]
+        tt = torch.as_tensor(t)
+        if tt.is_floating_point():
+            if not torch.equal(tt, tt.round()):
+                raise DenoqError(f"timestep {tt.tolist()} is not integral; pass the scheduler's integer timesteps")
+        tt = tt.to(torch.int64).reshape(-1)
+        if tt.numel() == 1:
+            tt = tt.expand(batch)
+        elif tt.numel() != batch:
+            raise DenoqError(f"timestep has {tt.numel()} values for a batch of {batch}; pass one per sample or one "
+                             "for all")
+        feeds = {"sample": self._array("sample", x), "timestep": self._array("timestep", tt)}
+        if self.cond_input is not None:
+            if cond is None:
+                raise DenoqError(f"{self.path.name} is conditional (graph input {self.cond_input!r}) but no cond "
+                                 "was given; pass the conditioning (class labels or encoder states)")
+            feeds[self.cond_input] = self._array(self.cond_input, torch.as_tensor(cond))
+        elif cond is not None:
+            raise DenoqError(f"{self.path.name} is unconditional (no {' / '.join(COND_INPUTS)} input) but a cond was "
+                             "given; sample it without conditioning")
+        return feeds
+
+    def _array(self, name: str, value: torch.Tensor) -> np.ndarray:
+        dtype = _NP_TYPES.get(self.inputs[name].type)
+        a = value.detach().cpu().numpy()
+        return np.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """eps(x, t, cond): runs the graph, returns `out_sample` on x's device in x's dtype."""
+        (out,) = self.session.run([self.output], self.feeds(x, t, cond))
+        return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
+
+
+# -- fusion ------------------------------------------------------------------------------------------------
+
+def _float_layers(graph: onnx.GraphProto, ops: Sequence[str]) -> list[onnx.NodeProto]:
+    """Nodes of type `ops` whose weight (input 1) is DequantizeLinear(constant): quantized layers left in float.
+
+    Activation × activation MatMuls (attention scores reading dequantized activations) are not layers."""
+    inits = {i.name for i in graph.initializer}
+    weights = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    return [n for n in graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in weights]
+
+
+def _integer_layers(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Integer kernels whose weight input is a constant: quantized layers ORT fused."""
+    inits = {i.name for i in graph.initializer}
+    return [n for n in graph.node if n.op_type in INTEGER_OPS and len(n.input) > INTEGER_OPS[n.op_type]
+            and n.input[INTEGER_OPS[n.op_type]] in inits]
+
+
+def fusion_report(onnx_path: str | Path, threads: int | None = 1) -> dict[str, Any]:
+    """What ORT's CPU EP made of the quantized layers of a Q/DQ model, read from the graph it optimized.
+
+    ORT writes its optimized graph at the `extended` level (QDQ fusions done, no hardware-specific NCHWc
+    layout yet). A quantized layer is a Conv/Gemm/MatMul whose weight is DequantizeLinear(constant) in the
+    input model. Returns:
+    `layers` (their number), `integer_ops` (integer kernels with a constant weight in the optimized graph, by
+    op type: QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat, ...), `float_ops` (Conv/Gemm/MatMul and
+    ORT's Fused* variants whose weight is still a DequantizeLinear), `fused` / `unfused` (their totals),
+    `fraction_fused` (= fused / layers), `by_layer` (module name, or node name without a layer map → the op
+    it runs as; ORT keeps the node name or extends it with `/<fusion>`), `quantize_nodes` /
+    `dequantize_nodes` left standing.
+    """
+    path = Path(onnx_path)
+    src = onnx.load(str(path))
+    layers = _float_layers(src.graph, LAYER_OPS)
+    try:
+        lmap = {v["node"]: k for k, v in _layer_map(src).items()}
+    except (KeyError, ValueError, TypeError):
+        lmap = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        opt_path = Path(tmp) / "optimized.onnx"
+        create_session(path, threads, ["CPUExecutionProvider"], level="extended", optimized_model_path=opt_path)
+        opt = onnx.load(str(opt_path))
+    integer = Counter(n.op_type for n in _integer_layers(opt.graph))
+    floating = Counter(n.op_type for n in _float_layers(opt.graph, FLOAT_OPS))
+    by_layer = {}
+    for layer in layers:
+        found = [n.op_type for n in opt.graph.node
+                 if n.name == layer.name or n.name.startswith(layer.name + "/")]
+        ops = [o for o in found if o in INTEGER_OPS or o in FLOAT_OPS]
+        by_layer[lmap.get(layer.name, layer.name)] = ops[0] if ops else "?"
+    fused, unfused = sum(integer.values()), sum(floating.values())
+    return {
+        "layers": len(layers),
+        "integer_ops": dict(sorted(integer.items())),
+        "float_ops": dict(sorted(floating.items())),
+        "fused": fused,
+        "unfused": unfused,
+        "fraction_fused": fused / len(layers) if layers else 0.0,
+        "by_layer": dict(sorted(by_layer.items())),
+        "quantize_nodes": sum(n.op_type == "QuantizeLinear" for n in opt.graph.node),
+        "dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in opt.graph.node),
+    }
+
+
+def _layer_map(model: onnx.ModelProto) -> dict[str, dict]:
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props["denoq.layer_map"])
+
+
+# -- timing ------------------------------------------------------------------------------------------------
+
+def latency(backend_or_session: OrtBackend | ort.InferenceSession | Callable[..., Any],
+            feeds: Mapping[str, np.ndarray] | Sequence[Any], warmup: int = 3,
+            iters: int = 20) -> dict[str, float | int]:
+    """Wall-clock latency of one forward: `median_ms`, `mean_ms`, `min_ms`, `p90_ms`, `stdev_ms`, `iters`.
+
+    A session or OrtBackend runs `feeds` (graph input name → array) through `session.run`; any other callable
+    is called as `fn(*feeds)` (e.g. a torch module or an OrtBackend with `(x, t)`).
+    """
+    if iters < 1:
+        raise DenoqError(f"latency needs iters >= 1, got {iters}")
+    session = backend_or_session.session if isinstance(backend_or_session, OrtBackend) else backend_or_session
+    if isinstance(session, ort.InferenceSession) and isinstance(feeds, Mapping):
+        def run() -> Any:
+            return session.run(None, dict(feeds))
+    elif callable(backend_or_session) and not isinstance(feeds, Mapping):
+        def run() -> Any:
+            return backend_or_session(*feeds)
+    else:
+        raise DenoqError("latency: pass a session/OrtBackend with a feeds dict, or a callable with a tuple of args")
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "min_ms": times[0],
+        "p90_ms": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+        "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "iters": iters,
+    }

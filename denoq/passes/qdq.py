@@ -1,0 +1,314 @@
+"""Insert QuantizeLinear / DequantizeLinear for every layer of a QuantPlan (DESIGN.md: Quantizer semantics, Targets).
+
+For each planned layer (found through the `denoq.layer_map` metadata, never by node order):
+
+- weight: the FP initializer `<module>.weight` is replaced by the plan's integers (int8 container, ONNX layout:
+  transposed for `[in, out]` MatMul weights), a float scale per output channel and int8 zeros, read through
+  `DequantizeLinear(axis=weight_axis)`. The DQ output keeps the name `<module>.weight`, so the layer map still
+  names the node's weight input. Integers are copied, never re-rounded.
+- input activation: `QuantizeLinear → DequantizeLinear` in front of input 0 with the plan's (constant) scale
+  and zero point (int8 when `signed`, else uint8). Nodes reading the same tensor with identical quantizer
+  parameters share one pair (to_q / to_k / to_v); a tensor that is already `DQ(Q(·))` with identical parameters
+  (the quantized output of the previous layer) is read as it is.
+- output activation (where the plan has one, the `ort-cpu` profile): `Q → DQ` on the layer's output, every
+  consumer rewired to the DQ, a graph output keeping its name. The layer's output is the module's output: for a
+  MatMul whose only consumer is the `Add` of a constant `[out]` bias (the dynamo exporter's Linear), that Add's
+  output, so the quantizer sees what PyTorch's Linear returns, and ORT fuses `DQ → MatMul → Add → Q`.
+
+The PyTorch simulation mirrors exactly this placement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from denoq.errors import DenoqError
+from denoq.passes.layers import LAYER_OP_TYPES, LayerRef, read_layer_map
+from denoq.plan import ActQuant, LayerPlan, QuantPlan, qrange
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class _Act:
+    """A constant per-tensor activation quantizer, resolved from the plan."""
+
+    scale: float  # exactly representable in the graph's float type
+    zero_point: int
+    signed: bool
+
+    @property
+    def qtype(self) -> ir.DataType:
+        return ir.DataType.INT8 if self.signed else ir.DataType.UINT8
+
+
+@dataclass
+class _Layer:
+    """A plan layer bound to its node in the graph (checked before anything is changed)."""
+
+    ref: LayerRef
+    plan: LayerPlan
+    node: ir.Node
+    weight_int: np.ndarray  # ONNX layout
+    ftype: ir.DataType  # the graph's float type for this layer (the FP weight's)
+    input: _Act | None
+    output: _Act | None
+
+
+@dataclass(frozen=True)
+class InsertQDQ:
+    """Pass: Q/DQ for every layer of `plan`, for the plan's target profile (`trt` or `ort-cpu`).
+
+    Invariant established: every planned layer reads `DequantizeLinear(plan integers, plan scales)` as its
+    weight (no FP weight of a planned layer remains) and, where the plan quantizes its input,
+    `DequantizeLinear(QuantizeLinear(x))` as its activation; where the plan quantizes its output, every reader
+    of that output (graph output included, under its original name) reads `DQ(Q(y))`. Constant scales only:
+    timestep-dependent tables belong to the timestep-selector pass. Raises DenoqError, before changing
+    anything, when the plan and the graph do not match.
+    """
+
+    plan: QuantPlan
+    name: str = "insert_qdq"
+
+    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        m = ir.from_proto(_copy(model))  # onnx-ir wraps the proto's tensors: work on a copy, leave the input as it is
+        opset = m.opset_imports.get("", 0)
+        if opset < 13:
+            raise DenoqError(f"the model uses ONNX opset {opset}; per-channel Q/DQ needs opset >= 13, "
+                             "re-export with opset_version=21")
+        layers = _bind(self.plan, m)
+        g = m.graph
+        for layer in layers:
+            _quantize_weight(g, layer)
+        for layer in layers:  # outputs first, so a next layer with identical input parameters can reuse them
+            if layer.output is not None:
+                _quantize_output(g, layer)
+        shared: dict[tuple[int, _Act], ir.Value] = {}
+        for layer in layers:
+            if layer.input is not None:
+                _quantize_input(g, layer, shared)
+        g.sort()
+        return ir.to_proto(m)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+
+def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
+    refs = read_layer_map(model)
+    nodes = {n.name: n for n in model.graph}
+    layers = []
+    for name in sorted(plan.layers):
+        lp = plan.layers[name]
+        ref = refs.get(name)
+        if ref is None:
+            raise DenoqError(f"plan layer {name!r} is not in the model's layer map; calibrate and export the same "
+                             "network (the plan and the ONNX model come from different models)")
+        node = nodes.get(ref.node)
+        if node is None:
+            raise DenoqError(f"layer {name}: the layer map names node {ref.node!r} but the graph has no such node; "
+                             "re-export the model (the map is stale)")
+        if node.op_type != ref.op_type or node.op_type not in LAYER_OP_TYPES:
+            raise DenoqError(f"layer {name}: node {ref.node!r} is {node.op_type}, the layer map says "
+                             f"{ref.op_type}; re-export the model")
+        if lp.block_size != 0:
+            raise DenoqError(f"layer {name}: blocked weights (block size {lp.block_size}) are not supported by "
+                             "insert_qdq yet; use per-channel weights (weights.group_size=0)")
+        if not node.inputs or node.inputs[0] is None:
+            raise DenoqError(f"layer {name}: node {ref.node!r} has no activation input; re-export the model")
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        if w is None or w.name != ref.weight or w.const_value is None or not w.is_initializer():
+            got = None if w is None else w.name
+            raise DenoqError(f"layer {name}: input 1 of node {ref.node!r} is {got!r}, not the FP weight initializer "
+                             f"{ref.weight!r}; pass the FP model from export (was it quantized already?)")
+        others = sorted({u.node.name or u.node.op_type for u in w.uses() if u.node is not node})
+        if others:
+            raise DenoqError(f"layer {name}: weight {ref.weight!r} is also read by {', '.join(others)}; tied "
+                             "weights cannot be quantized per layer, untie them before export")
+        ftype = w.const_value.dtype
+        if ftype not in _FLOAT_TYPES:
+            raise DenoqError(f"layer {name}: weight {ref.weight!r} has type {ftype}, expected a float type; "
+                             "pass the FP model from export")
+        ints = np.asarray(lp.weight_int.detach().cpu().numpy(), dtype=np.int8)
+        if ref.transposed:
+            if ints.ndim != 2:
+                raise DenoqError(f"layer {name}: the layer map says the weight is transposed but the plan's "
+                                 f"weights are {ints.ndim}-D; re-export the model")
+            ints = np.ascontiguousarray(ints.T)
+        onnx_shape = tuple(w.const_value.shape)
+        if onnx_shape != ints.shape:
+            raise DenoqError(f"layer {name}: weight shape mismatch, ONNX {ref.weight!r} is {onnx_shape} but the plan "
+                             f"gives {ints.shape} (ONNX layout); the plan was calibrated on a different model")
+        out_channels = lp.weight_int.shape[0]
+        if not 0 <= ref.weight_axis < ints.ndim or ints.shape[ref.weight_axis] != out_channels:
+            raise DenoqError(f"layer {name}: weight_axis {ref.weight_axis} of {ref.weight!r} {onnx_shape} is not "
+                             f"its {out_channels} output channels; re-export the model (the map is wrong)")
+        if node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0)) == ref.transposed:
+            raise DenoqError(f"layer {name}: Gemm transB={node.attributes.get_int('transB', 0)} contradicts "
+                             f"transposed={ref.transposed} in the layer map; re-export the model")
+        lo, hi = qrange(lp.weight_bits, signed=True)
+        if ints.size and (int(ints.min()) < lo or int(ints.max()) > hi):
+            raise DenoqError(f"layer {name}: integer weights span [{ints.min()}, {ints.max()}], outside the "
+                             f"{lp.weight_bits}-bit range [{lo}, {hi}]; the plan is corrupt, recalibrate")
+        scale = np.asarray(lp.weight_scale.detach().cpu().numpy(), dtype=np.float32)
+        if not np.all(np.isfinite(scale) & (scale > 0)):
+            raise DenoqError(f"layer {name}: weight scales must be finite and positive; the plan is corrupt, "
+                             "recalibrate")
+        layers.append(_Layer(ref=ref, plan=lp, node=node, weight_int=ints, ftype=ftype,
+                             input=_act(name, "input", lp.input, plan.target, ftype),
+                             output=_act(name, "output", lp.output, plan.target, ftype)))
+    return layers
+
+
+def _act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataType) -> _Act | None:
+    if q is None:
+        return None
+    if q.bits != 8:
+        raise DenoqError(f"layer {layer}: {role} activations have {q.bits} bits; insert_qdq supports 8-bit "
+                         "activations only, set activations.bits=8")
+    if not q.is_constant:
+        raise DenoqError(f"layer {layer}: the {role} scale varies with the timestep; timestep-grouped scales need "
+                         "the timestep-selector pass (or set activations.timestep_groups=1)")
+    lo, hi = q.qrange
+    if not lo <= q.zero_point <= hi:
+        raise DenoqError(f"layer {layer}: {role} zero point {q.zero_point} is outside [{lo}, {hi}]; the plan is "
+                         "corrupt, recalibrate")
+    if target == "trt" and (not q.signed or q.zero_point != 0):
+        raise DenoqError(f"layer {layer}: TensorRT needs symmetric int8 activations (signed, zero point 0) but the "
+                         f"{role} quantizer is {'int8' if q.signed else 'uint8'} with zero point {q.zero_point}; "
+                         "calibrate with target=trt")
+    scale = float(q.scale[0])
+    cast = float(np.asarray(scale, dtype=ftype.numpy()).astype(np.float32))
+    if not (math.isfinite(scale) and scale > 0 and cast == scale):
+        raise DenoqError(f"layer {layer}: {role} scale {scale!r} must be finite, positive and exact in {ftype}; "
+                         "the plan is corrupt, recalibrate")
+    return _Act(scale=scale, zero_point=int(q.zero_point), signed=bool(q.signed))
+
+
+# -- rewrites ----------------------------------------------------------------------------------------------
+
+def _initializer(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    v = ir.val(name, const_value=ir.tensor(array, name=name))
+    g.register_initializer(v)
+    return v
+
+
+def _qdq_inits(g: ir.Graph, prefix: str, a: _Act, ftype: ir.DataType) -> tuple[ir.Value, ir.Value]:
+    scale = _initializer(g, f"{prefix}_scale", np.asarray(a.scale, dtype=ftype.numpy()))
+    zp = _initializer(g, f"{prefix}_zero_point", np.asarray(a.zero_point, dtype=a.qtype.numpy()))
+    return scale, zp
+
+
+def _qdq_pair(x: ir.Value, scale: ir.Value, zp: ir.Value, module: str, role: str,
+              a: _Act) -> tuple[ir.Node, ir.Node]:
+    """`DQ(Q(x))`: nodes `<module>/<role>/QuantizeLinear`, values `<module>.<role>_quantized` / `_dequantized`."""
+    q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{module}/{role}/QuantizeLinear",
+                outputs=[ir.val(f"{module}.{role}_quantized", a.qtype, x.shape)])
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{module}/{role}/DequantizeLinear",
+                 outputs=[ir.val(f"{module}.{role}_dequantized", scale.dtype, x.shape)])
+    return q, dq
+
+
+def _quantize_weight(g: ir.Graph, layer: _Layer) -> None:
+    node, ref, lp = layer.node, layer.ref, layer.plan
+    fp = node.inputs[1]
+    assert fp is not None
+    del g.initializers[fp.name]
+    prefix = ref.module + ".weight"
+    out_channels = layer.weight_int.shape[ref.weight_axis]
+    wq = _initializer(g, f"{prefix}_quantized", layer.weight_int)
+    scale = np.asarray(lp.weight_scale.detach().cpu().numpy(), dtype=np.float32).astype(layer.ftype.numpy())
+    ws = _initializer(g, f"{prefix}_scale", scale)
+    wz = _initializer(g, f"{prefix}_zero_point", np.zeros(out_channels, dtype=np.int8))
+    dq = ir.node("DequantizeLinear", [wq, ws, wz], attributes={"axis": ref.weight_axis},
+                 name=f"{ref.module}/weight/DequantizeLinear",
+                 outputs=[ir.val(f"{prefix}_dequantized", layer.ftype, ir.Shape(layer.weight_int.shape))])
+    node.replace_input_with(1, dq.outputs[0])
+    fp.name = f"{prefix}_float"  # detached from the graph; frees the name for the DQ output
+    dq.outputs[0].name = ref.weight
+    g.insert_before(node, dq)
+
+
+def _layer_output(layer: _Layer) -> ir.Value:
+    """The module's output: the node's, or for MatMul the output of the constant-bias Add that follows it."""
+    y = layer.node.outputs[0]
+    if layer.node.op_type != "MatMul" or y.is_graph_output():
+        return y
+    uses = list(y.uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add":
+        return y
+    add, idx = uses[0].node, uses[0].idx
+    bias = add.inputs[1 - idx]
+    out_channels = layer.weight_int.shape[layer.ref.weight_axis]
+    if bias is not None and bias.const_value is not None and tuple(bias.const_value.shape) == (out_channels,):
+        return add.outputs[0]
+    return y
+
+
+def _quantize_output(g: ir.Graph, layer: _Layer) -> None:
+    a = layer.output
+    assert a is not None
+    y = _layer_output(layer)
+    prefix = f"{layer.ref.module}.output"
+    scale, zp = _qdq_inits(g, prefix, a, layer.ftype)
+    q, dq = _qdq_pair(y, scale, zp, layer.ref.module, "output", a)
+    out = dq.outputs[0]
+    for use in list(y.uses()):
+        if use.node is not q:
+            use.node.replace_input_with(use.idx, out)
+    if y.is_graph_output():
+        name = y.name
+        for i, o in enumerate(g.outputs):
+            if o is y:
+                g.outputs[i] = out
+        y.name = f"{prefix}_float"
+        out.name = name
+        out.type = y.type
+    producer = y.producer()
+    assert producer is not None
+    g.insert_after(producer, [q, dq])
+
+
+def _same_qdq(x: ir.Value, a: _Act) -> bool:
+    """True when `x` is `DQ(Q(·))` with exactly the quantizer `a` (scale, zero point and integer type)."""
+    dq = x.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+        return False
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear":
+        return False
+    for node in (q, dq):
+        if len(node.inputs) < 3 or any(v is None or v.const_value is None for v in node.inputs[1:3]):
+            return False
+        s, z = (v.const_value.numpy() for v in node.inputs[1:3])  # type: ignore[union-attr]
+        if s.size != 1 or z.size != 1 or ir.DataType.from_numpy(z.dtype) != a.qtype:
+            return False
+        if float(s.reshape(())) != a.scale or int(z.reshape(())) != a.zero_point:
+            return False
+    return True
+
+
+def _quantize_input(g: ir.Graph, layer: _Layer, shared: dict[tuple[int, _Act], ir.Value]) -> None:
+    a = layer.input
+    assert a is not None
+    x = layer.node.inputs[0]
+    assert x is not None  # checked in _bind
+    if _same_qdq(x, a):
+        return
+    key = (id(x), a)
+    if key not in shared:
+        scale, zp = _qdq_inits(g, f"{layer.ref.module}.input", a, layer.ftype)
+        q, dq = _qdq_pair(x, scale, zp, layer.ref.module, "input", a)
+        g.insert_before(layer.node, [q, dq])
+        shared[key] = dq.outputs[0]
+    layer.node.replace_input_with(0, shared[key])
