@@ -69,8 +69,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     settings = EvalSettings(backend=args.backend, sampler=args.sampler, steps=args.steps, eta=args.eta,
                             seed=args.seed, n=args.n, threads=args.threads)
     report = evaluate(art, settings)
-    print(json.dumps({k: report[k] for k in ("fd_digits_fp", "fd_digits", "psnr_vs_fp", "fd_to_fp")}, indent=2))
+    print(summary_table(art, report))
     print(f"[denoq] wrote {args.art / 'report.json'} and {args.art / 'report.html'}")
+
+
+def summary_table(art, report: dict) -> str:
+    """The short table `denoq eval` (and `make demo`) prints: quality and ORT latency, FP32 vs quantized."""
+
+    def num(v, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    s, lat = report["sampler"], report["latency_ms"]
+    name = f"{art.manifest['recipe']['name']} ({art.manifest['plan']['target']})"
+    head = f"{s['sampler']} {s['steps']} steps, eta {s['eta']:g}, {s['n']} samples, seed {s['seed']}"
+    lines = [head, f"{'model':22s} {'FD-digits':>10s} {'PSNR vs FP':>11s} "
+             + " ".join(f"{'ORT ms b' + k.removeprefix('batch'):>11s}" for k in lat if k.startswith("batch"))]
+    rows = (("FP32", report["fd_digits_fp"], None, "fp32"), (name, report["fd_digits"], report["psnr_vs_fp"], "qdq"))
+    for label, fd, ps, key in rows:
+        cells = " ".join(f"{lat[k][key]:11.2f}" for k in lat if k.startswith("batch"))
+        lines.append(f"{label:22s} {num(fd, '10.2f')} {num(ps, '8.2f') + ' dB' if ps else '—':>11s} {cells}")
+    speed = ", ".join(f"{k}: {v['speedup']:.2f}×" for k, v in lat.items() if k.startswith("batch"))
+    lines.append(f"ORT speed-up FP32 → quantized ({lat['threads']} threads): {speed}; "
+                 f"layers fused into integer kernels: {report['fusion']['fraction_fused']:.0%}")
+    return "\n".join(lines)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

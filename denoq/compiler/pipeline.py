@@ -72,10 +72,11 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
 
 def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
     """A small batch of real calibration inputs with mixed timesteps (export example and parity checks)."""
-    idx = np.linspace(0, len(calib.t) - 1, CHECK_BATCH).round().astype(int)
-    x = torch.stack([calib.x[i][j % calib.x[i].shape[0]] for j, i in enumerate(idx)])
-    t = torch.tensor([calib.t[i] for i in idx], dtype=torch.int64)
-    cond = None if calib.cond is None else calib.cond[: len(idx)]
+    steps = np.linspace(0, len(calib.t) - 1, CHECK_BATCH).round().astype(int)
+    rows = [j % calib.x[0].shape[0] for j in range(CHECK_BATCH)]
+    x = torch.stack([calib.x[i][r] for i, r in zip(steps, rows, strict=True)])
+    t = torch.tensor([calib.t[i] for i in steps], dtype=torch.int64)
+    cond = None if calib.cond is None else calib.cond[rows]
     return GraphInputs(x, t, cond)
 
 

@@ -1,0 +1,162 @@
+"""The `denoq` CLI: happy paths, and every bad input giving one line, exit 2 and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_pipeline, tiny_unet
+from PIL import Image
+
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.cli import build_parser, main
+
+FAST = ["--set", "calib.samples=4", "--set", "calib.steps=5", "--quiet"]
+
+
+def run_error(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting a user error: exit 2, one line on stderr starting with `error:`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def assert_nothing_written(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}")], list(parent.iterdir())
+
+
+def test_help_lists_every_command():
+    text = build_parser().format_help()
+    for cmd in ("compile", "sample", "eval", "inspect", "recipes"):
+        assert cmd in text
+
+
+def test_recipes_prints_presets_and_keys(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for word in ("w8a8", "w8a8-ort", "activations.observer", "calib.samples", "target"):
+        assert word in out
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    err = run_error(capsys, ["compile", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
+    assert "neither an embedded model" in err
+    assert_nothing_written(tmp_path, "a")
+
+
+def test_wrong_model_class(capsys, tmp_path, tiny_pipeline):
+    folder = tmp_path / "wrong"
+    shutil.copytree(tiny_pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "Transformer2DModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    err = run_error(capsys, ["compile", str(folder), "--out", str(tmp_path / "a")])
+    assert "Transformer2DModel" in err and "UNet2DModel" in err
+    assert_nothing_written(tmp_path, "a")
+
+
+def test_corrupt_safetensors(capsys, tmp_path, tiny_pipeline):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_pipeline, folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = run_error(capsys, ["compile", str(folder), "--out", str(tmp_path / "a")])
+    assert "cannot load UNet2DModel" in err and "re-save" in err
+    assert_nothing_written(tmp_path, "a")
+
+
+def test_nan_in_calibration(capsys, tmp_path):
+    unet = tiny_unet()
+    with torch.no_grad():
+        unet.conv_out.bias[0] = float("nan")
+    folder = save_pipeline(unet, tmp_path / "nan")
+    err = run_error(capsys, ["compile", str(folder), "--out", str(tmp_path / "a"), *FAST])
+    assert "NaN/Inf in calibration" in err
+    assert_nothing_written(tmp_path, "a")
+
+
+def test_unknown_recipe_key_and_value(capsys, tmp_path, tiny_pipeline):
+    err = run_error(capsys, ["compile", str(tiny_pipeline), "--out", str(tmp_path / "a"),
+                             "--set", "activations.bit=8"])
+    assert "activations.bits" in err
+    err = run_error(capsys, ["compile", str(tiny_pipeline), "--out", str(tmp_path / "a"),
+                             "--set", "activations.observer=magic"])
+    assert "minmax" in err
+    assert_nothing_written(tmp_path, "a")
+
+
+def test_existing_output_refused_without_force(capsys, tmp_path, tiny_artifact_trt):
+    out = tmp_path / "art"
+    shutil.copytree(tiny_artifact_trt.path, out)
+    before = sorted(p.name for p in out.iterdir())
+    err = run_error(capsys, ["compile", "/definitely/not/needed", "--out", str(out)])
+    assert "--force" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_newer_schema_and_tampered_artifact(capsys, tmp_path, tiny_artifact_trt):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact_trt.path, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    assert "upgrade denoq" in run_error(capsys, ["inspect", str(art)])
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with open(art / "plan.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    err = run_error(capsys, ["sample", str(art), "--out", str(tmp_path / "g.png")])
+    assert "plan.safetensors" in err and "sha256" in err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_compile_conditional_unet_then_sample(capsys, tmp_path, tiny_cond_pipeline):
+    """UNet2DConditionModel folders load, export (with encoder_hidden_states) and quantize."""
+    out = tmp_path / "cond"
+    assert main(["compile", str(tiny_cond_pipeline), "--out", str(out), *FAST]) == 0
+    art = Artifact.open(out)
+    assert art.manifest["model"]["class"] == "UNet2DConditionModel"
+    assert any("attn2.to_k" in name for name in art.manifest["plan"]["layers"])
+    grid, tensor = tmp_path / "g.png", tmp_path / "x.npy"
+    assert main(["sample", str(out), "--backend", "ort", "--steps", "3", "--n", "4", "--out", str(grid),
+                 "--save-tensor", str(tensor)]) == 0
+    assert np.load(tensor).shape == (4, 4, 8, 8)
+    assert Image.open(grid).size[0] > 0
+
+
+def test_sample_eval_inspect_on_artifact(capsys, tmp_path, tiny_artifact_trt):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact_trt.path, art)
+    grid, tensor = tmp_path / "grid.png", tmp_path / "x.npy"
+    for backend in ("torch-fp", "torch-sim", "ort"):
+        assert main(["sample", str(art), "--backend", backend, "--sampler", "ddpm", "--steps", "4", "--n", "9",
+                     "--out", str(grid), "--save-tensor", str(tensor), "--force"]) == 0
+        x = np.load(tensor)
+        assert x.shape == (9, 1, 16, 16) and np.isfinite(x).all()
+    assert main(["eval", str(art), "--n", "16", "--steps", "5", "--threads", "1"]) == 0
+    report = json.loads((art / "report.json").read_text())
+    for key in ("fd_digits", "fd_digits_fp", "psnr_vs_fp", "fd_to_fp", "sampler", "latency_ms", "fusion"):
+        assert key in report
+    assert report["sampler"]["sampler"] == "ddim" and report["sampler"]["steps"] == 5
+    assert len(report["eps_rel_error_per_step"]["value"]) == 5
+    html = (art / "report.html").read_text()
+    assert "data:image/png;base64," in html and "FD-digits" in html
+    reopened = Artifact.open(art)  # hashes still valid after eval added its files
+    for name in ("report.json", "report.html", "samples_fp_vs_quant.png", "layer_error.png", "timestep_error.png"):
+        assert name in reopened.manifest["files"]
+    assert main(["inspect", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "W8A8" in out and "plan.safetensors" in out
+
+
+@pytest.mark.parametrize("bad", [["sample", "{art}", "--backend", "ort", "--steps", "0", "--out", "{tmp}/g.png"],
+                                 ["sample", "{art}", "--sampler", "ddpm", "--eta", "0.5", "--out", "{tmp}/g.png"]])
+def test_bad_sampling_arguments(capsys, tmp_path, tiny_artifact_trt, bad):
+    argv = [a.format(art=tiny_artifact_trt.path, tmp=tmp_path) for a in bad]
+    run_error(capsys, argv)
+    assert not (tmp_path / "g.png").exists()
