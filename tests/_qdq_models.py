@@ -22,7 +22,7 @@ from onnx.reference import ReferenceEvaluator
 
 from denoq.calibrators.quantizer import fake_quantize, symmetric_weight_quant
 from denoq.engines.ort import disabled_optimizers
-from denoq.passes.layers import LAYER_MAP_KEY
+from denoq.layermap import LAYER_MAP_KEY
 from denoq.plan import ActQuant, LayerPlan, QuantPlan
 
 T = 10  # num_train_timesteps of the test plans

@@ -11,7 +11,8 @@ from conftest import tiny_unet
 from onnx import numpy_helper
 
 from denoq.errors import DenoqError
-from denoq.export.onnx_export import LAYER_MAP_KEY, GraphInputs, export_fp
+from denoq.export.onnx_export import GraphInputs, export_fp
+from denoq.layermap import LAYER_MAP_KEY
 from denoq.layers import quantizable_layers
 
 

@@ -8,7 +8,6 @@ same graph up to 2.4× slower under load, so spinning is off unless asked for.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import onnxruntime as ort
 import torch
 
 from denoq.errors import DenoqError
+from denoq.layermap import read_layer_map
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -202,8 +202,8 @@ def fusion_report(onnx_path: str | Path, threads: int | None = 1) -> dict[str, A
     src = onnx.load(str(path))
     layers = _float_layers(src.graph, LAYER_OPS)
     try:
-        lmap = {v["node"]: k for k, v in _layer_map(src).items()}
-    except (KeyError, ValueError, TypeError):
+        lmap = {ref.node: module for module, ref in read_layer_map(src).items()}
+    except DenoqError:  # a graph quantized by another tool: report node names
         lmap = {}
     with tempfile.TemporaryDirectory() as tmp:
         opt_path = Path(tmp) / "optimized.onnx"
@@ -229,11 +229,6 @@ def fusion_report(onnx_path: str | Path, threads: int | None = 1) -> dict[str, A
         "quantize_nodes": sum(n.op_type == "QuantizeLinear" for n in opt.graph.node),
         "dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in opt.graph.node),
     }
-
-
-def _layer_map(model: onnx.ModelProto) -> dict[str, dict]:
-    props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props["denoq.layer_map"])
 
 
 # -- timing ------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ with no node is an error: passes would silently skip it.
 from __future__ import annotations
 
 import ast
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,10 @@ from onnx import numpy_helper
 from torch import nn
 
 from denoq.errors import DenoqError
+from denoq.layermap import write_layer_map
 from denoq.layers import quantizable_layers
 
 OPSET = 21
-LAYER_MAP_KEY = "denoq.layer_map"
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -88,7 +87,7 @@ def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, di
                                     dynamic_shapes=dynamic, report=False)
     proto = program.model_proto
     layer_map = map_and_rename_weights(proto, model)
-    proto.metadata_props.add(key=LAYER_MAP_KEY, value=json.dumps(layer_map, sort_keys=True))
+    write_layer_map(proto, layer_map)
     onnx.save(proto, str(path))
     return layer_map
 

@@ -4,7 +4,7 @@ A pass is a callable `ModelProto -> ModelProto` with a docstring naming the inva
 hidden state; `PassManager` runs a list of them, verifying the graph after each one in debug mode.
 """
 
-from denoq.passes.layers import LAYER_MAP_KEY, LayerRef, read_layer_map
+from denoq.layermap import LAYER_MAP_KEY, LayerRef, read_layer_map
 from denoq.passes.manager import PassManager, PassRecord
 from denoq.passes.qdq import InsertQDQ
 

@@ -28,7 +28,7 @@ import onnx
 import onnx_ir as ir
 
 from denoq.errors import DenoqError
-from denoq.passes.layers import LAYER_OP_TYPES, LayerRef, read_layer_map
+from denoq.layermap import LAYER_OP_TYPES, LayerRef, read_layer_map
 from denoq.plan import ActQuant, LayerPlan, QuantPlan, qrange
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)

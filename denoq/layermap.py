@@ -1,8 +1,9 @@
 """The module → node → weight map that export records in the model (DESIGN.md, Contracts: Names).
 
 Export writes it as JSON under the model's `metadata_props["denoq.layer_map"]`:
-`{"<module>": {"node", "op_type", "weight", "weight_axis", "transposed"}}`. Passes find a layer only through
-this map, never through node order.
+`{"<module>": {"node", "op_type", "weight", "weight_axis", "transposed"}}`. Passes and engines find a layer only
+through this map, never through node order. It is data shared by export, passes and engines, so it lives here at
+the bottom layer.
 """
 
 from __future__ import annotations
@@ -54,3 +55,11 @@ def read_layer_map(model: onnx.ModelProto | ir.Model) -> dict[str, LayerRef]:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DenoqError(f"the model's '{LAYER_MAP_KEY}' metadata is malformed ({exc!r}); "
                          "re-export the model with denoq.export") from exc
+
+
+def write_layer_map(model: onnx.ModelProto, layer_map: dict[str, dict]) -> None:
+    """Store `layer_map` (module → entry dict) in `model`'s metadata, replacing an earlier one."""
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key != LAYER_MAP_KEY]
+    del model.metadata_props[:]
+    for key, value in [*keep, (LAYER_MAP_KEY, json.dumps(layer_map, sort_keys=True))]:
+        model.metadata_props.add(key=key, value=value)
