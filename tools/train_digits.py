@@ -93,6 +93,9 @@ def main() -> None:
     meta["final_loss_ema"] = loss_avg
     meta["parameters"] = sum(p.numel() for p in ema.parameters())
     (tmp / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp.chmod(0o755)  # mkdtemp makes the folder private; the shipped model must be readable by every user
+    for path in tmp.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if args.out.exists():
         shutil.rmtree(args.out)
     os.replace(tmp, args.out)
