@@ -66,8 +66,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from denoq.compiler.evaluate import EvalSettings, evaluate
 
     art = Artifact.open(args.art)
-    settings = EvalSettings(backend=args.backend, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                            seed=args.seed, n=args.n, threads=args.threads)
+    settings = EvalSettings(backend=args.backend, fp_backend=args.fp_backend, sampler=args.sampler, steps=args.steps,
+                            eta=args.eta, seed=args.seed, n=args.n, threads=args.threads)
     report = evaluate(art, settings)
     print(summary_table(art, report))
     print(f"[denoq] wrote {args.art / 'report.json'} and {args.art / 'report.html'}")
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="quality (FD-digits, PSNR vs FP), latency and pictures into the artifact")
     p.add_argument("art", type=Path, help="artifact folder")
     _sampling_args(p, n=512, backend="ort")
+    p.add_argument("--fp-backend", choices=("ort-fp", "torch-fp"), default="ort-fp",
+                   help="FP reference (default ort-fp: the exported FP graph, checked against PyTorch at compile)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="what is in an artifact: recipe, layers, bit widths, hashes, versions")
