@@ -5,7 +5,11 @@ Shared by calibrators (which quantize them) and export (which maps each to its O
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 from torch import nn
+
+from denoq.errors import DenoqError
 
 QUANTIZABLE_TYPES: dict[type[nn.Module], str] = {nn.Conv2d: "conv", nn.Linear: "linear"}
 
@@ -19,3 +23,17 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 def layer_op(module: nn.Module) -> str:
     """The QuantPlan op of a quantizable module: "conv" or "linear"."""
     return QUANTIZABLE_TYPES[type(module)]
+
+
+def select_layers(layers: dict[str, nn.Module], keep_fp: str) -> tuple[dict[str, nn.Module], list[str]]:
+    """Split `layers` into (quantized, kept in floating point) by the comma-separated fnmatch patterns `keep_fp`.
+
+    A pattern that matches no layer is an error: a typo would otherwise silently quantize the layer.
+    """
+    patterns = [p.strip() for p in keep_fp.split(",") if p.strip()]
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in layers):
+            raise DenoqError(f"layers.keep_fp pattern {pattern!r} matches no Conv2d/Linear of this model; use module "
+                             "names such as conv_in or up_blocks.*.conv_shortcut (denoq inspect lists the layers)")
+    kept = [name for name in layers if any(fnmatchcase(name, p) for p in patterns)]
+    return {name: m for name, m in layers.items() if name not in kept}, kept

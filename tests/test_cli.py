@@ -91,6 +91,13 @@ def test_unknown_recipe_key_and_value(capsys, tmp_path, tiny_pipeline):
     assert_nothing_written(tmp_path, "a")
 
 
+def test_keep_fp_pattern_matching_nothing(capsys, tmp_path, tiny_pipeline):
+    err = run_error(capsys, ["compile", str(tiny_pipeline), "--out", str(tmp_path / "a"),
+                             "--set", "layers.keep_fp=conv_inn", *FAST])
+    assert "conv_inn" in err and "matches no" in err
+    assert_nothing_written(tmp_path, "a")
+
+
 def test_existing_output_refused_without_force(capsys, tmp_path, tiny_artifact_trt):
     out = tmp_path / "art"
     shutil.copytree(tiny_artifact_trt.path, out)

@@ -36,6 +36,7 @@ EXPECTED_DEFAULTS = {
     "ptqd.enabled": False,
     "ptqd.vsc": False,
     "accuquant.window": 0,
+    "layers.keep_fp": "conv_in,conv_out",
     "calib.samples": 64,
     "calib.steps": 25,
     "calib.sampler": "ddim",

@@ -99,7 +99,7 @@ def layer_sqnr(spec: ModelSpec, art: Artifact, x: torch.Tensor, t: torch.Tensor,
         for h in handles:
             h.remove()
     out = {}
-    for name in fp_out:
+    for name in (n for n in fp_out if n in q_out):  # network order; layers kept in FP have no error
         err = (q_out[name] - fp_out[name]).pow(2).sum()
         out[name] = float(10 * torch.log10(fp_out[name].pow(2).sum() / err.clamp_min(1e-30)))
     return out

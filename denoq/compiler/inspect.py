@@ -23,6 +23,9 @@ def describe(art: Artifact) -> str:
     lines.append(f"plan     target {plan['target']}, {len(layers)} layers:")
     for (op, wb, ab, out), n in sorted(kinds.items(), key=str):
         lines.append(f"           {n:4d} × {op:6s} W{wb}A{ab if ab else '-'}" + ("  +output Q/DQ" if out else ""))
+    kept = m.get("calibration", {}).get("kept_fp", [])
+    if kept:
+        lines.append(f"           kept in floating point: {', '.join(kept)}")
     if "checks" in m:
         lines.append("checks   " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(m["checks"].items())))
     lines.append("files")

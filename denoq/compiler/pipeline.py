@@ -27,7 +27,7 @@ from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.recipe import Recipe
 from denoq.engines.ort import OrtBackend
 from denoq.export.onnx_export import GraphInputs, export_fp
-from denoq.layers import quantizable_layers
+from denoq.layers import quantizable_layers, select_layers
 from denoq.passes.manager import PassManager
 from denoq.passes.qdq import InsertQDQ
 from denoq.plan import QuantPlan
@@ -50,6 +50,7 @@ def calibration_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
 
 def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[QuantPlan, CalibrationSet, dict]:
     """Record the calibration set and build the QuantPlan the recipe asks for."""
+    layers, kept_fp = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
     schedule = NoiseSchedule.from_config(spec.scheduler_config)
     fp = torch_eps(spec.module)
     start = time.perf_counter()
@@ -59,14 +60,14 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
                                                                            recipe["seed"]), progress=progress)
     calib = calib.subset(recipe["calib.timesteps"])
     target = recipe["target"]
-    layers = quantizable_layers(spec.module)
     stats = collect_stats(fp, layers, calib, outputs=target == "ort-cpu", seed=recipe["seed"], progress=progress)
     observer = ObserverSettings(method=recipe["activations.observer"], bits=recipe["activations.bits"],
                                 signed=activation_signed(target), percentile=recipe["activations.percentile"],
                                 lm_rho=recipe["activations.lm_rho"])
     plan = build_baseline_plan(layers, stats, BaselineSettings(target, recipe["weights.bits"], observer),
                                spec.num_train_timesteps)
-    info = {"inputs": len(calib), "timesteps": calib.t, "seconds": round(time.perf_counter() - start, 2)}
+    info = {"inputs": len(calib), "timesteps": calib.t, "kept_fp": kept_fp,
+            "seconds": round(time.perf_counter() - start, 2)}
     return plan, calib, info
 
 

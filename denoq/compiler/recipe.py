@@ -116,6 +116,8 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("accuquant.window", 0, int,
             "with weights.method=adaround: 0-1 per-step objective, n ≥ 2 the AccuQuant window",
             choices=(0,), planned=lambda v: v > 0),
+    KeySpec("layers.keep_fp", "conv_in,conv_out", str,
+            "comma-separated module-name patterns (fnmatch) left in floating point; empty = quantize every layer"),
     KeySpec("calib.samples", 64, int, "number of FP sampling trajectories recorded", lo=1, hi=4096),
     KeySpec("calib.steps", 25, int, "sampler steps per trajectory", lo=1, hi=1000),
     KeySpec("calib.sampler", "ddim", str, "sampler that records the calibration trajectories",
