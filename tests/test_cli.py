@@ -156,9 +156,10 @@ def test_sample_eval_inspect_on_artifact(capsys, tmp_path, tiny_artifact_trt):
     reopened = Artifact.open(art)  # hashes still valid after eval added its files
     for name in ("report.json", "report.html", "samples_fp_vs_quant.png", "layer_error.png", "timestep_error.png"):
         assert name in reopened.manifest["files"]
-    assert main(["inspect", str(art)]) == 0
+    assert main(["inspect", str(art), "--layers"]) == 0
     out = capsys.readouterr().out
-    assert "W8A8" in out and "plan.safetensors" in out
+    assert "W8A8" in out and "plan.safetensors" in out and "kept in floating point: conv_in, conv_out" in out
+    assert "down_blocks.0.resnets.0.conv1" in out and "int8 s=" in out
 
 
 @pytest.mark.parametrize("bad", [["sample", "{art}", "--backend", "ort", "--steps", "0", "--out", "{tmp}/g.png"],

@@ -19,7 +19,7 @@ from onnx.reference import ReferenceEvaluator
 from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.backends import artifact_model, artifact_plan, make_backend
 from denoq.compiler.evaluate import generate
-from denoq.engines.ort import OrtBackend
+from denoq.engines.ort import OrtBackend, fusion_report
 from denoq.metrics import psnr
 
 # Float32 convolutions accumulate in different orders in torch, ORT and numpy: relative error ~ sqrt(K)·2^-24 for
@@ -128,3 +128,14 @@ def test_backends_final_samples_agree(tiny_artifact_trt):
     sim = generate(tiny_artifact_trt, "torch-sim", **kw)
     q = generate(tiny_artifact_trt, "ort", threads=1, **kw)
     assert psnr(q, sim) > psnr(q, fp) + 6.0
+
+
+def test_ort_fuses_the_ort_cpu_profile_and_not_the_trt_one(tiny_artifact_ort, tiny_artifact_trt):
+    """DESIGN.md, Targets: ORT's CPU integer kernels fuse only when the layer's output is quantized too. Checked
+    on ORT's own optimized graph, not assumed."""
+    fused = fusion_report(tiny_artifact_ort.file("model.qdq.onnx"))
+    assert fused["layers"] == len(tiny_artifact_ort.manifest["plan"]["layers"])
+    assert fused["fraction_fused"] == 1.0
+    assert fused["integer_ops"].get("QLinearConv", 0) > 0
+    trt = fusion_report(tiny_artifact_trt.file("model.qdq.onnx"))
+    assert trt["integer_ops"].get("QLinearConv", 0) == 0 and trt["fraction_fused"] < 0.5

@@ -99,7 +99,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from denoq.compiler.inspect import describe
 
     art = Artifact.open(args.art)
-    print(json.dumps(art.manifest, indent=2, sort_keys=True) if args.json else describe(art))
+    print(json.dumps(art.manifest, indent=2, sort_keys=True) if args.json else describe(art, layers=args.layers))
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="what is in an artifact: recipe, layers, bit widths, hashes, versions")
     p.add_argument("art", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--layers", action="store_true", help="one line per quantized layer: bits, scales, zero points")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("recipes", help="list recipe presets and keys with their defaults")

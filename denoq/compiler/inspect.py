@@ -7,8 +7,9 @@ from collections import Counter
 from denoq.compiler.artifact import Artifact
 
 
-def describe(art: Artifact) -> str:
-    """Recipe, model, layers with bit widths, checks, file hashes and library versions, as text."""
+def describe(art: Artifact, layers: bool = False) -> str:
+    """Recipe, model, layers with bit widths, checks, file hashes and library versions, as text; with `layers`,
+    one line per quantized layer (op, bits, activation scales and zero points)."""
     m = art.manifest
     lines = [f"artifact {art.path}  (schema {m['schema_version']}, denoq {m.get('denoq_version')})"]
     model = m["model"]
@@ -23,6 +24,8 @@ def describe(art: Artifact) -> str:
     lines.append(f"plan     target {plan['target']}, {len(layers)} layers:")
     for (op, wb, ab, out), n in sorted(kinds.items(), key=str):
         lines.append(f"           {n:4d} × {op:6s} W{wb}A{ab if ab else '-'}" + ("  +output Q/DQ" if out else ""))
+    if layers:
+        lines.extend(_layer_lines(art))
     kept = m.get("calibration", {}).get("kept_fp", [])
     if kept:
         lines.append(f"           kept in floating point: {', '.join(kept)}")
@@ -34,3 +37,23 @@ def describe(art: Artifact) -> str:
         lines.append(f"           {name:28s} {size / 1e6:8.2f} MB  sha256 {digest[:16]}…")
     lines.append("versions " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()) if v))
     return "\n".join(lines)
+
+
+def _layer_lines(art: Artifact) -> list[str]:
+    from safetensors import safe_open
+
+    def act(q: dict | None, tensor: str, f) -> str:
+        if q is None:
+            return "-"
+        scale = f.get_tensor(tensor)
+        groups = len(set(scale.tolist()))
+        kind = "int8" if q["signed"] else "uint8"
+        return f"{kind} s={float(scale[0]):.4g} z={q['zero_point']}" + (f" ({groups} scales)" if groups > 1 else "")
+
+    out = [f"           {'layer':52s} {'op':6s} {'W':>2s}  {'input':28s} output"]
+    with safe_open(str(art.file("plan.safetensors")), framework="pt") as f:
+        for name, lm in sorted(art.manifest["plan"]["layers"].items()):
+            a_in = act(lm["input"], f"{name}.input_scale", f)
+            a_out = act(lm["output"], f"{name}.output_scale", f)
+            out.append(f"           {name:52s} {lm['op']:6s} {lm['weight_bits']:2d}  {a_in:28s} {a_out}")
+    return out
