@@ -13,8 +13,10 @@ quality: targets are ratios to the FP model measured in the same run).
      (ORT's default) over exactly the calibration inputs our compile used (the same FP DDIM trajectories,
      recomputed with the recipe's settings and seed; checked against the manifest's record). `quant_pre_process`
      is skipped unless `--peer-preprocess`: it makes slower graphs here (see `quantize_peer`).
-   - `ORT quantize_static, t-emb. FP`: the same, with the one fix a user would find: `nodes_to_exclude` = the ops
-     between the `timestep` input and the first layer (the sinusoidal timestep embedding). With ORT's default op
+   - `ORT quantize_static, t-emb. + keep_fp FP`: the same, with the fix a user would find, `nodes_to_exclude` = the
+     ops between the `timestep` input and the first layer (the sinusoidal timestep embedding), plus the layers our
+     recipe keeps in float (`layers.keep_fp`, default conv_in/conv_out) so that both quantize the same layers.
+     With ORT's default op
      types the peer quantizes `t·freq` (up to ~1000) to int8 before Sin/Cos (a step of ~7), which destroys the
      time embedding; the quality section shows what that costs.
    The variants are interleaved: `--rounds` rounds, each timing every variant once (`--iters` calls after one
@@ -76,7 +78,7 @@ VARIANTS: dict[str, str] = {
     "trt": "denoq trt",
     "ort-cpu": "denoq ort-cpu",
     "peer": "ORT quantize_static",
-    "peer-t": "ORT quantize_static, t-emb. FP",
+    "peer-t": "ORT quantize_static, t-emb. + keep_fp FP",
 }
 #: Our compiles: variant key → recipe preset.
 OUR_RECIPES: dict[str, str] = {"trt": "w8a8", "ort-cpu": "w8a8-ort"}
@@ -321,14 +323,18 @@ def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, 
         check_same_calibration(calib, art)
     prep.info["calibration_inputs"] = len(calib)
     fp_path = trt.file("model.fp.onnx")
-    excludes = {"peer": [], "peer-t": timestep_path_nodes(onnx.load(str(fp_path), load_external_data=False))}
+    # the fixed peer also leaves in float the layers our recipe keeps in float (layers.keep_fp), so both quantize
+    # the same layers
+    kept_nodes = [trt.manifest["layer_map"][m]["node"] for m in trt.manifest["calibration"]["kept_fp"]]
+    t_nodes = timestep_path_nodes(onnx.load(str(fp_path), load_external_data=False))
+    excludes = {"peer": [], "peer-t": t_nodes + kept_nodes}
     for key, exclude in excludes.items():
         path = folder / "peer" / f"model.{key}.onnx"
         if reuse and path.is_file():
             log(f"  reusing {path}")
         else:
             log(f"{label}: onnxruntime.quantization.quantize_static on {len(calib)} calibration inputs"
-                + (f", {len(exclude)} timestep-embedding nodes excluded" if exclude else ""))
+                + (f", {len(exclude)} nodes excluded (timestep embedding, layers.keep_fp)" if exclude else ""))
             info = quantize_peer(fp_path, calib, path, peer_pre, exclude)
             prep.info[key] = info
             if peer_pre and not info["preprocessed"]:
@@ -490,8 +496,8 @@ def quality_table(model: str, q: dict[str, Any], info: dict[str, Any]) -> str:
     scale = info.get("peer", {}).get("sin_input_scale")
     if scale is not None:
         note += (f" ORT quantize_static quantizes the timestep embedding's t·freq to int8 before Sin/Cos (scale "
-                 f"{scale:.3g}); `t-emb. FP` leaves those {len(info.get('peer-t', {}).get('nodes_to_exclude', []))} "
-                 "nodes in float (`nodes_to_exclude`).")
+                 f"{scale:.3g}); `t-emb. + keep_fp FP` leaves that path and the layers denoq keeps in float "
+                 f"({len(info.get('peer-t', {}).get('nodes_to_exclude', []))} nodes, `nodes_to_exclude`) in float.")
     return md_table(header, rows) + "\n\n" + note
 
 

@@ -114,7 +114,8 @@ def load_model(model: str | None = None) -> ModelSpec:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = getattr(diffusers, cls).from_pretrained(unet_dir, torch_dtype=torch.float32)
+            module = getattr(diffusers, cls).from_pretrained(unet_dir, torch_dtype=torch.float32,
+                                                             low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers/safetensors raise many types for corrupt or mismatched files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DenoqError(f"cannot load {cls} from {unet_dir}: {first}; the weights are corrupt or do not match "

@@ -21,6 +21,7 @@ with no node is an error: passes would silently skip it.
 from __future__ import annotations
 
 import ast
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from denoq.layers import quantizable_layers
 OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+# the exporter warns that torchvision's ops cannot be registered when torchvision is absent (it is, on purpose)
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
