@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from ship import ship_folder
 from tqdm import tqdm
 
 from denoq.models.classifier import CLASSIFIER_DIR, CONFIG_FILE, WEIGHTS_FILE, DigitsClassifier
@@ -102,16 +100,13 @@ def main() -> None:
         "train_accuracy": train_acc,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=args.out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the installed folder should be readable like its siblings
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tmp / WEIGHTS_FILE).chmod(0o644)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    ship_folder(args.out, write)
     size = (args.out / WEIGHTS_FILE).stat().st_size
     print(f"wrote {args.out} ({config['parameters']} parameters, {size / 1024:.0f} KiB, test accuracy {test_acc:.4f})")
 

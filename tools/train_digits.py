@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from ship import ship_folder
 from tqdm import tqdm
 
 from denoq.models.digits_data import IMAGE_SIZE, load_digits_16
@@ -86,19 +84,15 @@ def main() -> None:
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{loss_avg:.4f}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=args.out.parent))
-    DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta["final_loss_ema"] = loss_avg
     meta["parameters"] = sum(p.numel() for p in ema.parameters())
-    (tmp / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    tmp.chmod(0o755)  # mkdtemp makes the folder private; the shipped model must be readable by every user
-    for path in tmp.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
+
+    def write(folder: Path) -> None:
+        DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+        (folder / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    ship_folder(args.out, write)
     print(f"wrote {args.out} ({meta['parameters']} parameters, loss {loss_avg:.4f})")
 
 
