@@ -91,6 +91,9 @@ def summary_table(art, report: dict) -> str:
     speed = ", ".join(f"{k}: {v['speedup']:.2f}×" for k, v in lat.items() if k.startswith("batch"))
     lines.append(f"ORT speed-up FP32 → quantized ({lat['threads']} threads): {speed}; "
                  f"layers fused into integer kernels: {report['fusion']['fraction_fused']:.0%}")
+    if art.manifest["plan"]["target"] == "trt":
+        lines.append("(the trt profile quantizes layer inputs only, as TensorRT wants; ONNX Runtime's CPU integer "
+                     "kernels need quantized outputs too: compile with --recipe w8a8-ort for CPU speed)")
     return "\n".join(lines)
 
 
