@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,18 @@ def test_compile_conditional_unet_then_sample(capsys, tmp_path, tiny_cond_pipeli
 def test_sample_eval_inspect_on_artifact(capsys, tmp_path, tiny_artifact_trt):
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact_trt.path, art)
+    old_umask = os.umask(0o022)
+    try:
+        _sample_eval_inspect(capsys, tmp_path, art)
+    finally:
+        os.umask(old_umask)
+    # artifacts and outputs are readable by other users (a deployment step), not private like mkstemp's files
+    for path in (tiny_artifact_trt.path, tiny_artifact_trt.path / "model.qdq.onnx", art / "report.json",
+                 tmp_path / "grid.png"):
+        assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def _sample_eval_inspect(capsys, tmp_path: Path, art: Path) -> None:
     grid, tensor = tmp_path / "grid.png", tmp_path / "x.npy"
     for backend in ("torch-fp", "torch-sim", "ort"):
         assert main(["sample", str(art), "--backend", backend, "--sampler", "ddpm", "--steps", "4", "--n", "9",

@@ -91,7 +91,21 @@ def _check_name(name: str) -> str:
     return str(p)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the permissions a plain `open`/`mkdir` would: mkstemp and
+    mkdtemp make private files, but an artifact is read by other users too (a deployment step, a server)."""
+    mask = _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and os.replace (readers never see a
     partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +115,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -209,6 +224,7 @@ class ArtifactWriter:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        readable(tmp)
         self._move_into_place(tmp)
         self._tmp = None
         self._committed = True
@@ -326,8 +342,8 @@ class Artifact:
         manifest = {**self.manifest, **updates, "files": dict(self.files)}
         _dump_json(manifest)  # fail on unserializable updates before writing anything
         for name, data in sorted(names.items()):
-            _atomic_write(self.path / name, data)
+            atomic_write(self.path / name, data)
             manifest["files"][name] = hashlib.sha256(data).hexdigest()
         new_manifest = _dump_json(manifest)
-        _atomic_write(self.path / MANIFEST, new_manifest)
+        atomic_write(self.path / MANIFEST, new_manifest)
         self.manifest = json.loads(new_manifest)

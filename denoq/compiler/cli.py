@@ -7,26 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from denoq.errors import DenoqError
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
@@ -42,7 +27,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.artifact import Artifact, atomic_write
     from denoq.compiler.evaluate import generate
     from denoq.compiler.pictures import grid_png
 
