@@ -25,8 +25,9 @@ demo: install
 	$(BIN)/denoq eval $(ART)
 	@echo "open $(ART)/report.html for the pictures; the ORT sample grid is $(ART)-grid.png"
 
+# the whole suite, slow end-to-end tests included (~4 min on 2 cores); plain `pytest` runs the fast ones
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: install-dev
 	$(BIN)/ruff check denoq tests tools
