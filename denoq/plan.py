@@ -60,6 +60,50 @@ class ActQuant:
         return {"bits": self.bits, "signed": self.signed, "zero_point": self.zero_point}
 
 
+def check_scale_table(layer: str, role: str, q: ActQuant, num_timesteps: int) -> torch.Tensor:
+    """The scale table of `q` as float32 [T]; DenoqError unless it has length T and is finite and positive."""
+    s = q.scale.detach().to("cpu", torch.float32)
+    if tuple(s.shape) != (num_timesteps,):
+        raise DenoqError(f"layer {layer}: the {role} scale table has shape {tuple(s.shape)}, expected "
+                         f"({num_timesteps},) = the scheduler's num_train_timesteps; recalibrate with this scheduler")
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bool(bad.any()):
+        t = int(torch.nonzero(bad)[0])
+        raise DenoqError(f"layer {layer}: {role} scale at timestep {t} is {float(s[t])!r}, scales must be finite "
+                         "and positive; the plan is corrupt, recalibrate")
+    return s
+
+
+@dataclass(frozen=True)
+class SelectorTables:
+    """A layer's constant graph scales under the timestep selector (DESIGN.md, Timestep selector; the graph side
+    is `denoq.passes.selector`, the simulation `denoq.calibrators.simulate`; both use these numbers).
+
+    `ratio`: r_t = s0 / s_in[t] (float32 [T]), None when the input scale is constant (no selector);
+    `input_scale`: s0 = min_t s_in[t], so every r_t ≤ 1; `output_scale`: s_out0 = max_t(s_out[t]·r_t), the
+    constant scale of the bias-free, r_t-scaled output (max_t s_out[t] without a selector).
+    """
+
+    ratio: torch.Tensor | None
+    input_scale: float | None
+    output_scale: float | None
+
+
+def selector_tables(layer: str, inp: ActQuant | None, out: ActQuant | None, num_timesteps: int) -> SelectorTables:
+    """s0, r and s_out0 of one layer (see SelectorTables), in float32 arithmetic; validates both tables."""
+    s_in = None if inp is None else check_scale_table(layer, "input", inp, num_timesteps)
+    s_out = None if out is None else check_scale_table(layer, "output", out, num_timesteps)
+    ratio, s0 = None, None
+    if s_in is not None:
+        s0 = s_in.min()
+        if not bool(torch.all(s_in == s0)):
+            ratio = s0 / s_in
+    s_out0 = None
+    if s_out is not None:
+        s_out0 = float(s_out.max() if ratio is None else (s_out * ratio).max())
+    return SelectorTables(ratio=ratio, input_scale=None if s0 is None else float(s0), output_scale=s_out0)
+
+
 @dataclass
 class LayerPlan:
     """Quantization of one Conv2d / Linear layer (see module docstring for layouts)."""

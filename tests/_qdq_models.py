@@ -296,3 +296,45 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = "
 
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ReferenceEvaluator(model).run(None, feeds)
+
+
+# -- timestep selectors ----------------------------------------------------------------------------------------
+
+class SingleT(torch.nn.Module):
+    """One layer with the graph's `timestep` input (unused by the FP model, read by timestep selectors)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.layer(sample)
+
+
+@functools.lru_cache
+def single_t(kind: str) -> tuple[torch.nn.Module, onnx.ModelProto]:
+    """`single(kind)` with a `timestep` [B] int64 input. Do not mutate the results."""
+    torch.manual_seed(1)
+    layer = torch.nn.Conv2d(4, 6, 3, padding=1) if kind == "conv" else torch.nn.Linear(16, 8)
+    module = dyadic_biases(SingleT(layer)).eval()
+    shape = SINGLE_SHAPES[kind]
+    fp = export_fp(module, (torch.zeros(shape), torch.zeros(shape[0], dtype=torch.int64)), ["sample", "timestep"])
+    return module, fp
+
+
+def grouped(plan: QuantPlan, num_timesteps: int, in_factors: list[float],
+            out_factors: list[float] | None = None) -> QuantPlan:
+    """`plan` with T = `num_timesteps` and piecewise-constant tables over len(in_factors) equal timestep groups:
+    group g scales the (constant) input scale by `in_factors[g]` and the output scale by `out_factors[g]`."""
+    def table(s: float, factors: list[float]) -> torch.Tensor:
+        g = torch.arange(num_timesteps) * len(factors) // num_timesteps
+        return (s * torch.tensor(factors, dtype=torch.float32)[g]).to(torch.float32)
+
+    out = QuantPlan(num_train_timesteps=num_timesteps, target=plan.target)
+    for lp in plan.layers.values():
+        inp = None if lp.input is None else dataclasses.replace(
+            lp.input, scale=table(float(lp.input.scale[0]), in_factors))
+        o = None if lp.output is None else dataclasses.replace(
+            lp.output, scale=table(float(lp.output.scale[0]), out_factors or [1.0] * len(in_factors)))
+        out.add(dataclasses.replace(lp, input=inp, output=o))
+    return out

@@ -59,11 +59,12 @@ def tiny_cond_pipeline(tmp_path_factory) -> Path:
     return folder
 
 
-def _compile(pipeline: Path, out: Path, target: str):
+def _compile(pipeline: Path, out: Path, target: str, groups: int = 1):
     from denoq.compiler.pipeline import compile_model
     from denoq.compiler.recipe import load_recipe
 
-    recipe = load_recipe("w8a8", [f"target={target}", "calib.samples=8", "calib.steps=10"])
+    recipe = load_recipe("w8a8", [f"target={target}", "calib.samples=8", "calib.steps=10",
+                                  f"activations.timestep_groups={groups}"])
     return compile_model(str(pipeline), recipe, out, progress=False, quiet=True)
 
 
@@ -75,3 +76,14 @@ def tiny_artifact_trt(tiny_pipeline, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_artifact_ort(tiny_pipeline, tmp_path_factory):
     return _compile(tiny_pipeline, tmp_path_factory.mktemp("art") / "ort", "ort-cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_trt_g4(tiny_pipeline, tmp_path_factory):
+    """Four timestep groups per layer input: the graph carries timestep selectors."""
+    return _compile(tiny_pipeline, tmp_path_factory.mktemp("art") / "trt-g4", "trt", groups=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_ort_g4(tiny_pipeline, tmp_path_factory):
+    return _compile(tiny_pipeline, tmp_path_factory.mktemp("art") / "ort-g4", "ort-cpu", groups=4)

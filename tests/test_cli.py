@@ -99,6 +99,13 @@ def test_keep_fp_pattern_matching_nothing(capsys, tmp_path, tiny_pipeline):
     assert_nothing_written(tmp_path, "a")
 
 
+def test_more_timestep_groups_than_calibrated_timesteps(capsys, tmp_path, tiny_pipeline):
+    err = run_error(capsys, ["compile", str(tiny_pipeline), "--out", str(tmp_path / "a"),
+                             "--set", "activations.timestep_groups=8", *FAST])  # FAST records 5 steps
+    assert "timestep_groups" in err and "calib.steps" in err
+    assert_nothing_written(tmp_path, "a")
+
+
 def test_existing_output_refused_without_force(capsys, tmp_path, tiny_artifact_trt):
     out = tmp_path / "art"
     shutil.copytree(tiny_artifact_trt.path, out)

@@ -92,7 +92,8 @@ def test_every_layer_agrees_across_three_executors(fixture, request):
     assert flips <= 1e-3 * sum(o.numel() for o in outs.values())
 
 
-@pytest.mark.parametrize("fixture", ["tiny_artifact_trt", "tiny_artifact_ort"])
+@pytest.mark.parametrize("fixture", ["tiny_artifact_trt", "tiny_artifact_ort", "tiny_artifact_trt_g4",
+                                     "tiny_artifact_ort_g4"])
 def test_end_to_end_difference_is_a_fraction_of_the_quantization_error(fixture, request):
     """Run op by op (ORT graph optimizations off), ORT differs from the simulation only by rounding flips that
     propagate; on the untrained tiny model, which amplifies them most, rms(ort − sim) < 0.6 · rms(sim − fp).
@@ -139,3 +140,25 @@ def test_ort_fuses_the_ort_cpu_profile_and_not_the_trt_one(tiny_artifact_ort, ti
     assert fused["integer_ops"].get("QLinearConv", 0) > 0
     trt = fusion_report(tiny_artifact_trt.file("model.qdq.onnx"))
     assert trt["integer_ops"].get("QLinearConv", 0) == 0 and trt["fraction_fused"] < 0.5
+
+
+@pytest.mark.parametrize("fixture", ["tiny_artifact_trt_g4", "tiny_artifact_ort_g4"])
+def test_timestep_groups_compile_to_selectors(fixture, request):
+    """G = 4: the plan's input tables are piecewise constant with up to 4 scales, the manifest records each layer's
+    groups, the graph gathers per-sample ratios by `timestep` (constant Q/DQ scales), and ORT still fuses the
+    ort-cpu graph."""
+    art = request.getfixturevalue(fixture)
+    plan = artifact_plan(art)
+    groups = art.manifest["calibration"]["timestep_groups"]
+    assert groups, "no layer got more than one group"
+    for name, segments in groups.items():
+        assert len(segments) == 4
+        assert len(set(plan.layers[name].input.scale.tolist())) > 1
+    model = onnx.load(str(art.file("model.qdq.onnx")))
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and "timestep" in n.input]
+    assert len(gathers) >= 1
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert node.input[1] in {i.name for i in model.graph.initializer}  # constant scales only
+    if plan.target == "ort-cpu":
+        assert fusion_report(art.file("model.qdq.onnx"))["fraction_fused"] == 1.0

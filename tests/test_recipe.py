@@ -155,7 +155,8 @@ def test_bad_type(item, key):
     ("activations.percentile=nan", "(50, 100]"),
     ("activations.lm_rho=0", "> 0"),
     ("activations.lm_rho=inf", "> 0"),
-    ("activations.timestep_groups=0", "allowed: 1"),
+    ("activations.timestep_groups=0", "1..64"),
+    ("activations.timestep_groups=65", "1..64"),
     ("seed=-1", "0..4294967295"),
 ])
 def test_disallowed_value(item, allowed):
@@ -166,7 +167,6 @@ def test_disallowed_value(item, allowed):
 
 
 @pytest.mark.parametrize("item, allowed", [
-    ("activations.timestep_groups=4", "1"),
     ("weights.bits=4", "8"),
     ("weights.method=gptq", "rtn"),
     ("weights.group_size=128", "0"),
@@ -184,9 +184,13 @@ def test_feature_not_available_yet(item, allowed):
     assert error_of(parse_set, item) == msg  # deterministic
 
 
-def test_exact_timestep_groups_message():
-    assert error_of(parse_set, "activations.timestep_groups=4") == (
-        "activations.timestep_groups=4 is not available in this version of denoq (allowed: 1)")
+def test_exact_not_available_message():
+    assert error_of(parse_set, "activations.igq_groups=4") == (
+        "activations.igq_groups=4 is not available in this version of denoq (allowed: 0)")
+
+
+def test_timestep_groups_accepted():
+    assert parse_set("activations.timestep_groups=4") == ("activations.timestep_groups", 4)
 
 
 @pytest.mark.parametrize("item", ["calib.samples", "=3", "", "  =x"])
@@ -236,7 +240,7 @@ def test_toml_nested_and_flat_and_order(tmp_path):
     ("[calib]\nsamples = \"many\"\n", "'calib.samples'"),
     ("[calib]\nsamples = 8.0\n", "'calib.samples'"),
     ("[ptqd]\nenabled = 1\n", "'ptqd.enabled'"),
-    ("[activations]\ntimestep_groups = 4\n", "not available in this version of denoq (allowed: 1)"),
+    ("[activations]\nigq_groups = 4\n", "not available in this version of denoq (allowed: 0)"),
     ("target = \"x\"\n", "is not allowed (allowed: trt, ort-cpu)"),
     ("target = \n", "not valid TOML"),
 ])

@@ -8,6 +8,18 @@ Each planned Conv2d / Linear is replaced by a layer that computes, in the graph'
 
 with the scale gathered per sample from the layer's table of length T by the sample's own timestep, so a batch may
 mix timesteps. Layer by layer this agrees with ONNX Runtime and `onnx.reference` to float rounding.
+
+A layer whose input table varies with the timestep (timestep groups, ADP-DM arXiv 2305.18723) is computed as the
+graph's timestep selector computes it (DESIGN.md, Timestep selector; `denoq.passes.selector` defines the tables):
+with `s0 = min_t s_in[t]`, `r_t = s0 / s_in[t] ≤ 1` (float32, gathered per sample, shaped to broadcast),
+
+    x̂ = DQ(Q(x · r_t; s0, z_in))           (float32 multiply first, then the division by the constant s0)
+    u  = conv/linear(x̂, q_w · s_w)          (no bias)
+    u  = DQ(Q(u; s_out0, z_out))            (ort-cpu: the output quantizer reads the bias-free, r_t-scaled value)
+    y  = u / r_t + bias
+
+with `s_out0 = max_t(s_out[t] · r_t)`. A non-constant output table on a layer without an input selector uses the
+constant `max_t s_out[t]`, as the graph does. Constant tables take the first path unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from torch import nn
 
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
-from denoq.plan import ActQuant, LayerPlan, QuantPlan
+from denoq.plan import ActQuant, LayerPlan, QuantPlan, selector_tables
 
 
 class TimestepClock:
@@ -39,19 +51,35 @@ def _fake_quant_t(x: torch.Tensor, q: ActQuant, t: torch.Tensor) -> torch.Tensor
 class SimulatedLayer(nn.Module):
     """A Conv2d or Linear computed from the plan's integer weights with fake-quantized activations."""
 
-    def __init__(self, module: nn.Module, plan: LayerPlan, clock: TimestepClock) -> None:
+    def __init__(self, module: nn.Module, plan: LayerPlan, clock: TimestepClock,
+                 num_timesteps: int | None = None) -> None:
         super().__init__()
         self.source = module
         self.plan = plan
         self.clock = clock
         self.register_buffer("weight", plan.dequantized_weight().to(module.weight.device))
         self.bias = module.bias
+        # timestep selector (module docstring): only for a non-constant table, so constant plans keep today's path
+        self.ratio: torch.Tensor | None = None
+        self.s0: float | None = None
+        self.s_out0: float | None = None
+        if num_timesteps is not None:  # every table: length T, finite, positive
+            selector_tables(plan.name, plan.input, plan.output, num_timesteps)
+        self.selected = any(q is not None and not q.is_constant for q in (plan.input, plan.output))
+        if self.selected:
+            T = num_timesteps if num_timesteps is not None else next(
+                q.scale.shape[0] for q in (plan.input, plan.output) if q is not None)
+            tables = selector_tables(plan.name, plan.input, plan.output, T)
+            self.s0, self.s_out0 = tables.input_scale, tables.output_scale
+            self.ratio = None if tables.ratio is None else tables.ratio.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.clock.t
         if t is None or t.shape[0] != x.shape[0]:
             raise DenoqError(f"simulated layer {self.plan.name} got a batch of {x.shape[0]} but timesteps "
                              f"{None if t is None else tuple(t.shape)}; call the SimulatedModel, not its layers")
+        if self.selected:
+            return self._forward_selected(x, t)
         if self.plan.input is not None:
             x = _fake_quant_t(x, self.plan.input, t)
         if isinstance(self.source, nn.Conv2d):
@@ -61,6 +89,31 @@ class SimulatedLayer(nn.Module):
             y = F.linear(x, self.weight, self.bias)
         if self.plan.output is not None:
             y = _fake_quant_t(y, self.plan.output, t)
+        return y
+
+    def _layer(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.source, nn.Conv2d):
+            m = self.source
+            return F.conv2d(x, self.weight, bias, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, self.weight, bias)
+
+    def _forward_selected(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The graph's op order: Mul(r_t) → Q/DQ(s0) → layer without bias → [Q/DQ(s_out0)] → Div(r_t) → Add(bias)."""
+        r = None if self.ratio is None else self.ratio[t].view(-1, *([1] * (x.dim() - 1)))
+        if self.plan.input is not None:
+            qmin, qmax = self.plan.input.qrange
+            s0 = torch.tensor(self.s0, dtype=torch.float32, device=x.device)
+            x = fake_quantize(x if r is None else x * r, s0, self.plan.input.zero_point, qmin, qmax)
+        y = self._layer(x, self.bias if r is None else None)
+        if self.plan.output is not None:
+            qmin, qmax = self.plan.output.qrange
+            s_out0 = torch.tensor(self.s_out0, dtype=torch.float32, device=x.device)
+            y = fake_quantize(y, s_out0, self.plan.output.zero_point, qmin, qmax)
+        if r is None:
+            return y
+        y = y / r
+        if self.bias is not None:
+            y = y + (self.bias.view(-1, 1, 1) if isinstance(self.source, nn.Conv2d) else self.bias)
         return y
 
 
@@ -78,7 +131,8 @@ class SimulatedModel(nn.Module):
                                  "model (recompile)")
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else self.model
-            setattr(parent, child, SimulatedLayer(modules[name], plan.layers[name], self.clock))
+            setattr(parent, child, SimulatedLayer(modules[name], plan.layers[name], self.clock,
+                                                  plan.num_train_timesteps))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:

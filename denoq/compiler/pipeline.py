@@ -64,9 +64,10 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
     observer = ObserverSettings(method=recipe["activations.observer"], bits=recipe["activations.bits"],
                                 signed=activation_signed(target), percentile=recipe["activations.percentile"],
                                 lm_rho=recipe["activations.lm_rho"])
-    plan = build_baseline_plan(layers, stats, BaselineSettings(target, recipe["weights.bits"], observer),
-                               spec.num_train_timesteps)
+    settings = BaselineSettings(target, recipe["weights.bits"], observer, recipe["activations.timestep_groups"])
+    plan, groups = build_baseline_plan(layers, stats, settings, spec.num_train_timesteps, progress=progress)
     info = {"inputs": len(calib), "timesteps": calib.t, "kept_fp": kept_fp,
+            "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
             "seconds": round(time.perf_counter() - start, 2)}
     return plan, calib, info
 
@@ -120,7 +121,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         layer_map = export_fp(spec.module, inputs, fp_path)
         log(f"exported FP ONNX ({len(layer_map)} quantizable layers mapped) in {time.perf_counter() - start:.1f} s",
             quiet)
-        qdq, records = PassManager([InsertQDQ(plan)], verify=True)(onnx.load(str(fp_path)))
+        qdq, records = PassManager([InsertQDQ(plan, timestep_selectors=True)], verify=True)(onnx.load(str(fp_path)))
         onnx.save(qdq, str(qdq_path))
         for rec in records:
             log(f"pass {rec.summary()}", quiet)

@@ -15,6 +15,15 @@ For each planned layer (found through the `denoq.layer_map` metadata, never by n
   MatMul whose only consumer is the `Add` of a constant `[out]` bias (the dynamo exporter's Linear), that Add's
   output, so the quantizer sees what PyTorch's Linear returns, and ORT fuses `DQ → MatMul → Add → Q`.
 
+Timestep-grouped scales (`timestep_selectors=True`; DESIGN.md, Timestep selector; ADP-DM, arXiv 2305.18723): a
+layer whose input scale table is not constant gets the selector rewrite of `denoq.passes.selector`
+
+    trt:     x → Mul(R) → Q(s0) → DQ(s0) → Conv/Gemm/MatMul (no bias) → Div(R) → Add(bias)
+    ort-cpu: x → Mul(R) → Q(s0) → DQ(s0) → Conv/Gemm/MatMul (no bias) → Q(s_out0) → DQ(s_out0) → Div(R) → Add(bias)
+
+with `R = Reshape(Gather(r, timestep), [-1, 1, …])`, `r_t = s0 / s_t`, `s0 = min_t s_t` and `s_out0` as that module
+defines it. Layers with constant tables are rewritten exactly as before (G = 1 gives the same bytes).
+
 The PyTorch simulation mirrors exactly this placement.
 """
 
@@ -29,7 +38,8 @@ import onnx_ir as ir
 
 from denoq.errors import DenoqError
 from denoq.layermap import LAYER_OP_TYPES, LayerRef, read_layer_map
-from denoq.plan import ActQuant, LayerPlan, QuantPlan, qrange
+from denoq.passes import selector
+from denoq.plan import ActQuant, LayerPlan, QuantPlan, check_scale_table, qrange, selector_tables
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -58,6 +68,7 @@ class _Layer:
     ftype: ir.DataType  # the graph's float type for this layer (the FP weight's)
     input: _Act | None
     output: _Act | None
+    ratio: np.ndarray | None = None  # timestep selector r_t = s0 / s_t (float32 [T]), None for constant scales
 
 
 @dataclass(frozen=True)
@@ -67,13 +78,15 @@ class InsertQDQ:
     Invariant established: every planned layer reads `DequantizeLinear(plan integers, plan scales)` as its
     weight (no FP weight of a planned layer remains) and, where the plan quantizes its input,
     `DequantizeLinear(QuantizeLinear(x))` as its activation; where the plan quantizes its output, every reader
-    of that output (graph output included, under its original name) reads `DQ(Q(y))`. Constant scales only:
-    timestep-dependent tables belong to the timestep-selector pass. Raises DenoqError, before changing
-    anything, when the plan and the graph do not match.
+    of that output (graph output included, under its original name) reads `DQ(Q(y))`. With
+    `timestep_selectors`, a layer whose input scale varies with the timestep reads `DQ(Q(x·R))` and its output
+    is `Div(·, R)` plus its bias (module docstring, `denoq.passes.selector`); without it such a plan is refused.
+    Raises DenoqError, before changing anything, when the plan and the graph do not match.
     """
 
     plan: QuantPlan
     name: str = "insert_qdq"
+    timestep_selectors: bool = False
 
     def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
         m = ir.from_proto(_copy(model))  # onnx-ir wraps the proto's tensors: work on a copy, leave the input as it is
@@ -81,17 +94,23 @@ class InsertQDQ:
         if opset < 13:
             raise DenoqError(f"the model uses ONNX opset {opset}; per-channel Q/DQ needs opset >= 13, "
                              "re-export with opset_version=21")
-        layers = _bind(self.plan, m)
+        layers = _bind(self.plan, m, self.timestep_selectors)
         g = m.graph
+        ratios = selector.RatioCache(g)
         for layer in layers:
             _quantize_weight(g, layer)
+        for layer in layers:  # selector layers: node → Div(R) → Add(bias), before their output Q/DQ goes in
+            if layer.ratio is not None:
+                rank = selector.layer_rank(layer.node, layer.ref.module)
+                r_b = ratios.broadcast(layer.ratio, rank, layer.ref.module, layer.node)
+                selector.insert_division(g, layer.node, r_b, layer.ref.module)
         for layer in layers:  # outputs first, so a next layer with identical input parameters can reuse them
             if layer.output is not None:
                 _quantize_output(g, layer)
-        shared: dict[tuple[int, _Act], ir.Value] = {}
+        shared: dict[tuple, ir.Value] = {}
         for layer in layers:
             if layer.input is not None:
-                _quantize_input(g, layer, shared)
+                _quantize_input(g, layer, shared, ratios)
         g.sort()
         return ir.to_proto(m)
 
@@ -104,7 +123,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # -- checks ------------------------------------------------------------------------------------------------
 
-def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
+def _bind(plan: QuantPlan, model: ir.Model, timestep_selectors: bool = False) -> list[_Layer]:
     refs = read_layer_map(model)
     nodes = {n.name: n for n in model.graph}
     layers = []
@@ -164,21 +183,35 @@ def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
         if not np.all(np.isfinite(scale) & (scale > 0)):
             raise DenoqError(f"layer {name}: weight scales must be finite and positive; the plan is corrupt, "
                              "recalibrate")
+        for role, q in (("input", lp.input), ("output", lp.output)):
+            if q is not None:  # every table: length T, finite, positive
+                check_scale_table(name, role, q, plan.num_train_timesteps)
+        tables = None
+        if timestep_selectors and any(q is not None and not q.is_constant for q in (lp.input, lp.output)):
+            tables = selector_tables(name, lp.input, lp.output, plan.num_train_timesteps)
+            if tables.ratio is not None:
+                selector.check_selector_layer(node, name, ftype)
         layers.append(_Layer(ref=ref, plan=lp, node=node, weight_int=ints, ftype=ftype,
-                             input=_act(name, "input", lp.input, plan.target, ftype),
-                             output=_act(name, "output", lp.output, plan.target, ftype)))
+                             input=_act(name, "input", lp.input, plan.target, ftype,
+                                        None if tables is None else tables.input_scale),
+                             output=_act(name, "output", lp.output, plan.target, ftype,
+                                         None if tables is None else tables.output_scale),
+                             ratio=None if tables is None or tables.ratio is None else tables.ratio.numpy()))
     return layers
 
 
-def _act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataType) -> _Act | None:
+def _act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataType,
+         resolved: float | None = None) -> _Act | None:
+    """The constant quantizer of `q`: its one scale, or `resolved` (the selector's s0 / s_out0) when given."""
     if q is None:
         return None
     if q.bits != 8:
         raise DenoqError(f"layer {layer}: {role} activations have {q.bits} bits; insert_qdq supports 8-bit "
                          "activations only, set activations.bits=8")
-    if not q.is_constant:
+    if resolved is None and not q.is_constant:
         raise DenoqError(f"layer {layer}: the {role} scale varies with the timestep; timestep-grouped scales need "
-                         "the timestep-selector pass (or set activations.timestep_groups=1)")
+                         "the timestep-selector pass: InsertQDQ(plan, timestep_selectors=True) (or set "
+                         "activations.timestep_groups=1)")
     lo, hi = q.qrange
     if not lo <= q.zero_point <= hi:
         raise DenoqError(f"layer {layer}: {role} zero point {q.zero_point} is outside [{lo}, {hi}]; the plan is "
@@ -187,7 +220,7 @@ def _act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataT
         raise DenoqError(f"layer {layer}: TensorRT needs symmetric int8 activations (signed, zero point 0) but the "
                          f"{role} quantizer is {'int8' if q.signed else 'uint8'} with zero point {q.zero_point}; "
                          "calibrate with target=trt")
-    scale = float(q.scale[0])
+    scale = float(q.scale[0]) if resolved is None else resolved
     cast = float(np.asarray(scale, dtype=ftype.numpy()).astype(np.float32))
     if not (math.isfinite(scale) and scale > 0 and cast == scale):
         raise DenoqError(f"layer {layer}: {role} scale {scale!r} must be finite, positive and exact in {ftype}; "
@@ -258,7 +291,8 @@ def _layer_output(layer: _Layer) -> ir.Value:
 def _quantize_output(g: ir.Graph, layer: _Layer) -> None:
     a = layer.output
     assert a is not None
-    y = _layer_output(layer)
+    # a selector layer quantizes the node's own (bias-free, ·r_t) output, before its Div: ORT fuses node → Q
+    y = layer.node.outputs[0] if layer.ratio is not None else _layer_output(layer)
     prefix = f"{layer.ref.module}.output"
     scale, zp = _qdq_inits(g, prefix, a, layer.ftype)
     q, dq = _qdq_pair(y, scale, zp, layer.ref.module, "output", a)
@@ -298,17 +332,25 @@ def _same_qdq(x: ir.Value, a: _Act) -> bool:
     return True
 
 
-def _quantize_input(g: ir.Graph, layer: _Layer, shared: dict[tuple[int, _Act], ir.Value]) -> None:
+def _quantize_input(g: ir.Graph, layer: _Layer, shared: dict[tuple, ir.Value],
+                    ratios: selector.RatioCache) -> None:
     a = layer.input
     assert a is not None
     x = layer.node.inputs[0]
     assert x is not None  # checked in _bind
-    if _same_qdq(x, a):
+    if layer.ratio is None and _same_qdq(x, a):
         return
-    key = (id(x), a)
+    key = (id(x), a) if layer.ratio is None else (id(x), a, layer.ratio.tobytes())
     if key not in shared:
-        scale, zp = _qdq_inits(g, f"{layer.ref.module}.input", a, layer.ftype)
-        q, dq = _qdq_pair(x, scale, zp, layer.ref.module, "input", a)
-        g.insert_before(layer.node, [q, dq])
+        module = layer.ref.module
+        mul = None
+        if layer.ratio is not None:  # x → Mul(R) → Q(s0) → DQ(s0)
+            r_b = ratios.broadcast(layer.ratio, selector.layer_rank(layer.node, module), module, layer.node)
+            mul = ir.node("Mul", [x, r_b], name=f"{module}/timestep_ratio/Mul",
+                          outputs=[ir.val(f"{module}.input_scaled", layer.ftype, x.shape)])
+            x = mul.outputs[0]
+        scale, zp = _qdq_inits(g, f"{module}.input", a, layer.ftype)
+        q, dq = _qdq_pair(x, scale, zp, module, "input", a)
+        g.insert_before(layer.node, [q, dq] if mul is None else [mul, q, dq])
         shared[key] = dq.outputs[0]
     layer.node.replace_input_with(0, shared[key])

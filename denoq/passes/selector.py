@@ -1,0 +1,171 @@
+"""Timestep selectors: timestep-grouped activation scales in a graph whose Q/DQ scales are constants.
+
+DESIGN.md (Contracts: Timestep selector) after ADP-DM (Wang et al., "Towards Accurate Post-training Quantization for
+Diffusion Models", CVPR 2024, arXiv 2305.18723): a layer whose input scale table `s_t` (length T, piecewise constant
+over the layer's timestep groups) is not constant keeps ONE constant Q/DQ scale `s0`, as TensorRT needs, and moves
+the timestep dependence into pointwise multiplies with `r_t = s0 / s_t`:
+
+    x → Mul(R) → Q(s0, z) → DQ(s0, z) → Conv/Gemm/MatMul without bias → Div(R) → Add(bias)
+    R = Reshape(Gather(r, timestep), [-1, 1, …])       ([B,1,1,1] for Conv, [B,1] for Gemm, [B,1,1] for [B,L,C])
+
+`r` is a float32 initializer of length T and `timestep` the graph's int64 input `[B]`, so each sample of a batch
+reads its own group. Since `DQ(Q(x·r_t; s0, z)) / r_t = s_t·(clamp(round(x / s_t) + z) − z)` up to float rounding,
+the layer sees exactly the plan's group-t quantizer (range and saturation included) — *because the zero point z is
+the same for every group*: the plan guarantees it (one zero point per quantizer), the multiply only moves the scale.
+That holds for the uint8 asymmetric (`ort-cpu`) quantizers as well as for int8 symmetric (`trt`) ones.
+
+**Choice of s0 = min_t s_t** (the finest group's scale), so every `r_t = s0 / s_t ≤ 1`: the multiply never
+enlarges an activation (no overflow when the engine runs the float parts in FP16, and the value reaching Q stays
+within the range calibration saw), and the finest-grid group runs with `r = 1`, i.e. exactly the constant-scale
+graph. (`s0 = max_t s_t` would give `r_t ≥ 1` and multiply activations up by the groups' scale ratio.)
+
+**Output quantizer (`ort-cpu`).** ORT fuses `DQ → Conv/Gemm/MatMul → Q` into an integer kernel only when the
+layer's Q reads the layer node's output directly, so the output Q/DQ sits between the node and the selector's Div:
+
+    … → Conv (no bias) → Q(s_out0, z_out) → DQ(s_out0, z_out) → Div(R) → Add(bias)
+
+The value the graph quantizes is `u = conv(x̂, w)`, the layer's *bias-free* output times r_t (`u = r_t·(y − b)`).
+Quantizing `u` with the constant `s_out0` is quantizing `y − b` with the effective scale `s_out0 / r_t`. So for a
+selector layer the plan's output table `s_out[t]` is read as the scale of the bias-free output `y − b` at timestep t
+(zero point `z_out` applies to it too), and the graph uses `s_out0 = max_t(s_out[t]·r_t)` (float32): exact, i.e.
+effective scale = `s_out[t]` at every t, when the calibrator writes tables with `s_out[t]·r_t` constant (output
+scale proportional to the input scale); otherwise the effective scale `s_out0 / r_t ≥ s_out[t]` never clips more
+than the plan. A layer without an input selector (constant or no input table) has `r ≡ 1`: its output scale is the
+constant `max_t s_out[t]` on `y` itself (bias included, as for every constant-scale layer).
+
+The PyTorch simulation (`denoq.calibrators.simulate`) computes the same tables with the same float32 operations and
+follows the same op order. Constant tables (one group) produce no selector nodes: the graph is byte for byte the
+constant-scale `InsertQDQ` graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from denoq.errors import DenoqError
+
+TIMESTEP_INPUT = "timestep"
+
+
+# -- graph -------------------------------------------------------------------------------------------------
+
+def timestep_input(g: ir.Graph, layer: str) -> ir.Value:
+    """The graph's integer `timestep` input; DenoqError when there is none."""
+    for v in g.inputs:
+        if v.name == TIMESTEP_INPUT:
+            if v.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+                raise DenoqError(f"layer {layer}: graph input {TIMESTEP_INPUT!r} is {v.dtype}, the timestep "
+                                 "selector gathers with an int64 timestep; re-export with an int64 timestep [B]")
+            return v
+    raise DenoqError(f"layer {layer}: its scale varies with the timestep but the graph has no {TIMESTEP_INPUT!r} "
+                     "input; export the model with its timestep input (or set activations.timestep_groups=1)")
+
+
+class RatioCache:
+    """Builds `Reshape(Gather(r, timestep), [-1, 1, …])` once per (table, rank) and shares it between layers."""
+
+    def __init__(self, g: ir.Graph) -> None:
+        self.g = g
+        self.tables: dict[bytes, ir.Value] = {}
+        self.gathered: dict[tuple[bytes, int], ir.Value] = {}
+
+    def broadcast(self, ratio: np.ndarray, rank: int, module: str, before: ir.Node) -> ir.Value:
+        """`R` of rank `rank` (`[B, 1, …]`) for the ratio table `ratio`, its nodes inserted before `before`."""
+        key = ratio.tobytes()
+        if (key, rank) in self.gathered:
+            return self.gathered[(key, rank)]
+        if key not in self.tables:
+            name = f"{module}.timestep_ratio"
+            v = ir.val(name, const_value=ir.tensor(ratio, name=name))
+            self.g.register_initializer(v)
+            self.tables[key] = v
+        table = self.tables[key]
+        t = timestep_input(self.g, module)
+        shape_name = f"{module}.timestep_ratio_shape{rank}"
+        shape = ir.val(shape_name, const_value=ir.tensor(np.asarray([-1] + [1] * (rank - 1), np.int64),
+                                                         name=shape_name))
+        self.g.register_initializer(shape)
+        gather = ir.node("Gather", [table, t], attributes={"axis": 0}, name=f"{module}/timestep_ratio/Gather",
+                         outputs=[ir.val(f"{module}.timestep_ratio_t", ir.DataType.FLOAT)])
+        reshape = ir.node("Reshape", [gather.outputs[0], shape], name=f"{module}/timestep_ratio/Reshape",
+                          outputs=[ir.val(f"{module}.timestep_ratio_b{rank}", ir.DataType.FLOAT)])
+        self.g.insert_before(before, [gather, reshape])
+        self.gathered[(key, rank)] = reshape.outputs[0]
+        return reshape.outputs[0]
+
+
+def layer_rank(node: ir.Node, layer: str) -> int:
+    """Rank of the layer's activation: 4 for Conv (NCHW), 2 for Gemm, the known input rank for MatMul."""
+    if node.op_type == "Conv":
+        rank = 4
+    elif node.op_type == "Gemm":
+        rank = 2
+    else:
+        x = node.inputs[0]
+        if x is None or x.shape is None:
+            raise DenoqError(f"layer {layer}: the rank of MatMul input is unknown, the timestep selector needs it "
+                             "to broadcast its [B] ratios; export with shape information (dynamo export keeps it)")
+        rank = len(x.shape)
+    x = node.inputs[0]
+    if x is not None and x.shape is not None and len(x.shape) != rank:
+        raise DenoqError(f"layer {layer}: {node.op_type} input has rank {len(x.shape)}, expected {rank}; the timestep "
+                         "selector supports Conv2d on NCHW, Gemm on [B, C] and MatMul on [B, …, C] only")
+    return rank
+
+
+def check_selector_layer(node: ir.Node, layer: str, ftype: ir.DataType) -> None:
+    """The layer forms the selector supports: float32, Gemm without alpha/beta scaling, constant bias."""
+    if ftype != ir.DataType.FLOAT:
+        raise DenoqError(f"layer {layer}: timestep selectors are built for float32 graphs, this one is {ftype}; "
+                         "insert Q/DQ on the float32 export, convert to FP16 afterwards")
+    if node.op_type == "Gemm" and (not math.isclose(node.attributes.get_float("alpha", 1.0), 1.0)
+                                   or not math.isclose(node.attributes.get_float("beta", 1.0), 1.0)
+                                   or node.attributes.get_int("transA", 0)):
+        raise DenoqError(f"layer {layer}: Gemm with alpha/beta != 1 or transA is not a Linear; re-export the model")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = node.inputs[2]
+        if b.const_value is None or not b.is_initializer():
+            raise DenoqError(f"layer {layer}: its bias {b.name!r} is not a constant initializer, the timestep "
+                             "selector adds it after the Div; re-export the model with constant biases")
+
+
+def insert_division(g: ir.Graph, node: ir.Node, ratio_b: ir.Value, module: str) -> None:
+    """`node → Div(R) [→ Add(bias)]`: strips a Conv/Gemm bias, divides by R, adds the bias back; every reader
+    of the node's output (graph output included, under its name) now reads the result."""
+    y = node.outputs[0]
+    bias: ir.Value | None = None
+    if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = node.inputs[2]
+        node.resize_inputs(2)
+        arr = b.const_value.numpy()  # type: ignore[union-attr]
+        if node.op_type == "Conv":  # [C] → [C, 1, 1] to broadcast over NCHW
+            name = f"{module}.bias_broadcast"
+            bias = ir.val(name, const_value=ir.tensor(np.ascontiguousarray(arr.reshape(-1, 1, 1)), name=name))
+            g.register_initializer(bias)
+            if not list(b.uses()) and not b.is_graph_output():
+                del g.initializers[b.name]
+        else:
+            bias = b
+    div = ir.node("Div", [y, ratio_b], name=f"{module}/timestep_ratio/Div",
+                  outputs=[ir.val(f"{module}.output_rescaled", y.type.dtype if y.type else ir.DataType.FLOAT)])
+    chain = [div]
+    if bias is not None:
+        chain.append(ir.node("Add", [div.outputs[0], bias], name=f"{module}/bias/Add",
+                             outputs=[ir.val(f"{module}.output_biased", ir.DataType.FLOAT)]))
+    out = chain[-1].outputs[0]
+    out.shape = y.shape
+    for use in list(y.uses()):
+        if use.node is not div:
+            use.node.replace_input_with(use.idx, out)
+    if y.is_graph_output():
+        name = y.name
+        for i, o in enumerate(g.outputs):
+            if o is y:
+                g.outputs[i] = out
+        y.name = f"{module}.output_unbiased"
+        out.name = name
+        out.type = y.type
+    g.insert_after(node, chain)
