@@ -39,6 +39,7 @@ import onnx_ir as ir
 from denoq.errors import DenoqError
 from denoq.layermap import LAYER_OP_TYPES, LayerRef, read_layer_map
 from denoq.passes import selector
+from denoq.passes.rewire import redirect
 from denoq.plan import ActQuant, LayerPlan, QuantPlan, check_scale_table, qrange, selector_tables
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -296,18 +297,7 @@ def _quantize_output(g: ir.Graph, layer: _Layer) -> None:
     prefix = f"{layer.ref.module}.output"
     scale, zp = _qdq_inits(g, prefix, a, layer.ftype)
     q, dq = _qdq_pair(y, scale, zp, layer.ref.module, "output", a)
-    out = dq.outputs[0]
-    for use in list(y.uses()):
-        if use.node is not q:
-            use.node.replace_input_with(use.idx, out)
-    if y.is_graph_output():
-        name = y.name
-        for i, o in enumerate(g.outputs):
-            if o is y:
-                g.outputs[i] = out
-        y.name = f"{prefix}_float"
-        out.name = name
-        out.type = y.type
+    redirect(g, y, dq.outputs[0], skip=q, old_name=f"{prefix}_float")
     producer = y.producer()
     assert producer is not None
     g.insert_after(producer, [q, dq])

@@ -46,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from denoq.errors import DenoqError
+from denoq.passes.rewire import redirect
 
 TIMESTEP_INPUT = "timestep"
 
@@ -157,15 +158,5 @@ def insert_division(g: ir.Graph, node: ir.Node, ratio_b: ir.Value, module: str) 
                              outputs=[ir.val(f"{module}.output_biased", ir.DataType.FLOAT)]))
     out = chain[-1].outputs[0]
     out.shape = y.shape
-    for use in list(y.uses()):
-        if use.node is not div:
-            use.node.replace_input_with(use.idx, out)
-    if y.is_graph_output():
-        name = y.name
-        for i, o in enumerate(g.outputs):
-            if o is y:
-                g.outputs[i] = out
-        y.name = f"{module}.output_unbiased"
-        out.name = name
-        out.type = y.type
+    redirect(g, y, out, skip=div, old_name=f"{module}.output_unbiased")
     g.insert_after(node, chain)
