@@ -309,8 +309,6 @@ ERROR_CASES = {
     "blocked weights": (lambda fp: fp, lambda plan: _plan_edit(
         plan, weight_int=torch.zeros(4, 2, 3, 3, dtype=torch.int8), weight_scale=torch.ones(4, 1),
         block_size=2), "blocked weights"),
-    "timestep-grouped scales": (lambda fp: fp, lambda plan: _plan_edit(
-        plan, input=ActQuant(8, True, 0, torch.linspace(0.1, 1.0, T))), "timestep-selector pass"),
     "uint8 for trt": (lambda fp: fp, lambda plan: _plan_edit(
         plan, input=ActQuant(8, False, 128, torch.full((T,), 0.1))), "TensorRT needs symmetric int8"),
     "4-bit activations": (lambda fp: fp, lambda plan: _plan_edit(

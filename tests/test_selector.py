@@ -75,7 +75,7 @@ def test_dyadic_exact_per_group_and_mixed_batch(kind: str, target: str) -> None:
     module, fp = single_t(kind)
     factors = [1.0, 0.5, 2.0, 0.25]  # r_t = 0.25 / f: powers of two, every value exact in every executor
     plan = grouped(dyadic_plan(module, target), T, factors, factors)
-    model = InsertQDQ(plan, timestep_selectors=True)(fp)
+    model = InsertQDQ(plan)(fp)
     gen = torch.Generator().manual_seed(5)
     x = torch.randint(-60, 61, SINGLE_SHAPES[kind], generator=gen).float() * 2.0**-4
     outs = []
@@ -102,7 +102,7 @@ def test_random_data_parity_per_group_and_mixed_batch(kind: str, target: str) ->
     base = make_plan(module, (x, torch.zeros(x.shape[0], dtype=torch.int64)), target)
     factors = [1.0, 0.6, 0.35, 0.8]  # non-dyadic r_t
     plan = grouped(base, T, factors, factors)
-    model = PassManager([InsertQDQ(plan, timestep_selectors=True)], verify=True)(fp)[0]
+    model = PassManager([InsertQDQ(plan)], verify=True)(fp)[0]
     for t in _timesteps(x.shape[0]):
         (want,) = _sim(module, plan, x, t)
         results = _executors(model, {"sample": x.numpy(), "timestep": t.numpy()})
@@ -140,7 +140,7 @@ def test_whole_tiny_model_exact_with_groups(target: str) -> None:
     module, fp = tiny()
     factors = [1.0, 2.0, 0.5, 4.0]
     plan = grouped(dyadic_plan(module, target), T, factors, factors)
-    model = PassManager([InsertQDQ(plan, timestep_selectors=True)], verify=True)(fp)[0]
+    model = PassManager([InsertQDQ(plan)], verify=True)(fp)[0]
     assert [o.name for o in model.graph.output] == ["out_sample", "head"]
     x = torch.randint(-40, 41, (2, 2, 4, 4)).float() * 2.0**-4
     for t in (torch.tensor([100, 100]), torch.tensor([900, 400])):
@@ -165,7 +165,7 @@ def _consumers(model: onnx.ModelProto, tensor: str) -> list[onnx.NodeProto]:
 def test_graph_pattern(kind: str, op: str, rank: int, target: str) -> None:
     module, fp = single_t(kind)
     plan = grouped(dyadic_plan(module, target), T, [1.0, 0.5, 2.0, 0.25], [1.0, 0.5, 2.0, 0.25])
-    model, _ = PassManager([InsertQDQ(plan, timestep_selectors=True)], verify=True)(fp)
+    model, _ = PassManager([InsertQDQ(plan)], verify=True)(fp)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     (layer,) = [n for n in model.graph.node if n.op_type == op]
     assert len(layer.input) == 2, "the layer runs without bias"
@@ -198,7 +198,7 @@ def test_ort_fuses_the_ort_cpu_selector_graph(kind: str, op: str, tmp_path) -> N
     module, fp = single_t(kind)
     plan = grouped(dyadic_plan(module, "ort-cpu"), T, [1.0, 0.5, 2.0, 0.25], [1.0, 0.5, 2.0, 0.25])
     path = tmp_path / "model.qdq.onnx"
-    onnx.save(InsertQDQ(plan, timestep_selectors=True)(fp), str(path))
+    onnx.save(InsertQDQ(plan)(fp), str(path))
     report = fusion_report(path)
     assert report["fraction_fused"] == 1.0 and report["integer_ops"].get(op, 0) == 1, report
 
@@ -210,8 +210,9 @@ def test_one_group_is_byte_identical_to_the_constant_graph(which: str, target: s
     base = dyadic_plan(module, target)
     today = InsertQDQ(base)(fp).SerializeToString()
     one_group = grouped(base, T, [1.0], [1.0])
-    assert InsertQDQ(one_group, timestep_selectors=True)(fp).SerializeToString() == today
-    assert InsertQDQ(base, timestep_selectors=True)(fp).SerializeToString() == today
+    graph = InsertQDQ(one_group)(fp)
+    assert graph.SerializeToString() == today
+    assert not [n.name for n in graph.graph.node if "timestep_ratio" in n.name or n.op_type in ("Gather", "Div")]
 
 
 def test_simulation_and_graph_use_the_same_tables() -> None:
@@ -244,19 +245,17 @@ def test_bad_tables_are_clear_errors(case: str, table: torch.Tensor, message: st
     module, fp = single_t("conv")
     plan = _with_input(grouped(dyadic_plan(module, "trt"), T, [1.0, 0.5]), ActQuant(8, True, 0, table))
     with pytest.raises(DenoqError, match=message) as info:
-        InsertQDQ(plan, timestep_selectors=True)(fp)
+        InsertQDQ(plan)(fp)
     assert "\n" not in str(info.value) and ";" in str(info.value)
     with pytest.raises(DenoqError, match=message):
         SimulatedLayer(module.layer, plan.layers["layer"], TimestepClock(), T)
 
 
-def test_grouped_plan_needs_the_timestep_input_and_the_option() -> None:
+def test_grouped_plan_needs_the_timestep_input() -> None:
     module, fp = single("conv")  # no timestep input
     plan = grouped(dyadic_plan(module, "trt"), T, [1.0, 0.5])
     with pytest.raises(DenoqError, match="no 'timestep' input"):
-        InsertQDQ(plan, timestep_selectors=True)(fp)
-    with pytest.raises(DenoqError, match="timestep_selectors=True"):
-        InsertQDQ(plan)(single_t("conv")[1])
+        InsertQDQ(plan)(fp)
 
 
 def test_simulated_model_builds_selector_layers() -> None:

@@ -121,7 +121,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         layer_map = export_fp(spec.module, inputs, fp_path)
         log(f"exported FP ONNX ({len(layer_map)} quantizable layers mapped) in {time.perf_counter() - start:.1f} s",
             quiet)
-        qdq, records = PassManager([InsertQDQ(plan, timestep_selectors=True)], verify=True)(onnx.load(str(fp_path)))
+        qdq, records = PassManager([InsertQDQ(plan)], verify=True)(onnx.load(str(fp_path)))
         onnx.save(qdq, str(qdq_path))
         for rec in records:
             log(f"pass {rec.summary()}", quiet)

@@ -15,7 +15,7 @@ For each planned layer (found through the `denoq.layer_map` metadata, never by n
   MatMul whose only consumer is the `Add` of a constant `[out]` bias (the dynamo exporter's Linear), that Add's
   output, so the quantizer sees what PyTorch's Linear returns, and ORT fuses `DQ → MatMul → Add → Q`.
 
-Timestep-grouped scales (`timestep_selectors=True`; DESIGN.md, Timestep selector; ADP-DM, arXiv 2305.18723): a
+Timestep-grouped scales (DESIGN.md, Timestep selector; ADP-DM, arXiv 2305.18723): a
 layer whose input scale table is not constant gets the selector rewrite of `denoq.passes.selector`
 
     trt:     x → Mul(R) → Q(s0) → DQ(s0) → Conv/Gemm/MatMul (no bias) → Div(R) → Add(bias)
@@ -79,15 +79,14 @@ class InsertQDQ:
     Invariant established: every planned layer reads `DequantizeLinear(plan integers, plan scales)` as its
     weight (no FP weight of a planned layer remains) and, where the plan quantizes its input,
     `DequantizeLinear(QuantizeLinear(x))` as its activation; where the plan quantizes its output, every reader
-    of that output (graph output included, under its original name) reads `DQ(Q(y))`. With
-    `timestep_selectors`, a layer whose input scale varies with the timestep reads `DQ(Q(x·R))` and its output
-    is `Div(·, R)` plus its bias (module docstring, `denoq.passes.selector`); without it such a plan is refused.
+    of that output (graph output included, under its original name) reads `DQ(Q(y))`. A layer whose input
+    scale varies with the timestep reads `DQ(Q(x·R))` and its output is `Div(·, R)` plus its bias (module
+    docstring, `denoq.passes.selector`); constant tables give no selector nodes.
     Raises DenoqError, before changing anything, when the plan and the graph do not match.
     """
 
     plan: QuantPlan
     name: str = "insert_qdq"
-    timestep_selectors: bool = False
 
     def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
         m = ir.from_proto(_copy(model))  # onnx-ir wraps the proto's tensors: work on a copy, leave the input as it is
@@ -95,7 +94,7 @@ class InsertQDQ:
         if opset < 13:
             raise DenoqError(f"the model uses ONNX opset {opset}; per-channel Q/DQ needs opset >= 13, "
                              "re-export with opset_version=21")
-        layers = _bind(self.plan, m, self.timestep_selectors)
+        layers = _bind(self.plan, m)
         g = m.graph
         ratios = selector.RatioCache(g)
         for layer in layers:
@@ -124,7 +123,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # -- checks ------------------------------------------------------------------------------------------------
 
-def _bind(plan: QuantPlan, model: ir.Model, timestep_selectors: bool = False) -> list[_Layer]:
+def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
     refs = read_layer_map(model)
     nodes = {n.name: n for n in model.graph}
     layers = []
@@ -188,7 +187,7 @@ def _bind(plan: QuantPlan, model: ir.Model, timestep_selectors: bool = False) ->
             if q is not None:  # every table: length T, finite, positive
                 check_scale_table(name, role, q, plan.num_train_timesteps)
         tables = None
-        if timestep_selectors and any(q is not None and not q.is_constant for q in (lp.input, lp.output)):
+        if any(q is not None and not q.is_constant for q in (lp.input, lp.output)):
             tables = selector_tables(name, lp.input, lp.output, plan.num_train_timesteps)
             if tables.ratio is not None:
                 selector.check_selector_layer(node, name, ftype)
@@ -209,10 +208,6 @@ def _act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataT
     if q.bits != 8:
         raise DenoqError(f"layer {layer}: {role} activations have {q.bits} bits; insert_qdq supports 8-bit "
                          "activations only, set activations.bits=8")
-    if resolved is None and not q.is_constant:
-        raise DenoqError(f"layer {layer}: the {role} scale varies with the timestep; timestep-grouped scales need "
-                         "the timestep-selector pass: InsertQDQ(plan, timestep_selectors=True) (or set "
-                         "activations.timestep_groups=1)")
     lo, hi = q.qrange
     if not lo <= q.zero_point <= hi:
         raise DenoqError(f"layer {layer}: {role} zero point {q.zero_point} is outside [{lo}, {hi}]; the plan is "
