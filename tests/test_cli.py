@@ -182,6 +182,32 @@ def _sample_eval_inspect(capsys, tmp_path: Path, art: Path) -> None:
     assert "down_blocks.0.resnets.0.conv1" in out and "int8 s=" in out
 
 
+def test_eval_plots_timestep_groups(tmp_path, tiny_artifact_trt_g4, tiny_artifact_trt):
+    """An artifact with timestep-grouped activation scales gets timestep_groups.png in its report; without groups,
+    none (and the report says one group)."""
+    art = tmp_path / "g4"
+    shutil.copytree(tiny_artifact_trt_g4.path, art)
+    assert main(["eval", str(art), "--n", "8", "--steps", "5", "--threads", "1"]) == 0
+    report = json.loads((art / "report.json").read_text())
+    assert "timestep_groups.png" in report["pictures"]
+    assert "timestep_groups.png" in Artifact.open(art).manifest["files"]
+    assert Image.open(art / "timestep_groups.png").size[0] > 0
+    summary = report["timestep_groups"]
+    assert summary["layers_with_groups"] > 0 and summary["max_groups"] > 1
+    assert 0 < len(summary["plotted"]) <= 4 and len(set(summary["plotted"])) == len(summary["plotted"])
+    html = (art / "report.html").read_text()
+    assert "<h3>timestep_groups.png</h3><img src='data:image/png;base64," in html
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_artifact_trt.path, plain)
+    assert main(["eval", str(plain), "--n", "8", "--steps", "5", "--threads", "1"]) == 0
+    report = json.loads((plain / "report.json").read_text())
+    assert "timestep_groups.png" not in report["pictures"] and not (plain / "timestep_groups.png").exists()
+    assert "timestep_groups.png" not in Artifact.open(plain).manifest["files"]
+    assert report["timestep_groups"]["layers_with_groups"] == 0
+    assert "1 group" in (plain / "report.html").read_text()
+
+
 @pytest.mark.parametrize("bad", [["sample", "{art}", "--backend", "ort", "--steps", "0", "--out", "{tmp}/g.png"],
                                  ["sample", "{art}", "--sampler", "ddpm", "--eta", "0.5", "--out", "{tmp}/g.png"]])
 def test_bad_sampling_arguments(capsys, tmp_path, tiny_artifact_trt, bad):

@@ -23,15 +23,24 @@ from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import EpsFn, artifact_model, artifact_plan, make_backend, torch_eps
 from denoq.compiler.load import ModelSpec
-from denoq.compiler.pictures import layer_error_png, side_by_side_png, timestep_error_png
+from denoq.compiler.pictures import (
+    GroupPanel,
+    layer_error_png,
+    side_by_side_png,
+    timestep_error_png,
+    timestep_groups_png,
+)
 from denoq.engines.ort import OrtBackend, fusion_report, latency
 from denoq.layers import quantizable_layers
 from denoq.metrics import fd_between, fd_digits, psnr
+from denoq.plan import ActQuant
 from denoq.sampling import NoiseSchedule, sample
 
 DIGITS_SHAPE = (1, 16, 16)
 LATENCY_BATCHES = (1, 8)
 EPS_PROBE = 64  # samples whose ε error on the FP trajectory is measured each step (an extra backend call)
+RANGE_PROBE = 64  # samples of the FP trajectory whose activation ranges timestep_groups.png plots
+GROUP_PLOT_LAYERS = 4  # layers in timestep_groups.png
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,77 @@ def layer_sqnr(spec: ModelSpec, art: Artifact, x: torch.Tensor, t: torch.Tensor,
         err = (q_out[name] - fp_out[name]).pow(2).sum()
         out[name] = float(10 * torch.log10(fp_out[name].pow(2).sum() / err.clamp_min(1e-30)))
     return out
+
+
+def activation_ranges(spec: ModelSpec, layer_names: list[str], traj: list[torch.Tensor], ts: list[int],
+                      cond: torch.Tensor | None, limit: int = RANGE_PROBE) -> dict[str, list[float]]:
+    """max|x| of each named layer's input per step of a recorded trajectory (`traj[i]` at timestep `ts[i]`), from
+    the FP torch model with forward pre-hooks on its first `limit` samples; lists aligned with `ts`."""
+    layers = quantizable_layers(spec.module)
+    ranges: dict[str, list[float]] = {name: [] for name in layer_names}
+    handles = [layers[name].register_forward_pre_hook(
+        lambda mod, args, n=name: ranges[n].append(float(args[0].detach().abs().max())))
+        for name in layer_names]
+    eps = torch_eps(spec.module)
+    try:
+        for x_t, t in zip(traj, ts, strict=True):
+            x = x_t[:limit]
+            eps(x, torch.full((x.shape[0],), t, dtype=torch.int64), None if cond is None else cond[:x.shape[0]])
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def clip_level(q: ActQuant) -> torch.Tensor:
+    """The largest representable input of an activation quantizer per timestep: (qmax − zero point)·scale[t]
+    (= 127·scale[t] for signed int8)."""
+    return (q.qrange[1] - q.zero_point) * q.scale.to(torch.float32)
+
+
+def timestep_groups_picture(spec: ModelSpec, art: Artifact, traj: list[torch.Tensor], ts: list[int],
+                            cond: torch.Tensor | None, title: str) -> tuple[bytes | None, dict[str, Any]]:
+    """`timestep_groups.png` and its summary for the report; no picture when no layer has more than one group.
+
+    Plots the (up to) GROUP_PLOT_LAYERS grouped layers whose input range varies most over the trajectory (ratio of
+    largest to smallest per-timestep max|x|; ties by name), each with its quantizer's clipping level and the group
+    boundaries of the manifest's `calibration.timestep_groups`.
+    """
+    groups: dict[str, list[list[int]]] = art.manifest.get("calibration", {}).get("timestep_groups") or {}
+    plan = artifact_plan(art) if groups else None
+    grouped = sorted(name for name, segs in groups.items() if len(segs) > 1 and plan is not None
+                     and name in plan.layers and plan.layers[name].input is not None)
+    summary: dict[str, Any] = {"layers_with_groups": len(grouped),
+                               "max_groups": max((len(groups[n]) for n in grouped), default=1), "plotted": []}
+    if not grouped:
+        return None, summary
+    ranges = activation_ranges(spec, grouped, traj, ts, cond)
+
+    def spread(name: str) -> float:
+        r = ranges[name]
+        return max(r) / max(min(r), 1e-12)
+
+    picked = sorted(grouped, key=lambda n: (-spread(n), n))[:GROUP_PLOT_LAYERS]
+    summary["plotted"] = picked
+    panels = []
+    for name in picked:
+        segs = groups[name]
+        lo, hi = min(min(ts), segs[0][0]), max(max(ts), segs[-1][1])
+        grid = list(range(lo, hi + 1))
+        level = clip_level(plan.layers[name].input)
+        # the table switches after ⌊(a + b) / 2⌋ between groups ending at a and starting at b (segment_of_timestep)
+        bounds = [(segs[g][1] + segs[g + 1][0]) // 2 + 0.5 for g in range(len(segs) - 1)]
+        panels.append(GroupPanel(name=name, observed=ranges[name], clip_t=grid, clip=level[lo:hi + 1].tolist(),
+                                 boundaries=bounds))
+    return timestep_groups_png(ts, panels, title), summary
+
+
+def _groups_text(summary: dict[str, Any]) -> str:
+    """One line for the report: "1 group" or how many layers have how many groups."""
+    if not summary["layers_with_groups"]:
+        return "1 group (every layer uses one activation scale at all timesteps)"
+    return (f"up to {summary['max_groups']} groups on {summary['layers_with_groups']} layers; "
+            f"plotted: {', '.join(summary['plotted'])}")
 
 
 def _latency_table(art: Artifact, spec_shape: tuple[int, ...], cond_shape, threads: int) -> dict[str, Any]:
@@ -184,6 +264,12 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
                                                  "relative error", f"quantized vs FP per timestep "
                                                  f"({settings.sampler} {settings.steps})"),
     }
+    groups_png, report["timestep_groups"] = timestep_groups_picture(
+        spec, art, fp_traj, ts, cond, f"input range per timestep vs timestep-group clipping ({settings.sampler} "
+        f"{settings.steps}, {min(settings.n, RANGE_PROBE)} samples)")
+    report["timestep_groups"]["text"] = _groups_text(report["timestep_groups"])
+    if groups_png is not None:
+        pictures["timestep_groups.png"] = groups_png
     report["pictures"] = sorted(pictures)
     report["runs"] = runs
     files = {"report.json": (json.dumps(_finite(report), indent=2, sort_keys=True) + "\n").encode(),
@@ -234,6 +320,7 @@ sampler {report['sampler']['sampler']} {report['sampler']['steps']} steps, η={r
 <th>FD to FP</th><th>PSNR vs FP (dB)</th></tr>{runs}</table>
 <h2>ONNX Runtime latency per model call ({lat['threads']} threads)</h2><table><tr><th></th><th>FP32 ms</th>
 <th>Q/DQ ms</th><th>speed-up</th></tr>{lat_rows}</table>
+<h2>Timestep groups</h2><p>{html.escape(report.get("timestep_groups", {}).get("text", "1 group"))}</p>
 <h2>Integer-kernel fusion in ORT</h2><pre>{fusion}</pre>
 <h2>Pictures</h2>{imgs}</body></html>
 """

@@ -1,4 +1,5 @@
-"""Pictures for people: sample grids, FP-vs-quantized side by side, per-layer error bars, error per timestep.
+"""Pictures for people: sample grids, FP-vs-quantized side by side, per-layer error bars, error per timestep,
+activation ranges per timestep against timestep-grouped clipping levels.
 
 Every function returns PNG bytes (matplotlib with the Agg backend; no display needed).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -101,4 +103,43 @@ def timestep_error_png(t: list[int], series: dict[str, list[float]], ylabel: str
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _figure_png(fig)
+
+
+@dataclass(frozen=True)
+class GroupPanel:
+    """One layer of `timestep_groups_png`: the observed activation range of its input per sampler timestep
+    (`observed`, aligned with the picture's `t`), the quantizer's clipping level over the training timesteps
+    `clip_t` (`clip`, a step function: one level per timestep group) and the group boundaries (timesteps where the
+    scale changes)."""
+
+    name: str
+    observed: list[float]
+    clip_t: list[int]
+    clip: list[float]
+    boundaries: list[float]
+
+
+def timestep_groups_png(t: list[int], panels: list[GroupPanel], title: str) -> bytes:
+    """One panel per layer: max|x| of its input per timestep on the FP trajectory, the clipping level of its
+    timestep-grouped quantizer as a step line and the group boundaries as vertical lines (x axis: timestep,
+    descending as sampling runs, like `timestep_error_png`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels, strict=True):
+        ax.plot(t, panel.observed, marker=".", color="#4477aa", label="max |x| on the FP trajectory")
+        ax.step(panel.clip_t, panel.clip, where="mid", color="#cc6677", label="clipping level of the quantizer")
+        for i, b in enumerate(panel.boundaries):
+            ax.axvline(b, color="#999999", linestyle="--", linewidth=0.8, label="group boundary" if i == 0 else None)
+        ax.set_title(f"{panel.name} ({len(panel.boundaries) + 1} groups)", fontsize=9)
+        ax.set_ylabel("input range")
+        ax.grid(alpha=0.3)
+    axes[0, 0].invert_xaxis()  # shared x: inverting once inverts every panel
+    axes[0, 0].legend(fontsize=7)
+    axes[-1, 0].set_xlabel("timestep t")
+    fig.suptitle(title)
     return _figure_png(fig)
