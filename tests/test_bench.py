@@ -57,10 +57,43 @@ def test_timestep_path_nodes_stop_at_the_first_layer(bench):
 
 def test_parse_args(bench):
     args = bench.parse_args([])
-    assert args.models == ["digits", "big"] and args.batches == [1, 8] and args.n == 512
+    assert args.models == ["digits", "big"] and args.batches == [1, 8] and args.n == 512 and args.groups == 4
+    assert bench.parse_args(["--groups", "1"]).groups == 1
     assert bench.parse_args(["--models", "digits", "--batches", "8"]).batches == [8]
     with pytest.raises(SystemExit):
         bench.parse_args(["--reuse"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--groups", "0"])
+
+
+def test_overheads_are_within_round_ratios(bench):
+    out = bench.overheads([10.0, 20.0, 10.0], [11.0, 20.0, 9.0])
+    assert out == pytest.approx({"overhead": 1.0, "overhead_min": 0.9, "overhead_max": 1.1})
+    assert bench.variant_label("trt-sel", 4) == "denoq trt G=4" and bench.variant_label("ort-cpu") == "denoq ort-cpu"
+
+
+def _fusion(fraction):
+    return {"layers": 4, "fused": int(4 * fraction), "fraction_fused": fraction, "integer_ops": {"QLinearConv": 1},
+            "float_ops": {}, "quantize_nodes": 2, "dequantize_nodes": 3}
+
+
+def test_selector_and_fusion_tables(bench):
+    per = {k: {"median_ms": 2.0, "speedup": 1.0, "speedup_min": 0.9, "speedup_max": 1.1}
+           for k in [*bench.VARIANTS, *bench.SELECTORS]}
+    for k in bench.SELECTORS:
+        per[k].update(median_ms=2.1, overhead=1.05, overhead_min=1.01, overhead_max=1.2)
+    results = {"m": {"info": {"selector_layers_trt-sel": 3, "selector_layers_ort-cpu-sel": 3},
+                     "latency": {"batch1": per, "batch8": per},
+                     "fusion": {k: _fusion(0.5) for k in [*bench.VARIANTS, *bench.SELECTORS] if k != "fp32"}}}
+    lines = bench.selector_table(results, 4).split("\n\n")[0].splitlines()
+    assert lines[0] == ("| model | batch | profile | selector layers | G=1 ms | G=4 ms | G=4 / G=1 (range) | "
+                        "fused G=1 | fused G=4 |")
+    assert len(lines) == 2 + 2 * 2 and all(line.count("|") == 10 for line in lines)
+    assert lines[2] == "| m | 1 | denoq trt | 3 | 2.00 | 2.10 | 1.050 (1.010–1.200) | 50% | 50% |"
+    fusion = bench.fusion_table(results, 4).splitlines()
+    assert len(fusion) == 2 + 6 and any("| denoq ort-cpu G=4 |" in line for line in fusion)
+    latency = bench.latency_table(results, 2, 7).split("\n\n")[0].splitlines()
+    assert all(line.count("|") == 2 + len(bench.VARIANTS) + 1 for line in latency) and "G=4" not in latency[0]
 
 
 @pytest.mark.slow
@@ -68,13 +101,15 @@ def test_tiny_end_to_end(bench, tiny_pipeline, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--models", str(tiny_pipeline), "--quality-model", str(tiny_pipeline), "--batches", "1",
                 "--rounds", "1", "--iters", "2", "--n", "8", "--steps", "2", "--set", "calib.samples=2",
-                "--set", "calib.steps=2", "--json", str(out)])
+                "--set", "calib.steps=2", "--groups", "2", "--json", str(out)])
     report = json.loads(out.read_text())
     model = report["models"][tiny_pipeline.name]
-    assert set(model["latency"]["batch1"]) == {"fp32", "trt", "ort-cpu", "peer", "peer-t"}
-    assert set(model["fusion"]) == {"trt", "ort-cpu", "peer", "peer-t"}
+    assert set(model["latency"]["batch1"]) == {"fp32", "trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel"}
+    assert set(model["fusion"]) == {"trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel"}
+    assert model["latency"]["batch1"]["trt-sel"]["overhead"] > 0
     assert set(report["quality"]["rows"]) == {"torch-fp", "fp32", "trt", "ort-cpu", "peer", "peer-t"}
     assert model["info"]["peer"]["sin_input_scale"] is not None
     assert model["info"]["peer-t"]["sin_input_scale"] is None
     printed = capsys.readouterr().out
     assert "## Latency per model call" in printed and "ORT quantize_static" in printed
+    assert "## Timestep selector overhead" in printed and "denoq ort-cpu G=2" in printed

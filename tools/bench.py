@@ -25,6 +25,13 @@ quality: targets are ratios to the FP model measured in the same run).
    shared: load that changes between rounds cancels), printed with its range over the rounds. Feeds are
    prepared numpy arrays (`session.run` only).
    Each quantized graph's integer-kernel fusion is read from the graph ORT optimized (`fusion_report`).
+   **Timestep selector overhead** (`--groups G`, default 4; 1 = off): two more graphs, `denoq trt G=4` and
+   `denoq ort-cpu G=4`, compiled from the same profiles with `activations.timestep_groups=G` added to the recipe
+   (layers whose input scales differ between timestep groups get the selector `x → Mul(Gather(r, t)) → Q → DQ →
+   layer → Div → Add(bias)`, `denoq.passes.selector`), timed in the same interleaved rounds. Their overhead is
+   the median over rounds of G-graph ms / G=1-graph ms of the same profile within the round (goal: ≤ 1.05), in
+   a separate table with the G graphs' fusion fraction. G must not exceed the calibrated timesteps
+   (`calib.steps`). The quality section does not sample these graphs.
 2. **Quality** on the default model `digits`: the FP model (PyTorch), the FP32 ONNX graph, both denoq graphs and
    both peer graphs sample from the same noise with the same sampler (DDIM, `--steps` steps, η = 0, `--n` samples,
    `--seed`); every ONNX graph runs in ONNX Runtime. Reported: FD-digits (and its ratio to FP), FD to the FP
@@ -82,12 +89,21 @@ VARIANTS: dict[str, str] = {
 }
 #: Our compiles: variant key → recipe preset.
 OUR_RECIPES: dict[str, str] = {"trt": "w8a8", "ort-cpu": "w8a8-ort"}
+#: Timestep-selector variants (`--groups G` > 1): variant key → the G=1 variant of the same profile.
+SELECTORS: dict[str, str] = {"trt-sel": "trt", "ort-cpu-sel": "ort-cpu"}
+#: The selector's latency goal: G graph ms / G=1 graph ms of the same profile.
+SELECTOR_OVERHEAD_GOAL = 1.05
 #: Recipe overrides per model name (applied before `--set`): the random `big` model only needs plausible ranges.
 MODEL_SETS: dict[str, list[str]] = {"big": ["calib.samples=8", "calib.steps=5"]}
 DIGITS_SHAPE = (1, 16, 16)
 LATENCY_TIMESTEP = 500
 PEER_CALIB_BATCH = 64
 _T0 = time.perf_counter()
+
+
+def variant_label(key: str, groups: int = 1) -> str:
+    """A variant's name in the tables: VARIANTS', or `denoq trt G=4` for a selector variant."""
+    return f"{VARIANTS[SELECTORS[key]]} G={groups}" if key in SELECTORS else VARIANTS[key]
 
 
 def log(msg: str) -> None:
@@ -295,8 +311,10 @@ def compile_ours(source: str, recipe: Recipe, out: Path, reuse: bool) -> Artifac
         return compile_model(source, recipe, out, force=True, progress=False)
 
 
-def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, peer_pre: bool) -> Prepared:
-    """Compile both denoq profiles of model `name`, recompute its calibration inputs, quantize the peer."""
+def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, peer_pre: bool,
+            groups: int = 1) -> Prepared:
+    """Compile both denoq profiles of model `name` (and, with `groups` > 1, both again with that many timestep
+    groups: the selector variants), recompute its calibration inputs, quantize the peer."""
     source = model_source(name, work, seed)
     label = display_name(name)
     spec = load_model(source)
@@ -313,6 +331,17 @@ def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, 
         prep.info[f"compile_{key}_seconds"] = round(time.perf_counter() - start, 1)
         prep.artifacts[key] = art
         prep.paths[key] = art.file("model.qdq.onnx")
+    if groups > 1:
+        for key, base in SELECTORS.items():
+            recipe = recipe_for(name, OUR_RECIPES[base], [*sets, f"activations.timestep_groups={groups}"])
+            log(f"{label}: compiling {OUR_RECIPES[base]} with activations.timestep_groups={groups} "
+                f"(calib.steps={recipe['calib.steps']})")
+            start = time.perf_counter()
+            art = compile_ours(source, recipe, folder / f"{base}-g{groups}", reuse)
+            prep.info[f"compile_{key}_seconds"] = round(time.perf_counter() - start, 1)
+            prep.info[f"selector_layers_{key}"] = len(art.manifest["calibration"].get("timestep_groups", {}))
+            prep.artifacts[key] = art
+            prep.paths[key] = art.file("model.qdq.onnx")
     trt = prep.artifacts["trt"]
     prep.paths = {"fp32": trt.file("model.fp.onnx"), **prep.paths}
     prep.info["recipe_trt"] = trt.manifest["recipe"]["values"]
@@ -379,10 +408,22 @@ def speedups(fp32_ms: Sequence[float], variant_ms: Sequence[float]) -> dict[str,
     return {"speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios)}
 
 
+def overheads(base_ms: Sequence[float], selector_ms: Sequence[float]) -> dict[str, float]:
+    """Selector / G=1 graph per round (same profile, same round), then their median (`overhead`) and range."""
+    ratios = [s / b for b, s in zip(base_ms, selector_ms, strict=True)]
+    return {"overhead": statistics.median(ratios), "overhead_min": min(ratios), "overhead_max": max(ratios)}
+
+
+def timed_keys(prep: Prepared) -> list[str]:
+    """The variants of `prep` to time and fuse: VARIANTS, then the selector variants it was compiled with."""
+    return [*VARIANTS, *(k for k in SELECTORS if k in prep.paths)]
+
+
 def bench_latency(prep: Prepared, batches: Sequence[int], rounds: int, iters: int, threads: int,
-                  target_s: float) -> dict[str, Any]:
-    """Latency of every variant of `prep` at every batch size, with speed-ups FP32 / variant."""
-    backends = {k: OrtBackend(prep.paths[k], threads=threads) for k in VARIANTS}
+                  target_s: float, groups: int = 1) -> dict[str, Any]:
+    """Latency of every variant of `prep` at every batch size, with speed-ups FP32 / variant and, for the
+    selector variants, the overhead selector / G=1 graph of the same profile."""
+    backends = {k: OrtBackend(prep.paths[k], threads=threads) for k in timed_keys(prep)}
     out: dict[str, Any] = {}
     for batch in batches:
         log(f"{prep.name}: timing batch {batch} ({rounds} rounds × {len(backends)} variants)")
@@ -390,14 +431,17 @@ def bench_latency(prep: Prepared, batches: Sequence[int], rounds: int, iters: in
         res = time_interleaved(backends, x, t, rounds, iters, target_s)
         for k in res:
             res[k].update(speedups(res["fp32"]["round_medians_ms"], res[k]["round_medians_ms"]))
+            if k in SELECTORS:
+                res[k].update(overheads(res[SELECTORS[k]]["round_medians_ms"], res[k]["round_medians_ms"]))
         out[f"batch{batch}"] = res
-        log("  " + ", ".join(f"{VARIANTS[k]} {v['median_ms']:.2f} ms ({v['speedup']:.2f}×)" for k, v in res.items()))
+        log("  " + ", ".join(f"{variant_label(k, groups)} {v['median_ms']:.2f} ms ({v['speedup']:.2f}×)"
+                             for k, v in res.items()))
     return out
 
 
 def bench_fusion(prep: Prepared) -> dict[str, Any]:
     """`fusion_report` of every quantized graph of `prep` (what ORT's CPU EP made of the quantized layers)."""
-    return {k: fusion_report(prep.paths[k], threads=1) for k in VARIANTS if k != "fp32"}
+    return {k: fusion_report(prep.paths[k], threads=1) for k in timed_keys(prep) if k != "fp32"}
 
 
 # -- quality -----------------------------------------------------------------------------------------------
@@ -460,6 +504,7 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 def latency_table(results: dict[str, Any], threads: int, rounds: int) -> str:
     header = ["model", "batch", *(f"{VARIANTS[k]} ms (×FP32)" if k != "fp32" else "FP32 ms" for k in VARIANTS)]
+    # selector variants are in `selector_table`
     rows = []
     for model, res in results.items():
         for bkey, per in res["latency"].items():
@@ -474,7 +519,31 @@ def latency_table(results: dict[str, Any], threads: int, rounds: int) -> str:
     return md_table(header, rows) + "\n\n" + note
 
 
-def fusion_table(results: dict[str, Any]) -> str:
+def selector_table(results: dict[str, Any], groups: int) -> str:
+    """Per model, batch and profile: the G=1 and G graphs' ms, the overhead G / G=1 (median and range over
+    rounds), the selector layers and the fusion fraction of both graphs."""
+    header = ["model", "batch", "profile", "selector layers", "G=1 ms", f"G={groups} ms",
+              f"G={groups} / G=1 (range)", "fused G=1", f"fused G={groups}"]
+    rows = []
+    for model, res in results.items():
+        for bkey, per in res["latency"].items():
+            for k, base in SELECTORS.items():
+                if k not in per:
+                    continue
+                fusion = res.get("fusion", {})
+                fused = [f"{fusion[v]['fraction_fused']:.0%}" if v in fusion else "–" for v in (base, k)]
+                rows.append([model, bkey.removeprefix("batch"), VARIANTS[base],
+                             str(res["info"].get(f"selector_layers_{k}", "–")),
+                             f"{per[base]['median_ms']:.2f}", f"{per[k]['median_ms']:.2f}",
+                             f"{per[k]['overhead']:.3f} ({per[k]['overhead_min']:.3f}–{per[k]['overhead_max']:.3f})",
+                             *fused])
+    note = (f"`activations.timestep_groups={groups}` added to each profile's recipe; a selector layer runs "
+            "x → Mul(Gather(r, t)) → Q → DQ → layer → Div → Add(bias). G / G=1: median (and range) over the "
+            f"rounds of the two graphs' ms timed in the same round; goal ≤ {SELECTOR_OVERHEAD_GOAL:.2f}.")
+    return md_table(header, rows) + "\n\n" + note
+
+
+def fusion_table(results: dict[str, Any], groups: int = 1) -> str:
     header = ["model", "graph", "quantized layers", "fused", "fraction fused", "integer kernels",
               "unfused float kernels", "Q / DQ left"]
     rows = []
@@ -482,8 +551,9 @@ def fusion_table(results: dict[str, Any]) -> str:
         for k, rep in res["fusion"].items():
             ints = ", ".join(f"{op} {c}" for op, c in rep["integer_ops"].items()) or "–"
             floats = ", ".join(f"{op} {c}" for op, c in rep["float_ops"].items()) or "–"
-            rows.append([model, VARIANTS[k], str(rep["layers"]), str(rep["fused"]), f"{rep['fraction_fused']:.0%}",
-                         ints, floats, f"{rep['quantize_nodes']} / {rep['dequantize_nodes']}"])
+            rows.append([model, variant_label(k, groups), str(rep["layers"]), str(rep["fused"]),
+                         f"{rep['fraction_fused']:.0%}", ints, floats,
+                         f"{rep['quantize_nodes']} / {rep['dequantize_nodes']}"])
     return md_table(header, rows)
 
 
@@ -533,6 +603,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality-model", default="digits", help="model for the quality section (default: digits)")
     p.add_argument("--skip-quality", action="store_true", help="latency and fusion only")
     p.add_argument("--skip-latency", action="store_true", help="quality only")
+    p.add_argument("--groups", type=int, default=4,
+                   help="timestep groups of the selector variants (denoq trt/ort-cpu G=N, timed against G=1); "
+                        "1 = no selector variants (default: 4)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every compile (after the per-model defaults), repeatable")
     p.add_argument("--out-dir", type=Path, default=None,
@@ -545,6 +618,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.groups < 1:
+        p.error("--groups must be ≥ 1")
     if args.reuse and args.out_dir is None:
         p.error("--reuse needs --out-dir")
     return args
@@ -566,7 +641,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     prepared: dict[str, Prepared] = {}
     for name in names:
         start = time.perf_counter()
-        prep = prepare(name, work, args.sets, args.seed, args.reuse, args.peer_preprocess)
+        prep = prepare(name, work, args.sets, args.seed, args.reuse, args.peer_preprocess,
+                       args.groups if name in args.models else 1)
         prepared[name] = prep
         entry: dict[str, Any] = {"info": prep.info, "paths": {k: str(p) for k, p in prep.paths.items()}}
         entry["info"]["prepare_seconds"] = round(time.perf_counter() - start, 1)
@@ -574,7 +650,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             entry["fusion"] = bench_fusion(prep)
             if not args.skip_latency:
                 entry["latency"] = bench_latency(prep, args.batches, args.rounds, args.iters, args.threads,
-                                                 args.round_seconds)
+                                                 args.round_seconds, args.groups)
         report["models"][prep.name] = entry
     if not args.skip_quality:
         prep = prepared[args.quality_model]
@@ -592,8 +668,10 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     parts = ["## Models\n", models_table(report["models"])]
     if timed:
         parts += ["\n## Latency per model call\n", latency_table(timed, args.threads, args.rounds)]
+        if any(k in per for r in timed.values() for per in r["latency"].values() for k in SELECTORS):
+            parts += ["\n## Timestep selector overhead\n", selector_table(timed, args.groups)]
     if fused:
-        parts += ["\n## Integer-kernel fusion in ONNX Runtime (CPU EP)\n", fusion_table(fused)]
+        parts += ["\n## Integer-kernel fusion in ONNX Runtime (CPU EP)\n", fusion_table(fused, args.groups)]
     if "quality" in report:
         model = report["quality"]["model"]
         parts += ["\n## Sample quality\n", quality_table(model, report["quality"], report["models"][model]["info"])]
