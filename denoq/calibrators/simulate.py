@@ -82,11 +82,7 @@ class SimulatedLayer(nn.Module):
             return self._forward_selected(x, t)
         if self.plan.input is not None:
             x = _fake_quant_t(x, self.plan.input, t)
-        if isinstance(self.source, nn.Conv2d):
-            m = self.source
-            y = F.conv2d(x, self.weight, self.bias, m.stride, m.padding, m.dilation, m.groups)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = self._layer(x, self.bias)
         if self.plan.output is not None:
             y = _fake_quant_t(y, self.plan.output, t)
         return y

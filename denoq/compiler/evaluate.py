@@ -63,10 +63,8 @@ class EvalSettings:
 
 
 def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
-    """Seeded `encoder_hidden_states` for cross-attention models (no prompts here); None for unconditional ones."""
-    if spec.cond_shape is None:
-        return None
-    return torch.randn((n, *spec.cond_shape), generator=torch.Generator().manual_seed(10_000 + seed))
+    """The conditioning of evaluation samples: a stream apart from calibration's (10 000 + seed)."""
+    return spec.random_cond(n, 10_000 + seed)
 
 
 def _sample(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int, eta: float,

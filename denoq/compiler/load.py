@@ -42,6 +42,13 @@ class ModelSpec:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
+    def random_cond(self, n: int, seed: int) -> torch.Tensor | None:
+        """Seeded N(0, 1) `encoder_hidden_states` for cross-attention models used without prompts (calibration,
+        evaluation); None for unconditional models."""
+        if self.cond_shape is None:
+            return None
+        return torch.randn((n, *self.cond_shape), generator=torch.Generator().manual_seed(seed))
+
     def describe(self) -> dict[str, Any]:
         """The manifest's `model` section."""
         return {"name": self.name, "class": self.model_class, "sample_shape": list(self.sample_shape),

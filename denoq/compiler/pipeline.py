@@ -42,10 +42,8 @@ def log(msg: str, quiet: bool = False) -> None:
 
 
 def calibration_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
-    """Seeded N(0, 1) `encoder_hidden_states` for cross-attention models compiled without prompts."""
-    if spec.cond_shape is None:
-        return None
-    return torch.randn((n, *spec.cond_shape), generator=torch.Generator().manual_seed(seed + 1))
+    """The conditioning of the calibration trajectories (its own stream: the recipe seed + 1)."""
+    return spec.random_cond(n, seed + 1)
 
 
 def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[QuantPlan, CalibrationSet, dict]:
