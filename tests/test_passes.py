@@ -310,9 +310,11 @@ ERROR_CASES = {
         plan, weight_int=torch.zeros(4, 2, 3, 3, dtype=torch.int8), weight_scale=torch.ones(4, 1),
         block_size=2), "blocked weights"),
     "uint8 for trt": (lambda fp: fp, lambda plan: _plan_edit(
-        plan, input=ActQuant(8, False, 128, torch.full((T,), 0.1))), "TensorRT needs symmetric int8"),
-    "4-bit activations": (lambda fp: fp, lambda plan: _plan_edit(
-        plan, input=ActQuant(4, True, 0, torch.full((T,), 0.1))), "8-bit activations only"),
+        plan, input=ActQuant(8, False, 128, torch.full((T,), 0.1))), "TensorRT needs symmetric activations"),
+    "3-bit activations": (lambda fp: fp, lambda plan: _plan_edit(
+        plan, input=ActQuant(3, True, 0, torch.full((T,), 0.1))), "have 3 bits;.*set activations.bits to 4, 6 or 8"),
+    "16-bit activations": (lambda fp: fp, lambda plan: _plan_edit(
+        plan, input=ActQuant(16, True, 0, torch.full((T,), 0.1))), "have 16 bits;.*set activations.bits to 4, 6 or 8"),
 }
 
 

@@ -82,13 +82,20 @@ def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     attention projections) inserts Reshapes with Q/DQ copies that the int8→uint8 QDQ rewrite then breaks:
     session creation fails with "output_dtype INT8 does not match y_zero_point type UINT8". Without it the
     layer still runs as MatMulIntegerToFloat. uint8 graphs (`ort-cpu`) keep the fusion (it gives QGemm).
+
+    `QDQSelectorActionTransformer` fuses a 4-bit `DQ → Conv → Q` into a QLinearConv, which rejects uint4 / int4
+    ("Type 'tensor(uint4)' … QLinearConv"): session creation fails. ORT has no 4-bit activation kernels to lose,
+    so graphs with 4-bit activations run their Q/DQ unfused.
     """
     inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
-            if inits[node.input[2]].data_type == onnx.TensorProto.INT8:
-                return ["MatMulAddFusion"]
-    return []
+    zero_point_types = {inits[node.input[2]].data_type for node in model.graph.node
+                        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits}
+    disabled = []
+    if onnx.TensorProto.INT8 in zero_point_types:
+        disabled.append("MatMulAddFusion")
+    if zero_point_types & {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}:
+        disabled.append("QDQSelectorActionTransformer")
+    return disabled
 
 
 def create_session(path: str | Path, threads: int | None = 2, execution_providers: Sequence[str] | None = None,

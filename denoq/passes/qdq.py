@@ -10,6 +10,9 @@ For each planned layer (found through the `denoq.layer_map` metadata, never by n
   and zero point (int8 when `signed`, else uint8). Nodes reading the same tensor with identical quantizer
   parameters share one pair (to_q / to_k / to_v); a tensor that is already `DQ(Q(·))` with identical parameters
   (the quantized output of the previous layer) is read as it is.
+- activation bits: 8 as above; 4 with ONNX `int4` / `uint4` zero points (opset 21); 6 in the 8-bit container,
+  saturated by an integer `Q → Clip(qmin, qmax) → DQ` (int6 [-32, 31], uint6 [0, 63]). TensorRT takes 8-bit
+  activations only: A4 / A6 graphs are for ORT validation and quality studies.
 - output activation (where the plan has one, the `ort-cpu` profile): `Q → DQ` on the layer's output, every
   consumer rewired to the DQ, a graph output keeping its name. The layer's output is the module's output: for a
   MatMul whose only consumer is the `Add` of a constant `[out]` bias (the dynamo exporter's Linear), that Add's
@@ -43,6 +46,7 @@ from denoq.passes.rewire import redirect
 from denoq.plan import ActQuant, LayerPlan, QuantPlan, check_scale_table, qrange, selector_tables
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_ACT_BITS = (4, 6, 8)  # int4/uint4 and int8/uint8 are ONNX types; 6 bits saturate in the 8-bit container
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,18 @@ class _Act:
     scale: float  # exactly representable in the graph's float type
     zero_point: int
     signed: bool
+    bits: int
 
     @property
     def qtype(self) -> ir.DataType:
+        if self.bits == 4:
+            return ir.DataType.INT4 if self.signed else ir.DataType.UINT4
         return ir.DataType.INT8 if self.signed else ir.DataType.UINT8
+
+    @property
+    def clip(self) -> tuple[int, int] | None:
+        """The integer range a `Clip` after Q enforces, where `qtype` is wider than `bits` (None otherwise)."""
+        return None if self.bits in (4, 8) else qrange(self.bits, self.signed)
 
 
 @dataclass
@@ -81,7 +93,8 @@ class InsertQDQ:
     `DequantizeLinear(QuantizeLinear(x))` as its activation; where the plan quantizes its output, every reader
     of that output (graph output included, under its original name) reads `DQ(Q(y))`. A layer whose input
     scale varies with the timestep reads `DQ(Q(x·R))` and its output is `Div(·, R)` plus its bias (module
-    docstring, `denoq.passes.selector`); constant tables give no selector nodes.
+    docstring, `denoq.passes.selector`); constant tables give no selector nodes. For 6-bit activations every
+    such `DQ(Q(·))` is `DQ(Clip(Q(·)))`, saturating to the 6-bit range.
     Raises DenoqError, before changing anything, when the plan and the graph do not match.
     """
 
@@ -205,23 +218,23 @@ def _act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataT
     """The constant quantizer of `q`: its one scale, or `resolved` (the selector's s0 / s_out0) when given."""
     if q is None:
         return None
-    if q.bits != 8:
-        raise DenoqError(f"layer {layer}: {role} activations have {q.bits} bits; insert_qdq supports 8-bit "
-                         "activations only, set activations.bits=8")
+    if q.bits not in _ACT_BITS:
+        raise DenoqError(f"layer {layer}: {role} activations have {q.bits} bits; insert_qdq supports 4-, 6- and "
+                         "8-bit activations, set activations.bits to 4, 6 or 8")
     lo, hi = q.qrange
     if not lo <= q.zero_point <= hi:
         raise DenoqError(f"layer {layer}: {role} zero point {q.zero_point} is outside [{lo}, {hi}]; the plan is "
                          "corrupt, recalibrate")
     if target == "trt" and (not q.signed or q.zero_point != 0):
-        raise DenoqError(f"layer {layer}: TensorRT needs symmetric int8 activations (signed, zero point 0) but the "
-                         f"{role} quantizer is {'int8' if q.signed else 'uint8'} with zero point {q.zero_point}; "
+        raise DenoqError(f"layer {layer}: TensorRT needs symmetric activations (signed, zero point 0) but the "
+                         f"{role} quantizer is {'' if q.signed else 'u'}int{q.bits} with zero point {q.zero_point}; "
                          "calibrate with target=trt")
     scale = float(q.scale[0]) if resolved is None else resolved
     cast = float(np.asarray(scale, dtype=ftype.numpy()).astype(np.float32))
     if not (math.isfinite(scale) and scale > 0 and cast == scale):
         raise DenoqError(f"layer {layer}: {role} scale {scale!r} must be finite, positive and exact in {ftype}; "
                          "the plan is corrupt, recalibrate")
-    return _Act(scale=scale, zero_point=int(q.zero_point), signed=bool(q.signed))
+    return _Act(scale=scale, zero_point=int(q.zero_point), signed=bool(q.signed), bits=int(q.bits))
 
 
 # -- rewrites ----------------------------------------------------------------------------------------------
@@ -232,20 +245,24 @@ def _initializer(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return v
 
 
-def _qdq_inits(g: ir.Graph, prefix: str, a: _Act, ftype: ir.DataType) -> tuple[ir.Value, ir.Value]:
+def _qdq(g: ir.Graph, x: ir.Value, a: _Act, module: str, role: str, ftype: ir.DataType) -> list[ir.Node]:
+    """`DQ(Q(x))`, or `DQ(Clip(Q(x)))` where `a.clip` is set: nodes `<module>/<role>/QuantizeLinear` …, values
+    `<module>.<role>_quantized` / `_clipped` / `_dequantized`, initializers `<module>.<role>_scale` / `_zero_point`
+    / `_qmin` / `_qmax`. The first node reads `x`, the last one gives the dequantized value."""
+    prefix = f"{module}.{role}"
     scale = _initializer(g, f"{prefix}_scale", np.asarray(a.scale, dtype=ftype.numpy()))
     zp = _initializer(g, f"{prefix}_zero_point", np.asarray(a.zero_point, dtype=a.qtype.numpy()))
-    return scale, zp
-
-
-def _qdq_pair(x: ir.Value, scale: ir.Value, zp: ir.Value, module: str, role: str,
-              a: _Act) -> tuple[ir.Node, ir.Node]:
-    """`DQ(Q(x))`: nodes `<module>/<role>/QuantizeLinear`, values `<module>.<role>_quantized` / `_dequantized`."""
-    q = ir.node("QuantizeLinear", [x, scale, zp], name=f"{module}/{role}/QuantizeLinear",
-                outputs=[ir.val(f"{module}.{role}_quantized", a.qtype, x.shape)])
-    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{module}/{role}/DequantizeLinear",
-                 outputs=[ir.val(f"{module}.{role}_dequantized", scale.dtype, x.shape)])
-    return q, dq
+    nodes = [ir.node("QuantizeLinear", [x, scale, zp], name=f"{module}/{role}/QuantizeLinear",
+                     outputs=[ir.val(f"{prefix}_quantized", a.qtype, x.shape)])]
+    if a.clip is not None:
+        qmin = _initializer(g, f"{prefix}_qmin", np.asarray(a.clip[0], dtype=a.qtype.numpy()))
+        qmax = _initializer(g, f"{prefix}_qmax", np.asarray(a.clip[1], dtype=a.qtype.numpy()))
+        nodes.append(ir.node("Clip", [nodes[0].outputs[0], qmin, qmax], name=f"{module}/{role}/Clip",
+                             outputs=[ir.val(f"{prefix}_clipped", a.qtype, x.shape)]))
+    nodes.append(ir.node("DequantizeLinear", [nodes[-1].outputs[0], scale, zp],
+                         name=f"{module}/{role}/DequantizeLinear",
+                         outputs=[ir.val(f"{prefix}_dequantized", ftype, x.shape)]))
+    return nodes
 
 
 def _quantize_weight(g: ir.Graph, layer: _Layer) -> None:
@@ -289,21 +306,24 @@ def _quantize_output(g: ir.Graph, layer: _Layer) -> None:
     assert a is not None
     # a selector layer quantizes the node's own (bias-free, ·r_t) output, before its Div: ORT fuses node → Q
     y = layer.node.outputs[0] if layer.ratio is not None else _layer_output(layer)
-    prefix = f"{layer.ref.module}.output"
-    scale, zp = _qdq_inits(g, prefix, a, layer.ftype)
-    q, dq = _qdq_pair(y, scale, zp, layer.ref.module, "output", a)
-    redirect(g, y, dq.outputs[0], skip=q, old_name=f"{prefix}_float")
+    nodes = _qdq(g, y, a, layer.ref.module, "output", layer.ftype)
+    redirect(g, y, nodes[-1].outputs[0], skip=nodes[0], old_name=f"{layer.ref.module}.output_float")
     producer = y.producer()
     assert producer is not None
-    g.insert_after(producer, [q, dq])
+    g.insert_after(producer, nodes)
 
 
 def _same_qdq(x: ir.Value, a: _Act) -> bool:
-    """True when `x` is `DQ(Q(·))` with exactly the quantizer `a` (scale, zero point and integer type)."""
+    """True when `x` is `DQ(Q(·))`, or `DQ(Clip(Q(·)))` where `a.clip` is set, with exactly the quantizer `a`
+    (scale, zero point, integer type and range)."""
     dq = x.producer()
     if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
         return False
     q = dq.inputs[0].producer()
+    if a.clip is not None:
+        if q is None or q.op_type != "Clip" or q.inputs[0] is None or _clip_bounds(q) != a.clip:
+            return False
+        q = q.inputs[0].producer()
     if q is None or q.op_type != "QuantizeLinear":
         return False
     for node in (q, dq):
@@ -315,6 +335,14 @@ def _same_qdq(x: ir.Value, a: _Act) -> bool:
         if float(s.reshape(())) != a.scale or int(z.reshape(())) != a.zero_point:
             return False
     return True
+
+
+def _clip_bounds(clip: ir.Node) -> tuple[int, ...] | None:
+    """The constant scalar (min, max) of an integer `Clip`; None when they are not both constants."""
+    bounds = clip.inputs[1:3]
+    if len(bounds) != 2 or any(v is None or v.const_value is None or v.const_value.size != 1 for v in bounds):
+        return None
+    return tuple(int(v.const_value.numpy().reshape(())) for v in bounds)  # type: ignore[union-attr]
 
 
 def _quantize_input(g: ir.Graph, layer: _Layer, shared: dict[tuple, ir.Value],
@@ -334,8 +362,7 @@ def _quantize_input(g: ir.Graph, layer: _Layer, shared: dict[tuple, ir.Value],
             mul = ir.node("Mul", [x, r_b], name=f"{module}/timestep_ratio/Mul",
                           outputs=[ir.val(f"{module}.input_scaled", layer.ftype, x.shape)])
             x = mul.outputs[0]
-        scale, zp = _qdq_inits(g, f"{module}.input", a, layer.ftype)
-        q, dq = _qdq_pair(x, scale, zp, module, "input", a)
-        g.insert_before(layer.node, [q, dq] if mul is None else [mul, q, dq])
-        shared[key] = dq.outputs[0]
+        nodes = _qdq(g, x, a, module, "input", layer.ftype)
+        g.insert_before(layer.node, nodes if mul is None else [mul, *nodes])
+        shared[key] = nodes[-1].outputs[0]
     layer.node.replace_input_with(0, shared[key])
