@@ -69,13 +69,14 @@ import torch
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from denoq.calibrators.calibset import CalibrationSet, record_trajectories
+from denoq.calibrators.calibset import CalibrationSet
 from denoq.compiler.artifact import Artifact, library_versions
 from denoq.compiler.backends import EpsFn, torch_eps
 from denoq.compiler.load import ModelSpec, load_model
-from denoq.compiler.pipeline import calibration_cond, compile_model
+from denoq.compiler.pipeline import calibration_set, compile_model
 from denoq.compiler.recipe import Recipe, load_recipe
 from denoq.engines.ort import OrtBackend, fusion_report, latency
+from denoq.layers import quantizable_layers, select_layers
 from denoq.metrics import fd_between, fd_digits, psnr
 from denoq.sampling import NoiseSchedule, sample
 
@@ -149,15 +150,10 @@ def display_name(name: str) -> str:
 # -- calibration inputs and the peer -----------------------------------------------------------------------
 
 def calibration_inputs(spec: ModelSpec, recipe: Recipe) -> CalibrationSet:
-    """The model inputs `denoq.compiler.pipeline.calibrate` records for `recipe`: FP sampling trajectories from the
-    recipe's seed, sampler, steps and sample count, then its timestep subset (the same calls, recomputed)."""
+    """The model inputs `denoq.compiler.pipeline.calibrate` records for `recipe` (the same call, recomputed)."""
     torch.manual_seed(recipe["seed"])
-    n = recipe["calib.samples"]
-    calib = record_trajectories(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config),
-                                sampler=recipe["calib.sampler"], steps=recipe["calib.steps"], n_samples=n,
-                                sample_shape=spec.sample_shape, seed=recipe["seed"],
-                                cond=calibration_cond(spec, n, recipe["seed"]), progress=False)
-    return calib.subset(recipe["calib.timesteps"])
+    layers, _ = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
+    return calibration_set(spec, recipe, layers, progress=False)[0]
 
 
 def check_same_calibration(calib: CalibrationSet, art: Artifact) -> None:

@@ -38,12 +38,11 @@ class CalibrationSet:
                 cb = None if self.cond is None else self.cond[lo:lo + batch_size]
                 yield xb, torch.full((xb.shape[0],), ti, dtype=torch.int64), cb
 
-    def subset(self, n_steps: int) -> CalibrationSet:
-        """A uniform subset of `n_steps` recorded steps (all of them when n_steps is 0 or too large)."""
-        if n_steps <= 0 or n_steps >= len(self.t):
-            return self
-        idx = torch.linspace(0, len(self.t) - 1, n_steps).round().long().unique().tolist()
-        return CalibrationSet([self.x[i] for i in idx], [self.t[i] for i in idx], self.cond)
+    def take(self, steps: list[int], samples: int | None = None) -> CalibrationSet:
+        """The recorded steps at indices `steps` (in that order), of the first `samples` trajectories (all: None)."""
+        n = self.x[0].shape[0] if samples is None else samples
+        cond = None if self.cond is None else self.cond[:n]
+        return CalibrationSet([self.x[i][:n] for i in steps], [self.t[i] for i in steps], cond)
 
 
 def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, steps: int, n_samples: int,

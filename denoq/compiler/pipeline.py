@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
+from denoq.calibrators import calibtimes
 from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
 from denoq.calibrators.observers import ObserverSettings
 from denoq.calibrators.simulate import simulate
 from denoq.calibrators.stats import collect_stats
+from denoq.calibrators.timegroups import search_groups
 from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
 from denoq.compiler.backends import torch_eps
 from denoq.compiler.load import ModelSpec, load_model
@@ -46,17 +49,39 @@ def calibration_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
     return spec.random_cond(n, seed + 1)
 
 
+def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module],
+                    progress: bool = True) -> tuple[CalibrationSet, dict[str, Any]]:
+    """Record the FP trajectories and keep the steps `activations.calib_timesteps` picks (`calibtimes`).
+
+    Returns the calibration set and what the rule reports (for the manifest)."""
+    fp = torch_eps(spec.module)
+    n = recipe["calib.samples"]
+    pool = record_trajectories(fp, NoiseSchedule.from_config(spec.scheduler_config), sampler=recipe["calib.sampler"],
+                               steps=recipe["calib.steps"], n_samples=n, sample_shape=spec.sample_shape,
+                               seed=recipe["seed"], cond=calibration_cond(spec, n, recipe["seed"]),
+                               progress=progress)
+    strategy, k = recipe["activations.calib_timesteps"], recipe["calib.timesteps"]
+    calibtimes.check_count(strategy, len(pool.t), k)
+    info: dict[str, Any] = {"strategy": strategy}
+    if strategy == "uniform":
+        steps = calibtimes.uniform_steps(len(pool.t), k)
+    elif strategy == "normal":
+        steps = calibtimes.normal_steps(pool.t, k, spec.num_train_timesteps)
+    else:
+        probe = pool.take(list(range(len(pool.t))), min(calibtimes.PROBE_SAMPLES, n))
+        probe_stats = collect_stats(fp, layers, probe, outputs=False, seed=recipe["seed"], progress=progress)
+        steps, terms = calibtimes.srm_steps(probe_stats, pool.t, k, recipe["activations.bits"],
+                                            activation_signed(recipe["target"]), recipe["activations.srm_lambda"])
+        info.update({key: round(v, 6) for key, v in terms.items()})
+    return pool.take(steps), info
+
+
 def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[QuantPlan, CalibrationSet, dict]:
     """Record the calibration set and build the QuantPlan the recipe asks for."""
     layers, kept_fp = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
-    schedule = NoiseSchedule.from_config(spec.scheduler_config)
     fp = torch_eps(spec.module)
     start = time.perf_counter()
-    calib = record_trajectories(fp, schedule, sampler=recipe["calib.sampler"], steps=recipe["calib.steps"],
-                                n_samples=recipe["calib.samples"], sample_shape=spec.sample_shape,
-                                seed=recipe["seed"], cond=calibration_cond(spec, recipe["calib.samples"],
-                                                                           recipe["seed"]), progress=progress)
-    calib = calib.subset(recipe["calib.timesteps"])
+    calib, step_info = calibration_set(spec, recipe, layers, progress)
     target = recipe["target"]
     stats = collect_stats(fp, layers, calib, outputs=target == "ort-cpu", seed=recipe["seed"], progress=progress)
     observer = ObserverSettings(method=recipe["activations.observer"], bits=recipe["activations.bits"],
@@ -64,8 +89,14 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
                                 lm_rho=recipe["activations.lm_rho"])
     settings = BaselineSettings(target, recipe["weights.bits"], observer, recipe["activations.timestep_groups"])
     plan, groups = build_baseline_plan(layers, stats, settings, spec.num_train_timesteps, progress=progress)
-    info = {"inputs": len(calib), "timesteps": calib.t, "kept_fp": kept_fp,
+    search: dict[str, Any] = {"method": recipe["activations.group_search"]}
+    if search["method"] == "differentiable" and settings.timestep_groups > 1:
+        plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
+                                            calib, observer, seed=recipe["seed"], progress=progress)
+        search.update({key: round(v, 6) for key, v in terms.items()})
+    info = {"inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info, "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
+            "group_search": search,
             "seconds": round(time.perf_counter() - start, 2)}
     return plan, calib, info
 
