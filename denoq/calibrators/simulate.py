@@ -116,7 +116,9 @@ class SimulatedLayer(nn.Module):
 class SimulatedModel(nn.Module):
     """`(sample, timestep[, encoder_hidden_states]) → out_sample` of the quantized model (an eps backend)."""
 
-    def __init__(self, model: nn.Module, plan: QuantPlan) -> None:
+    def __init__(self, model: nn.Module, plan: QuantPlan, layer: type[SimulatedLayer] = SimulatedLayer) -> None:
+        """`layer` is the class of the simulated layers (a subclass changes how a layer quantizes, e.g. the
+        differentiable timestep-group search of `timegroups.py`)."""
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         self.clock = TimestepClock()
@@ -127,8 +129,7 @@ class SimulatedModel(nn.Module):
                                  "model (recompile)")
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else self.model
-            setattr(parent, child, SimulatedLayer(modules[name], plan.layers[name], self.clock,
-                                                  plan.num_train_timesteps))
+            setattr(parent, child, layer(modules[name], plan.layers[name], self.clock, plan.num_train_timesteps))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:

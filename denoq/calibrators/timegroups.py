@@ -29,13 +29,18 @@ plan's constant table exactly.
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
+import torch
+from tqdm import tqdm
+
+from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.observers import MIN_RANGE, MSE_GRID, ObserverSettings, clip_range, observe_qparams, qparams
 from denoq.calibrators.quantizer import fake_quantize
+from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, _fake_quant_t
 from denoq.calibrators.stats import TensorStats
 from denoq.errors import DenoqError
-from denoq.plan import ActQuant, qrange
+from denoq.plan import ActQuant, QuantPlan, qrange
 
 SAMPLES_PER_TIMESTEP = 256
 
@@ -221,24 +226,28 @@ def segment_of_timestep(segments: list[Segment], num_train_timesteps: int) -> to
 
 
 def scale_table(stats: TensorStats, segments: list[Segment], settings: ObserverSettings,
-                num_train_timesteps: int) -> ActQuant:
+                num_train_timesteps: int, labels: list[int] | None = None) -> ActQuant:
     """The layer's ActQuant: a float32 scale table of length T, constant on each segment (`segment_of_timestep`).
 
-    Zero point: 0 when signed; when unsigned the layer's one zero point (`layer_zero_point`: the observer's on all
-    pooled values). Each segment's scale: the observer's clipping interval on the segment's full pooled values
-    (`observe_qparams` semantics, exact extremes), turned into a scale under that zero point by `group_scale`. With
-    a single segment this is exactly the baseline plan's constant table. Calibrated timesteps outside [0, T) →
-    DenoqError.
+    `labels[i]` names the group of segment i (default: every segment its own group); segments with one label
+    share one scale (the differentiable search's groups need not be contiguous). Zero point: 0 when signed; when
+    unsigned the layer's one zero point (`layer_zero_point`: the observer's on all pooled values). Each group's
+    scale: the observer's clipping interval on the group's full pooled values (`observe_qparams` semantics, exact
+    extremes), turned into a scale under that zero point by `group_scale`. With a single segment this is exactly
+    the baseline plan's constant table. Calibrated timesteps outside [0, T) → DenoqError.
     """
     ts = _check_timesteps(stats, num_train_timesteps)
+    labels = list(range(len(segments))) if labels is None else labels
     zero_point = layer_zero_point(stats, settings)
-    scales = []
-    for first, last in segments:
-        seg = [t for t in ts if first <= t <= last]
+    scale_of: dict[int, float] = {}
+    for label in sorted(set(labels)):
+        seg = [t for t in ts if any(first <= t <= last for (first, last), lb in zip(segments, labels, strict=True)
+                                    if lb == label)]
         values = torch.cat([v for t in seg for v in stats.values[t]])
         lo, hi = clip_range(values, min(stats.amin[t] for t in seg), max(stats.amax[t] for t in seg), settings)
-        scales.append(group_scale(lo, hi, settings, zero_point))
-    table = torch.tensor(scales, dtype=torch.float32)[segment_of_timestep(segments, num_train_timesteps)]
+        scale_of[label] = group_scale(lo, hi, settings, zero_point)
+    scales = torch.tensor([scale_of[lb] for lb in labels], dtype=torch.float32)
+    table = scales[segment_of_timestep(segments, num_train_timesteps)]
     return ActQuant(bits=settings.bits, signed=settings.signed, zero_point=zero_point, scale=table)
 
 
@@ -252,3 +261,118 @@ def grouped_act_quant(stats: TensorStats, groups: int, settings: ObserverSetting
     _check_timesteps(stats, num_train_timesteps)
     segments = partition_timesteps(stats, groups, settings, samples_per_timestep)
     return scale_table(stats, segments, settings, num_train_timesteps), segments
+
+
+# -- ADP-DM's differentiable group search (the option) -------------------------------------------------------------
+# ADP-DM (§3.2) learns, for every layer l and calibrated timestep t_k, importance weights over the layer's G group
+# quantizers Q_{l,1..G}, π_{l,k} = softmax(α_{l,k}); the layer's input at t_k becomes
+#
+#     x̂ = Σ_g π_{l,k,g} · Q_{l,g}(x)                                                                          (3)
+#
+# and α is optimized on the model's output error, entropy-regularized so that every π_{l,k} ends one-hot:
+#
+#     L(α) = E‖ε̂_α(x_t, t) − ε(x_t, t)‖² / E‖ε̂_DP(x_t, t) − ε(x_t, t)‖² + β · mean_{l,k} H(π_{l,k})           (4)
+#
+# Rounding passes gradients straight through (Q(x) → x + sg(Q(x) − x)), so a layer's α also learns from the error
+# it causes downstream. The G quantizers start as the exact partition's groups (their scales; α favours each
+# timestep's DP group by SEARCH_INIT); at the end every timestep takes its arg-max group and the groups, no longer
+# necessarily contiguous, have their scales re-observed on their own timesteps (`scale_table`).
+
+SEARCH_ITERS = 200
+SEARCH_BATCH = 16
+SEARCH_LR = 0.05
+SEARCH_BETA = 0.5
+SEARCH_INIT = 2.0
+
+
+def _ste(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x + (q - x).detach()
+
+
+class _SearchLayer(SimulatedLayer):
+    """A simulated layer whose input is eq. (3) at the batch's (single) timestep; outputs pass straight through
+    their constant-table quantizer. `arm` sets its group scales and logits."""
+
+    def arm(self, scales: torch.Tensor, logits: torch.Tensor, step_of: dict[int, int]) -> None:
+        self.group_scales = scales
+        self.logits = logits
+        self.step_of = step_of
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.clock.t
+        assert t is not None and self.plan.input is not None
+        qmin, qmax = self.plan.input.qrange
+        pi = torch.softmax(self.logits[self.step_of[int(t[0])]], dim=0)
+        x = sum(pi[g] * _ste(fake_quantize(x, s, self.plan.input.zero_point, qmin, qmax), x)
+                for g, s in enumerate(self.group_scales))
+        y = self._layer(x, self.bias)
+        if self.plan.output is not None:
+            y = _ste(_fake_quant_t(y, self.plan.output, t), y)
+        return y
+
+
+def search_groups(model: torch.nn.Module, plan: QuantPlan, stats: dict[str, TensorStats],
+                  segments: dict[str, list[Segment]], calib: CalibrationSet, settings: ObserverSettings, *,
+                  seed: int, iters: int = SEARCH_ITERS, progress: bool = False
+                  ) -> tuple[QuantPlan, dict[str, list[Segment]], dict[str, float]]:
+    """Eq. (3)–(4) on `plan` (the exact partition's plan, `segments` its groups per layer; `stats` the layers' input
+    statistics). Returns the plan with the searched input tables, each layer's segments (runs of calibrated
+    timesteps with one group; runs of a group share its scale) and the search's loss terms."""
+    generator = torch.Generator().manual_seed(seed)
+    searched = SimulatedModel(model, plan, layer=_SearchLayer).train()
+    for p in searched.parameters():
+        p.requires_grad_(False)
+    layers = {name: m for name, m in searched.model.named_modules() if isinstance(m, _SearchLayer)}
+    step_index = {t: k for k, t in enumerate(sorted(calib.t))}
+    params = []
+    for name, layer in sorted(layers.items()):
+        segs, table = segments[name], plan.layers[name].input.scale
+        logits = torch.zeros(len(step_index), len(segs))
+        for t, k in step_index.items():
+            logits[k, next(g for g, (a, b) in enumerate(segs) if a <= t <= b)] = SEARCH_INIT
+        logits.requires_grad_(True)
+        layer.arm(torch.stack([table[a] for a, _ in segs]), logits, step_index)
+        params.append(logits)
+    optimizer = torch.optim.Adam(params, lr=SEARCH_LR)
+    n = calib.x[0].shape[0]
+    reference: float | None = None
+    terms = {}
+    for _ in tqdm(range(iters), desc="timestep-group search", unit="iter", disable=not progress):
+        step = int(torch.randint(len(calib.t), (1,), generator=generator))
+        rows = torch.randperm(n, generator=generator)[:SEARCH_BATCH]
+        x, t = calib.x[step][rows], torch.full((len(rows),), calib.t[step], dtype=torch.int64)
+        cond = None if calib.cond is None else calib.cond[rows]
+        with torch.no_grad():
+            target = model(x, t).sample if cond is None else model(x, t, cond).sample
+        out = searched(x, t, cond)
+        err = (out - target).pow(2).mean()
+        reference = reference or max(err.item(), 1e-30)
+        pis = [torch.softmax(p, dim=1) for p in params]
+        entropy = torch.stack([-(pi * pi.clamp_min(1e-12).log()).sum(dim=1).mean() for pi in pis]).mean()
+        loss = err / reference + SEARCH_BETA * entropy
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        terms = {"output_error_ratio": err.item() / reference, "entropy": float(entropy)}
+    new_plan = QuantPlan(num_train_timesteps=plan.num_train_timesteps, target=plan.target)
+    new_segments = {}
+    for name, lp in sorted(plan.layers.items()):
+        chosen = layers[name].logits.detach().argmax(dim=1).tolist()
+        groups = [chosen[step_index[t]] for t in sorted(step_index)]
+        runs, labels = _runs(sorted(step_index), groups)
+        act = scale_table(stats[name], runs, settings, plan.num_train_timesteps, labels)
+        new_plan.add(dataclasses.replace(lp, input=act))
+        new_segments[name] = runs
+    return new_plan, new_segments, terms
+
+
+def _runs(ts: list[int], groups: list[int]) -> tuple[list[Segment], list[int]]:
+    """Maximal runs of consecutive calibrated timesteps with one group: ([(first, last), …], [group, …])."""
+    runs, labels = [], []
+    for t, g in zip(ts, groups, strict=True):
+        if labels and labels[-1] == g:
+            runs[-1] = (runs[-1][0], t)
+        else:
+            runs.append((t, t))
+            labels.append(g)
+    return runs, labels
