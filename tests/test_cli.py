@@ -214,3 +214,18 @@ def test_bad_sampling_arguments(capsys, tmp_path, tiny_artifact_trt, bad):
     argv = [a.format(art=tiny_artifact_trt.path, tmp=tmp_path) for a in bad]
     run_error(capsys, argv)
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch-sim"])
+def test_tables_not_matching_the_schedulers_T_are_a_clear_error(capsys, tiny_artifact_trt_g4, tmp_path, backend):
+    """An artifact whose scheduler T differs from its tables' length (here: the manifest's scheduler edited) would
+    Gather past the tables; sampling refuses it, naming both lengths and the fix, and writes nothing."""
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact_trt_g4.path, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["scheduler"]["num_train_timesteps"] = 500
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    msg = run_error(capsys, ["sample", str(art), "--out", str(tmp_path / "g.png"), "--n", "2", "--steps", "2",
+                             "--backend", backend])
+    assert "tables have length T = 1000" in msg and "num_train_timesteps = 500" in msg and "recompile" in msg
+    assert not (tmp_path / "g.png").exists()

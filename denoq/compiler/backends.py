@@ -42,7 +42,18 @@ def artifact_model(art: Artifact) -> ModelSpec:
     return spec
 
 
+def check_timestep_tables(art: Artifact) -> None:
+    """The plan's per-timestep tables (and the graph's Gather tables made from them) have length T = the
+    scheduler's num_train_timesteps; an artifact whose scheduler says otherwise would index past them."""
+    tables = int(art.manifest["plan"]["num_train_timesteps"])
+    scheduler = int(art.manifest["scheduler"].get("num_train_timesteps", 1000))
+    if tables != scheduler:
+        raise DenoqError(f"{art.path}: the quantization tables have length T = {tables} but the artifact's scheduler "
+                         f"has num_train_timesteps = {scheduler}; recompile with the scheduler you sample with")
+
+
 def artifact_plan(art: Artifact) -> QuantPlan:
+    check_timestep_tables(art)
     return QuantPlan.load(art.file("plan.safetensors"), art.manifest["plan"])
 
 
@@ -50,6 +61,8 @@ def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: 
     """The eps callable of backend `name` for artifact `art` (`spec` avoids reloading the FP model)."""
     if name not in BACKENDS:
         raise DenoqError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "ort":
+        check_timestep_tables(art)
     if name in ("ort", "ort-fp"):
         from denoq.engines.ort import OrtBackend
 
