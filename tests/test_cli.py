@@ -197,6 +197,10 @@ def test_eval_plots_timestep_groups(tmp_path, tiny_artifact_trt_g4, tiny_artifac
     assert 0 < len(summary["plotted"]) <= 4 and len(set(summary["plotted"])) == len(summary["plotted"])
     html = (art / "report.html").read_text()
     assert "<h3>timestep_groups.png</h3><img src='data:image/png;base64," in html
+    calibrated = Artifact.open(art).manifest["calibration"]["timesteps"]
+    assert report["calibration"]["timesteps"] == calibrated and report["calibration"]["selection"]["strategy"] == \
+        "uniform" and report["calibration"]["group_search"]["method"] == "dp"
+    assert f"{len(calibrated)} calibration timesteps (uniform); groups by dp" in html
 
     plain = tmp_path / "plain"
     shutil.copytree(tiny_artifact_trt.path, plain)

@@ -175,6 +175,18 @@ def timestep_groups_picture(spec: ModelSpec, art: Artifact, traj: list[torch.Ten
     return timestep_groups_png(ts, panels, title), summary
 
 
+def _calibration_summary(art: Artifact) -> dict[str, Any]:
+    """How the artifact was calibrated: which steps (and by which rule, with its terms) and how groups were found."""
+    cal = art.manifest["calibration"]
+    selection = cal.get("timestep_selection", {"strategy": "uniform"})
+    search = cal.get("group_search", {"method": "dp"})
+    words = (f"{len(cal['timesteps'])} calibration timesteps ({selection['strategy']}"
+             + "".join(f", {k} {v:.4g}" for k, v in sorted(selection.items()) if k != "strategy")
+             + f"); groups by {search['method']}"
+             + "".join(f", {k} {v:.4g}" for k, v in sorted(search.items()) if k != "method"))
+    return {"timesteps": cal["timesteps"], "selection": selection, "group_search": search, "text": words}
+
+
 def _groups_text(summary: dict[str, Any]) -> str:
     """One line for the report: "1 group" or how many layers have how many groups."""
     if not summary["layers_with_groups"]:
@@ -266,6 +278,7 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
         spec, art, fp_traj, ts, cond, f"input range per timestep vs timestep-group clipping ({settings.sampler} "
         f"{settings.steps}, {min(settings.n, RANGE_PROBE)} samples)")
     report["timestep_groups"]["text"] = _groups_text(report["timestep_groups"])
+    report["calibration"] = _calibration_summary(art)
     if groups_png is not None:
         pictures["timestep_groups.png"] = groups_png
     report["pictures"] = sorted(pictures)
@@ -319,6 +332,7 @@ sampler {report['sampler']['sampler']} {report['sampler']['steps']} steps, η={r
 <h2>ONNX Runtime latency per model call ({lat['threads']} threads)</h2><table><tr><th></th><th>FP32 ms</th>
 <th>Q/DQ ms</th><th>speed-up</th></tr>{lat_rows}</table>
 <h2>Timestep groups</h2><p>{html.escape(report.get("timestep_groups", {}).get("text", "1 group"))}</p>
+<p>{html.escape(report["calibration"]["text"])}: {html.escape(str(report["calibration"]["timesteps"]))}</p>
 <h2>Integer-kernel fusion in ORT</h2><pre>{fusion}</pre>
 <h2>Pictures</h2>{imgs}</body></html>
 """
