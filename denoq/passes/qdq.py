@@ -24,7 +24,7 @@ layer whose input scale table is not constant gets the selector rewrite of `deno
     trt:     x → Mul(R) → Q(s0) → DQ(s0) → Conv/Gemm/MatMul (no bias) → Div(R) → Add(bias)
     ort-cpu: x → Mul(R) → Q(s0) → DQ(s0) → Conv/Gemm/MatMul (no bias) → Q(s_out0) → DQ(s_out0) → Div(R) → Add(bias)
 
-with `R = Reshape(Gather(r, timestep), [-1, 1, …])`, `r_t = s0 / s_t`, `s0 = min_t s_t` and `s_out0` as that module
+with `R = Gather(r, timestep)` (`r` shaped `[T, 1, …]`), `r_t = s0 / s_t`, `s0 = min_t s_t` and `s_out0` as that module
 defines it. Layers with constant tables are rewritten exactly as before (G = 1 gives the same bytes).
 
 The PyTorch simulation mirrors exactly this placement.

@@ -6,9 +6,10 @@ over the layer's timestep groups) is not constant keeps ONE constant Q/DQ scale 
 the timestep dependence into pointwise multiplies with `r_t = s0 / s_t`:
 
     x → Mul(R) → Q(s0, z) → DQ(s0, z) → Conv/Gemm/MatMul without bias → Div(R) → Add(bias)
-    R = Reshape(Gather(r, timestep), [-1, 1, …])       ([B,1,1,1] for Conv, [B,1] for Gemm, [B,1,1] for [B,L,C])
+    R = Gather(r, timestep)            (r: [T,1,1,1] for Conv, [T,1] for Gemm, [T,1,1] for MatMul on [B,L,C])
 
-`r` is a float32 initializer of length T and `timestep` the graph's int64 input `[B]`, so each sample of a batch
+`r` is a float32 initializer of T entries, shaped `[T, 1, …]` so that gathering with the graph's int64 input
+`timestep` `[B]` gives R already broadcastable (`[B, 1, …]`, one node per table and rank); each sample of a batch
 reads its own group. Since `DQ(Q(x·r_t; s0, z)) / r_t = s_t·(clamp(round(x / s_t) + z) − z)` up to float rounding,
 the layer sees exactly the plan's group-t quantizer (range and saturation included) — *because the zero point z is
 the same for every group*: the plan guarantees it (one zero point per quantizer), the multiply only moves the scale.
@@ -66,36 +67,27 @@ def timestep_input(g: ir.Graph, layer: str) -> ir.Value:
 
 
 class RatioCache:
-    """Builds `Reshape(Gather(r, timestep), [-1, 1, …])` once per (table, rank) and shares it between layers."""
+    """Builds `Gather(r, timestep)` once per (table, rank), `r` shaped `[T, 1, …]`, and shares it between layers."""
 
     def __init__(self, g: ir.Graph) -> None:
         self.g = g
-        self.tables: dict[bytes, ir.Value] = {}
         self.gathered: dict[tuple[bytes, int], ir.Value] = {}
 
     def broadcast(self, ratio: np.ndarray, rank: int, module: str, before: ir.Node) -> ir.Value:
-        """`R` of rank `rank` (`[B, 1, …]`) for the ratio table `ratio`, its nodes inserted before `before`."""
-        key = ratio.tobytes()
-        if (key, rank) in self.gathered:
-            return self.gathered[(key, rank)]
-        if key not in self.tables:
-            name = f"{module}.timestep_ratio"
-            v = ir.val(name, const_value=ir.tensor(ratio, name=name))
-            self.g.register_initializer(v)
-            self.tables[key] = v
-        table = self.tables[key]
+        """`R` of rank `rank` (`[B, 1, …]`) for the ratio table `ratio` `[T]`, its node inserted before `before`."""
+        key = (ratio.tobytes(), rank)
+        if key in self.gathered:
+            return self.gathered[key]
+        name = f"{module}.timestep_ratio{rank}"
+        shaped = np.ascontiguousarray(ratio.reshape(-1, *([1] * (rank - 1))))
+        table = ir.val(name, const_value=ir.tensor(shaped, name=name))
+        self.g.register_initializer(table)
         t = timestep_input(self.g, module)
-        shape_name = f"{module}.timestep_ratio_shape{rank}"
-        shape = ir.val(shape_name, const_value=ir.tensor(np.asarray([-1] + [1] * (rank - 1), np.int64),
-                                                         name=shape_name))
-        self.g.register_initializer(shape)
         gather = ir.node("Gather", [table, t], attributes={"axis": 0}, name=f"{module}/timestep_ratio/Gather",
-                         outputs=[ir.val(f"{module}.timestep_ratio_t", ir.DataType.FLOAT)])
-        reshape = ir.node("Reshape", [gather.outputs[0], shape], name=f"{module}/timestep_ratio/Reshape",
-                          outputs=[ir.val(f"{module}.timestep_ratio_b{rank}", ir.DataType.FLOAT)])
-        self.g.insert_before(before, [gather, reshape])
-        self.gathered[(key, rank)] = reshape.outputs[0]
-        return reshape.outputs[0]
+                         outputs=[ir.val(f"{module}.timestep_ratio_b{rank}", ir.DataType.FLOAT)])
+        self.g.insert_before(before, [gather])
+        self.gathered[key] = gather.outputs[0]
+        return gather.outputs[0]
 
 
 def layer_rank(node: ir.Node, layer: str) -> int:
