@@ -94,7 +94,7 @@ def mmd2(kernel: torch.Tensor, subset: list[int]) -> float:
 
 def gaussian_kernel(features: torch.Tensor) -> torch.Tensor:
     """k(a, b) = exp(−‖a − b‖² / (2h²)) over the pool, h the median of the nonzero pairwise distances."""
-    dist = torch.cdist(features, features)
+    dist = torch.cdist(features, features, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros on the diagonal
     nonzero = dist[dist > 0]
     h = float(nonzero.median()) if nonzero.numel() else 1.0
     return torch.exp(-dist.pow(2) / (2 * h * h))
@@ -137,8 +137,8 @@ class EmpiricalRisk:
 def srm_steps(probe: dict[str, LayerStats], pool_t: list[int], k: int, bits: int, signed: bool,
               lam: float) -> tuple[list[int], dict[str, float]]:
     """Greedy minimization of eq. (1). Returns the K pool indices and the terms of J at the chosen set."""
-    risk = EmpiricalRisk(probe, pool_t, bits, signed)
     kernel = gaussian_kernel(step_features(probe, pool_t))
+    risk = EmpiricalRisk(probe, pool_t, bits, signed)
     all_steps = list(range(len(pool_t)))
     risk_pool = max(risk(all_steps), 1e-30)
 
