@@ -1,0 +1,362 @@
+"""OBQ and GPTQ weight rounding: Frantar & Alistarh, "Optimal Brain Compression" (OBC, NeurIPS 2022) and
+Frantar et al., "GPTQ" (ICLR 2023). Our own implementation from the papers' equations.
+
+A layer with weights W `[rows = out, cols]` and calibration inputs X `[cols, N]` (one column per input vector; a
+Conv2d's input is unfolded into its kernel patches, `layer_inputs`) is rounded to minimize the output error
+
+    E(Ŵ) = ‖WX − ŴX‖²_F / N = ½ tr(ΔW H ΔWᵀ),   ΔW = W − Ŵ,   H = 2XXᵀ / N                     (GPTQ eq. 1)
+
+Rows are independent in E and share H. Fixing weight q of a row w to quant(w_q) while the weights F not yet fixed
+absorb the error optimally (Optimal Brain Surgeon) costs δE_q and moves the free weights by δ_F:
+
+    δE_q = ½ (w_q − quant(w_q))² / [H_F⁻¹]_qq                                                  (GPTQ eq. 2)
+    δ_F  = −(w_q − quant(w_q)) / [H_F⁻¹]_qq · (H_F⁻¹)_{:,q}                                    (GPTQ eq. 2)
+
+(the ½ because H = 2XXᵀ/N carries the 2: δE is then in the units of E), and q leaves the free set by one step of
+Gaussian elimination on the inverse Hessian
+
+    H_{F∖q}⁻¹ = H_F⁻¹ − (H_F⁻¹)_{:,q} (H_F⁻¹)_{q,:} / [H_F⁻¹]_qq                               (GPTQ eq. 3, OBC Lemma 1)
+
+- OBQ (OBC): each row greedily fixes the free weight of least δE_q, then applies δ_F and eq. 3. O(rows·cols³).
+  The greedy order is myopic: it beats GPTQ's fixed order by a few percent on moderately correlated inputs, but
+  on nearly low-rank H (a few directions plus little noise) it lost to GPTQ by 1.3–3× in our tests.
+- GPTQ: all rows fix the columns in one order (left to right, or "act order": descending diag H), so eq. 3 is
+  shared by the rows, and the rows of H_F⁻¹ it produces are the rows of the upper Cholesky factor U of
+  H⁻¹ = UᵀU: U_{q,q:} = (H_F⁻¹)_{q,q:} / √[H_F⁻¹]_qq with F = {q, q+1, …}. δ_F is applied lazily in blocks of
+  B columns (GPTQ Algorithm 1), which is exact: a column only needs the errors of the columns before it.
+
+Each step is the exact optimum given the fixed weights, so the reported loss Σ δE_q equals E for the dampened
+Hessian, `layer_output_error(W, Ŵ, H + λI)`, to float rounding (tested). Both solvers work in float64; the
+rounding itself is the graph's float32 `round(w / s)` (DESIGN.md, Quantizer semantics).
+
+Quantizer: symmetric, zero point 0, integers in [−qmax, qmax], qmax = 2^(b−1) − 1 (TensorRT), scale per row and
+input-channel group s = max|w| / qmax (1 for an all-zero group), as `quantizer.symmetric_weight_quant`.
+A group of `group_size` input channels is group_size·kh·kw columns of a Conv2d, so the scales are exactly the
+plan's blocked layout `[out, in // group_size]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from denoq.calibrators.quantizer import quantize
+from denoq.errors import DenoqError
+from denoq.layers import layer_op
+from denoq.plan import LayerPlan
+
+SUPPORTED_BITS = (8, 4, 3)
+
+
+# -- the layer as a matrix -----------------------------------------------------------------------------------
+def _check_module(module: nn.Module) -> None:
+    if type(module) not in (nn.Linear, nn.Conv2d):
+        raise DenoqError(f"GPTQ/OBQ rounds Linear and Conv2d weights, not {type(module).__name__}; "
+                         "quantize this layer with weights.method=rtn or keep it in FP (layers.keep_fp)")
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise DenoqError(f"GPTQ/OBQ does not support grouped convolutions (groups={module.groups}); use "
+                         "weights.method=rtn for this model or keep the layer in FP (layers.keep_fp)")
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """W as `[out, cols]`: Linear `[out, in]`; Conv2d `[out, in·kh·kw]`, in-channel major then kh, kw, which is the
+    row order of `F.unfold`'s patches, so that `weight_matrix(conv) @ layer_inputs(conv, x).T` is the conv."""
+    _check_module(module)
+    return module.weight.detach().flatten(1)
+
+
+def from_matrix(module: nn.Module, w2d: torch.Tensor) -> torch.Tensor:
+    """The inverse of `weight_matrix`: `w2d` (any dtype, e.g. the int8 integers) in the module's weight layout."""
+    _check_module(module)
+    if w2d.numel() != module.weight.numel() or w2d.shape[0] != module.weight.shape[0]:
+        raise DenoqError(f"a weight matrix of shape {tuple(w2d.shape)} does not fit a layer with weights "
+                         f"{tuple(module.weight.shape)}; pass the matrix computed for this layer")
+    return w2d.reshape(module.weight.shape)
+
+
+def _conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of `conv`, as F.pad takes it; 'same' puts the odd pixel right/bottom."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        th, tw = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input vectors as rows of a `[N, cols]` matrix (Xᵀ): Linear `[..., in]` → `[N, in]`;
+    Conv2d NCHW → its unfolded patches (padding, dilation, stride of the module) `[B·L, in·kh·kw]`."""
+    _check_module(module)
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if x.dim() != 4:
+        raise DenoqError(f"Conv2d input must be NCHW, got shape {tuple(x.shape)}; record the layer's batched input")
+    pads = _conv_pads(module)
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)  # [B, cols, L]
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+class HessianAccumulator:
+    """H = 2XXᵀ/N over every input batch `add`ed, as a running mean in float64:
+
+        H ← H · N/(N + n) + (2/(N + n)) · X_b X_bᵀ,   N ← N + n
+
+    where X_b `[cols, n]` are the n input vectors of the batch (`layer_inputs`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        _check_module(module)
+        self.module = module
+        self.count = 0
+        self._h: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one batch of the layer's *input* activations (Linear `[..., in]`, Conv2d NCHW)."""
+        xt = layer_inputs(self.module, x.detach()).to(torch.float64)
+        n = xt.shape[0]
+        if n == 0:
+            return
+        if self._h is None:
+            self._h = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=xt.device)
+        total = self.count + n
+        self._h.mul_(self.count / total).addmm_(xt.T, xt, alpha=2.0 / total)
+        self.count = total
+
+    def attach(self) -> RemovableHandle:
+        """Accumulate every forward input of the module from now on; `.remove()` the handle when done."""
+        return self.module.register_forward_pre_hook(lambda _m, args: self.add(args[0]))
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2XXᵀ/N, float64 `[cols, cols]` (a copy)."""
+        if self._h is None:
+            raise DenoqError("no calibration inputs reached this layer, so it has no Hessian; check that the "
+                             "calibration run executes the layer (or quantize it with weights.method=rtn)")
+        return self._h.clone()
+
+
+# -- settings and result ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GptqSettings:
+    """Weight rounding settings.
+
+    bits: 8, 4 or 3. group_size: 0 = one scale per output row, else the scale block along the input channels
+    (in input channels; a Conv2d group spans group_size·kh·kw columns). damp: λ = damp · mean(diag H) is added to
+    the diagonal. block: GPTQ's lazy batch B (does not change the result). act_order: GPTQ processes columns by
+    descending diag H; this implies static groups, since scales must stay with contiguous input-channel groups.
+    static_groups: group scales from the original W, before any error propagation (else GPTQ computes each group's
+    scale from the updated weights when it reaches the group's first column, as the paper does).
+    """
+
+    bits: int
+    group_size: int = 0
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise DenoqError(f"weights.bits={self.bits} is not supported by GPTQ/OBQ rounding; use 8, 4 or 3")
+        if self.group_size < 0:
+            raise DenoqError(f"weights.group_size={self.group_size} is negative; use 0 (per output channel) or a "
+                             "divisor of the layers' input channels")
+        if not self.damp >= 0:
+            raise DenoqError(f"weights.damp={self.damp} must be ≥ 0; the usual value is 0.01")
+        if self.block < 1:
+            raise DenoqError(f"GPTQ block={self.block} must be ≥ 1; the usual value is 128")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def uses_static_groups(self) -> bool:
+        return self.group_size == 0 or self.static_groups or self.act_order
+
+
+@dataclass
+class WeightQuant:
+    """Rounded weights: integers `q` (int8 `[rows, cols]`), scales (float32 `[rows, n_groups]`, `[rows, 1]` for one
+    per row) and `loss` = Σ_q ½ (w_q − ŵ_q)² / [H_F⁻¹]_qq (GPTQ eq. 2 summed; None for `rtn`, which sees no H)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    loss: float | None
+
+    @property
+    def columns_per_group(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantized(self) -> torch.Tensor:
+        """Ŵ = q · s, each scale repeated over its group's columns, float32 `[rows, cols]`."""
+        return self.q.to(torch.float32) * self.scale.repeat_interleave(self.columns_per_group, dim=1)
+
+
+def group_columns(module: nn.Module, group_size: int) -> int:
+    """Columns of `weight_matrix(module)` in one group of `group_size` input channels (0 stays 0)."""
+    _check_module(module)
+    if group_size == 0:
+        return 0
+    cin = module.weight.shape[1]
+    if cin % group_size:
+        raise DenoqError(f"weights.group_size={group_size} does not divide this layer's {cin} input channels; "
+                         f"choose a divisor of {cin} (e.g. a power of two that divides all layers) or 0")
+    return group_size * module.weight[0, 0].numel()
+
+
+def layer_plan(name: str, module: nn.Module, wq: WeightQuant, settings: GptqSettings) -> LayerPlan:
+    """The QuantPlan entry of the rounded layer (activation quantizers left unset for the caller)."""
+    scale = wq.scale[:, 0] if settings.group_size == 0 else wq.scale
+    return LayerPlan(name=name, op=layer_op(module), weight_bits=settings.bits,
+                     weight_int=from_matrix(module, wq.q).contiguous(), weight_scale=scale.contiguous(),
+                     block_size=settings.group_size)
+
+
+# -- shared pieces -------------------------------------------------------------------------------------------
+def _group_width(w: torch.Tensor, settings: GptqSettings, columns_per_group: int | None) -> int:
+    """Columns per scale; `columns_per_group` defaults to settings.group_size (right for Linear)."""
+    cols = w.shape[1]
+    cpg = settings.group_size if columns_per_group is None else columns_per_group
+    if settings.group_size == 0:
+        if cpg != 0:
+            raise DenoqError(f"columns_per_group={cpg} given with group_size=0; pass group_columns(module, "
+                             "settings.group_size)")
+        return cols
+    if cpg <= 0 or cpg % settings.group_size or cols % cpg:
+        raise DenoqError(f"weights.group_size={settings.group_size} ({cpg} columns per group) does not divide this "
+                         f"layer's {cols} weight columns; choose a divisor of its input channels, or 0")
+    return cpg
+
+
+def _scales(w: torch.Tensor, qmax: int, cpg: int) -> torch.Tensor:
+    """s = max|w| / qmax per row and group of `cpg` columns, float32 `[rows, cols / cpg]`; 1 for all-zero groups."""
+    amax = w.abs().reshape(w.shape[0], -1, cpg).amax(dim=2).to(torch.float32)
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def _round(w: torch.Tensor, s: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, ŵ = q·s): the float32 graph rounding q = clamp(round(w / s), −qmax, qmax); ŵ returned as float64."""
+    q = quantize(w.to(torch.float32), s, 0, -qmax, qmax)
+    return q, (q * s).to(torch.float64)
+
+
+def _prepare(w: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 copies of W and the dampened H. Dead inputs (H_ii = 0: always zero) get H_ii = 1 and W_:i = 0,
+    then H += λI with λ = damp · mean(diag H)."""
+    if h.shape != (w.shape[1], w.shape[1]):
+        raise DenoqError(f"Hessian of shape {tuple(h.shape)} does not match weights {tuple(w.shape)}; expected "
+                         f"({w.shape[1]}, {w.shape[1]}) from this layer's HessianAccumulator")
+    w = w.detach().to(torch.float64).clone()
+    h = h.detach().to(w.device, torch.float64).clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return w, h
+
+
+def _cholesky(h: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(h, upper=upper)
+    if int(info) != 0:
+        raise DenoqError("the layer Hessian is not positive definite after dampening; raise weights.damp (e.g. "
+                         "0.1) or calibrate with more samples")
+    return factor
+
+
+# -- the algorithms ------------------------------------------------------------------------------------------
+def rtn(w: torch.Tensor, settings: GptqSettings, columns_per_group: int | None = None) -> WeightQuant:
+    """Round to nearest with the same scales as `gptq`/`obq` with static groups: q = clamp(round(w / s))."""
+    cpg = _group_width(w, settings, columns_per_group)
+    w32 = w.detach().to(torch.float32)
+    scale = _scales(w32, settings.qmax, cpg)
+    q = quantize(w32, scale.repeat_interleave(cpg, dim=1), 0, -settings.qmax, settings.qmax)
+    return WeightQuant(q=q.to(torch.int8), scale=scale, loss=None)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
+         columns_per_group: int | None = None) -> WeightQuant:
+    """GPTQ (Algorithm 1): columns in a fixed order, errors spread with the Cholesky rows of H⁻¹ (eq. 2, 3),
+    lazily in blocks of `settings.block` columns. `columns_per_group`: see `group_columns` (Conv2d)."""
+    cpg = _group_width(w, settings, columns_per_group)
+    rows, cols = w.shape
+    w, h = _prepare(w, h, settings.damp)
+    qmax, block = settings.qmax, settings.block
+    scale = _scales(w, qmax, cpg)                                  # static: from the original W
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if settings.act_order else \
+        torch.arange(cols, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    s_col = scale.repeat_interleave(cpg, dim=1)[:, perm]           # the scale of each (permuted) column
+    u = _cholesky(torch.cholesky_inverse(_cholesky(h)), upper=True)  # H⁻¹ = UᵀU
+    q_all = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=torch.float64, device=w.device)
+        for j in range(i2 - i1):
+            c = i1 + j
+            if not settings.uses_static_groups and c % cpg == 0:
+                # the group's scale from its current weights; those beyond this block still lack the lazy update
+                end = c + cpg
+                current = torch.cat([w1[:, j:min(end, i2) - i1], w[:, i2:end] - err1[:, :j] @ u[i1:c, i2:end]], 1)
+                scale[:, c // cpg] = _scales(current, qmax, cpg)[:, 0]
+                s_col[:, c:end] = scale[:, c // cpg, None]
+            q, wq = _round(w1[:, j], s_col[:, c], qmax)
+            q_all[:, c] = q
+            err = (w1[:, j] - wq) / u[c, c]                       # (w_q − quant(w_q)) / √[H_F⁻¹]_qq
+            loss += 0.5 * err.square().sum()                      # δE_q, eq. 2
+            w1[:, j + 1:] -= err[:, None] * u[c, c + 1:i2][None, :]  # δ_F within the block, eq. 2
+            err1[:, j] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]                          # δ_F of the whole block, lazily
+    q_all = q_all[:, torch.argsort(perm)]
+    return WeightQuant(q=q_all.to(torch.int8), scale=scale, loss=float(loss))
+
+
+def obq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
+        columns_per_group: int | None = None) -> WeightQuant:
+    """OBQ (OBC): per row, greedily fix the free weight of least δE_q (eq. 2), update the free weights by δ_F and
+    remove q from H_F⁻¹ (eq. 3). Static group scales, as the order is data dependent. O(rows·cols³): small layers.
+    Rows are processed together in chunks, each with its own copy of H_F⁻¹."""
+    cpg = _group_width(w, settings, columns_per_group)
+    rows, cols = w.shape
+    w, h = _prepare(w, h, settings.damp)
+    qmax = settings.qmax
+    scale = _scales(w, qmax, cpg)
+    s_col = scale.repeat_interleave(cpg, dim=1)
+    hinv = torch.cholesky_inverse(_cholesky(h))
+    q_all = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    chunk = max(1, 2**22 // cols**2)
+    for r0 in range(0, rows, chunk):
+        r1 = min(r0 + chunk, rows)
+        wr, sr, n = w[r0:r1].clone(), s_col[r0:r1], r1 - r0
+        hi = hinv.expand(n, cols, cols).clone()                    # H_F⁻¹ of each row
+        free = torch.ones(n, cols, dtype=torch.bool, device=w.device)
+        ar = torch.arange(n, device=w.device)
+        for _ in range(cols):
+            q, wq = _round(wr, sr, qmax)
+            d = hi.diagonal(dim1=1, dim2=2)                         # [H_F⁻¹]_qq
+            p = torch.where(free, (wr - wq).square() / d, torch.inf).argmin(dim=1)  # least δE_q
+            dp = d[ar, p]
+            err = (wr[ar, p] - wq[ar, p]) / dp
+            loss += 0.5 * (err.square() * dp).sum()                 # δE_q, eq. 2
+            q_all[r0 + ar, p] = q[ar, p]
+            col = hi[ar, :, p] * free                               # (H_F⁻¹)_{:,q}, zero on fixed weights
+            wr -= err[:, None] * col                                # δ_F, eq. 2
+            hi.baddbmm_(col[:, :, None], (col / dp[:, None])[:, None, :], alpha=-1)  # eq. 3, in place
+            free[ar, p] = False
+    return WeightQuant(q=q_all.to(torch.int8), scale=scale, loss=float(loss))
+
+
+def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """E = ½ tr((W − Ŵ) H (W − Ŵ)ᵀ), which for H = 2XXᵀ/N is exactly ‖WX − ŴX‖²_F / N (summed over outputs,
+    averaged over the N input vectors). In float64."""
+    d = (w.detach().to(torch.float64) - w_hat.detach().to(torch.float64))
+    return 0.5 * float(((d @ h.to(torch.float64)) * d).sum())
