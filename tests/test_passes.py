@@ -307,8 +307,8 @@ ERROR_CASES = {
     "weight shape mismatch": (lambda fp: fp, lambda plan: _plan_edit(
         plan, weight_int=torch.zeros(4, 2, 1, 1, dtype=torch.int8)), "weight shape mismatch"),
     "blocked weights": (lambda fp: fp, lambda plan: _plan_edit(
-        plan, weight_int=torch.zeros(4, 2, 3, 3, dtype=torch.int8), weight_scale=torch.ones(4, 1),
-        block_size=2), "blocked weights"),
+        plan, weight_int=torch.zeros(4, 2, 3, 3, dtype=torch.int8), weight_scale=torch.ones(4, 0),
+        block_size=3), "block size 3 does not divide its 2 input channels"),
     "uint8 for trt": (lambda fp: fp, lambda plan: _plan_edit(
         plan, input=ActQuant(8, False, 128, torch.full((T,), 0.1))), "TensorRT needs symmetric activations"),
     "3-bit activations": (lambda fp: fp, lambda plan: _plan_edit(

@@ -25,6 +25,10 @@ EXPECTED_DEFAULTS = {
     "weights.bits": 8,
     "weights.method": "rtn",
     "weights.group_size": 0,
+    "weights.damp": 0.01,
+    "weights.act_order": False,
+    "weights.sequential": True,
+    "weights.hessian_samples": 16,
     "activations.bits": 8,
     "activations.observer": "mse",
     "activations.percentile": 99.99,
@@ -67,7 +71,11 @@ def test_keys_and_defaults_match_the_contract():
 
 
 def test_presets():
-    assert set(RECIPES) == {"w8a8", "w8a8-ort"}
+    assert set(RECIPES) == {"w8a8", "w8a8-ort", "w4a8", "w4a16"}
+    for name, act_bits in (("w4a8", 8), ("w4a16", 16)):
+        r = load_recipe(name)
+        assert (r["weights.bits"], r["weights.method"], r["activations.bits"], r["target"]) == (4, "gptq", act_bits,
+                                                                                                 "trt")
     assert load_recipe("w8a8")["target"] == "trt"
     ort = load_recipe("w8a8-ort")
     assert ort["target"] == "ort-cpu"
@@ -77,8 +85,8 @@ def test_presets():
 
 
 def test_unknown_preset_lists_presets():
-    msg = error_of(load_recipe, "w4a8")
-    assert "'w4a8'" in msg and "w8a8" in msg and "w8a8-ort" in msg
+    msg = error_of(load_recipe, "w2a8")
+    assert "'w2a8'" in msg and "w8a8" in msg and "w8a8-ort" in msg and "w4a8" in msg and "w4a16" in msg
 
 
 def test_to_dict_is_sorted_and_round_trips():
@@ -160,6 +168,10 @@ def test_bad_type(item, key):
     ("activations.timestep_groups=0", "1..64"),
     ("activations.timestep_groups=65", "1..64"),
     ("seed=-1", "0..4294967295"),
+    ("weights.bits=5", "8, 4, 3"),
+    ("weights.group_size=-1", "≥ 0"),
+    ("weights.damp=0", "(0, 1]"),
+    ("activations.bits=3", "4, 6, 8, 16"),
 ])
 def test_disallowed_value(item, allowed):
     msg = error_of(parse_set, item)
@@ -169,10 +181,8 @@ def test_disallowed_value(item, allowed):
 
 
 @pytest.mark.parametrize("item, allowed", [
-    ("weights.bits=4", "8"),
-    ("weights.method=gptq", "rtn"),
-    ("weights.group_size=128", "0"),
-    ("activations.bits=16", "4, 6, 8"),
+    ("weights.bits=2", "8, 4, 3"),
+    ("weights.method=adaround", "rtn, gptq, obq"),
     ("activations.igq_groups=2", "0"),
     ("attention.quantize=yes", "false"),
     ("ptqd.vsc=1", "false"),

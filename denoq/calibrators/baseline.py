@@ -1,6 +1,6 @@
-"""The backbone calibration: round-to-nearest per-channel weights and observed activation ranges.
+"""The backbone calibration: the rounded weights plus observed activation ranges.
 
-Weights: int8 symmetric per output channel, s_c = max|w_c| / 127 (`quantizer.symmetric_weight_quant`).
+Weights: rounded by the weight stage (`weights.py`: RTN, OBQ or GPTQ; symmetric, per output channel or blocked).
 Activations: each layer's input gets a per-timestep scale table of length T (DESIGN.md, QuantPlan). With
 `timestep_groups` G = 1 it is one (scale, zero point) from the observer over all calibration timesteps; with G > 1
 the calibrated timesteps are split into the G contiguous groups of least quantization error and each group gets
@@ -11,6 +11,7 @@ quantizing ε itself costs quality and buys no fusion that matters).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,6 @@ from torch import nn
 from tqdm import tqdm
 
 from denoq.calibrators.observers import ObserverSettings, observe_qparams
-from denoq.calibrators.quantizer import symmetric_weight_quant
 from denoq.calibrators.stats import LayerStats, TensorStats
 from denoq.calibrators.timegroups import Segment, grouped_act_quant
 from denoq.layers import layer_op
@@ -28,7 +28,6 @@ from denoq.plan import ActQuant, LayerPlan, QuantPlan
 @dataclass(frozen=True)
 class BaselineSettings:
     target: str
-    weight_bits: int
     activations: ObserverSettings
     timestep_groups: int = 1
 
@@ -50,22 +49,24 @@ def _act_quant(stats: TensorStats, settings: ObserverSettings, num_train_timeste
 
 
 def build_baseline_plan(layers: dict[str, nn.Module], stats: dict[str, LayerStats], settings: BaselineSettings,
-                        num_train_timesteps: int, progress: bool = False
+                        num_train_timesteps: int, weights: dict[str, LayerPlan], progress: bool = False
                         ) -> tuple[QuantPlan, dict[str, list[Segment]]]:
-    """A QuantPlan for `layers` from their activation statistics (see module docstring), and each layer's input
-    timestep groups as (first, last) calibrated timestep."""
+    """A QuantPlan for `layers`: the rounded `weights` (`weights.round_weights`, weight-only plans) plus activation
+    quantizers from the statistics (see module docstring; none with 16-bit activations, i.e. W4A16), and each
+    layer's input timestep groups as (first, last) calibrated timestep."""
     plan = QuantPlan(num_train_timesteps=num_train_timesteps, target=settings.target)
     groups: dict[str, list[Segment]] = {}
-    desc = f"weights and ranges ({settings.timestep_groups} timestep group(s))"
-    for name, module in tqdm(layers.items(), desc=desc, unit="layer", disable=not progress):
-        w_int, w_scale = symmetric_weight_quant(module.weight, settings.weight_bits)
-        st = stats[name]
-        out_q = None
-        if (settings.quantize_outputs and st.output.values and not st.is_model_output
-                and (layer_op(module) == "conv" or st.input_ndim == 2)):
-            out_q = _act_quant(st.output, settings.activations, num_train_timesteps)
-        in_q, groups[name] = grouped_act_quant(st.input, settings.timestep_groups, settings.activations,
-                                               num_train_timesteps)
-        plan.add(LayerPlan(name=name, op=layer_op(module), weight_bits=settings.weight_bits, weight_int=w_int,
-                           weight_scale=w_scale, input=in_q, output=out_q))
+    quantize_acts = settings.activations.bits <= 8
+    desc = f"activation ranges ({settings.timestep_groups} timestep group(s))"
+    for name, module in tqdm(layers.items(), desc=desc, unit="layer", disable=not progress or not quantize_acts):
+        st = stats.get(name)
+        in_q = out_q = None
+        groups[name] = []
+        if quantize_acts and st is not None:
+            if (settings.quantize_outputs and st.output.values and not st.is_model_output
+                    and (layer_op(module) == "conv" or st.input_ndim == 2)):
+                out_q = _act_quant(st.output, settings.activations, num_train_timesteps)
+            in_q, groups[name] = grouped_act_quant(st.input, settings.timestep_groups, settings.activations,
+                                                   num_train_timesteps)
+        plan.add(dataclasses.replace(weights[name], input=in_q, output=out_q))
     return plan, groups

@@ -26,6 +26,12 @@ def describe(art: Artifact, layers: bool = False) -> str:
         lines.append(f"           {n:4d} × {op:6s} W{wb}A{ab if ab else '-'}" + ("  +output Q/DQ" if out else ""))
     if layers:
         lines.extend(_layer_lines(art))
+    if "weights" in m:
+        w = m["weights"]
+        conv4 = len(w["conv_int4_in_int8_container"])
+        lines.append(f"weights  {w['qdq_bytes'] / 1e6:.2f} MB on disk vs {w['fp32_bytes'] / 1e6:.2f} MB FP32 "
+                     f"(×{w['ratio']:.3f})" + (f"; {conv4} conv layer(s) hold int4 values in an int8 container "
+                                               "(TensorRT has no INT4 convolution)" if conv4 else ""))
     kept = m.get("calibration", {}).get("kept_fp", [])
     if kept:
         lines.append(f"           kept in floating point: {', '.join(kept)}")

@@ -20,15 +20,18 @@ from torch import nn
 from denoq.calibrators import calibtimes
 from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
+from denoq.calibrators.gptq import GptqSettings
 from denoq.calibrators.observers import ObserverSettings
 from denoq.calibrators.simulate import simulate
 from denoq.calibrators.stats import collect_stats
 from denoq.calibrators.timegroups import search_groups
+from denoq.calibrators.weights import WeightSettings, round_weights
 from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
 from denoq.compiler.backends import torch_eps
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.recipe import Recipe
 from denoq.engines.ort import OrtBackend
+from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs, export_fp
 from denoq.layers import quantizable_layers, select_layers
 from denoq.passes.manager import PassManager
@@ -83,12 +86,26 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
     start = time.perf_counter()
     calib, step_info = calibration_set(spec, recipe, layers, progress)
     target = recipe["target"]
-    stats = collect_stats(fp, layers, calib, outputs=target == "ort-cpu", seed=recipe["seed"], progress=progress)
+    if recipe["activations.bits"] > 8 and recipe["activations.timestep_groups"] > 1:
+        raise DenoqError(f"activations.timestep_groups = {recipe['activations.timestep_groups']} needs quantized "
+                         "activations, but activations.bits = 16 keeps them in floating point; set "
+                         "activations.timestep_groups=1 or activations.bits=8")
+    rounding = GptqSettings(bits=recipe["weights.bits"], group_size=recipe["weights.group_size"],
+                            damp=recipe["weights.damp"], act_order=recipe["weights.act_order"])
+    weights, weight_info = round_weights(spec.module, layers, calib, WeightSettings(
+        recipe["weights.method"], rounding, recipe["weights.sequential"], recipe["weights.hessian_samples"]),
+        progress=progress)
+    if weight_info["per_channel_layers"]:
+        log(f"weights.group_size={recipe['weights.group_size']} does not divide the input channels of "
+            f"{len(weight_info['per_channel_layers'])} layer(s); they use per-output-channel scales "
+            "(manifest calibration.weights.per_channel_layers)", not progress)
+    stats = {} if recipe["activations.bits"] > 8 else collect_stats(
+        fp, layers, calib, outputs=target == "ort-cpu", seed=recipe["seed"], progress=progress)
     observer = ObserverSettings(method=recipe["activations.observer"], bits=recipe["activations.bits"],
                                 signed=activation_signed(target), percentile=recipe["activations.percentile"],
                                 lm_rho=recipe["activations.lm_rho"])
-    settings = BaselineSettings(target, recipe["weights.bits"], observer, recipe["activations.timestep_groups"])
-    plan, groups = build_baseline_plan(layers, stats, settings, spec.num_train_timesteps, progress=progress)
+    settings = BaselineSettings(target, observer, recipe["activations.timestep_groups"])
+    plan, groups = build_baseline_plan(layers, stats, settings, spec.num_train_timesteps, weights, progress=progress)
     search: dict[str, Any] = {"method": recipe["activations.group_search"]}
     if search["method"] == "differentiable" and settings.timestep_groups > 1:
         plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
@@ -96,7 +113,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
         search.update({key: round(v, 6) for key, v in terms.items()})
     info = {"inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info, "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
-            "group_search": search,
+            "group_search": search, "weights": weight_info,
             "seconds": round(time.perf_counter() - start, 2)}
     return plan, calib, info
 
@@ -133,6 +150,22 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
             "qdq_ort_vs_sim_over_quant_error": _max_abs(q_ort, sim) / max(quant_err, 1e-12)}
 
 
+def onnx_weight_bytes(path: Path) -> int:
+    """Bytes of a graph's weight tensors: its initializers of rank ≥ 2 (float, int8, packed int4)."""
+    model = onnx.load(str(path))
+    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+               if len(t.dims) >= 2)
+
+
+def weight_storage(plan: QuantPlan, fp_path: Path, qdq_path: Path) -> dict[str, Any]:
+    """On-disk weight bytes of the Q/DQ graph vs the FP32 graph, and the conv layers whose ≤ 4-bit integers sit
+    in an int8 container (TensorRT has no INT4 convolution; MatMul / Gemm weights are ONNX int4)."""
+    fp, qdq = onnx_weight_bytes(fp_path), onnx_weight_bytes(qdq_path)
+    return {"fp32_bytes": fp, "qdq_bytes": qdq, "ratio": round(qdq / max(fp, 1), 4),
+            "conv_int4_in_int8_container": sorted(n for n, lp in plan.layers.items()
+                                                  if lp.op == "conv" and lp.weight_bits <= 4)}
+
+
 def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
                   quiet: bool = False) -> Artifact:
     """Compile `model` with `recipe` into the artifact folder `out` (see module docstring)."""
@@ -157,11 +190,15 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         checks = parity(spec, plan, inputs, fp_path, qdq_path)
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
+        storage = weight_storage(plan, fp_path, qdq_path)
+        log(f"weights on disk: {storage['qdq_bytes'] / 1e6:.2f} MB vs {storage['fp32_bytes'] / 1e6:.2f} MB FP32 "
+            f"(×{storage['ratio']:.3f})", quiet)
         manifest = {
             "recipe": recipe.to_dict(),
             "model": spec.describe(),
             "scheduler": spec.scheduler_config,
             "plan": plan_meta,
+            "weights": storage,
             "layer_map": layer_map,
             "calibration": calib_info,
             "checks": checks,

@@ -87,15 +87,27 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "target profile: trt = symmetric int8, inputs only; ort-cpu = uint8 activations with quantized outputs "
             "for ORT CPU integer kernels",
             choices=("trt", "ort-cpu")),
-    KeySpec("weights.bits", 8, int, "weight bits (symmetric, per output channel)",
-            choices=(8,), planned=lambda v: v in (2, 3, 4, 6)),
-    KeySpec("weights.method", "rtn", str, "weight rounding: rtn = round to nearest",
-            choices=("rtn",), planned=lambda v: v in ("gptq", "obq", "adaround")),
-    KeySpec("weights.group_size", 0, int, "weight block size along the input dimension; 0 = per output channel",
-            choices=(0,), planned=lambda v: v > 0),
+    KeySpec("weights.bits", 8, int, "weight bits (symmetric; 3 is for experiments)",
+            choices=(8, 4, 3), planned=lambda v: v in (2, 6)),
+    KeySpec("weights.method", "rtn", str,
+            "weight rounding: rtn = round to nearest; gptq = GPTQ (lazy blocks); obq = Optimal Brain Quantizer "
+            "(greedy, slow on wide layers)",
+            choices=("rtn", "gptq", "obq"), planned=lambda v: v == "adaround"),
+    KeySpec("weights.group_size", 0, int,
+            "weight block size along the input channels (a scale per block); 0 = one scale per output channel",
+            lo=0),
+    KeySpec("weights.damp", 0.01, float, "gptq/obq: dampening added to the Hessian diagonal, × its mean",
+            lo=0, lo_open=True, hi=1),
+    KeySpec("weights.act_order", False, bool, "gptq: quantize columns in descending Hessian diagonal (static groups)"),
+    KeySpec("weights.sequential", True, bool,
+            "gptq/obq: round block by block, later blocks' Hessians taken with the earlier blocks already rounded; "
+            "false = all Hessians from the FP model (parallel)"),
+    KeySpec("weights.hessian_samples", 16, int,
+            "gptq/obq: trajectories (at every calibration step) whose inputs form the Hessians", lo=1, hi=4096),
     KeySpec("activations.bits", 8, int,
-            "activation bits (per tensor); 4 and 6 are for quality studies on ORT (TensorRT takes 8-bit activations)",
-            choices=(4, 6, 8), planned=lambda v: v == 16),
+            "activation bits (per tensor); 16 = activations stay in floating point (weight-only, e.g. w4a16); 4 and "
+            "6 are for quality studies on ORT (TensorRT takes 8-bit activations)",
+            choices=(4, 6, 8, 16)),
     KeySpec("activations.observer", "mse", str, "how activation ranges are chosen from the calibration set",
             choices=("minmax", "percentile", "mse", "large_magnitude")),
     KeySpec("activations.percentile", 99.99, float, "percentile of |x| used by the percentile observer",
@@ -155,6 +167,10 @@ RECIPES: dict[str, Preset] = {
         Preset("w8a8", "int8 weights per output channel (RTN), int8 activations (MSE); TensorRT target"),
         Preset("w8a8-ort", "w8a8 for ONNX Runtime CPU: uint8 activations, quantized outputs (QLinear kernels)",
                {"target": "ort-cpu"}),
+        Preset("w4a8", "int4 weights (GPTQ, blocks of 64 input channels), int8 activations; TensorRT target",
+               {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64}),
+        Preset("w4a16", "int4 weights (GPTQ, blocks of 64 input channels), floating-point activations",
+               {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64, "activations.bits": 16}),
     )
 }
 

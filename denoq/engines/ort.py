@@ -63,6 +63,9 @@ def session_options(threads: int | None = 2, spinning: bool = False, level: str 
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: ORT warns about every NCHWc-optimized model it saves
+    # weight-only int4/int8 MatMuls fuse into MatMulNBits, whose default accuracy level 4 quantizes the activations
+    # to int8 on the fly: a graph without activation Q/DQ would not compute what it says; level 1 = fp32 compute
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
     return so
@@ -86,14 +89,22 @@ def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     `QDQSelectorActionTransformer` fuses a 4-bit `DQ → Conv → Q` into a QLinearConv, which rejects uint4 / int4
     ("Type 'tensor(uint4)' … QLinearConv"): session creation fails. ORT has no 4-bit activation kernels to lose,
     so graphs with 4-bit activations run their Q/DQ unfused.
+
+    The same transformer ignores `block_size` on an 8-bit blocked weight `DequantizeLinear` before a MatMul with
+    quantized activations (MatMulIntegerToFloat / QLinearMatMul then fail at run time: "Per-column quantization
+    parameter …", "weight zero point must be a scalar"); such graphs also run unfused.
     """
     inits = {i.name: i for i in model.graph.initializer}
     zero_point_types = {inits[node.input[2]].data_type for node in model.graph.node
                         if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in inits}
+    blocked_8bit = any(node.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in node.attribute)
+                       and node.input[0] in inits
+                       and inits[node.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                       for node in model.graph.node)
     disabled = []
     if onnx.TensorProto.INT8 in zero_point_types:
         disabled.append("MatMulAddFusion")
-    if zero_point_types & {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}:
+    if zero_point_types & {onnx.TensorProto.INT4, onnx.TensorProto.UINT4} or blocked_8bit:
         disabled.append("QDQSelectorActionTransformer")
     return disabled
 

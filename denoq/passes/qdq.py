@@ -2,10 +2,17 @@
 
 For each planned layer (found through the `denoq.layer_map` metadata, never by node order):
 
-- weight: the FP initializer `<module>.weight` is replaced by the plan's integers (int8 container, ONNX layout:
-  transposed for `[in, out]` MatMul weights), a float scale per output channel and int8 zeros, read through
+- weight: the FP initializer `<module>.weight` is replaced by the plan's integers (ONNX layout: transposed for
+  `[in, out]` MatMul weights), a float scale per output channel and zeros, read through
   `DequantizeLinear(axis=weight_axis)`. The DQ output keeps the name `<module>.weight`, so the layer map still
-  names the node's weight input. Integers are copied, never re-rounded.
+  names the node's weight input. Integers are copied, never re-rounded; they must lie in `qrange(weight_bits)`.
+- INT4 / blocked weights (opset 21): MatMul / Gemm weights of ≤ 4 bits are stored as ONNX `int4` (zero points
+  `int4` too), wider ones as int8; Conv weights always use the int8 container (4- and 3-bit values in int8).
+  A plan with `block_size` B > 0 gives `DequantizeLinear(axis=<input-channel axis>, block_size=B)`, that axis
+  taken from the layer map (0 for a transposed `[in, out]` MatMul weight, 1 for Gemm `[out, in]` and Conv
+  `[out, in, kh, kw]`); scale and zero point have the weight's shape with that axis divided by B (ONNX's blocked
+  rule), so a conv's `[out, in / B]` scales are repeated over kh, kw: exactly `LayerPlan.dequantized_weight`.
+  8-bit per-channel weights give the same bytes as before.
 - input activation: `QuantizeLinear → DequantizeLinear` in front of input 0 with the plan's (constant) scale
   and zero point (int8 when `signed`, else uint8). Nodes reading the same tensor with identical quantizer
   parameters share one pair (to_q / to_k / to_v); a tensor that is already `DQ(Q(·))` with identical parameters
@@ -46,6 +53,7 @@ from denoq.passes.rewire import redirect
 from denoq.plan import ActQuant, LayerPlan, QuantPlan, check_scale_table, qrange, selector_tables
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_WEIGHT_BITS = range(2, 9)  # ≤ 4 bits: int4 for MatMul / Gemm; otherwise (and always for Conv) the int8 container
 _ACT_BITS = (4, 6, 8)  # int4/uint4 and int8/uint8 are ONNX types; 6 bits saturate in the 8-bit container
 
 
@@ -70,6 +78,17 @@ class _Act:
         return None if self.bits in (4, 8) else qrange(self.bits, self.signed)
 
 
+@dataclass(frozen=True)
+class _Weight:
+    """The inputs and attributes of a layer's weight DequantizeLinear, in ONNX layout."""
+
+    ints: np.ndarray  # the plan's integers, int8 or ml_dtypes.int4 (`qtype`)
+    scale: np.ndarray  # float32: [out] per channel, else the weight's shape with axis `axis` divided by block_size
+    axis: int
+    block_size: int  # 0: per output channel (`axis` = weight_axis); else blocked along the input axis `axis`
+    qtype: ir.DataType
+
+
 @dataclass
 class _Layer:
     """A plan layer bound to its node in the graph (checked before anything is changed)."""
@@ -78,6 +97,7 @@ class _Layer:
     plan: LayerPlan
     node: ir.Node
     weight_int: np.ndarray  # ONNX layout
+    weight: _Weight
     ftype: ir.DataType  # the graph's float type for this layer (the FP weight's)
     input: _Act | None
     output: _Act | None
@@ -153,9 +173,6 @@ def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
         if node.op_type != ref.op_type or node.op_type not in LAYER_OP_TYPES:
             raise DenoqError(f"layer {name}: node {ref.node!r} is {node.op_type}, the layer map says "
                              f"{ref.op_type}; re-export the model")
-        if lp.block_size != 0:
-            raise DenoqError(f"layer {name}: blocked weights (block size {lp.block_size}) are not supported by "
-                             "insert_qdq yet; use per-channel weights (weights.group_size=0)")
         if not node.inputs or node.inputs[0] is None:
             raise DenoqError(f"layer {name}: node {ref.node!r} has no activation input; re-export the model")
         w = node.inputs[1] if len(node.inputs) > 1 else None
@@ -188,6 +205,9 @@ def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
         if node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0)) == ref.transposed:
             raise DenoqError(f"layer {name}: Gemm transB={node.attributes.get_int('transB', 0)} contradicts "
                              f"transposed={ref.transposed} in the layer map; re-export the model")
+        if lp.weight_bits not in _WEIGHT_BITS:
+            raise DenoqError(f"layer {name}: weights have {lp.weight_bits} bits; insert_qdq supports 2- to 8-bit "
+                             "weights, set weights.bits to 8, 4 or 3")
         lo, hi = qrange(lp.weight_bits, signed=True)
         if ints.size and (int(ints.min()) < lo or int(ints.max()) > hi):
             raise DenoqError(f"layer {name}: integer weights span [{ints.min()}, {ints.max()}], outside the "
@@ -196,6 +216,7 @@ def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
         if not np.all(np.isfinite(scale) & (scale > 0)):
             raise DenoqError(f"layer {name}: weight scales must be finite and positive; the plan is corrupt, "
                              "recalibrate")
+        weight = _weight(name, lp, ref, node.op_type, ints, scale, model.opset_imports.get("", 0))
         for role, q in (("input", lp.input), ("output", lp.output)):
             if q is not None:  # every table: length T, finite, positive
                 check_scale_table(name, role, q, plan.num_train_timesteps)
@@ -204,13 +225,43 @@ def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
             tables = selector_tables(name, lp.input, lp.output, plan.num_train_timesteps)
             if tables.ratio is not None:
                 selector.check_selector_layer(node, name, ftype)
-        layers.append(_Layer(ref=ref, plan=lp, node=node, weight_int=ints, ftype=ftype,
+        layers.append(_Layer(ref=ref, plan=lp, node=node, weight_int=ints, weight=weight, ftype=ftype,
                              input=_act(name, "input", lp.input, plan.target, ftype,
                                         None if tables is None else tables.input_scale),
                              output=_act(name, "output", lp.output, plan.target, ftype,
                                          None if tables is None else tables.output_scale),
                              ratio=None if tables is None or tables.ratio is None else tables.ratio.numpy()))
     return layers
+
+
+def _weight(layer: str, lp: LayerPlan, ref: LayerRef, op_type: str, ints: np.ndarray, scale: np.ndarray,
+            opset: int) -> _Weight:
+    """The weight DQ of `lp` (module docstring): `ints` are its integers in ONNX layout, `scale` its float32 scales
+    in plan layout (`[out]` or `[out, in / block_size]`)."""
+    perm = (1, 0) if ref.transposed else tuple(range(ints.ndim))  # ONNX axis i holds the PyTorch dimension perm[i]
+    if perm.index(0) != ref.weight_axis:
+        raise DenoqError(f"layer {layer}: weight_axis {ref.weight_axis} contradicts transposed={ref.transposed} in "
+                         "the layer map; re-export the model (the map is wrong)")
+    qtype = ir.DataType.INT4 if lp.weight_bits <= 4 and op_type != "Conv" else ir.DataType.INT8
+    block = lp.block_size
+    if block < 0:
+        raise DenoqError(f"layer {layer}: block size {block} is negative; set weights.group_size to 0 (per output "
+                         "channel) or a positive divisor of the input channels")
+    if (block or qtype == ir.DataType.INT4) and opset < 21:
+        what = f"blocked weights (block size {block})" if block else f"{lp.weight_bits}-bit int4 weights"
+        raise DenoqError(f"layer {layer}: {what} need ONNX opset >= 21 but the model uses opset {opset}; "
+                         "re-export with opset_version=21")
+    if block == 0:
+        return _Weight(ints=ints.astype(qtype.numpy()), scale=scale, axis=ref.weight_axis, block_size=0, qtype=qtype)
+    in_channels = lp.weight_int.shape[1]
+    if in_channels % block:
+        raise DenoqError(f"layer {layer}: block size {block} does not divide its {in_channels} input channels; "
+                         f"set weights.group_size to a divisor of {in_channels} (or 0 for per-channel weights)")
+    # [out, in / B] → [out, in / B, kh, kw] (repeated over the kernel) → ONNX layout, as the integers
+    full = np.broadcast_to(scale.reshape(*scale.shape, *([1] * (ints.ndim - 2))),
+                           (*scale.shape, *lp.weight_int.shape[2:]))
+    return _Weight(ints=ints.astype(qtype.numpy()), scale=np.ascontiguousarray(np.transpose(full, perm)),
+                   axis=perm.index(1), block_size=block, qtype=qtype)
 
 
 def _act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataType,
@@ -266,17 +317,16 @@ def _qdq(g: ir.Graph, x: ir.Value, a: _Act, module: str, role: str, ftype: ir.Da
 
 
 def _quantize_weight(g: ir.Graph, layer: _Layer) -> None:
-    node, ref, lp = layer.node, layer.ref, layer.plan
+    node, ref, w = layer.node, layer.ref, layer.weight
     fp = node.inputs[1]
     assert fp is not None
     del g.initializers[fp.name]
     prefix = ref.module + ".weight"
-    out_channels = layer.weight_int.shape[ref.weight_axis]
-    wq = _initializer(g, f"{prefix}_quantized", layer.weight_int)
-    scale = np.asarray(lp.weight_scale.detach().cpu().numpy(), dtype=np.float32).astype(layer.ftype.numpy())
-    ws = _initializer(g, f"{prefix}_scale", scale)
-    wz = _initializer(g, f"{prefix}_zero_point", np.zeros(out_channels, dtype=np.int8))
-    dq = ir.node("DequantizeLinear", [wq, ws, wz], attributes={"axis": ref.weight_axis},
+    wq = _initializer(g, f"{prefix}_quantized", w.ints)
+    ws = _initializer(g, f"{prefix}_scale", w.scale.astype(layer.ftype.numpy()))
+    wz = _initializer(g, f"{prefix}_zero_point", np.zeros(w.scale.shape, dtype=w.qtype.numpy()))
+    attributes = {"axis": w.axis} if w.block_size == 0 else {"axis": w.axis, "block_size": w.block_size}
+    dq = ir.node("DequantizeLinear", [wq, ws, wz], attributes=attributes,
                  name=f"{ref.module}/weight/DequantizeLinear",
                  outputs=[ir.val(f"{prefix}_dequantized", layer.ftype, ir.Shape(layer.weight_int.shape))])
     node.replace_input_with(1, dq.outputs[0])

@@ -1,0 +1,156 @@
+"""The weight stage: every planned layer's weights rounded by `weights.method` (rtn | obq | gptq).
+
+RTN needs no data. OBQ and GPTQ (`gptq.py`) minimize each layer's output error ‖WX − ŴX‖² on calibration inputs
+X, through the layer Hessian H = 2XXᵀ/N. The inputs are the FP calibration trajectories' states (a subset:
+every recorded step, the first `hessian_samples` trajectories), in one of two modes:
+
+- parallel: one forward pass of the FP model collects every layer's H at once; each layer is rounded against FP
+  inputs (fast, and what most PTQ tools do);
+- sequential (the papers' setting): the model's top-level blocks (conv_in, time embedding, each down / mid / up
+  block, the output head: the first component of the module name) are processed in the order the forward pass
+  reaches them; a block's Hessians are collected with every earlier block already holding its rounded weights, so
+  each layer compensates the error of the weights before it.
+
+A layer whose input channels `weights.group_size` does not divide keeps per-output-channel scales; the report
+lists those layers (`per_channel_layers`), and the manifest records them.
+
+Activations stay in floating point here (as in GPTQ); their quantizers are calibrated afterwards on the FP model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.gptq import (
+    GptqSettings,
+    HessianAccumulator,
+    WeightQuant,
+    gptq,
+    group_columns,
+    layer_output_error,
+    layer_plan,
+    obq,
+    rtn,
+    weight_matrix,
+)
+from denoq.plan import LayerPlan
+
+
+@dataclass(frozen=True)
+class WeightSettings:
+    """`method` and its rounding settings; `sequential` and `hessian_samples` only matter for obq / gptq."""
+
+    method: str
+    rounding: GptqSettings
+    sequential: bool = True
+    hessian_samples: int = 16
+
+
+def _block(name: str) -> str:
+    """The top-level block of a module name: `down_blocks.1` for `down_blocks.1.resnets.0.conv1`."""
+    head, _, rest = name.partition(".")
+    return f"{head}.{rest.partition('.')[0]}" if rest and rest.partition(".")[0].isdigit() else head
+
+
+def _forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> list[str]:
+    """The planned layers in the order one forward pass first calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None)
+               for name, m in layers.items()]
+    try:
+        x, t, cond = next(calib.batches(1))
+        with torch.no_grad():
+            model(x, t).sample if cond is None else model(x, t, cond).sample
+    finally:
+        for h in handles:
+            h.remove()
+    return order + sorted(set(layers) - set(order))
+
+
+def _hessians(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> dict[str, torch.Tensor]:
+    acc = {name: HessianAccumulator(m) for name, m in layers.items()}
+    handles = [a.attach() for a in acc.values()]
+    try:
+        with torch.no_grad():
+            for x, t, cond in calib.batches(64):
+                model(x, t).sample if cond is None else model(x, t, cond).sample
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: a.hessian for name, a in acc.items()}
+
+
+def layer_rounding(module: nn.Module, rounding: GptqSettings) -> GptqSettings:
+    """The layer's own settings: `group_size` blocks where they divide its input channels; a layer they do not
+    divide (e.g. 32 channels with group 64) keeps one scale per output channel (`round_weights` lists them)."""
+    if rounding.group_size and module.weight.shape[1] % rounding.group_size:
+        return dataclasses.replace(rounding, group_size=0)
+    return rounding
+
+
+def _round(module: nn.Module, h: torch.Tensor | None, settings: WeightSettings) -> WeightQuant:
+    w = weight_matrix(module).detach()
+    rounding = layer_rounding(module, settings.rounding)
+    cpg = group_columns(module, rounding.group_size) if rounding.group_size else None
+    if settings.method == "rtn" or h is None:
+        return rtn(w, rounding, cpg)
+    return (gptq if settings.method == "gptq" else obq)(w, h, rounding, cpg)
+
+
+def _per_channel(layers: dict[str, nn.Module], settings: WeightSettings) -> list[str]:
+    """The layers whose input channels `weights.group_size` does not divide (per-channel scales instead)."""
+    return sorted(n for n, m in layers.items() if settings.rounding.group_size
+                  and layer_rounding(m, settings.rounding).group_size == 0)
+
+
+def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, settings: WeightSettings,
+                  progress: bool = False) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
+    """Weight-only LayerPlans (activation quantizers unset) for `layers` of `model`, and a report: seconds, mode,
+    and per layer the output error proxy ½tr(ΔW H ΔWᵀ) against FP inputs relative to RTN's (obq / gptq only)."""
+    start = time.perf_counter()
+    if settings.method == "rtn":
+        plans = {name: layer_plan(name, m, _round(m, None, settings), layer_rounding(m, settings.rounding))
+                 for name, m in sorted(layers.items())}
+        return plans, {"method": "rtn", "seconds": round(time.perf_counter() - start, 2),
+                       "per_channel_layers": _per_channel(layers, settings)}
+    data = calib.take(list(range(len(calib.t))), min(settings.hessian_samples, calib.x[0].shape[0]))
+    work = copy.deepcopy(model).eval() if settings.sequential else model
+    work_layers = dict(work.named_modules())
+    order = _forward_order(model, layers, data)
+    blocks: dict[str, list[str]] = {}
+    for name in order:
+        blocks.setdefault(_block(name) if settings.sequential else "all", []).append(name)
+    fp_h = _hessians(model, layers, data)
+    plans: dict[str, LayerPlan] = {}
+    error_vs_rtn: dict[str, float] = {}
+    bar = tqdm(total=len(layers), desc=f"{settings.method} weights", unit="layer", disable=not progress)
+    for names in blocks.values():
+        hs = fp_h if work is model else _hessians(work, {n: work_layers[n] for n in names}, data)
+        for name in names:
+            module = layers[name]
+            wq = _round(module, hs[name], settings)
+            plans[name] = layer_plan(name, module, wq, layer_rounding(module, settings.rounding))
+            base = layer_output_error(weight_matrix(module).double(), _round(module, None, settings).dequantized()
+                                      .double(), fp_h[name])
+            error_vs_rtn[name] = layer_output_error(weight_matrix(module).double(), wq.dequantized().double(),
+                                                    fp_h[name]) / max(base, 1e-30)
+            if work is not model:
+                with torch.no_grad():
+                    work_layers[name].weight.copy_(plans[name].dequantized_weight())
+            bar.update()
+    bar.close()
+    ratios = sorted(error_vs_rtn.values())
+    return plans, {"method": settings.method, "sequential": settings.sequential,
+                   "hessian_inputs": len(data), "seconds": round(time.perf_counter() - start, 2),
+                   "per_channel_layers": _per_channel(layers, settings),
+                   "output_error_vs_rtn_median": ratios[len(ratios) // 2],
+                   "output_error_vs_rtn": {k: round(v, 4) for k, v in sorted(error_vs_rtn.items())}}

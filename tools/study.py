@@ -1,0 +1,245 @@
+"""Quality studies over recipe variants, measured side by side in one run: each variant is compiled, its Q/DQ
+graph samples in ONNX Runtime from the same noise as the FP graph, and FD-digits / PSNR vs FP are reported with
+the calibration time.
+
+Two matrices (`--matrix`):
+
+- `timegroups` (ADP-DM timestep groups): `w8a8` (TensorRT profile) on one calibration budget for every row,
+  `calib.samples` trajectories of `--pool` DDIM steps of which `--k` steps calibrate, chosen by
+  `activations.calib_timesteps`. Rows: A8 with G ∈ `--groups` × rule ∈ `--strategies` (exact DP partition); A8,
+  uniform steps, ADP-DM's differentiable search, G ∈ `--search-groups`; A6 and A4 (`--low-bits`, int4 / clipped
+  int8 Q/DQ that ORT runs unfused; TensorRT takes 8-bit activations only), uniform, G ∈ `--low-bit-groups`.
+- `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
+  of `--group-sizes` (0 = per output channel) and OBQ at `--obq-group-sizes`. Also reported: the median over
+  layers of each layer's output error relative to RTN on FP inputs, and the weight bytes on disk vs FP32.
+
+Rows run in `--jobs` worker processes with one thread each (calibration times are therefore measured under that
+load). Every row is evaluated with the first sampler of `--samplers` (`ddim50:512` = DDIM, 50 steps, η = 0, 512
+samples), the rows a matrix marks as main with all of them. Output: the markdown table on stdout, everything in
+`OUT/study.json`, PSNR vs the swept parameter in `OUT/study.png`.
+
+    OMP_NUM_THREADS=1 python tools/study.py --matrix timegroups --out /tmp/study 2>&1 | tee /tmp/study.log
+    OMP_NUM_THREADS=1 python tools/study.py --matrix weights --model /tmp/digits-b --out /tmp/wstudy
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compiled variant: its name, preset and overrides, the table's label columns, the plot's series and x,
+    and whether every sampler evaluates it (`main`) or only the first."""
+
+    name: str
+    preset: str
+    sets: tuple[str, ...]
+    labels: tuple[tuple[str, str], ...]
+    series: str
+    x: int
+    main: bool
+
+
+def parse_sampler(text: str) -> tuple[str, int, int]:
+    """`ddim50:512` → ("ddim", 50, 512)."""
+    head, _, n = text.partition(":")
+    kind = head.rstrip("0123456789")
+    if kind not in ("ddim", "ddpm") or not head[len(kind):].isdigit() or not n.isdigit():
+        raise SystemExit(f"--samplers item {text!r} must look like ddim50:512 or ddpm1000:128")
+    return kind, int(head[len(kind):]), int(n)
+
+
+def timegroup_rows(args: argparse.Namespace) -> list[Row]:
+    budget = (f"calib.steps={args.pool}", f"calib.timesteps={args.k}")
+    out = []
+    for g in args.groups:
+        for strategy in args.strategies:
+            out.append(Row(f"a8-{strategy}-g{g}", "w8a8",
+                           (*budget, f"activations.calib_timesteps={strategy}", f"activations.timestep_groups={g}"),
+                           (("bits", "A8"), ("G", str(g)), ("timesteps", strategy), ("groups", "dp")),
+                           f"A8 {strategy}", g, True))
+    for g in args.search_groups:
+        out.append(Row(f"a8-uniform-g{g}-search", "w8a8",
+                       (*budget, f"activations.timestep_groups={g}", "activations.group_search=differentiable"),
+                       (("bits", "A8"), ("G", str(g)), ("timesteps", "uniform"), ("groups", "differentiable")),
+                       "A8 uniform + search", g, False))
+    for bits in args.low_bits:
+        for g in args.low_bit_groups:
+            out.append(Row(f"a{bits}-uniform-g{g}", "w8a8",
+                           (*budget, f"activations.bits={bits}", f"activations.timestep_groups={g}"),
+                           (("bits", f"A{bits}"), ("G", str(g)), ("timesteps", "uniform"), ("groups", "dp")),
+                           f"A{bits} uniform", g, False))
+    return out
+
+
+def weight_rows(args: argparse.Namespace) -> list[Row]:
+    def row(preset: str, method: str, group: int, main: bool) -> Row:
+        return Row(f"{preset}-{method}-g{group}", preset, (f"weights.method={method}", f"weights.group_size={group}"),
+                   (("recipe", preset.upper()), ("method", method), ("group", str(group or "channel"))),
+                   f"{preset.upper()} {method}", group, main)
+
+    out = [row("w8a8", m, 0, True) for m in ("rtn", "gptq")]
+    for preset in ("w4a8", "w4a16"):
+        for g in args.group_sizes:
+            out += [row(preset, "rtn", g, g == 0), row(preset, "gptq", g, g == 0)]
+        out += [row(preset, "obq", g, False) for g in args.obq_group_sizes]
+    return out
+
+
+MATRICES = {"timegroups": timegroup_rows, "weights": weight_rows}
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
+    from denoq.compiler.pipeline import compile_model
+    from denoq.compiler.recipe import load_recipe
+
+    art = compile_model(model, load_recipe(row.preset, row.sets), out / "artifacts" / row.name, force=True,
+                        progress=False, quiet=True)
+    cal = art.manifest["calibration"]
+    weights = cal.get("weights", {})
+    return {"calib_seconds": cal["seconds"], "timesteps": cal["timesteps"],
+            "selection": cal.get("timestep_selection", {}), "search_terms": cal.get("group_search", {}),
+            "weight_error_vs_rtn": weights.get("output_error_vs_rtn_median"),
+            "weight_seconds": weights.get("seconds"),
+            "weight_bytes": art.manifest["weights"]["qdq_bytes"],
+            "fp_weight_bytes": art.manifest["weights"]["fp32_bytes"]}
+
+
+def sample_graph(onnx_path: Path, model: str, sampler: str, seed: int) -> torch.Tensor:
+    from denoq.compiler.load import load_model
+    from denoq.engines.ort import OrtBackend
+    from denoq.sampling import NoiseSchedule, sample
+
+    kind, steps, n = parse_sampler(sampler)
+    spec = load_model(model)
+    return sample(OrtBackend(onnx_path, threads=1), NoiseSchedule.from_config(spec.scheduler_config), sampler=kind,
+                  steps=steps, shape=(n, *spec.sample_shape), generator=torch.Generator().manual_seed(seed),
+                  progress=False)
+
+
+def study_png(results: list[dict[str, Any]], sampler: str, xlabel: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        q = r["quality"].get(sampler)
+        if q is not None:
+            series.setdefault(r["series"], []).append((r["x"], q["psnr_vs_fp"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([max(x, 1) for x, _ in pts], [p for _, p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("PSNR vs FP (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--matrix", choices=sorted(MATRICES), required=True)
+    p.add_argument("--model", default="digits", help="embedded model name or diffusers pipeline folder")
+    p.add_argument("--out", type=Path, required=True, help="folder for artifacts, study.json, study.png")
+    p.add_argument("--samplers", type=lambda s: s.split(","), default=["ddim50:512", "ddpm1000:128"])
+    p.add_argument("--groups", type=ints, default=[1, 2, 4, 8], help="timegroups: G values")
+    p.add_argument("--strategies", type=lambda s: s.split(","), default=["uniform", "normal", "srm"])
+    p.add_argument("--search-groups", type=ints, default=[2, 4, 8])
+    p.add_argument("--low-bits", type=ints, default=[6, 4])
+    p.add_argument("--low-bit-groups", type=ints, default=[1, 4, 8])
+    p.add_argument("--pool", type=int, default=50, help="timegroups: recorded DDIM steps per trajectory")
+    p.add_argument("--k", type=int, default=16, help="timegroups: calibration steps chosen from them")
+    p.add_argument("--group-sizes", type=ints, default=[0, 32, 64, 128], help="weights: 0 = per output channel")
+    p.add_argument("--obq-group-sizes", type=ints, default=[0, 64])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2)
+    args = p.parse_args(argv)
+    for s in args.samplers:
+        parse_sampler(s)
+    from denoq.metrics import fd_digits, psnr
+
+    todo = MATRICES[args.matrix](args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+        print(f"compiling {len(todo)} variants with {args.jobs} jobs …", file=sys.stderr, flush=True)
+        compiled = dict(zip([r.name for r in todo],
+                            pool.map(compile_row, todo, [args.model] * len(todo), [args.out] * len(todo)),
+                            strict=True))
+        samplers = {r.name: args.samplers if r.main else args.samplers[:1] for r in todo}
+        tasks = [(None, s) for s in args.samplers] + [(r.name, s) for r in todo for s in samplers[r.name]]
+        print(f"sampling {len(tasks)} (graph, sampler) pairs …", file=sys.stderr, flush=True)
+        paths = [args.out / "artifacts" / (todo[0].name if name is None else name) /
+                 ("model.fp.onnx" if name is None else "model.qdq.onnx") for name, _ in tasks]
+        samples = dict(zip(tasks, pool.map(sample_graph, paths, [args.model] * len(tasks), [s for _, s in tasks],
+                                           [args.seed] * len(tasks)), strict=True))
+    fp = {s: {"fd_digits": fd_digits(samples[(None, s)])} for s in args.samplers}
+    results = []
+    for r in todo:
+        quality = {}
+        for s in samplers[r.name]:
+            x = samples[(r.name, s)]
+            fd = fd_digits(x)
+            quality[s] = {"fd_digits": fd, "fd_ratio": fd / fp[s]["fd_digits"],
+                          "psnr_vs_fp": psnr(x, samples[(None, s)])}
+        results.append({**asdict(r), **compiled[r.name], "quality": quality})
+    report = {"fp": fp, "rows": results, "seconds": round(time.perf_counter() - start, 1),
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
+    xlabel = "timestep groups G" if args.matrix == "timegroups" else "weight group size (1 = per output channel)"
+    title = f"{args.model}: {args.matrix} study in ONNX Runtime, {args.samplers[0]}"
+    (args.out / "study.png").write_bytes(study_png(results, args.samplers[0], xlabel, title))
+    print_table(args.matrix, results, fp, args.samplers)
+    print(f"(wrote {args.out / 'study.json'} and {args.out / 'study.png'} in {report['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+def print_table(matrix: str, results: list[dict[str, Any]], fp: dict[str, Any], samplers: list[str]) -> None:
+    print("FP: " + ", ".join(f"{s} FD-digits {fp[s]['fd_digits']:.2f}" for s in samplers))
+    labels = [k for k, _ in results[0]["labels"]]
+    extra = ["calib s"] if matrix == "timegroups" else ["layer error / RTN", "weight bytes / FP32", "calib s"]
+    head = [*labels, *(f"{s}: FD (×FP) · PSNR" for s in samplers), *extra]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in results:
+        cells = [v for _, v in r["labels"]]
+        for s in samplers:
+            q = r["quality"].get(s)
+            cells.append("—" if q is None else
+                         f"{q['fd_digits']:.2f} (×{q['fd_ratio']:.3f}) · {q['psnr_vs_fp']:.2f} dB")
+        if matrix == "weights":
+            err = r["weight_error_vs_rtn"]
+            cells += ["—" if err is None else f"{err:.3f}", f"{r['weight_bytes'] / r['fp_weight_bytes']:.3f}"]
+        cells.append(f"{r['calib_seconds']:.1f}")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
