@@ -281,14 +281,18 @@ def run_torch(module: torch.nn.Module, plan: QuantPlan, *args: torch.Tensor) -> 
     return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = "all") -> list[np.ndarray]:
-    """ONNX Runtime CPU, one thread; `all` optimizations (QDQ → integer kernels) or `disable`."""
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = "all",
+            config: dict[str, str] | None = None) -> list[np.ndarray]:
+    """ONNX Runtime CPU, one thread; `all` optimizations (QDQ → integer kernels) or `disable`; the engine's
+    workarounds (`disabled_optimizers`) and extra session `config` entries."""
     so = ort.SessionOptions()
     so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled_optimizers(model))
     return sess.run(None, feeds)

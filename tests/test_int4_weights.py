@@ -32,13 +32,21 @@ import io
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from _qdq_models import SINGLE_SHAPES, Single, dyadic_biases, dyadic_plan, export_fp, run_reference, single_t, tiny
+from _qdq_models import (
+    SINGLE_SHAPES,
+    Single,
+    dyadic_biases,
+    dyadic_plan,
+    export_fp,
+    run_ort,
+    run_reference,
+    single_t,
+    tiny,
+)
 from test_selector import _sim
 
-from denoq.engines.ort import disabled_optimizers
 from denoq.errors import DenoqError
 from denoq.layermap import read_layer_map
 from denoq.passes import InsertQDQ, PassManager
@@ -48,22 +56,6 @@ ACTS = ("trt", "ort-cpu", "none")  # none: no activation quantizers (W4A16 / W8A
 BLOCKS = {"conv": (0, 2, 4), "gemm": (0, 4, 16), "matmul": (0, 4, 16)}  # conv: 4 input channels, linear: 16
 CASES = [(kind, bits, block) for kind in BLOCKS for bits in (3, 4, 8) for block in BLOCKS[kind]]
 FP32_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "1"}
-
-
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = "all",
-            config: dict[str, str] | None = None) -> list[np.ndarray]:
-    """ONNX Runtime CPU, one thread, the workarounds (`_disabled_optimizers`), extra session `config`."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    for key, value in (config or {}).items():
-        so.add_session_config_entry(key, value)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled_optimizers(model))
-    return sess.run(None, feeds)
 
 
 EXECUTORS = {"reference": run_reference, "ort-disable": lambda m, f: run_ort(m, f, "disable"),
