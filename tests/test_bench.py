@@ -113,3 +113,15 @@ def test_tiny_end_to_end(bench, tiny_pipeline, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "## Latency per model call" in printed and "ORT quantize_static" in printed
     assert "## Timestep selector overhead" in printed and "denoq ort-cpu G=2" in printed
+
+
+def test_gptq_timing_table(bench):
+    """The GPTQ / OBQ timing section: one entry per width, OBQ only up to its limit, slopes from ≥ 2 widths, and
+    the markdown table names both (times themselves are not asserted: speed lives in the benchmark)."""
+    r = bench.bench_gptq([32, 64, 96], rows=16, obq_max_cols=64, seed=0)
+    assert [e["cols"] for e in r["layers"]] == [32, 64, 96]
+    assert all(e["gptq_s"] > 0 for e in r["layers"]) and "obq_s" not in r["layers"][-1]
+    assert np.isfinite(r["gptq_slope"]) and np.isfinite(r["obq_slope"])
+    table = bench.gptq_table(r)
+    assert "| 96 |" in table and table.count("\n|") == 5 and "log-log slope" in table
+    assert bench.parse_args(["--gptq-cols", ""]).gptq_cols == []

@@ -610,8 +610,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="reuse artifacts of the same recipe found in --out-dir (and the peer's graph as found)")
     p.add_argument("--peer-preprocess", action="store_true",
                    help="run onnxruntime's quant_pre_process before quantize_static (slower graphs here; off)")
+    p.add_argument("--gptq-cols", default="256,512,1024,2048",
+                   help="GPTQ timing: comma-separated column counts of random layers; empty = skip (default: "
+                        "256,512,1024,2048)")
+    p.add_argument("--gptq-rows", type=int, default=512, help="GPTQ timing: rows of each random layer (default: 512)")
+    p.add_argument("--obq-max-cols", type=int, default=512, help="GPTQ timing: also time OBQ up to this many columns")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     args = p.parse_args(argv)
+    args.gptq_cols = [int(c) for c in args.gptq_cols.split(",") if c.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if args.groups < 1:
@@ -652,16 +658,70 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         prep = prepared[args.quality_model]
         report["quality"] = {"model": prep.name, **bench_quality(prep, steps=args.steps, seed=args.seed, n=args.n,
                                                                  threads=args.threads)}
+    if args.gptq_cols:
+        report["gptq"] = bench_gptq(args.gptq_cols, args.gptq_rows, args.obq_max_cols, args.seed)
     report["environment"]["loadavg_end"] = list(os.getloadavg())
     report["seconds"] = round(time.perf_counter() - _T0, 1)
     return report
+
+
+# -- GPTQ / OBQ timing ---------------------------------------------------------------------------------------
+
+def bench_gptq(cols_list: list[int], rows: int, obq_max_cols: int, seed: int) -> dict[str, Any]:
+    """Seconds of GPTQ (4-bit, per channel, block 128) and OBQ on random `[rows, cols]` layers whose Hessian comes
+    from correlated random inputs (rank cols/4 + noise, 2·cols samples), float64, on CUDA when torch has it. GPTQ
+    is O(rows·cols² + cols³) and OBQ O(rows·cols³): the fitted log-log slope of time vs cols shows the growth."""
+    from denoq.calibrators.gptq import GptqSettings, gptq, obq
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(seed)
+    settings = GptqSettings(bits=4)
+    out: dict[str, Any] = {"device": device, "rows": rows, "threads": torch.get_num_threads(), "layers": []}
+    warm = torch.eye(32, dtype=torch.float64, device=device)
+    gptq(torch.randn(8, 32, generator=g).to(device), warm, settings)  # first-call overheads out of the timings
+    obq(torch.randn(8, 32, generator=g).to(device), warm, settings)
+    for cols in cols_list:
+        basis = torch.randn(cols, cols // 4, generator=g, dtype=torch.float64)
+        x = basis @ torch.randn(cols // 4, 2 * cols, generator=g, dtype=torch.float64)
+        x += 0.1 * torch.randn(cols, 2 * cols, generator=g, dtype=torch.float64)
+        h = (2 * x @ x.T / x.shape[1]).to(device)
+        w = torch.randn(rows, cols, generator=g).to(device)
+        entry: dict[str, Any] = {"cols": cols}
+        for name, fn in (("gptq", gptq), ("obq", obq)):
+            if name == "obq" and cols > obq_max_cols:
+                continue
+            start = time.perf_counter()
+            fn(w, h, settings)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            entry[f"{name}_s"] = time.perf_counter() - start
+        log(f"gptq timing: {rows}×{cols}: " + ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k != "cols"))
+        out["layers"].append(entry)
+    for name in ("gptq", "obq"):
+        pts = [(e["cols"], e[f"{name}_s"]) for e in out["layers"] if f"{name}_s" in e]
+        if len(pts) >= 2:
+            lx = np.log([c for c, _ in pts])
+            ly = np.log([max(t, 1e-9) for _, t in pts])
+            out[f"{name}_slope"] = float(np.polyfit(lx, ly, 1)[0])
+    return out
+
+
+def gptq_table(r: dict[str, Any]) -> str:
+    lines = [f"{r['rows']} rows, 4-bit, per channel, on {r['device']} ({r['threads']} torch threads); "
+             f"log-log slope of time vs columns: GPTQ {r.get('gptq_slope', float('nan')):.2f}"
+             + (f", OBQ {r['obq_slope']:.2f}" if "obq_slope" in r else ""), "",
+             "| columns | GPTQ s | OBQ s |", "|---|---|---|"]
+    for e in r["layers"]:
+        obq_s = f"{e['obq_s']:.2f}" if "obq_s" in e else "—"
+        lines.append(f"| {e['cols']} | {e['gptq_s']:.2f} | {obq_s} |")
+    return "\n".join(lines)
 
 
 def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     """The markdown sections printed to stdout."""
     timed = {m: r for m, r in report["models"].items() if "latency" in r}
     fused = {m: r for m, r in report["models"].items() if "fusion" in r}
-    parts = ["## Models\n", models_table(report["models"])]
+    parts = ["## Models\n", models_table(report["models"])] if report["models"] else []
     if timed:
         parts += ["\n## Latency per model call\n", latency_table(timed, args.threads, args.rounds)]
         if any(k in per for r in timed.values() for per in r["latency"].values() for k in SELECTORS):
@@ -671,6 +731,8 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     if "quality" in report:
         model = report["quality"]["model"]
         parts += ["\n## Sample quality\n", quality_table(model, report["quality"], report["models"][model]["info"])]
+    if "gptq" in report:
+        parts += ["\n## GPTQ / OBQ time vs layer width\n", gptq_table(report["gptq"])]
     env = report["environment"]
     parts.append(f"\nRun: {report['seconds']:.0f} s on {env['cpu_count']} CPUs (load average "
                  f"{env['loadavg_start'][0]:.1f} → {env['loadavg_end'][0]:.1f}), onnxruntime "
