@@ -153,3 +153,41 @@ def test_timestep_groups_need_quantized_activations(tiny_pipeline, tmp_path):
     with pytest.raises(DenoqError, match="needs quantized activations"):
         compile_model(str(tiny_pipeline), recipe, tmp_path / "art", progress=False, quiet=True)
     assert not (tmp_path / "art").exists()
+
+
+def test_fallbacks_are_reported(model_and_calib, monkeypatch):
+    """A layer no calibration input reaches is rounded to nearest; a Hessian that is not positive definite is
+    dampened more (enough at 10× here), or rounded to nearest when even 100× fails; the report names each case."""
+    import copy
+
+    import denoq.calibrators.weights as weights_mod
+
+    unet, layers, calib = model_and_calib
+    model = copy.deepcopy(unet)
+    model.unused = torch.nn.Linear(16, 16)  # never called by the forward pass
+    layers = quantizable_layers(model)
+    linear = sorted(n for n, m in layers.items() if isinstance(m, torch.nn.Linear) and n != "unused")
+    shifted, broken = linear[0], linear[1]
+    real = weights_mod._hessians
+
+    def tampered(model_, layers_, calib_):
+        hs = real(model_, layers_, calib_)
+        if shifted in hs:  # smallest eigenvalue −5% of the mean diagonal: damp 0.01 fails, 0.1 succeeds
+            h = hs[shifted]
+            lo = torch.linalg.eigvalsh(h)[0]
+            hs[shifted] = h - (lo + 0.05 * h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype)
+        if broken in hs:
+            hs[broken] = -torch.eye(hs[broken].shape[0], dtype=torch.float64)
+        return hs
+
+    monkeypatch.setattr(weights_mod, "_hessians", tampered)
+    plans, info = round_weights(model, layers, calib, WeightSettings("gptq", GptqSettings(bits=4), False, 4))
+    fb = info["fallbacks"]
+    assert sorted(fb) == sorted(["unused", shifted, broken])
+    assert fb["unused"] == "no calibration input reached the layer: round to nearest"
+    assert fb[shifted] == "Hessian not positive definite at weights.damp=0.01: dampened with 0.1"
+    assert fb[broken] == "Hessian not positive definite even at weights.damp=1: round to nearest"
+    rtn_plans, _ = round_weights(model, layers, calib, WeightSettings("rtn", GptqSettings(bits=4)))
+    for name in ("unused", broken):
+        assert torch.equal(plans[name].weight_int, rtn_plans[name].weight_int)
+    assert not torch.equal(plans[shifted].weight_int, rtn_plans[shifted].weight_int)

@@ -263,11 +263,15 @@ def _prepare(w: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tenso
     return w, h
 
 
+class HessianNotPositiveDefinite(DenoqError):
+    """The dampened Hessian has no Cholesky factor (callers may retry with more dampening)."""
+
+
 def _cholesky(h: torch.Tensor, upper: bool = False) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(h, upper=upper)
     if int(info) != 0:
-        raise DenoqError("the layer Hessian is not positive definite after dampening; raise weights.damp (e.g. "
-                         "0.1) or calibrate with more samples")
+        raise HessianNotPositiveDefinite("the layer Hessian is not positive definite after dampening; raise "
+                                         "weights.damp (e.g. 0.1) or calibrate with more samples")
     return factor
 
 

@@ -11,8 +11,10 @@ every recorded step, the first `hessian_samples` trajectories), in one of two mo
   reaches them; a block's Hessians are collected with every earlier block already holding its rounded weights, so
   each layer compensates the error of the weights before it.
 
-A layer whose input channels `weights.group_size` does not divide keeps per-output-channel scales; the report
-lists those layers (`per_channel_layers`), and the manifest records them.
+A layer whose input channels `weights.group_size` does not divide keeps per-output-channel scales
+(`per_channel_layers` in the report). Where OBQ / GPTQ cannot run, the report's `fallbacks` say what was done: a
+layer no calibration input reached is rounded to nearest; a Hessian with no Cholesky factor after dampening is
+dampened 10× and 100× more (the paper's remedy, λ is a fraction of the mean diagonal), then rounded to nearest.
 
 Activations stay in floating point here (as in GPTQ); their quantizers are calibrated afterwards on the FP model.
 """
@@ -33,6 +35,7 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.gptq import (
     GptqSettings,
     HessianAccumulator,
+    HessianNotPositiveDefinite,
     WeightQuant,
     gptq,
     group_columns,
@@ -43,6 +46,8 @@ from denoq.calibrators.gptq import (
     weight_matrix,
 )
 from denoq.plan import LayerPlan
+
+DAMP_RETRIES = (10.0, 100.0)  # dampening multipliers tried when the Cholesky factorization fails
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ def _forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: Calibr
     return order + sorted(set(layers) - set(order))
 
 
-def _hessians(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> dict[str, torch.Tensor]:
+def _hessians(model: nn.Module, layers: dict[str, nn.Module],
+              calib: CalibrationSet) -> dict[str, torch.Tensor | None]:
+    """Every layer's H over `calib` (None for a layer the forward pass never reached)."""
     acc = {name: HessianAccumulator(m) for name, m in layers.items()}
     handles = [a.attach() for a in acc.values()]
     try:
@@ -86,7 +93,7 @@ def _hessians(model: nn.Module, layers: dict[str, nn.Module], calib: Calibration
     finally:
         for h in handles:
             h.remove()
-    return {name: a.hessian for name, a in acc.items()}
+    return {name: a.hessian if a.count else None for name, a in acc.items()}
 
 
 def layer_rounding(module: nn.Module, rounding: GptqSettings) -> GptqSettings:
@@ -104,6 +111,26 @@ def _round(module: nn.Module, h: torch.Tensor | None, settings: WeightSettings) 
     if settings.method == "rtn" or h is None:
         return rtn(w, rounding, cpg)
     return (gptq if settings.method == "gptq" else obq)(w, h, rounding, cpg)
+
+
+def _round_or_fall_back(module: nn.Module, h: torch.Tensor | None,
+                        settings: WeightSettings) -> tuple[WeightQuant, str | None]:
+    """`_round`, and where OBQ / GPTQ cannot run, what is done instead (with the reason, for the report):
+    a layer no calibration input reached is rounded to nearest; a Hessian without a Cholesky factor after
+    dampening is retried with DAMP_RETRIES × more dampening, then rounded to nearest."""
+    if h is None:
+        return _round(module, None, settings), "no calibration input reached the layer: round to nearest"
+    damp = settings.rounding.damp
+    for factor in (1.0, *DAMP_RETRIES):
+        retry = dataclasses.replace(settings, rounding=dataclasses.replace(settings.rounding, damp=damp * factor))
+        try:
+            wq = _round(module, h, retry)
+        except HessianNotPositiveDefinite:
+            continue
+        return wq, None if factor == 1.0 else (f"Hessian not positive definite at weights.damp={damp:g}: "
+                                               f"dampened with {damp * factor:g}")
+    return (_round(module, None, settings),
+            f"Hessian not positive definite even at weights.damp={damp * DAMP_RETRIES[-1]:g}: round to nearest")
 
 
 def _per_channel(layers: dict[str, nn.Module], settings: WeightSettings) -> list[str]:
@@ -132,25 +159,29 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     fp_h = _hessians(model, layers, data)
     plans: dict[str, LayerPlan] = {}
     error_vs_rtn: dict[str, float] = {}
+    fallbacks: dict[str, str] = {}
     bar = tqdm(total=len(layers), desc=f"{settings.method} weights", unit="layer", disable=not progress)
     for names in blocks.values():
         hs = fp_h if work is model else _hessians(work, {n: work_layers[n] for n in names}, data)
         for name in names:
             module = layers[name]
-            wq = _round(module, hs[name], settings)
+            wq, fallback = _round_or_fall_back(module, hs[name], settings)
+            if fallback is not None:
+                fallbacks[name] = fallback
             plans[name] = layer_plan(name, module, wq, layer_rounding(module, settings.rounding))
-            base = layer_output_error(weight_matrix(module).double(), _round(module, None, settings).dequantized()
-                                      .double(), fp_h[name])
-            error_vs_rtn[name] = layer_output_error(weight_matrix(module).double(), wq.dequantized().double(),
-                                                    fp_h[name]) / max(base, 1e-30)
+            if fp_h[name] is not None:
+                base = layer_output_error(weight_matrix(module).double(),
+                                          _round(module, None, settings).dequantized().double(), fp_h[name])
+                error_vs_rtn[name] = layer_output_error(weight_matrix(module).double(), wq.dequantized().double(),
+                                                        fp_h[name]) / max(base, 1e-30)
             if work is not model:
                 with torch.no_grad():
                     work_layers[name].weight.copy_(plans[name].dequantized_weight())
             bar.update()
     bar.close()
-    ratios = sorted(error_vs_rtn.values())
+    ratios = sorted(error_vs_rtn.values()) or [1.0]
     return plans, {"method": settings.method, "sequential": settings.sequential,
                    "hessian_inputs": len(data), "seconds": round(time.perf_counter() - start, 2),
-                   "per_channel_layers": _per_channel(layers, settings),
+                   "per_channel_layers": _per_channel(layers, settings), "fallbacks": fallbacks,
                    "output_error_vs_rtn_median": ratios[len(ratios) // 2],
                    "output_error_vs_rtn": {k: round(v, 4) for k, v in sorted(error_vs_rtn.items())}}

@@ -184,7 +184,12 @@ def _calibration_summary(art: Artifact) -> dict[str, Any]:
              + "".join(f", {k} {v:.4g}" for k, v in sorted(selection.items()) if k != "strategy")
              + f"); groups by {search['method']}"
              + "".join(f", {k} {v:.4g}" for k, v in sorted(search.items()) if k != "method"))
-    return {"timesteps": cal["timesteps"], "selection": selection, "group_search": search, "text": words}
+    weights = cal.get("weights", {"method": "rtn"})
+    words += f"; weights by {weights['method']}"
+    if weights.get("fallbacks"):
+        words += " (" + "; ".join(f"{k}: {v}" for k, v in sorted(weights["fallbacks"].items())) + ")"
+    return {"timesteps": cal["timesteps"], "selection": selection, "group_search": search, "weights": weights,
+            "text": words}
 
 
 def _groups_text(summary: dict[str, Any]) -> str:

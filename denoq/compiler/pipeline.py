@@ -99,6 +99,8 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
         log(f"weights.group_size={recipe['weights.group_size']} does not divide the input channels of "
             f"{len(weight_info['per_channel_layers'])} layer(s); they use per-output-channel scales "
             "(manifest calibration.weights.per_channel_layers)", not progress)
+    for name, why in weight_info.get("fallbacks", {}).items():
+        log(f"weights of {name}: {why}", not progress)
     stats = {} if recipe["activations.bits"] > 8 else collect_stats(
         fp, layers, calib, outputs=target == "ort-cpu", seed=recipe["seed"], progress=progress)
     observer = ObserverSettings(method=recipe["activations.observer"], bits=recipe["activations.bits"],
