@@ -10,7 +10,8 @@ Two matrices (`--matrix`):
   uniform steps, ADP-DM's differentiable search, G ∈ `--search-groups`; A6 and A4 (`--low-bits`, int4 / clipped
   int8 Q/DQ that ORT runs unfused; TensorRT takes 8-bit activations only), uniform, G ∈ `--low-bit-groups`.
 - `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
-  of `--group-sizes` (0 = per output channel) and OBQ at `--obq-group-sizes`. Also reported: the median over
+  of `--group-sizes` (0 = per output channel), GPTQ per channel in parallel mode (Hessians from the FP model
+  only), and OBQ at `--obq-group-sizes`. Also reported: the median over
   layers of each layer's output error relative to RTN on FP inputs, and the weight bytes on disk vs FP32.
 
 Rows run in `--jobs` worker processes with one thread each (calibration times are therefore measured under that
@@ -28,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -85,15 +87,18 @@ def timegroup_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def weight_rows(args: argparse.Namespace) -> list[Row]:
-    def row(preset: str, method: str, group: int, main: bool) -> Row:
-        return Row(f"{preset}-{method}-g{group}", preset, (f"weights.method={method}", f"weights.group_size={group}"),
-                   (("recipe", preset.upper()), ("method", method), ("group", str(group or "channel"))),
-                   f"{preset.upper()} {method}", group, main)
+    def row(preset: str, method: str, group: int, main: bool, sequential: bool = True) -> Row:
+        mode = "" if sequential else " parallel"
+        return Row(f"{preset}-{method}{mode.replace(' ', '-')}-g{group}", preset,
+                   (f"weights.method={method}", f"weights.group_size={group}", f"weights.sequential={sequential}"),
+                   (("recipe", preset.upper()), ("method", method + mode), ("group", str(group or "channel"))),
+                   f"{preset.upper()} {method}{mode}", group, main)
 
     out = [row("w8a8", m, 0, True) for m in ("rtn", "gptq")]
     for preset in ("w4a8", "w4a16"):
         for g in args.group_sizes:
             out += [row(preset, "rtn", g, g == 0), row(preset, "gptq", g, g == 0)]
+        out += [row(preset, "gptq", 0, False, sequential=False)]
         out += [row(preset, "obq", g, False) for g in args.obq_group_sizes]
     return out
 
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=16, help="timegroups: calibration steps chosen from them")
     p.add_argument("--group-sizes", type=ints, default=[0, 32, 64, 128], help="weights: 0 = per output channel")
     p.add_argument("--obq-group-sizes", type=ints, default=[0, 64])
+    p.add_argument("--only", default="", help="regular expression: run only the rows whose name matches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
@@ -184,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         parse_sampler(s)
     from denoq.metrics import fd_digits, psnr
 
-    todo = MATRICES[args.matrix](args)
+    todo = [r for r in MATRICES[args.matrix](args) if re.search(args.only, r.name)]
+    if not todo:
+        raise SystemExit(f"no {args.matrix} row matches --only {args.only!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
