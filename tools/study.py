@@ -26,7 +26,6 @@ samples), the rows a matrix marks as main with all of them. Output: the markdown
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -144,6 +143,8 @@ def study_png(results: list[dict[str, Any]], sampler: str, xlabel: str, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from denoq.figures import figure_png
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
@@ -159,11 +160,7 @@ def study_png(results: list[dict[str, Any]], sampler: str, xlabel: str, title: s
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from denoq.figures import figure_png
+
 UPSCALE = 4
 
 
@@ -60,15 +62,6 @@ def side_by_side_png(left: torch.Tensor, right: torch.Tensor, labels: tuple[str,
     return _png(canvas)
 
 
-def _figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def layer_error_png(names: list[str], sqnr_db: list[float], title: str) -> bytes:
     """Horizontal bars: SQNR (dB, higher is better) of each layer's output, quantized vs FP, in network order."""
     import matplotlib
@@ -84,7 +77,7 @@ def layer_error_png(names: list[str], sqnr_db: list[float], title: str) -> bytes
     ax.set_xlabel("output SQNR vs FP (dB, higher is better)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def timestep_error_png(t: list[int], series: dict[str, list[float]], ylabel: str, title: str) -> bytes:
@@ -103,7 +96,7 @@ def timestep_error_png(t: list[int], series: dict[str, list[float]], ylabel: str
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 @dataclass(frozen=True)
@@ -142,4 +135,4 @@ def timestep_groups_png(t: list[int], panels: list[GroupPanel], title: str) -> b
     axes[0, 0].legend(fontsize=7)
     axes[-1, 0].set_xlabel("timestep t")
     fig.suptitle(title)
-    return _figure_png(fig)
+    return figure_png(fig)
