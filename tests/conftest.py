@@ -87,3 +87,12 @@ def tiny_artifact_trt_g4(tiny_pipeline, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_artifact_ort_g4(tiny_pipeline, tmp_path_factory):
     return _compile(tiny_pipeline, tmp_path_factory.mktemp("art") / "ort-g4", "ort-cpu", groups=4)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread is several times faster than two on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

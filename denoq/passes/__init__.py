@@ -6,6 +6,8 @@ hidden state; `PassManager` runs a list of them, verifying the graph after each 
 
 from denoq.layermap import LAYER_MAP_KEY, LayerRef, read_layer_map
 from denoq.passes.manager import PassManager, PassRecord
+from denoq.passes.ptqd_head import AppendPtqdHead
 from denoq.passes.qdq import InsertQDQ
 
-__all__ = ["LAYER_MAP_KEY", "InsertQDQ", "LayerRef", "PassManager", "PassRecord", "read_layer_map"]
+__all__ = ["LAYER_MAP_KEY", "AppendPtqdHead", "InsertQDQ", "LayerRef", "PassManager", "PassRecord",
+           "read_layer_map"]

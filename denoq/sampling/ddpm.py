@@ -10,6 +10,9 @@ The model gives x̂_0 (see `step.predict_x0`); the step samples the forward-proc
 where t' is the previous timestep of the (possibly shortened) schedule and, as in diffusers, the single-step
 quantities are taken between t and t': α_t := ᾱ_t / ᾱ_{t'}, β_t := 1 − α_t (ᾱ_{t'} = 1 after the last step).
 `fixed_small` is σ_t² = β̃ (clamped at 1e-20); `fixed_small_log` is the same variance through exp(½ log β̃).
+
+With a residual variance σ_q² (PTQD's variance schedule calibration, `vsc.py`) the noise level becomes
+σ′_t = sqrt(max(σ_t² − c_t² σ_q², 0)), c_t = −β_t/(√α_t √(1 − ᾱ_t)) the step's ε coefficient.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import torch
 
 from denoq.sampling.schedule import NoiseSchedule
 from denoq.sampling.step import StepOut, predict_x0
+from denoq.sampling.vsc import ddpm_eps_coefficient, vsc_sigma
 
 
-def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_t: int, x: torch.Tensor) -> StepOut:
+def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_t: int, x: torch.Tensor, *,
+              residual_var: torch.Tensor | float | None = None) -> StepOut:
     """One DDPM step x_t → x_{prev_t}: the posterior mean μ̃ and std sqrt(β̃) of eq. 6/7, kept apart.
 
     `t`, `prev_t` are ints from `NoiseSchedule.timesteps` / `prev_timesteps` (`prev_t = -1` after the last step).
     `std` is None at t = 0, where diffusers adds (and draws) no noise; otherwise the caller adds `std · z`.
+    `residual_var`: σ_q²(t), the variance of the model output's residual at this step (PTQD, after the correction
+    head); when given, `std` is the calibrated σ′_t = `vsc.vsc_sigma(σ_t, c_t, σ_q²)` (0, not None, where the clamp
+    binds, so the caller still draws z). None (default): diffusers' step, unchanged.
     """
     t, prev_t = int(t), int(prev_t)
     alpha_prod_t = schedule.alphas_cumprod[t]
@@ -50,4 +58,6 @@ def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_
             std = torch.exp(0.5 * torch.log(variance))
         else:
             std = variance**0.5
+        if residual_var is not None:
+            std = vsc_sigma(std, ddpm_eps_coefficient(schedule, t, prev_t), residual_var)
     return StepOut(mean=mean, std=std, pred_x0=pred_x0)

@@ -17,6 +17,7 @@ from denoq.errors import DenoqError
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
 from denoq.sampling.schedule import SAMPLERS, NoiseSchedule, check_sampler
+from denoq.sampling.vsc import check_residual_var
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -44,6 +45,7 @@ def sample(
     callback: Callback | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    residual_var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from x_T to x_0 and return x_0 (float32, model range, typically [-1, 1]).
 
@@ -64,9 +66,15 @@ def sample(
         callback: `callback(step_index, t, x_t, eps_out)` each step, before the update (t: int64 [B]).
         progress: show a tqdm bar over the steps.
         device: where x lives when it is drawn here (default: the generator's device, else CPU).
+        residual_var: PTQD's variance schedule calibration (`denoq.sampling.vsc`): float [T], the variance σ_q²(t)
+            per element of the backend's residual noise (after its correction head) per training timestep t; each
+            step adds noise of std sqrt(max(σ_t² − c_t²·σ_q²(t), 0)) instead of σ_t. The same random numbers are
+            drawn. None (default): no calibration, diffusers' sampler exactly. DDIM with η = 0 adds no noise, so
+            there it changes nothing.
     """
     check_sampler(sampler)
     steps = schedule.check_steps(steps)
+    residual_var = check_residual_var(residual_var, schedule.num_train_timesteps)
     eta = float(eta)
     if eta < 0:
         raise DenoqError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
@@ -100,10 +108,11 @@ def sample(
             out = out.to(torch.float32)
             if callback is not None:
                 callback(i, t_b, x, out)
+            var = None if residual_var is None else residual_var[t]
             if sampler == "ddpm":
-                step = ddpm_step(schedule, out, t, prev_t, x)
+                step = ddpm_step(schedule, out, t, prev_t, x, residual_var=var)
             else:
-                step = ddim_step(schedule, out, t, prev_t, x, eta)
+                step = ddim_step(schedule, out, t, prev_t, x, eta, residual_var=var)
             x = step.mean
             if step.std is not None:
                 x = x + step.std * _randn(x.shape, generator, x.device)
