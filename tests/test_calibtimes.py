@@ -273,7 +273,9 @@ def recorded_pool(tiny_pipeline):
 
     spec = load_model(str(tiny_pipeline))
     layers, _ = select_layers(quantizable_layers(spec.module), "")
-    pool, info = calibration_set(spec, load_recipe("w8a8", [*SMALL, "calib.timesteps=0"]), layers, progress=False)
+    pool, info, recorded = calibration_set(spec, load_recipe("w8a8", [*SMALL, "calib.timesteps=0"]), layers,
+                                           progress=False)
+    assert recorded.t == pool.t
     assert info == {"strategy": "uniform"}
     return spec, layers, pool
 
@@ -306,7 +308,8 @@ def test_srm_calibration_set_is_the_pool_at_the_chosen_steps(recorded_pool):
 
     spec, layers, pool = recorded_pool
     recipe = load_recipe("w8a8", [*SMALL, "activations.calib_timesteps=srm", "calib.timesteps=4"])
-    calib, info = calibration_set(spec, recipe, layers, progress=False)
+    calib, info, recorded = calibration_set(spec, recipe, layers, progress=False)
+    assert recorded.t == pool.t
     idx = [pool.t.index(t) for t in calib.t]
     assert idx == sorted(idx) and len(idx) == 4
     for i, xi in zip(idx, calib.x, strict=True):

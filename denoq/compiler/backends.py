@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from denoq.calibrators.ptqd import PtqdStats
 from denoq.calibrators.simulate import simulate
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.load import ModelSpec, load_model
@@ -57,6 +58,49 @@ def artifact_plan(art: Artifact) -> QuantPlan:
     return QuantPlan.load(art.file("plan.safetensors"), art.manifest["plan"])
 
 
+PTQD_FILE = "ptqd.safetensors"
+QUANTIZED_BACKENDS = ("ort", "torch-sim")
+
+
+def artifact_ptqd(art: Artifact) -> PtqdStats | None:
+    """The artifact's PTQD statistics (`ptqd.safetensors` + manifest `ptqd`), or None when it has no head."""
+    meta = art.manifest.get("ptqd")
+    if meta is None:
+        return None
+    from safetensors.torch import load_file
+
+    return PtqdStats.from_tensors(load_file(str(art.file(PTQD_FILE))), meta)
+
+
+def with_ptqd_head(eps: EpsFn, stats: PtqdStats | None) -> EpsFn:
+    """`eps` followed by the correction head in the graph's op order (`passes.ptqd_head.apply_head`)."""
+    if stats is None:
+        return eps
+    from denoq.passes.ptqd_head import apply_head
+
+    bias, inv = stats.bias.float(), stats.inv_one_plus_k.float()
+
+    def corrected(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        out = eps(x, t, cond)
+        return apply_head(out, t.reshape(-1).expand(out.shape[0]).long(), bias, inv)
+
+    return corrected
+
+
+def sampling_variance(art: Artifact, backend: str, sampler: str, steps: int) -> torch.Tensor | None:
+    """For a quantized backend of an artifact with a PTQD head: refuse a sampler / step count other than the one
+    its statistics were measured with, and return the residual variance table for the sampler's variance schedule
+    calibration when the recipe asks for it (`ptqd.vsc`); None otherwise."""
+    meta = art.manifest.get("ptqd")
+    if meta is None or backend not in QUANTIZED_BACKENDS:
+        return None
+    from denoq.calibrators.ptqd import check_matches
+
+    check_matches(meta, sampler, steps)
+    stats = artifact_ptqd(art)
+    return stats.corrected_var if meta.get("vsc") and stats is not None else None
+
+
 def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: ModelSpec | None = None) -> EpsFn:
     """The eps callable of backend `name` for artifact `art` (`spec` avoids reloading the FP model)."""
     if name not in BACKENDS:
@@ -70,4 +114,4 @@ def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: 
     spec = spec or artifact_model(art)
     if name == "torch-fp":
         return torch_eps(spec.module)
-    return torch_eps(simulate(spec.module, artifact_plan(art)))
+    return with_ptqd_head(torch_eps(simulate(spec.module, artifact_plan(art))), artifact_ptqd(art))

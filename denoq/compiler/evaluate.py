@@ -21,7 +21,14 @@ import torch
 
 from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.artifact import Artifact
-from denoq.compiler.backends import EpsFn, artifact_model, artifact_plan, make_backend, torch_eps
+from denoq.compiler.backends import (
+    EpsFn,
+    artifact_model,
+    artifact_plan,
+    make_backend,
+    sampling_variance,
+    torch_eps,
+)
 from denoq.compiler.load import ModelSpec
 from denoq.compiler.pictures import (
     GroupPanel,
@@ -68,20 +75,23 @@ def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
 
 
 def _sample(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int, eta: float,
-            seed: int, n: int, cond: torch.Tensor | None, callback=None) -> torch.Tensor:
+            seed: int, n: int, cond: torch.Tensor | None, callback=None,
+            residual_var: torch.Tensor | None = None) -> torch.Tensor:
     schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
     return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
-                  generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback)
+                  generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
+                  residual_var=residual_var)
 
 
 def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
              threads: int | None = None) -> torch.Tensor:
     """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend."""
     spec = artifact_model(art) if backend.startswith("torch") or art.manifest["model"]["cond_shape"] else None
+    variance = sampling_variance(art, backend, sampler, steps)  # PTQD: refuses other samplers; VSC table
     eps = make_backend(art, backend, threads=threads, spec=spec)
     cond = eval_cond(spec, n, seed) if spec is not None else None
     return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
-                   seed=seed, n=n, cond=cond)
+                   seed=seed, n=n, cond=cond, residual_var=variance)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -218,6 +228,7 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     """Run the evaluation, write report.json / report.html / pictures into `art`, and return the report."""
     spec = artifact_model(art)
     shape = spec.sample_shape
+    variance = sampling_variance(art, settings.backend, settings.sampler, settings.steps)
     fp = make_backend(art, settings.fp_backend, threads=settings.threads, spec=spec)
     q = make_backend(art, settings.backend, threads=settings.threads, spec=spec)
     cond = eval_cond(spec, settings.n, settings.seed)
@@ -238,7 +249,7 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
 
     q_traj: list[torch.Tensor] = []
     x_fp = _sample(fp, art, shape, callback=on_fp, **kw)
-    x_q = _sample(q, art, shape, callback=lambda s, t, x_t, e: q_traj.append(x_t), **kw)
+    x_q = _sample(q, art, shape, callback=lambda s, t, x_t, e: q_traj.append(x_t), residual_var=variance, **kw)
     drift = [_rel(a, b) for a, b in zip(q_traj, fp_traj, strict=True)]
 
     digits = tuple(shape) == DIGITS_SHAPE

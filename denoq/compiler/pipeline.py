@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from denoq.calibrators import calibtimes
@@ -22,12 +23,14 @@ from denoq.calibrators.baseline import BaselineSettings, activation_signed, buil
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
 from denoq.calibrators.gptq import GptqSettings
 from denoq.calibrators.observers import ObserverSettings
+from denoq.calibrators.ptqd import PtqdStats, collect_pairs, ptqd_pictures
+from denoq.calibrators.ptqd import fit as fit_ptqd
 from denoq.calibrators.simulate import simulate
 from denoq.calibrators.stats import collect_stats
 from denoq.calibrators.timegroups import search_groups
 from denoq.calibrators.weights import WeightSettings, round_weights
 from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
-from denoq.compiler.backends import torch_eps
+from denoq.compiler.backends import PTQD_FILE, torch_eps, with_ptqd_head
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.recipe import Recipe
 from denoq.engines.ort import OrtBackend
@@ -35,6 +38,7 @@ from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs, export_fp
 from denoq.layers import quantizable_layers, select_layers
 from denoq.passes.manager import PassManager
+from denoq.passes.ptqd_head import AppendPtqdHead
 from denoq.passes.qdq import InsertQDQ
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule
@@ -53,10 +57,11 @@ def calibration_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
 
 
 def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module],
-                    progress: bool = True) -> tuple[CalibrationSet, dict[str, Any]]:
+                    progress: bool = True) -> tuple[CalibrationSet, dict[str, Any], CalibrationSet]:
     """Record the FP trajectories and keep the steps `activations.calib_timesteps` picks (`calibtimes`).
 
-    Returns the calibration set and what the rule reports (for the manifest)."""
+    Returns the calibration set, what the rule reports (for the manifest) and every recorded step (PTQD's
+    statistics need each step of the sampler)."""
     fp = torch_eps(spec.module)
     n = recipe["calib.samples"]
     pool = record_trajectories(fp, NoiseSchedule.from_config(spec.scheduler_config), sampler=recipe["calib.sampler"],
@@ -76,15 +81,17 @@ def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module
         steps, terms = calibtimes.srm_steps(probe_stats, pool.t, k, recipe["activations.bits"],
                                             activation_signed(recipe["target"]), recipe["activations.srm_lambda"])
         info.update({key: round(v, 6) for key, v in terms.items()})
-    return pool.take(steps), info
+    return pool.take(steps), info, pool
 
 
-def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[QuantPlan, CalibrationSet, dict]:
-    """Record the calibration set and build the QuantPlan the recipe asks for."""
+def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
+              ) -> tuple[QuantPlan, CalibrationSet, dict, PtqdStats | None]:
+    """Record the calibration set, build the QuantPlan the recipe asks for and, with `ptqd.enabled`, PTQD's
+    statistics of the quantized model on every recorded step."""
     layers, kept_fp = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
     fp = torch_eps(spec.module)
     start = time.perf_counter()
-    calib, step_info = calibration_set(spec, recipe, layers, progress)
+    calib, step_info, pool = calibration_set(spec, recipe, layers, progress)
     target = recipe["target"]
     if recipe["activations.bits"] > 8 and recipe["activations.timestep_groups"] > 1:
         raise DenoqError(f"activations.timestep_groups = {recipe['activations.timestep_groups']} needs quantized "
@@ -113,11 +120,15 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> tuple[Q
         plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
                                             calib, observer, seed=recipe["seed"], progress=progress)
         search.update({key: round(v, 6) for key, v in terms.items()})
+    ptqd = None
+    if recipe["ptqd.enabled"]:
+        pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64, progress=progress)
+        ptqd = fit_ptqd(pairs, spec.num_train_timesteps, recipe["calib.sampler"], recipe["calib.steps"])
     info = {"inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info, "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
             "group_search": search, "weights": weight_info,
             "seconds": round(time.perf_counter() - start, 2)}
-    return plan, calib, info
+    return plan, calib, info, ptqd
 
 
 def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
@@ -134,7 +145,8 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path, qdq_path: Path) -> dict[str, Any]:
+def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path, qdq_path: Path,
+           ptqd: PtqdStats | None = None) -> dict[str, Any]:
     """FP export vs PyTorch, and Q/DQ graph vs PyTorch simulation, on real inputs with mixed timesteps.
 
     The Q/DQ graph and the simulation cannot agree bit-exactly end to end (a 1e-7 float difference flips a
@@ -142,7 +154,7 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
     """
     cond = inputs.encoder_hidden_states
     fp_torch = torch_eps(spec.module)(inputs.sample, inputs.timestep, cond)
-    sim = torch_eps(simulate(spec.module, plan))(inputs.sample, inputs.timestep, cond)
+    sim = with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd)(inputs.sample, inputs.timestep, cond)
     fp_ort = OrtBackend(fp_path)(inputs.sample, inputs.timestep, cond)
     q_ort = OrtBackend(qdq_path)(inputs.sample, inputs.timestep, cond)
     quant_err = _max_abs(sim, fp_torch)
@@ -176,7 +188,9 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
     log(f"model {spec.name}: {spec.model_class}, sample {spec.sample_shape}, "
         f"{sum(p.numel() for p in spec.module.parameters()):,} parameters", quiet)
     torch.manual_seed(recipe["seed"])
-    plan, calib, calib_info = calibrate(spec, recipe, progress)
+    if recipe["ptqd.vsc"] and not recipe["ptqd.enabled"]:
+        raise DenoqError("ptqd.vsc=true needs the PTQD statistics: set ptqd.enabled=true as well")
+    plan, calib, calib_info, ptqd = calibrate(spec, recipe, progress)
     log(f"calibrated {len(plan.layers)} layers on {calib_info['inputs']} inputs in {calib_info['seconds']} s", quiet)
     inputs = check_inputs(spec, calib)
     with ArtifactWriter(out, force) as writer:
@@ -185,13 +199,19 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         layer_map = export_fp(spec.module, inputs, fp_path)
         log(f"exported FP ONNX ({len(layer_map)} quantizable layers mapped) in {time.perf_counter() - start:.1f} s",
             quiet)
-        qdq, records = PassManager([InsertQDQ(plan)], verify=True)(onnx.load(str(fp_path)))
+        passes: list = [InsertQDQ(plan)]
+        if ptqd is not None:
+            passes.append(AppendPtqdHead(ptqd.bias, ptqd.inv_one_plus_k))
+        qdq, records = PassManager(passes, verify=True)(onnx.load(str(fp_path)))
         onnx.save(qdq, str(qdq_path))
         for rec in records:
             log(f"pass {rec.summary()}", quiet)
-        checks = parity(spec, plan, inputs, fp_path, qdq_path)
+        checks = parity(spec, plan, inputs, fp_path, qdq_path, ptqd)
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
+        if ptqd is not None:
+            save_file(ptqd.to_tensors(), str(writer.path(PTQD_FILE)))
+            writer.path("ptqd.png").write_bytes(ptqd_pictures(ptqd))
         storage = weight_storage(plan, fp_path, qdq_path)
         log(f"weights on disk: {storage['qdq_bytes'] / 1e6:.2f} MB vs {storage['fp32_bytes'] / 1e6:.2f} MB FP32 "
             f"(×{storage['ratio']:.3f})", quiet)
@@ -201,6 +221,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             "scheduler": spec.scheduler_config,
             "plan": plan_meta,
             "weights": storage,
+            **({} if ptqd is None else {"ptqd": {**ptqd.meta(), "vsc": recipe["ptqd.vsc"]}}),
             "layer_map": layer_map,
             "calibration": calib_info,
             "checks": checks,

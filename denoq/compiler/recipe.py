@@ -132,10 +132,12 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             choices=(0,), planned=lambda v: v > 0),
     KeySpec("attention.quantize", False, bool, "quantize the attention matmuls (QKᵀ, AV)",
             choices=(False,), planned=lambda v: v is True),
-    KeySpec("ptqd.enabled", False, bool, "PTQD correction head (bias and correlated-noise correction)",
-            choices=(False,), planned=lambda v: v is True),
-    KeySpec("ptqd.vsc", False, bool, "PTQD variance schedule calibration in the sampler",
-            choices=(False,), planned=lambda v: v is True),
+    KeySpec("ptqd.enabled", False, bool,
+            "PTQD correction head: ε = (ε_q − bias[t]) / (1 + k[t]), statistics per step of the calibration sampler "
+            "(sampling must then use calib.sampler with calib.steps)"),
+    KeySpec("ptqd.vsc", False, bool,
+            "PTQD variance schedule calibration: the sampler lowers the noise it adds by the residual variance "
+            "(needs ptqd.enabled; a no-op for DDIM with η = 0)"),
     KeySpec("accuquant.window", 0, int,
             "with weights.method=adaround: 0-1 per-step objective, n ≥ 2 the AccuQuant window",
             choices=(0,), planned=lambda v: v > 0),
