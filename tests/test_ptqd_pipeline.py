@@ -82,3 +82,8 @@ def test_cli_eval_of_a_ptqd_artifact(ptqd_artifact, tmp_path):
     assert main(["eval", str(art), "--sampler", "ddpm", "--steps", "10", "--n", "8", "--threads", "1"]) == 0
     report = json.loads((art / "report.json").read_text())
     assert report["sampler"]["sampler"] == "ddpm" and report["psnr_vs_fp"] > 0
+    ptqd = report["ptqd"]
+    stats = artifact_ptqd(ptqd_artifact)
+    assert ptqd["t"] == stats.steps and len(ptqd["k"]) == len(ptqd["normality_p"]) == 10 and ptqd["vsc"] is True
+    assert ptqd["k"] == pytest.approx([float(stats.k[t]) for t in stats.steps])
+    assert "ptqd.png" in report["pictures"] and "<h3>ptqd.png</h3>" in (art / "report.html").read_text()

@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from denoq.calibrators.ptqd import PtqdStats, ptqd_pictures
 from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import (
     EpsFn,
     artifact_model,
     artifact_plan,
+    artifact_ptqd,
     make_backend,
     sampling_variance,
     torch_eps,
@@ -185,6 +187,17 @@ def timestep_groups_picture(spec: ModelSpec, art: Artifact, traj: list[torch.Ten
     return timestep_groups_png(ts, panels, title), summary
 
 
+def ptqd_summary(stats: PtqdStats, vsc: bool) -> dict[str, Any]:
+    """The per-step PTQD statistics for the report: k_t, mean |bias|, residual std and the normality p-value at
+    every measured step, and how many steps' residuals fail the D'Agostino–Pearson test at 1%."""
+    steps = torch.tensor(stats.steps)
+    p = stats.normality_p.tolist()
+    return {"sampler": stats.sampler, "num_steps": stats.num_steps, "vsc": vsc, "t": stats.steps,
+            "k": stats.k[steps].tolist(), "mean_abs_bias": stats.bias[steps].abs().mean(dim=1).tolist(),
+            "residual_std": stats.residual_std.tolist(), "normality_p": p,
+            "non_gaussian_steps": sum(1 for v in p if v == v and v < 0.01)}
+
+
 def _calibration_summary(art: Artifact) -> dict[str, Any]:
     """How the artifact was calibrated: which steps (and by which rule, with its terms) and how groups were found."""
     cal = art.manifest["calibration"]
@@ -297,6 +310,10 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     report["calibration"] = _calibration_summary(art)
     if groups_png is not None:
         pictures["timestep_groups.png"] = groups_png
+    stats = artifact_ptqd(art)
+    if stats is not None:
+        report["ptqd"] = ptqd_summary(stats, art.manifest["ptqd"].get("vsc", False))
+        pictures["ptqd.png"] = ptqd_pictures(stats, f"PTQD statistics per step ({stats.sampler} {stats.num_steps})")
     report["pictures"] = sorted(pictures)
     report["runs"] = runs
     files = {"report.json": (json.dumps(_finite(report), indent=2, sort_keys=True) + "\n").encode(),
