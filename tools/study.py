@@ -9,6 +9,8 @@ Two matrices (`--matrix`):
   `activations.calib_timesteps`. Rows: A8 with G ∈ `--groups` × rule ∈ `--strategies` (exact DP partition); A8,
   uniform steps, ADP-DM's differentiable search, G ∈ `--search-groups`; A6 and A4 (`--low-bits`, int4 / clipped
   int8 Q/DQ that ORT runs unfused; TensorRT takes 8-bit activations only), uniform, G ∈ `--low-bit-groups`.
+- `ptqd`: W8A8 and W4A8 without correction, with PTQD's correction head, and with head + variance schedule
+  calibration (statistics on DDIM 50 trajectories; pass DDIM 50 samplers, e.g. `ddim50:256,ddim50:256:1`).
 - `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
   of `--group-sizes` (0 = per output channel), GPTQ per channel in parallel mode (Hessians from the FP model
   only), and OBQ at `--obq-group-sizes`. Also reported: the median over
@@ -17,7 +19,8 @@ Two matrices (`--matrix`):
 Rows run in `--jobs` worker processes with one thread each (calibration times are therefore measured under that
 load). Every row is evaluated with the first sampler of `--samplers` (`ddim50:512` = DDIM, 50 steps, η = 0, 512
 samples), the rows a matrix marks as main with all of them. Output: the markdown table on stdout, everything in
-`OUT/study.json`, PSNR vs the swept parameter in `OUT/study.png`.
+`OUT/study.json`, PSNR vs the swept parameter in `OUT/study.png`. Samplers are `ddim50:512` (DDIM, 50 steps,
+512 samples, η = 0) or `ddim50:512:1` (η = 1).
 
     OMP_NUM_THREADS=1 python tools/study.py --matrix timegroups --out /tmp/study 2>&1 | tee /tmp/study.log
     OMP_NUM_THREADS=1 python tools/study.py --matrix weights --model /tmp/digits-b --out /tmp/wstudy
@@ -53,13 +56,18 @@ class Row:
     main: bool
 
 
-def parse_sampler(text: str) -> tuple[str, int, int]:
-    """`ddim50:512` → ("ddim", 50, 512)."""
-    head, _, n = text.partition(":")
+def parse_sampler(text: str) -> tuple[str, int, int, float]:
+    """`ddim50:512` → ("ddim", 50, 512, 0.0); `ddim50:512:1` → DDIM with η = 1."""
+    head, _, rest = text.partition(":")
+    n, _, eta = rest.partition(":")
     kind = head.rstrip("0123456789")
-    if kind not in ("ddim", "ddpm") or not head[len(kind):].isdigit() or not n.isdigit():
-        raise SystemExit(f"--samplers item {text!r} must look like ddim50:512 or ddpm1000:128")
-    return kind, int(head[len(kind):]), int(n)
+    try:
+        eta_value = float(eta or 0.0)
+    except ValueError:
+        eta_value = -1.0
+    if kind not in ("ddim", "ddpm") or not head[len(kind):].isdigit() or not n.isdigit() or not 0 <= eta_value <= 1:
+        raise SystemExit(f"--samplers item {text!r} must look like ddim50:512, ddim50:512:1 (η) or ddpm1000:128")
+    return kind, int(head[len(kind):]), int(n), eta_value
 
 
 def timegroup_rows(args: argparse.Namespace) -> list[Row]:
@@ -102,7 +110,19 @@ def weight_rows(args: argparse.Namespace) -> list[Row]:
     return out
 
 
-MATRICES = {"timegroups": timegroup_rows, "weights": weight_rows}
+def ptqd_rows(args: argparse.Namespace) -> list[Row]:
+    """W8A8 and W4A8 without correction, with PTQD's head, and with head + variance schedule calibration; the
+    statistics are measured on the DDIM 50 steps every sampler of the run uses (`--samplers ddim50:N[:η]`)."""
+    out = []
+    for preset in ("w8a8", "w4a8"):
+        for i, (variant, sets) in enumerate((("none", ()), ("head", ("ptqd.enabled=true",)),
+                                             ("head + vsc", ("ptqd.enabled=true", "ptqd.vsc=true")))):
+            out.append(Row(f"{preset}-ptqd-{i}", preset, ("calib.steps=50", "calib.timesteps=25", *sets),
+                           (("recipe", preset.upper()), ("PTQD", variant)), preset.upper(), i + 1, True))
+    return out
+
+
+MATRICES = {"timegroups": timegroup_rows, "weights": weight_rows, "ptqd": ptqd_rows}
 
 
 def _one_thread() -> None:
@@ -125,16 +145,15 @@ def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
             "fp_weight_bytes": art.manifest["weights"]["fp32_bytes"]}
 
 
-def sample_graph(onnx_path: Path, model: str, sampler: str, seed: int) -> torch.Tensor:
-    from denoq.compiler.load import load_model
-    from denoq.engines.ort import OrtBackend
-    from denoq.sampling import NoiseSchedule, sample
+def sample_graph(art_dir: Path, backend: str, sampler: str, seed: int) -> torch.Tensor:
+    """Samples of an artifact's graph (`ort`: the Q/DQ graph, with its PTQD variance calibration when it has one;
+    `ort-fp`: the FP graph) in ONNX Runtime, one thread."""
+    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.evaluate import generate
 
-    kind, steps, n = parse_sampler(sampler)
-    spec = load_model(model)
-    return sample(OrtBackend(onnx_path, threads=1), NoiseSchedule.from_config(spec.scheduler_config), sampler=kind,
-                  steps=steps, shape=(n, *spec.sample_shape), generator=torch.Generator().manual_seed(seed),
-                  progress=False)
+    kind, steps, n, eta = parse_sampler(sampler)
+    return generate(Artifact.open(art_dir), backend, sampler=kind, steps=steps, eta=eta, seed=seed, n=n, threads=1,
+                    progress=False)
 
 
 def study_png(results: list[dict[str, Any]], sampler: str, xlabel: str, title: str) -> bytes:
@@ -200,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         samplers = {r.name: args.samplers if r.main else args.samplers[:1] for r in todo}
         tasks = [(None, s) for s in args.samplers] + [(r.name, s) for r in todo for s in samplers[r.name]]
         print(f"sampling {len(tasks)} (graph, sampler) pairs …", file=sys.stderr, flush=True)
-        paths = [args.out / "artifacts" / (todo[0].name if name is None else name) /
-                 ("model.fp.onnx" if name is None else "model.qdq.onnx") for name, _ in tasks]
-        samples = dict(zip(tasks, pool.map(sample_graph, paths, [args.model] * len(tasks), [s for _, s in tasks],
+        dirs = [args.out / "artifacts" / (todo[0].name if name is None else name) for name, _ in tasks]
+        backends = ["ort-fp" if name is None else "ort" for name, _ in tasks]
+        samples = dict(zip(tasks, pool.map(sample_graph, dirs, backends, [s for _, s in tasks],
                                            [args.seed] * len(tasks)), strict=True))
     fp = {s: {"fd_digits": fd_digits(samples[(None, s)])} for s in args.samplers}
     results = []
@@ -217,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"fp": fp, "rows": results, "seconds": round(time.perf_counter() - start, 1),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
-    xlabel = "timestep groups G" if args.matrix == "timegroups" else "weight group size (1 = per output channel)"
+    xlabel = {"timegroups": "timestep groups G", "weights": "weight group size (1 = per output channel)",
+              "ptqd": "1 = no correction, 2 = PTQD head, 4 = head + VSC"}[args.matrix]
     title = f"{args.model}: {args.matrix} study in ONNX Runtime, {args.samplers[0]}"
     (args.out / "study.png").write_bytes(study_png(results, args.samplers[0], xlabel, title))
     print_table(args.matrix, results, fp, args.samplers)
@@ -228,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(matrix: str, results: list[dict[str, Any]], fp: dict[str, Any], samplers: list[str]) -> None:
     print("FP: " + ", ".join(f"{s} FD-digits {fp[s]['fd_digits']:.2f}" for s in samplers))
     labels = [k for k, _ in results[0]["labels"]]
-    extra = ["calib s"] if matrix == "timegroups" else ["layer error / RTN", "weight bytes / FP32", "calib s"]
+    extra = ["layer error / RTN", "weight bytes / FP32", "calib s"] if matrix == "weights" else ["calib s"]
     head = [*labels, *(f"{s}: FD (×FP) · PSNR" for s in samplers), *extra]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

@@ -78,22 +78,22 @@ def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
 
 def _sample(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int, eta: float,
             seed: int, n: int, cond: torch.Tensor | None, callback=None,
-            residual_var: torch.Tensor | None = None) -> torch.Tensor:
+            residual_var: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
     schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
     return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
                   generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
-                  residual_var=residual_var)
+                  residual_var=residual_var, progress=progress)
 
 
 def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
-             threads: int | None = None) -> torch.Tensor:
+             threads: int | None = None, progress: bool = True) -> torch.Tensor:
     """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend."""
     spec = artifact_model(art) if backend.startswith("torch") or art.manifest["model"]["cond_shape"] else None
     variance = sampling_variance(art, backend, sampler, steps)  # PTQD: refuses other samplers; VSC table
     eps = make_backend(art, backend, threads=threads, spec=spec)
     cond = eval_cond(spec, n, seed) if spec is not None else None
     return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
-                   seed=seed, n=n, cond=cond, residual_var=variance)
+                   seed=seed, n=n, cond=cond, residual_var=variance, progress=progress)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
