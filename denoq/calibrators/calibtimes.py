@@ -36,8 +36,9 @@ import math
 
 import torch
 
+from denoq.calibrators.observers import qparams
 from denoq.calibrators.quantizer import fake_quantize
-from denoq.calibrators.stats import LayerStats
+from denoq.calibrators.stats import LayerStats, strided
 from denoq.errors import DenoqError
 from denoq.plan import qrange
 
@@ -100,35 +101,24 @@ def gaussian_kernel(features: torch.Tensor) -> torch.Tensor:
     return torch.exp(-dist.pow(2) / (2 * h * h))
 
 
-def _strided(values: torch.Tensor, m: int) -> torch.Tensor:
-    if values.numel() <= m:
-        return values
-    return values[torch.linspace(0, values.numel() - 1, m).round().long()]
-
-
 class EmpiricalRisk:
     """R̂(S) of eq. (1) from probe statistics: per layer, the min-max quantizer of the recipe's bits fitted on the
     steps of S, its squared error over those steps relative to their energy, averaged over the layers."""
 
     def __init__(self, probe: dict[str, LayerStats], pool_t: list[int], bits: int, signed: bool) -> None:
+        self.bits, self.signed = bits, signed
         self.qmin, self.qmax = qrange(bits, signed)
-        self.signed = signed
         self.layers = []
         for name in sorted(probe):
             st = probe[name].input
-            self.layers.append(([_strided(torch.cat(st.values[t]), RISK_VALUES) for t in pool_t],
+            self.layers.append(([strided(torch.cat(st.values[t]), RISK_VALUES) for t in pool_t],
                                 [st.amin[t] for t in pool_t], [st.amax[t] for t in pool_t]))
 
     def __call__(self, subset: list[int]) -> float:
         total = 0.0
         for values, amin, amax in self.layers:
-            lo, hi = min(min(amin[i] for i in subset), 0.0), max(max(amax[i] for i in subset), 0.0)
+            scale, zp = qparams(min(amin[i] for i in subset), max(amax[i] for i in subset), self.bits, self.signed)
             x = torch.cat([values[i] for i in subset])
-            if self.signed:
-                scale, zp = max(-lo, hi, 1e-12) / self.qmax, 0
-            else:
-                scale = max(hi - lo, 1e-12) / (self.qmax - self.qmin)
-                zp = min(max(round(self.qmin - lo / scale), self.qmin), self.qmax)
             err = (fake_quantize(x, torch.tensor(scale), zp, self.qmin, self.qmax) - x).pow(2).sum()
             total += float(err / x.pow(2).sum().clamp_min(1e-30))
         return total / len(self.layers)

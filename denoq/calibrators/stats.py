@@ -21,6 +21,13 @@ from denoq.errors import DenoqError
 SAMPLES_PER_BATCH = 4096
 
 
+def strided(values: torch.Tensor, m: int) -> torch.Tensor:
+    """At most `m` of `values`, evenly strided over them (deterministic); all of them when there are ≤ m."""
+    if values.numel() <= m:
+        return values
+    return values[torch.linspace(0, values.numel() - 1, m).round().long()]
+
+
 @dataclass
 class TensorStats:
     """min/max and sampled values of one tensor, per timestep."""

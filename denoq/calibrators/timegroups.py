@@ -38,7 +38,7 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.observers import MIN_RANGE, MSE_GRID, ObserverSettings, clip_range, observe_qparams, qparams
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, _fake_quant_t
-from denoq.calibrators.stats import TensorStats
+from denoq.calibrators.stats import TensorStats, strided
 from denoq.errors import DenoqError
 from denoq.plan import ActQuant, QuantPlan, qrange
 
@@ -105,10 +105,8 @@ def _check_timesteps(stats: TensorStats, num_train_timesteps: int | None = None)
 def _subsample(stats: TensorStats, t: int, m: int) -> tuple[torch.Tensor, float]:
     """At most `m` of timestep t's values, evenly strided (deterministic), and the weight n_t / m_t of each."""
     v = torch.cat(stats.values[t])
-    if v.numel() <= m:
-        return v, 1.0
-    idx = torch.linspace(0, v.numel() - 1, m).round().long()
-    return v[idx], v.numel() / m
+    sub = strided(v, m)
+    return sub, v.numel() / sub.numel()
 
 
 def segment_costs(stats: TensorStats, settings: ObserverSettings, zero_point: int,

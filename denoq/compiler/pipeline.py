@@ -88,15 +88,15 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
               ) -> tuple[QuantPlan, CalibrationSet, dict, PtqdStats | None]:
     """Record the calibration set, build the QuantPlan the recipe asks for and, with `ptqd.enabled`, PTQD's
     statistics of the quantized model on every recorded step."""
+    if recipe["activations.bits"] > 8 and recipe["activations.timestep_groups"] > 1:
+        raise DenoqError(f"activations.timestep_groups = {recipe['activations.timestep_groups']} needs quantized "
+                         "activations, but activations.bits = 16 keeps them in floating point; set "
+                         "activations.timestep_groups=1 or activations.bits=8")
     layers, kept_fp = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
     fp = torch_eps(spec.module)
     start = time.perf_counter()
     calib, step_info, pool = calibration_set(spec, recipe, layers, progress)
     target = recipe["target"]
-    if recipe["activations.bits"] > 8 and recipe["activations.timestep_groups"] > 1:
-        raise DenoqError(f"activations.timestep_groups = {recipe['activations.timestep_groups']} needs quantized "
-                         "activations, but activations.bits = 16 keeps them in floating point; set "
-                         "activations.timestep_groups=1 or activations.bits=8")
     rounding = GptqSettings(bits=recipe["weights.bits"], group_size=recipe["weights.group_size"],
                             damp=recipe["weights.damp"], act_order=recipe["weights.act_order"])
     weights, weight_info = round_weights(spec.module, layers, calib, WeightSettings(
