@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -101,18 +102,23 @@ def test_tiny_end_to_end(bench, tiny_pipeline, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--models", str(tiny_pipeline), "--quality-model", str(tiny_pipeline), "--batches", "1",
                 "--rounds", "1", "--iters", "2", "--n", "8", "--steps", "2", "--set", "calib.samples=2",
-                "--set", "calib.steps=2", "--groups", "2", "--json", str(out)])
+                "--set", "calib.steps=2", "--groups", "2", "--json", str(out), "--out-dir", str(tmp_path / "work")])
     report = json.loads(out.read_text())
     model = report["models"][tiny_pipeline.name]
-    assert set(model["latency"]["batch1"]) == {"fp32", "trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel"}
-    assert set(model["fusion"]) == {"trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel"}
+    assert set(model["latency"]["batch1"]) == {"fp32", "trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel",
+                                               "trt-head"}
+    assert set(model["fusion"]) == {"trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel", "trt-head"}
     assert model["latency"]["batch1"]["trt-sel"]["overhead"] > 0
+    assert model["latency"]["batch1"]["trt-head"]["overhead"] > 0
+    head = onnx.load(model["paths"]["trt-head"])
+    assert [n.op_type for n in head.graph.node if n.output[0] == "out_sample"] == ["Mul"]
     assert set(report["quality"]["rows"]) == {"torch-fp", "fp32", "trt", "ort-cpu", "peer", "peer-t"}
     assert model["info"]["peer"]["sin_input_scale"] is not None
     assert model["info"]["peer-t"]["sin_input_scale"] is None
     printed = capsys.readouterr().out
     assert "## Latency per model call" in printed and "ORT quantize_static" in printed
     assert "## Timestep selector overhead" in printed and "denoq ort-cpu G=2" in printed
+    assert "## PTQD head overhead" in printed and "denoq trt + PTQD head" in printed
 
 
 def test_gptq_timing_table(bench):

@@ -87,3 +87,14 @@ def test_cli_eval_of_a_ptqd_artifact(ptqd_artifact, tmp_path):
     assert ptqd["t"] == stats.steps and len(ptqd["k"]) == len(ptqd["normality_p"]) == 10 and ptqd["vsc"] is True
     assert ptqd["k"] == pytest.approx([float(stats.k[t]) for t in stats.steps])
     assert "ptqd.png" in report["pictures"] and "<h3>ptqd.png</h3>" in (art / "report.html").read_text()
+
+
+def test_bias_only_correction_ships_k_zero(tiny_pipeline, tmp_path):
+    art = compile_model(str(tiny_pipeline), load_recipe("w8a8", [*SETS[:4], "ptqd.correlation=false"]),
+                        tmp_path / "a", progress=False, quiet=True)
+    stats = artifact_ptqd(art)
+    assert art.manifest["ptqd"]["correlation"] is False
+    assert float(stats.k.abs().max()) == 0.0 and float(stats.bias.abs().max()) > 0
+    graph = onnx.load(str(art.file("model.qdq.onnx"))).graph
+    inv = next(i for i in graph.initializer if i.name.endswith("inv_one_plus_k"))
+    assert set(onnx.numpy_helper.to_array(inv).ravel().tolist()) == {1.0}

@@ -82,6 +82,20 @@ def test_k_is_clamped_at_zero_when_the_noise_anticorrelates():
     assert abs(f.residual_var - (0.09 + sigma**2)) < tol_v
 
 
+def test_bias_only_fit_keeps_k_at_zero_and_leaves_the_correlated_part_in_the_residual():
+    """ptqd.correlation=false: b_c = mean_c(Δ) and σ² = the per-channel variance of Δ, which still holds k²·Var ε."""
+    k, b, sigma = 0.2, [0.05, -0.1, 0.0], 0.05
+    eps, eps_q = synthetic(k, b, sigma, seed=5)
+    full, bias_only = fit_step(eps, eps_q), fit_step(eps, eps_q, correlated=False)
+    assert bias_only.k == 0.0 and bias_only.slope == full.slope and abs(full.k - k) < _tolerances(sigma)[0]
+    d = (eps_q - eps).double()
+    torch.testing.assert_close(bias_only.bias, d.mean(dim=(0, 2, 3)), rtol=0, atol=1e-9)
+    assert abs(bias_only.residual_var - float(d.var(dim=(0, 2, 3), unbiased=False).mean())) < 1e-9
+    assert bias_only.residual_var > full.residual_var + 0.5 * k**2  # Var ε = 1: the correlated part stays
+    stats = fit([(100, eps, eps_q)], num_train_timesteps=1000, sampler="ddim", num_steps=1, correlated=False)
+    assert float(stats.k.abs().max()) == 0.0 and float(stats.inv_one_plus_k.min()) == 1.0
+
+
 def test_k_is_fit_jointly_with_the_channel_bias():
     """With ε's channel means away from 0 a slope through the origin would absorb the bias; (2) does not."""
     k, b, sigma, mean = 0.1, [0.3, -0.2, 0.1], 0.05, [0.5, -1.0, 2.0]

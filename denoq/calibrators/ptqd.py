@@ -137,8 +137,10 @@ class StepSums:
             self._level += 1
             self._kept = self._kept[:, self._kept[3] < (1 << 32) >> self._level]
 
-    def finish(self, where: str = "") -> StepFit:
-        """The fit (2)–(4) from the sums, and the normality test on the subsampled residual r − b_c."""
+    def finish(self, where: str = "", correlated: bool = True) -> StepFit:
+        """The fit (2)–(4) from the sums, and the normality test on the subsampled residual r − b_c. With
+        `correlated` False, k = 0 (PTQD's bias correction alone): b_c is the channel mean of Δ and σ² its variance
+        (`slope` still reports the least-squares k)."""
         if self.sums is None or self.count == 0:
             raise DenoqError(f"PTQD{where}: no predictions to fit; the calibration set is empty")
         n = float(self.count)
@@ -146,7 +148,7 @@ class StepSums:
         cee, ced, cdd = see - se * se / n, sed - se * sd / n, sdd - sd * sd / n  # centered per channel
         den = float(cee.sum())
         slope = float(ced.sum()) / den if den > 0 else 0.0
-        k = max(slope, 0.0)
+        k = max(slope, 0.0) if correlated else 0.0
         bias = (sd - k * se) / n
         var = float(((cdd - 2 * k * ced + k * k * cee) / n).clamp_min(0).mean())
         e, d, c, _ = self._kept
@@ -165,11 +167,12 @@ def normality_p(values: np.ndarray) -> float:
         return float(scipy_stats.normaltest(values).pvalue)
 
 
-def fit_step(eps_fp: torch.Tensor, eps_q: torch.Tensor) -> StepFit:
-    """PTQD's fit (2)–(4) of one step's paired predictions `[N, C, H, W]`: ε_q = (1 + k)·ε + b_c + ρ."""
+def fit_step(eps_fp: torch.Tensor, eps_q: torch.Tensor, correlated: bool = True) -> StepFit:
+    """PTQD's fit (2)–(4) of one step's paired predictions `[N, C, H, W]`: ε_q = (1 + k)·ε + b_c + ρ (k = 0 with
+    `correlated` False)."""
     sums = StepSums()
     sums.add(eps_fp, eps_q)
-    return sums.finish()
+    return sums.finish(correlated=correlated)
 
 
 # -- the tables ----------------------------------------------------------------------------------------------------
@@ -304,8 +307,9 @@ def collect_pairs(fp_eps: EpsFn, q_eps: EpsFn, trajectory: CalibrationSet, batch
 
 
 def fit(pairs: Iterable[tuple[int, torch.Tensor, torch.Tensor]], num_train_timesteps: int, sampler: str,
-        num_steps: int) -> PtqdStats:
-    """PTQD's tables from paired predictions (t, ε, ε_q), any number of batches per timestep (streaming sums)."""
+        num_steps: int, correlated: bool = True) -> PtqdStats:
+    """PTQD's tables from paired predictions (t, ε, ε_q), any number of batches per timestep (streaming sums).
+    `correlated` False fits the bias alone (k = 0 at every step): the "bias correction only" ablation."""
     if sampler not in SAMPLERS:
         raise DenoqError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     sums: dict[int, StepSums] = {}
@@ -318,7 +322,7 @@ def fit(pairs: Iterable[tuple[int, torch.Tensor, torch.Tensor]], num_train_times
     if len(channels) > 1:
         raise DenoqError(f"PTQD: predictions with different channel counts {sorted(channels)} across timesteps; "
                          "every pair must come from the same two models")
-    fits = {t: s.finish(where=f" at timestep {t}") for t, s in sums.items()}
+    fits = {t: s.finish(where=f" at timestep {t}", correlated=correlated) for t, s in sums.items()}
     return PtqdStats.from_fits(fits, num_train_timesteps, sampler, num_steps)
 
 

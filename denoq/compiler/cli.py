@@ -64,9 +64,17 @@ def summary_table(art, report: dict) -> str:
     def num(v, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
 
-    s, lat = report["sampler"], report["latency_ms"]
-    name = f"{art.manifest['recipe']['name']} ({art.manifest['plan']['target']})"
+    s = report["sampler"]
     head = f"{s['sampler']} {s['steps']} steps, eta {s['eta']:g}, {s['n']} samples, seed {s['seed']}"
+    if "mixed" in report:
+        name = f"mixed {'+'.join(report['mixed']['members'])}"
+        return "\n".join([head, f"{'model':22s} {'FD-digits':>10s} {'FD to FP':>9s} {'PSNR vs FP':>11s}",
+                          f"{'FP32':22s} {num(report['fd_digits_fp'], '10.2f')}",
+                          f"{name:22s} {num(report['fd_digits'], '10.2f')} {num(report['fd_to_fp'], '9.2f')} "
+                          f"{num(report['psnr_vs_fp'], '8.2f')} dB",
+                          report["mixed"]["text"]])
+    lat = report["latency_ms"]
+    name = f"{art.manifest['recipe']['name']} ({art.manifest['plan']['target']})"
     lines = [head, f"{'model':22s} {'FD-digits':>10s} {'PSNR vs FP':>11s} "
              + " ".join(f"{'ORT ms b' + k.removeprefix('batch'):>11s}" for k in lat if k.startswith("batch"))]
     rows = (("FP32", report["fd_digits_fp"], None, "fp32"), (name, report["fd_digits"], report["psnr_vs_fp"], "qdq"))

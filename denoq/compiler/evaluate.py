@@ -32,6 +32,7 @@ from denoq.compiler.backends import (
     torch_eps,
 )
 from denoq.compiler.load import ModelSpec
+from denoq.compiler.mixed import is_mixed, mixed_backend, mixed_variance
 from denoq.compiler.pictures import (
     GroupPanel,
     layer_error_png,
@@ -85,12 +86,22 @@ def _sample(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: 
                   residual_var=residual_var, progress=progress)
 
 
+def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, threads: int | None = None,
+                     spec: ModelSpec | None = None) -> tuple[EpsFn, torch.Tensor | None]:
+    """The eps callable of `backend` and the VSC variance table for sampling `art` with `sampler` / `steps`; both
+    refuse a sampler other than the one PTQD statistics or a mixed artifact's per-step choice were made for."""
+    if is_mixed(art):
+        return (mixed_backend(art, backend, sampler, steps, threads=threads, spec=spec),
+                mixed_variance(art, backend, sampler, steps))
+    variance = sampling_variance(art, backend, sampler, steps)  # PTQD: refuses other samplers; VSC table
+    return make_backend(art, backend, threads=threads, spec=spec), variance
+
+
 def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
              threads: int | None = None, progress: bool = True) -> torch.Tensor:
     """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend."""
     spec = artifact_model(art) if backend.startswith("torch") or art.manifest["model"]["cond_shape"] else None
-    variance = sampling_variance(art, backend, sampler, steps)  # PTQD: refuses other samplers; VSC table
-    eps = make_backend(art, backend, threads=threads, spec=spec)
+    eps, variance = sampling_backend(art, backend, sampler, steps, threads=threads, spec=spec)
     cond = eval_cond(spec, n, seed) if spec is not None else None
     return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
                    seed=seed, n=n, cond=cond, residual_var=variance, progress=progress)
@@ -241,9 +252,10 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     """Run the evaluation, write report.json / report.html / pictures into `art`, and return the report."""
     spec = artifact_model(art)
     shape = spec.sample_shape
-    variance = sampling_variance(art, settings.backend, settings.sampler, settings.steps)
-    fp = make_backend(art, settings.fp_backend, threads=settings.threads, spec=spec)
-    q = make_backend(art, settings.backend, threads=settings.threads, spec=spec)
+    q, variance = sampling_backend(art, settings.backend, settings.sampler, settings.steps, threads=settings.threads,
+                                   spec=spec)
+    fp, _ = sampling_backend(art, settings.fp_backend, settings.sampler, settings.steps, threads=settings.threads,
+                             spec=spec)
     cond = eval_cond(spec, settings.n, settings.seed)
     kw = dict(sampler=settings.sampler, steps=settings.steps, eta=settings.eta, seed=settings.seed, n=settings.n,
               cond=cond)
@@ -280,6 +292,49 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     if not digits:
         report["fd_note"] = f"FD-digits needs {DIGITS_SHAPE} samples; this model makes {tuple(shape)}"
 
+    runs = dict(art.manifest.get("eval_runs", {}))
+    runs[settings.run_name] = {k: report[k] for k in ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")}
+    pictures = {
+        "samples_fp_vs_quant.png": side_by_side_png(x_fp[:64], x_q[:64], ("FP32", f"quantized ({settings.backend})")),
+        "timestep_error.png": timestep_error_png(ts, {"‖ε_q − ε_fp‖ / ‖ε_fp‖ on the FP trajectory": eps_err,
+                                                      "‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ (trajectory drift)": drift},
+                                                 "relative error", f"quantized vs FP per timestep "
+                                                 f"({settings.sampler} {settings.steps})"),
+    }
+    if is_mixed(art):
+        report["mixed"] = mixed_summary(art)
+        report["bops_per_image"] = report["mixed"]["bops_per_image"]["mixed"]
+        pictures["precision.png"] = art.file("precision.png").read_bytes()
+    else:
+        cost = art.manifest.get("cost")
+        report["bops_per_image"] = None if cost is None else cost["bops_per_call"] * settings.steps
+        report.update(_single_artifact_report(art, spec, settings, fp_traj, ts, cond, pictures))
+    report["pictures"] = sorted(pictures)
+    report["runs"] = runs
+    files = {"report.json": (json.dumps(_finite(report), indent=2, sort_keys=True) + "\n").encode(),
+             "report.html": render_html(art, report, pictures).encode(), **pictures}
+    art.add_files(files, {"eval_runs": runs})
+    return report
+
+
+def mixed_summary(art: Artifact) -> dict[str, Any]:
+    """A mixed artifact's per-step choice and cost for the report: members, steps each runs, BOPs per image."""
+    meta = art.manifest["mixed"]
+    per_image = meta["bops_per_image"]
+    top = max(meta["members"], key=lambda n: (meta["bops_per_call"][n], n))
+    return {"members": meta["members"], "steps_per_member": meta["steps_per_member"],
+            "t": [row["t"] for row in meta["steps"]], "member": [row["member"] for row in meta["steps"]],
+            "bops_per_image": per_image,
+            "bops_vs_all": {n: per_image["mixed"] / per_image[n] for n in meta["members"]},
+            "text": (", ".join(f"{n} runs {meta['steps_per_member'][n]} steps" for n in meta["members"])
+                     + f"; BOPs per image ×{per_image['mixed'] / per_image[top]:.3f} of all-{top}")}
+
+
+def _single_artifact_report(art: Artifact, spec: ModelSpec, settings: EvalSettings, fp_traj: list[torch.Tensor],
+                            ts: list[int], cond: torch.Tensor | None, pictures: dict[str, bytes]) -> dict[str, Any]:
+    """What only a single (non-mixed) artifact reports: layer SQNR, ORT latency and fusion, timestep groups,
+    calibration and PTQD statistics; adds its pictures to `pictures`."""
+    report: dict[str, Any] = {}
     # probe at 10%, 50% and 90% of the trajectory: at the very last step ε is nearly unpredictable (σ ≈ 0.01) and
     # its relative error, which the sampler scales by σ, would dominate the picture without mattering
     steps_at = sorted({min(len(ts) - 1, round(f * (len(ts) - 1))) for f in (0.1, 0.5, 0.9)})
@@ -289,20 +344,10 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     sqnr = layer_sqnr(spec, art, probe, probe_t, probe_c)
     report["layer_sqnr_db"] = sqnr
     threads = settings.threads or 2
-    report["latency_ms"] = _latency_table(art, shape, spec.cond_shape, threads)
+    report["latency_ms"] = _latency_table(art, spec.sample_shape, spec.cond_shape, threads)
     report["fusion"] = fusion_report(art.file("model.qdq.onnx"), threads=threads)
-
-    runs = dict(art.manifest.get("eval_runs", {}))
-    runs[settings.run_name] = {k: report[k] for k in ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")}
-    pictures = {
-        "samples_fp_vs_quant.png": side_by_side_png(x_fp[:64], x_q[:64], ("FP32", f"quantized ({settings.backend})")),
-        "layer_error.png": layer_error_png(list(sqnr), list(sqnr.values()),
-                                           "per-layer output SQNR, simulation vs FP (at 10/50/90% of the trajectory)"),
-        "timestep_error.png": timestep_error_png(ts, {"‖ε_q − ε_fp‖ / ‖ε_fp‖ on the FP trajectory": eps_err,
-                                                      "‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ (trajectory drift)": drift},
-                                                 "relative error", f"quantized vs FP per timestep "
-                                                 f"({settings.sampler} {settings.steps})"),
-    }
+    pictures["layer_error.png"] = layer_error_png(
+        list(sqnr), list(sqnr.values()), "per-layer output SQNR, simulation vs FP (at 10/50/90% of the trajectory)")
     groups_png, report["timestep_groups"] = timestep_groups_picture(
         spec, art, fp_traj, ts, cond, f"input range per timestep vs timestep-group clipping ({settings.sampler} "
         f"{settings.steps}, {min(settings.n, RANGE_PROBE)} samples)")
@@ -314,11 +359,6 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     if stats is not None:
         report["ptqd"] = ptqd_summary(stats, art.manifest["ptqd"].get("vsc", False))
         pictures["ptqd.png"] = ptqd_pictures(stats, f"PTQD statistics per step ({stats.sampler} {stats.num_steps})")
-    report["pictures"] = sorted(pictures)
-    report["runs"] = runs
-    files = {"report.json": (json.dumps(_finite(report), indent=2, sort_keys=True) + "\n").encode(),
-             "report.html": render_html(art, report, pictures).encode(), **pictures}
-    art.add_files(files, {"eval_runs": runs})
     return report
 
 
@@ -337,35 +377,49 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
-def render_html(art: Artifact, report: dict[str, Any], pictures: dict[str, bytes]) -> str:
-    """A self-contained page (pictures inlined as base64) a person can read instead of the JSON."""
-    m = art.manifest
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(report.get(k))}</td></tr>"
-                   for k in ("fd_digits_fp", "fd_digits", "fd_ratio", "fd_to_fp", "psnr_vs_fp"))
-    runs = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(r[k])}</td>" for k in
-                   ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")) + "</tr>"
-                   for name, r in sorted(report["runs"].items()))
+def _details_html(report: dict[str, Any]) -> str:
+    """The report's sections after quality: the per-step precision of a mixed artifact, or a single artifact's
+    latency, timestep groups, calibration and fusion."""
+    if "mixed" in report:
+        mixed = report["mixed"]
+        steps = " ".join(f"{t}:{m}" for t, m in zip(mixed["t"], mixed["member"], strict=True))
+        return (f"<h2>Step-aware mixed precision</h2><p>{html.escape(mixed['text'])}</p>"
+                f"<p>member per step (timestep:member, in sampling order): {html.escape(steps)}</p>"
+                "<p>Latency, layers and calibration: see each member's own report "
+                "(<code>denoq eval ART/members/NAME</code>).</p>")
     lat = report["latency_ms"]
     lat_rows = "".join(f"<tr><td>{k}</td><td>{v['fp32']:.2f}</td><td>{v['qdq']:.2f}</td><td>{v['speedup']:.2f}×</td>"
                        "</tr>" for k, v in lat.items() if k.startswith("batch"))
     fusion = html.escape(json.dumps(report["fusion"], sort_keys=True))
+    return f"""<h2>ONNX Runtime latency per model call ({lat['threads']} threads)</h2><table><tr><th></th>
+<th>FP32 ms</th><th>Q/DQ ms</th><th>speed-up</th></tr>{lat_rows}</table>
+<h2>Timestep groups</h2><p>{html.escape(report.get("timestep_groups", {}).get("text", "1 group"))}</p>
+<p>{html.escape(report["calibration"]["text"])}: {html.escape(str(report["calibration"]["timesteps"]))}</p>
+<h2>Integer-kernel fusion in ORT</h2><pre>{fusion}</pre>"""
+
+
+def render_html(art: Artifact, report: dict[str, Any], pictures: dict[str, bytes]) -> str:
+    """A self-contained page (pictures inlined as base64) a person can read instead of the JSON."""
+    m = art.manifest
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(report.get(k))}</td></tr>"
+                   for k in ("fd_digits_fp", "fd_digits", "fd_ratio", "fd_to_fp", "psnr_vs_fp", "bops_per_image"))
+    runs = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(r[k])}</td>" for k in
+                   ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")) + "</tr>"
+                   for name, r in sorted(report["runs"].items()))
     imgs = "".join(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
                    for name, data in pictures.items())
     title = html.escape(str(art.path))
+    target = m["plan"]["target"] if "plan" in m else m["recipe"]["values"]["target"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>denoq report: {title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}
 table{{border-collapse:collapse;margin:1em 0}}img{{max-width:100%}}</style></head><body>
 <h1>denoq report</h1><p>model <b>{html.escape(m['model']['name'])}</b> ({m['model']['class']}), recipe
-<b>{html.escape(m['recipe']['name'])}</b>, target <b>{m['plan']['target']}</b>, backend {report['sampler']['backend']},
+<b>{html.escape(m['recipe']['name'])}</b>, target <b>{target}</b>, backend {report['sampler']['backend']},
 sampler {report['sampler']['sampler']} {report['sampler']['steps']} steps, η={report['sampler']['eta']},
 {report['sampler']['n']} samples, seed {report['sampler']['seed']}.</p>
 <h2>Quality (this run)</h2><table>{rows}</table>
 <h2>All evaluation runs of this artifact</h2><table><tr><th>run</th><th>FD-digits FP</th><th>FD-digits quant</th>
 <th>FD to FP</th><th>PSNR vs FP (dB)</th></tr>{runs}</table>
-<h2>ONNX Runtime latency per model call ({lat['threads']} threads)</h2><table><tr><th></th><th>FP32 ms</th>
-<th>Q/DQ ms</th><th>speed-up</th></tr>{lat_rows}</table>
-<h2>Timestep groups</h2><p>{html.escape(report.get("timestep_groups", {}).get("text", "1 group"))}</p>
-<p>{html.escape(report["calibration"]["text"])}: {html.escape(str(report["calibration"]["timesteps"]))}</p>
-<h2>Integer-kernel fusion in ORT</h2><pre>{fusion}</pre>
+{_details_html(report)}
 <h2>Pictures</h2>{imgs}</body></html>
 """

@@ -17,15 +17,22 @@ def describe(art: Artifact, layers: bool = False) -> str:
                  f"{model['parameters']:,} parameters, T={model['num_train_timesteps']}")
     recipe = m["recipe"]
     lines.append(f"recipe   {recipe['name']}: " + ", ".join(f"{k}={v}" for k, v in sorted(recipe['values'].items())))
-    plan = m["plan"]
-    layers = plan["layers"]
-    kinds = Counter((v["op"], v["weight_bits"], (v["input"] or {}).get("bits"), bool(v["output"]))
-                    for v in layers.values())
-    lines.append(f"plan     target {plan['target']}, {len(layers)} layers:")
-    for (op, wb, ab, out), n in sorted(kinds.items(), key=str):
-        lines.append(f"           {n:4d} × {op:6s} W{wb}A{ab if ab else '-'}" + ("  +output Q/DQ" if out else ""))
-    if layers:
-        lines.extend(_layer_lines(art))
+    if "mixed" in m:
+        lines.extend(_mixed_lines(m["mixed"]))
+    else:
+        plan = m["plan"]
+        planned = plan["layers"]
+        kinds = Counter((v["op"], v["weight_bits"], (v["input"] or {}).get("bits"), bool(v["output"]))
+                        for v in planned.values())
+        lines.append(f"plan     target {plan['target']}, {len(planned)} layers:")
+        for (op, wb, ab, out), n in sorted(kinds.items(), key=str):
+            lines.append(f"           {n:4d} × {op:6s} W{wb}A{ab if ab else '-'}" + ("  +output Q/DQ" if out else ""))
+        if layers and planned:
+            lines.extend(_layer_lines(art))
+    if "cost" in m:
+        c = m["cost"]
+        lines.append(f"cost     {c['bops_per_call'] / 1e9:.2f} GBOPs per call ({c['macs_per_call'] / 1e6:.1f} M MACs; "
+                     f"FP{c['float_bits']}: {c['fp_bops_per_call'] / 1e9:.2f} GBOPs)")
     if "weights" in m:
         w = m["weights"]
         conv4 = len(w["conv_int4_in_int8_container"])
@@ -43,6 +50,20 @@ def describe(art: Artifact, layers: bool = False) -> str:
         lines.append(f"           {name:28s} {size / 1e6:8.2f} MB  sha256 {digest[:16]}…")
     lines.append("versions " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()) if v))
     return "\n".join(lines)
+
+
+def _mixed_lines(mixed: dict) -> list[str]:
+    """The members, steps per member, BOPs and the per-step choice of a mixed artifact."""
+    names = mixed["members"]
+    per_image = mixed["bops_per_image"]
+    lines = [f"mixed    step-aware precision over {mixed['sampler']} {mixed['num_steps']} steps: {mixed['criterion']}"]
+    for n in names:
+        lines.append(f"           {n:10s} {mixed['steps_per_member'][n]:4d} steps, "
+                     f"{mixed['bops_per_call'][n] / 1e9:.2f} GBOPs per call (members/{n})")
+    lines.append(f"           BOPs per image: mixed {per_image['mixed'] / 1e9:.1f} G, "
+                 + ", ".join(f"all-{n} {per_image[n] / 1e9:.1f} G" for n in names))
+    lines.append("           per step (t:member): " + " ".join(f"{r['t']}:{r['member']}" for r in mixed["steps"]))
+    return lines
 
 
 def _layer_lines(art: Artifact) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from denoq.bops import FLOAT_BITS, layer_macs, plan_bops
 from denoq.calibrators import calibtimes
 from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
@@ -56,6 +57,15 @@ def calibration_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
     return spec.random_cond(n, seed + 1)
 
 
+def record_pool(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> CalibrationSet:
+    """The FP sampling trajectories the recipe asks for (`calib.*`, `seed`), every step recorded."""
+    n = recipe["calib.samples"]
+    return record_trajectories(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config),
+                               sampler=recipe["calib.sampler"], steps=recipe["calib.steps"], n_samples=n,
+                               sample_shape=spec.sample_shape, seed=recipe["seed"],
+                               cond=calibration_cond(spec, n, recipe["seed"]), progress=progress)
+
+
 def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module],
                     progress: bool = True) -> tuple[CalibrationSet, dict[str, Any], CalibrationSet]:
     """Record the FP trajectories and keep the steps `activations.calib_timesteps` picks (`calibtimes`).
@@ -64,10 +74,7 @@ def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module
     statistics need each step of the sampler)."""
     fp = torch_eps(spec.module)
     n = recipe["calib.samples"]
-    pool = record_trajectories(fp, NoiseSchedule.from_config(spec.scheduler_config), sampler=recipe["calib.sampler"],
-                               steps=recipe["calib.steps"], n_samples=n, sample_shape=spec.sample_shape,
-                               seed=recipe["seed"], cond=calibration_cond(spec, n, recipe["seed"]),
-                               progress=progress)
+    pool = record_pool(spec, recipe, progress)
     strategy, k = recipe["activations.calib_timesteps"], recipe["calib.timesteps"]
     calibtimes.check_count(strategy, len(pool.t), k)
     info: dict[str, Any] = {"strategy": strategy}
@@ -123,7 +130,8 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
     ptqd = None
     if recipe["ptqd.enabled"]:
         pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64, progress=progress)
-        ptqd = fit_ptqd(pairs, spec.num_train_timesteps, recipe["calib.sampler"], recipe["calib.steps"])
+        ptqd = fit_ptqd(pairs, spec.num_train_timesteps, recipe["calib.sampler"], recipe["calib.steps"],
+                        correlated=recipe["ptqd.correlation"])
     info = {"inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info, "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
             "group_search": search, "weights": weight_info,
@@ -180,9 +188,23 @@ def weight_storage(plan: QuantPlan, fp_path: Path, qdq_path: Path) -> dict[str, 
                                                   if lp.op == "conv" and lp.weight_bits <= 4)}
 
 
+def model_cost(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs) -> dict[str, Any]:
+    """MACs and BOPs of one model call with a batch of one (`denoq.bops`), quantized and FP."""
+    x, t = inputs.sample[:1], inputs.timestep[:1]
+    cond = None if inputs.encoder_hidden_states is None else inputs.encoder_hidden_states[:1]
+    macs = layer_macs(spec.module, lambda: torch_eps(spec.module)(x, t, cond))
+    return {"macs_per_call": sum(macs.values()), "bops_per_call": plan_bops(macs, plan),
+            "fp_bops_per_call": plan_bops(macs, None), "float_bits": FLOAT_BITS}
+
+
 def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
                   quiet: bool = False) -> Artifact:
-    """Compile `model` with `recipe` into the artifact folder `out` (see module docstring)."""
+    """Compile `model` with `recipe` into the artifact folder `out` (see module docstring); with
+    `precision.mixed`, a mixed artifact of one compiled member per candidate (`denoq.compiler.mixed`)."""
+    if recipe["precision.mixed"]:
+        from denoq.compiler.mixed import compile_mixed  # it compiles each member with this function
+
+        return compile_mixed(model, recipe, out, force=force, progress=progress, quiet=quiet)
     check_output_dir(out, force)
     spec = load_model(model)
     log(f"model {spec.name}: {spec.model_class}, sample {spec.sample_shape}, "
@@ -215,13 +237,16 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         storage = weight_storage(plan, fp_path, qdq_path)
         log(f"weights on disk: {storage['qdq_bytes'] / 1e6:.2f} MB vs {storage['fp32_bytes'] / 1e6:.2f} MB FP32 "
             f"(×{storage['ratio']:.3f})", quiet)
+        cost = model_cost(spec, plan, inputs)
         manifest = {
             "recipe": recipe.to_dict(),
+            "cost": cost,
             "model": spec.describe(),
             "scheduler": spec.scheduler_config,
             "plan": plan_meta,
             "weights": storage,
-            **({} if ptqd is None else {"ptqd": {**ptqd.meta(), "vsc": recipe["ptqd.vsc"]}}),
+            **({} if ptqd is None else {"ptqd": {**ptqd.meta(), "vsc": recipe["ptqd.vsc"],
+                                                 "correlation": recipe["ptqd.correlation"]}}),
             "layer_map": layer_map,
             "calibration": calib_info,
             "checks": checks,

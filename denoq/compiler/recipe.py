@@ -135,9 +135,15 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("ptqd.enabled", False, bool,
             "PTQD correction head: ε = (ε_q − bias[t]) / (1 + k[t]), statistics per step of the calibration sampler "
             "(sampling must then use calib.sampler with calib.steps)"),
+    KeySpec("ptqd.correlation", True, bool,
+            "PTQD: fit and remove the noise's part correlated with ε (k); false = bias correction only (k = 0)"),
     KeySpec("ptqd.vsc", False, bool,
             "PTQD variance schedule calibration: the sampler lowers the noise it adds by the residual variance "
             "(needs ptqd.enabled; a no-op for DDIM with η = 0)"),
+    KeySpec("precision.mixed", "", str,
+            "step-aware mixed precision (PTQD): comma-separated presets compiled beside this recipe (e.g. w8a8); "
+            "each denoising step of calib.sampler/calib.steps runs the cheapest whose SNR reaches the diffusion's; "
+            "empty = off"),
     KeySpec("accuquant.window", 0, int,
             "with weights.method=adaround: 0-1 per-step objective, n ≥ 2 the AccuQuant window",
             choices=(0,), planned=lambda v: v > 0),
@@ -328,6 +334,36 @@ def load_recipe(name: str, sets: Iterable[str] = (), toml_path: Path | None = No
         key, value = parse_set(item)
         values[key] = value
     return Recipe(name=name, values=values)
+
+
+#: Keys that say how precise a model is: a candidate of `precision.mixed` takes them from its own preset.
+def is_precision_key(key: str) -> bool:
+    return key.startswith("weights.") or key == "activations.bits"
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """Every key's value in preset `name` before any override."""
+    return load_recipe(name).values
+
+
+def mixed_members(recipe: Recipe) -> dict[str, Recipe]:
+    """The candidates of `precision.mixed`, by name: the recipe itself (its preset's name, mixing off), then each
+    named preset with the recipe's overrides of every key except the precision keys (`is_precision_key`), so all
+    share calibration, target, PTQD and seed. DenoqError for an unknown or repeated preset."""
+    others = [n.strip() for n in recipe["precision.mixed"].split(",") if n.strip()]
+    if not others:
+        raise DenoqError("precision.mixed is empty: name the presets to mix with, e.g. --set precision.mixed=w8a8")
+    names = [recipe.name, *others]
+    if len(set(names)) != len(names):
+        raise DenoqError(f"precision.mixed={recipe['precision.mixed']} with --recipe {recipe.name} names a "
+                         "candidate twice; list each preset once, other than the recipe itself")
+    base = preset_values(recipe.name)
+    shared = {k: v for k, v in recipe.values.items()
+              if v != base[k] and not is_precision_key(k) and k != "precision.mixed"}
+    members = {recipe.name: Recipe(recipe.name, {**recipe.values, "precision.mixed": ""})}
+    for name in others:
+        members[name] = Recipe(name, {**preset_values(name), **shared})
+    return members
 
 
 def describe_recipes() -> str:
