@@ -92,6 +92,8 @@ VARIANTS: dict[str, str] = {
 OUR_RECIPES: dict[str, str] = {"trt": "w8a8", "ort-cpu": "w8a8-ort"}
 #: Timestep-selector variants (`--groups G` > 1): variant key → the G=1 variant of the same profile.
 SELECTORS: dict[str, str] = {"trt-sel": "trt", "ort-cpu-sel": "ort-cpu"}
+#: PTQD head variants (`--ptqd-head`): variant key → the graph it extends, and its label.
+HEADS: dict[str, tuple[str, str]] = {"trt-head": ("trt", "denoq trt + PTQD head")}
 #: The selector's latency goal: G graph ms / G=1 graph ms of the same profile.
 SELECTOR_OVERHEAD_GOAL = 1.05
 #: Recipe overrides per model name (applied before `--set`): the random `big` model only needs plausible ranges.
@@ -103,7 +105,9 @@ _T0 = time.perf_counter()
 
 
 def variant_label(key: str, groups: int = 1) -> str:
-    """A variant's name in the tables: VARIANTS', or `denoq trt G=4` for a selector variant."""
+    """A variant's name in the tables: VARIANTS', `denoq trt G=4` for a selector variant, HEADS' for a head."""
+    if key in HEADS:
+        return HEADS[key][1]
     return f"{VARIANTS[SELECTORS[key]]} G={groups}" if key in SELECTORS else VARIANTS[key]
 
 
@@ -307,10 +311,25 @@ def compile_ours(source: str, recipe: Recipe, out: Path, reuse: bool) -> Artifac
         return compile_model(source, recipe, out, force=True, progress=False)
 
 
+def with_head(qdq_path: Path, out: Path, num_train_timesteps: int, seed: int) -> Path:
+    """`qdq_path` with PTQD's correction head appended (`denoq.passes.ptqd_head`), seeded random tables of length
+    T (the head's cost does not depend on their values: two Gathers, a Sub and a Mul)."""
+    from denoq.passes.ptqd_head import AppendPtqdHead
+
+    model = onnx.load(str(qdq_path))
+    channels = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    g = torch.Generator().manual_seed(seed)
+    head = AppendPtqdHead(0.01 * torch.randn(num_train_timesteps, channels, generator=g),
+                          1 / (1 + 0.01 * torch.rand(num_train_timesteps, generator=g)))
+    onnx.save(head(model), str(out))
+    return out
+
+
 def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, peer_pre: bool,
-            groups: int = 1) -> Prepared:
+            groups: int = 1, head: bool = False) -> Prepared:
     """Compile both denoq profiles of model `name` (and, with `groups` > 1, both again with that many timestep
-    groups: the selector variants), recompute its calibration inputs, quantize the peer."""
+    groups: the selector variants; with `head`, the trt graph with PTQD's head appended), recompute its
+    calibration inputs, quantize the peer."""
     source = model_source(name, work, seed)
     label = display_name(name)
     spec = load_model(source)
@@ -339,6 +358,10 @@ def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, 
             prep.artifacts[key] = art
             prep.paths[key] = art.file("model.qdq.onnx")
     trt = prep.artifacts["trt"]
+    if head:
+        for key, (base, _) in HEADS.items():
+            prep.paths[key] = with_head(prep.paths[base], folder / f"{key}.onnx",
+                                        trt.manifest["plan"]["num_train_timesteps"], seed)
     prep.paths = {"fp32": trt.file("model.fp.onnx"), **prep.paths}
     prep.info["recipe_trt"] = trt.manifest["recipe"]["values"]
 
@@ -411,8 +434,8 @@ def overheads(base_ms: Sequence[float], selector_ms: Sequence[float]) -> dict[st
 
 
 def timed_keys(prep: Prepared) -> list[str]:
-    """The variants of `prep` to time and fuse: VARIANTS, then the selector variants it was compiled with."""
-    return [*VARIANTS, *(k for k in SELECTORS if k in prep.paths)]
+    """The variants of `prep` to time and fuse: VARIANTS, then the selector and head variants it has."""
+    return [*VARIANTS, *(k for k in [*SELECTORS, *HEADS] if k in prep.paths)]
 
 
 def bench_latency(prep: Prepared, batches: Sequence[int], rounds: int, iters: int, threads: int,
@@ -427,8 +450,9 @@ def bench_latency(prep: Prepared, batches: Sequence[int], rounds: int, iters: in
         res = time_interleaved(backends, x, t, rounds, iters, target_s)
         for k in res:
             res[k].update(speedups(res["fp32"]["round_medians_ms"], res[k]["round_medians_ms"]))
-            if k in SELECTORS:
-                res[k].update(overheads(res[SELECTORS[k]]["round_medians_ms"], res[k]["round_medians_ms"]))
+            base = SELECTORS.get(k) or HEADS.get(k, (None,))[0]
+            if base is not None:
+                res[k].update(overheads(res[base]["round_medians_ms"], res[k]["round_medians_ms"]))
         out[f"batch{batch}"] = res
         log("  " + ", ".join(f"{variant_label(k, groups)} {v['median_ms']:.2f} ms ({v['speedup']:.2f}×)"
                              for k, v in res.items()))
@@ -539,6 +563,23 @@ def selector_table(results: dict[str, Any], groups: int) -> str:
     return md_table(header, rows) + "\n\n" + note
 
 
+def head_table(results: dict[str, Any]) -> str:
+    """Per model and batch: the trt graph's ms without and with PTQD's head, and their ratio."""
+    header = ["model", "batch", "without head ms", "with head ms", "with / without (range)"]
+    rows = []
+    for model, res in results.items():
+        for bkey, per in res["latency"].items():
+            for k, (base, _) in HEADS.items():
+                if k in per:
+                    rows.append([model, bkey.removeprefix("batch"), f"{per[base]['median_ms']:.2f}",
+                                 f"{per[k]['median_ms']:.2f}", f"{per[k]['overhead']:.3f} "
+                                 f"({per[k]['overhead_min']:.3f}–{per[k]['overhead_max']:.3f})"])
+    note = ("The `denoq trt` graph with `ε = (ε_q − Gather(bias, t)) · Gather(1/(1+k), t)` appended at its output "
+            "(`denoq.passes.ptqd_head`); ratio: median (and range) over the rounds of the two graphs' ms timed in "
+            "the same round.")
+    return md_table(header, rows) + "\n\n" + note
+
+
 def fusion_table(results: dict[str, Any], groups: int = 1) -> str:
     header = ["model", "graph", "quantized layers", "fused", "fraction fused", "integer kernels",
               "unfused float kernels", "Q / DQ left"]
@@ -602,6 +643,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--groups", type=int, default=4,
                    help="timestep groups of the selector variants (denoq trt/ort-cpu G=N, timed against G=1); "
                         "1 = no selector variants (default: 4)")
+    p.add_argument("--ptqd-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the trt graph with PTQD's correction head appended (default: on)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every compile (after the per-model defaults), repeatable")
     p.add_argument("--out-dir", type=Path, default=None,
@@ -644,7 +687,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for name in names:
         start = time.perf_counter()
         prep = prepare(name, work, args.sets, args.seed, args.reuse, args.peer_preprocess,
-                       args.groups if name in args.models else 1)
+                       args.groups if name in args.models else 1, args.ptqd_head and name in args.models)
         prepared[name] = prep
         entry: dict[str, Any] = {"info": prep.info, "paths": {k: str(p) for k, p in prep.paths.items()}}
         entry["info"]["prepare_seconds"] = round(time.perf_counter() - start, 1)
@@ -726,6 +769,8 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
         parts += ["\n## Latency per model call\n", latency_table(timed, args.threads, args.rounds)]
         if any(k in per for r in timed.values() for per in r["latency"].values() for k in SELECTORS):
             parts += ["\n## Timestep selector overhead\n", selector_table(timed, args.groups)]
+        if any(k in per for r in timed.values() for per in r["latency"].values() for k in HEADS):
+            parts += ["\n## PTQD head overhead\n", head_table(timed)]
     if fused:
         parts += ["\n## Integer-kernel fusion in ONNX Runtime (CPU EP)\n", fusion_table(fused, args.groups)]
     if "quality" in report:

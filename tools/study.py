@@ -9,8 +9,9 @@ Two matrices (`--matrix`):
   `activations.calib_timesteps`. Rows: A8 with G ∈ `--groups` × rule ∈ `--strategies` (exact DP partition); A8,
   uniform steps, ADP-DM's differentiable search, G ∈ `--search-groups`; A6 and A4 (`--low-bits`, int4 / clipped
   int8 Q/DQ that ORT runs unfused; TensorRT takes 8-bit activations only), uniform, G ∈ `--low-bit-groups`.
-- `ptqd`: W8A8 and W4A8 without correction, with PTQD's correction head, and with head + variance schedule
-  calibration (statistics on DDIM 50 trajectories; pass DDIM 50 samplers, e.g. `ddim50:256,ddim50:256:1`).
+- `ptqd`: per sampler and step count of `--samplers`, W8A8 and W4A8 without correction, with PTQD's bias
+  correction only, with bias + k (the head), with head + variance schedule calibration, and step-aware mixed
+  precision W4A8/W8A8 with the full stack (statistics on that sampler's trajectories); BOPs per image reported.
 - `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
   of `--group-sizes` (0 = per output channel), GPTQ per channel in parallel mode (Hessians from the FP model
   only), and OBQ at `--obq-group-sizes`. Also reported: the median over
@@ -24,6 +25,7 @@ samples), the rows a matrix marks as main with all of them. Output: the markdown
 
     OMP_NUM_THREADS=1 python tools/study.py --matrix timegroups --out /tmp/study 2>&1 | tee /tmp/study.log
     OMP_NUM_THREADS=1 python tools/study.py --matrix weights --model /tmp/digits-b --out /tmp/wstudy
+    OMP_NUM_THREADS=1 python tools/study.py --matrix ptqd --samplers ddim50:256,ddim50:256:1,ddpm1000:128 --out /tmp/p
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Row:
     series: str
     x: int
     main: bool
+    samplers: tuple[str, ...] | None = None  # evaluate with exactly these (None: all if main, else the first)
 
 
 def parse_sampler(text: str) -> tuple[str, int, int, float]:
@@ -110,15 +113,30 @@ def weight_rows(args: argparse.Namespace) -> list[Row]:
     return out
 
 
+PTQD_VARIANTS = (("none", ()), ("bias", ("ptqd.enabled=true", "ptqd.correlation=false")),
+                 ("bias + k", ("ptqd.enabled=true",)), ("bias + k + vsc", ("ptqd.enabled=true", "ptqd.vsc=true")))
+
+
 def ptqd_rows(args: argparse.Namespace) -> list[Row]:
-    """W8A8 and W4A8 without correction, with PTQD's head, and with head + variance schedule calibration; the
-    statistics are measured on the DDIM 50 steps every sampler of the run uses (`--samplers ddim50:N[:η]`)."""
+    """For each sampler and step count of `--samplers` (PTQD's statistics and the per-step precision belong to
+    one): W8A8 and W4A8 without correction, with the bias correction only, with bias + k (the head), with head +
+    variance schedule calibration; and step-aware mixed precision W4A8 / W8A8 with the full PTQD stack. Each row
+    is evaluated with the samplers of its own sampler and step count (e.g. DDIM 50 at η = 0 and η = 1)."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for s in args.samplers:
+        kind, steps, _, _ = parse_sampler(s)
+        groups.setdefault((kind, steps), []).append(s)
     out = []
-    for preset in ("w8a8", "w4a8"):
-        for i, (variant, sets) in enumerate((("none", ()), ("head", ("ptqd.enabled=true",)),
-                                             ("head + vsc", ("ptqd.enabled=true", "ptqd.vsc=true")))):
-            out.append(Row(f"{preset}-ptqd-{i}", preset, ("calib.steps=50", "calib.timesteps=25", *sets),
-                           (("recipe", preset.upper()), ("PTQD", variant)), preset.upper(), i + 1, True))
+    for (kind, steps), samplers in groups.items():
+        calib = (f"calib.sampler={kind}", f"calib.steps={steps}", "calib.timesteps=25")
+        for preset in ("w8a8", "w4a8"):
+            for i, (variant, sets) in enumerate(PTQD_VARIANTS):
+                out.append(Row(f"{kind}{steps}-{preset}-ptqd-{i}", preset, (*calib, *sets),
+                               (("calib", f"{kind}{steps}"), ("recipe", preset.upper()), ("PTQD", variant)),
+                               f"{preset.upper()} {kind}{steps}", 2**i, True, tuple(samplers)))
+        out.append(Row(f"{kind}{steps}-mixed", "w4a8", (*calib, *PTQD_VARIANTS[-1][1], "precision.mixed=w8a8"),
+                       (("calib", f"{kind}{steps}"), ("recipe", "mixed W4A8/W8A8"), ("PTQD", PTQD_VARIANTS[-1][0])),
+                       f"mixed {kind}{steps}", 2 ** len(PTQD_VARIANTS), True, tuple(samplers)))
     return out
 
 
@@ -130,14 +148,21 @@ def _one_thread() -> None:
 
 
 def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
+    from denoq.compiler.mixed import members
     from denoq.compiler.pipeline import compile_model
     from denoq.compiler.recipe import load_recipe
 
     art = compile_model(model, load_recipe(row.preset, row.sets), out / "artifacts" / row.name, force=True,
                         progress=False, quiet=True)
+    if "mixed" in art.manifest:
+        mixed = art.manifest["mixed"]
+        return {"calib_seconds": sum(m.manifest["calibration"]["seconds"] for m in members(art).values())
+                + mixed["seconds"], "bops_per_image": mixed["bops_per_image"]["mixed"],
+                "steps_per_member": mixed["steps_per_member"]}
     cal = art.manifest["calibration"]
     weights = cal.get("weights", {})
     return {"calib_seconds": cal["seconds"], "timesteps": cal["timesteps"],
+            "bops_per_image": art.manifest["cost"]["bops_per_call"] * art.manifest["recipe"]["values"]["calib.steps"],
             "selection": cal.get("timestep_selection", {}), "search_terms": cal.get("group_search", {}),
             "weight_error_vs_rtn": weights.get("output_error_vs_rtn_median"),
             "weight_seconds": weights.get("seconds"),
@@ -204,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for s in args.samplers:
         parse_sampler(s)
-    from denoq.metrics import fd_digits, psnr
+    from denoq.metrics import fd_between, fd_digits, psnr
 
     todo = [r for r in MATRICES[args.matrix](args) if re.search(args.only, r.name)]
     if not todo:
@@ -216,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         compiled = dict(zip([r.name for r in todo],
                             pool.map(compile_row, todo, [args.model] * len(todo), [args.out] * len(todo)),
                             strict=True))
-        samplers = {r.name: args.samplers if r.main else args.samplers[:1] for r in todo}
+        samplers = {r.name: list(r.samplers) if r.samplers else args.samplers if r.main else args.samplers[:1]
+                    for r in todo}
         tasks = [(None, s) for s in args.samplers] + [(r.name, s) for r in todo for s in samplers[r.name]]
         print(f"sampling {len(tasks)} (graph, sampler) pairs …", file=sys.stderr, flush=True)
         dirs = [args.out / "artifacts" / (todo[0].name if name is None else name) for name, _ in tasks]
@@ -231,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             x = samples[(r.name, s)]
             fd = fd_digits(x)
             quality[s] = {"fd_digits": fd, "fd_ratio": fd / fp[s]["fd_digits"],
-                          "psnr_vs_fp": psnr(x, samples[(None, s)])}
+                          "fd_to_fp": fd_between(x, samples[(None, s)]), "psnr_vs_fp": psnr(x, samples[(None, s)])}
         results.append({**asdict(r), **compiled[r.name], "quality": quality})
     report = {"fp": fp, "rows": results, "seconds": round(time.perf_counter() - start, 1),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
     xlabel = {"timegroups": "timestep groups G", "weights": "weight group size (1 = per output channel)",
-              "ptqd": "1 = no correction, 2 = PTQD head, 4 = head + VSC"}[args.matrix]
+              "ptqd": "1 none, 2 bias, 4 bias + k, 8 + VSC, 16 mixed precision"}[args.matrix]
     title = f"{args.model}: {args.matrix} study in ONNX Runtime, {args.samplers[0]}"
     (args.out / "study.png").write_bytes(study_png(results, args.samplers[0], xlabel, title))
     print_table(args.matrix, results, fp, args.samplers)
@@ -249,7 +275,9 @@ def print_table(matrix: str, results: list[dict[str, Any]], fp: dict[str, Any], 
     print("FP: " + ", ".join(f"{s} FD-digits {fp[s]['fd_digits']:.2f}" for s in samplers))
     labels = [k for k, _ in results[0]["labels"]]
     extra = ["layer error / RTN", "weight bytes / FP32", "calib s"] if matrix == "weights" else ["calib s"]
-    head = [*labels, *(f"{s}: FD (×FP) · PSNR" for s in samplers), *extra]
+    if matrix == "ptqd":
+        extra = ["GBOPs / image", "calib s"]
+    head = [*labels, *(f"{s}: FD (×FP) · FD to FP · PSNR" for s in samplers), *extra]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in results:
@@ -257,10 +285,13 @@ def print_table(matrix: str, results: list[dict[str, Any]], fp: dict[str, Any], 
         for s in samplers:
             q = r["quality"].get(s)
             cells.append("—" if q is None else
-                         f"{q['fd_digits']:.2f} (×{q['fd_ratio']:.3f}) · {q['psnr_vs_fp']:.2f} dB")
+                         f"{q['fd_digits']:.2f} (×{q['fd_ratio']:.3f}) · {q['fd_to_fp']:.2f} · "
+                         f"{q['psnr_vs_fp']:.2f} dB")
         if matrix == "weights":
             err = r["weight_error_vs_rtn"]
             cells += ["—" if err is None else f"{err:.3f}", f"{r['weight_bytes'] / r['fp_weight_bytes']:.3f}"]
+        if matrix == "ptqd":
+            cells.append(f"{r['bops_per_image'] / 1e9:.1f}")
         cells.append(f"{r['calib_seconds']:.1f}")
         print("| " + " | ".join(cells) + " |")
 
