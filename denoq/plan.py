@@ -128,14 +128,19 @@ class LayerPlan:
             raise DenoqError(f"layer {self.name}: weight scale shape {tuple(self.weight_scale.shape)} does not "
                              f"match weights {tuple(self.weight_int.shape)} with block size {self.block_size}")
 
+    def expanded_weight_scale(self) -> torch.Tensor:
+        """The weight scale of every weight element, float32, broadcastable to `weight_int` (per output channel,
+        or repeated over each block of `block_size` input channels)."""
+        s = self.weight_scale.to(torch.float32)
+        dims = self.weight_int.dim()
+        if self.block_size == 0:
+            return s.view(-1, *([1] * (dims - 1)))
+        s = s.repeat_interleave(self.block_size, dim=1)
+        return s.view(*s.shape, *([1] * (dims - 2)))
+
     def dequantized_weight(self) -> torch.Tensor:
         """Float weights exactly as DequantizeLinear computes them: `q · s` in float32."""
-        q = self.weight_int.to(torch.float32)
-        s = self.weight_scale.to(torch.float32)
-        if self.block_size == 0:
-            return q * s.view(-1, *([1] * (q.dim() - 1)))
-        s = s.repeat_interleave(self.block_size, dim=1)
-        return q * s.view(*s.shape, *([1] * (q.dim() - 2)))
+        return self.weight_int.to(torch.float32) * self.expanded_weight_scale()
 
 
 @dataclass

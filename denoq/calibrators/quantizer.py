@@ -32,6 +32,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
 
 
+def straight_through(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`value` in the forward pass (exactly: `x − x.detach()` is 0), the identity in `x` in the backward pass (the
+    straight-through estimator)."""
+    return value.detach() + (x - x.detach())
+
+
 def symmetric_weight_quant(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest symmetric per-output-channel weights: s_c = max|w_c| / (2^(b-1) − 1).

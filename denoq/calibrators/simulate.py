@@ -42,7 +42,8 @@ class TimestepClock:
         self.t: torch.Tensor | None = None
 
 
-def _fake_quant_t(x: torch.Tensor, q: ActQuant, t: torch.Tensor) -> torch.Tensor:
+def fake_quant_at(x: torch.Tensor, q: ActQuant, t: torch.Tensor) -> torch.Tensor:
+    """`x` fake-quantized by `q` with each sample's scale `q.scale[t]`."""
     qmin, qmax = q.qrange
     scale = q.scale.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
     return fake_quantize(x, scale, q.zero_point, qmin, qmax)
@@ -81,17 +82,20 @@ class SimulatedLayer(nn.Module):
         if self.selected:
             return self._forward_selected(x, t)
         if self.plan.input is not None:
-            x = _fake_quant_t(x, self.plan.input, t)
+            x = fake_quant_at(x, self.plan.input, t)
         y = self._layer(x, self.bias)
         if self.plan.output is not None:
-            y = _fake_quant_t(y, self.plan.output, t)
+            y = fake_quant_at(y, self.plan.output, t)
         return y
 
-    def _layer(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """The Conv2d / Linear with `weight` (default: the plan's dequantized weight)."""
+        w = self.weight if weight is None else weight
         if isinstance(self.source, nn.Conv2d):
             m = self.source
-            return F.conv2d(x, self.weight, bias, m.stride, m.padding, m.dilation, m.groups)
-        return F.linear(x, self.weight, bias)
+            return F.conv2d(x, w, bias, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, w, bias)
 
     def _forward_selected(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The graph's op order: Mul(r_t) → Q/DQ(s0) → layer without bias → [Q/DQ(s_out0)] → Div(r_t) → Add(bias)."""

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.observers import MIN_RANGE, MSE_GRID, ObserverSettings, clip_range, observe_qparams, qparams
-from denoq.calibrators.quantizer import fake_quantize
-from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, _fake_quant_t
+from denoq.calibrators.quantizer import fake_quantize, straight_through
+from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, fake_quant_at
 from denoq.calibrators.stats import TensorStats, strided
 from denoq.errors import DenoqError
 from denoq.plan import ActQuant, QuantPlan, qrange
@@ -288,10 +288,6 @@ SEARCH_BETA = 0.5
 SEARCH_INIT = 2.0
 
 
-def _ste(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x + (q - x).detach()
-
-
 class _SearchLayer(SimulatedLayer):
     """A simulated layer whose input is eq. (3) at the batch's (single) timestep; outputs pass straight through
     their constant-table quantizer. `arm` sets its group scales and logits."""
@@ -306,11 +302,11 @@ class _SearchLayer(SimulatedLayer):
         assert t is not None and self.plan.input is not None
         qmin, qmax = self.plan.input.qrange
         pi = torch.softmax(self.logits[self.step_of[int(t[0])]], dim=0)
-        x = sum(pi[g] * _ste(fake_quantize(x, s, self.plan.input.zero_point, qmin, qmax), x)
+        x = sum(pi[g] * straight_through(fake_quantize(x, s, self.plan.input.zero_point, qmin, qmax), x)
                 for g, s in enumerate(self.group_scales))
         y = self._layer(x, self.bias)
         if self.plan.output is not None:
-            y = _ste(_fake_quant_t(y, self.plan.output, t), y)
+            y = straight_through(fake_quant_at(y, self.plan.output, t), y)
         return y
 
 

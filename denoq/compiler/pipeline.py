@@ -20,6 +20,7 @@ from torch import nn
 
 from denoq.bops import FLOAT_BITS, layer_macs, plan_bops
 from denoq.calibrators import calibtimes
+from denoq.calibrators.accuquant import AccuQuantSettings, check_window, reconstruct
 from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
 from denoq.calibrators.gptq import GptqSettings
@@ -99,6 +100,13 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         raise DenoqError(f"activations.timestep_groups = {recipe['activations.timestep_groups']} needs quantized "
                          "activations, but activations.bits = 16 keeps them in floating point; set "
                          "activations.timestep_groups=1 or activations.bits=8")
+    adaround = recipe["weights.method"] == "adaround"
+    if recipe["accuquant.window"] > 0 and not adaround:
+        raise DenoqError(f"accuquant.window={recipe['accuquant.window']} sets the objective of the learned "
+                         f"quantizers, but weights.method={recipe['weights.method']}; add --set "
+                         "weights.method=adaround")
+    if adaround:
+        check_window(recipe["accuquant.window"], recipe["calib.steps"])
     layers, kept_fp = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
     fp = torch_eps(spec.module)
     start = time.perf_counter()
@@ -106,9 +114,9 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
     target = recipe["target"]
     rounding = GptqSettings(bits=recipe["weights.bits"], group_size=recipe["weights.group_size"],
                             damp=recipe["weights.damp"], act_order=recipe["weights.act_order"])
+    method = ("gptq" if recipe["accuquant.init"] == "gptq" else "rtn") if adaround else recipe["weights.method"]
     weights, weight_info = round_weights(spec.module, layers, calib, WeightSettings(
-        recipe["weights.method"], rounding, recipe["weights.sequential"], recipe["weights.hessian_samples"]),
-        progress=progress)
+        method, rounding, recipe["weights.sequential"], recipe["weights.hessian_samples"]), progress=progress)
     if weight_info["per_channel_layers"]:
         log(f"weights.group_size={recipe['weights.group_size']} does not divide the input channels of "
             f"{len(weight_info['per_channel_layers'])} layer(s); they use per-output-channel scales "
@@ -127,6 +135,17 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
                                             calib, observer, seed=recipe["seed"], progress=progress)
         search.update({key: round(v, 6) for key, v in terms.items()})
+    learned: dict[str, Any] | None = None
+    if adaround:
+        settings_aq = AccuQuantSettings(
+            window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
+            lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
+            init="plan" if recipe["accuquant.init"] == "gptq" else "rtn", backprop=recipe["accuquant.backprop"],
+            seed=recipe["seed"])
+        plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),
+                                    recipe["calib.sampler"], recipe["calib.steps"], settings_aq, progress=progress)
+        if learned["stopped"]:
+            log(f"adaround stopped early: {learned['stopped']}", not progress)
     ptqd = None
     if recipe["ptqd.enabled"]:
         pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64, progress=progress)
@@ -134,7 +153,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                         correlated=recipe["ptqd.correlation"])
     info = {"inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info, "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
-            "group_search": search, "weights": weight_info,
+            "group_search": search, "weights": weight_info, **({} if learned is None else {"accuquant": learned}),
             "seconds": round(time.perf_counter() - start, 2)}
     return plan, calib, info, ptqd
 

@@ -1,0 +1,279 @@
+"""Reconstruction of the learnable quantizers: per-step (Q-Diffusion / BRECQ style) or over a window of n sampler
+steps (AccuQuant), with the window's gradients in O(1) memory.
+
+AccuQuant (Lee, Choi, Son, Moon, Jeon, Ham, NeurIPS 2025, arXiv 2510.20348) observes that quantization errors
+accumulate over the denoising steps and calibrates by matching the quantized sampler to the FP one over a couple of
+consecutive steps, with an implementation whose memory does not grow with the number of steps. Its exact objective
+is not public in a form we could read; what follows is ours, built on its idea.
+
+Objectives (`AccuQuantSettings.window`):
+
+- per step (window 0 or 1): on an FP-trajectory input (x_t, t) of the calibration pool,
+      L = ‖ε_q(x_t, t) − ε(x_t, t)‖² / ‖ε(x_t, t)‖²                                                       (1)
+  the network-output reconstruction of Q-Diffusion / BRECQ at the granularity of the whole model (the same
+  granularity as the window objective, so the two differ only in the window).
+- window n ≥ 2: from the FP state x_s of the pool, both samplers run n steps with the same noise draws,
+      x^q_{k+1} = S_k(x^q_k, ε_q(sg(x^q_k), t_k)),   x^fp_{k+1} = S_k(x^fp_k, ε(x^fp_k, t_k)),             (2)
+      L = ‖x^q_{s+n} − x^fp_{s+n}‖² / ‖x^fp_{s+n} − x_s‖²                                                   (3)
+  S_k the sampler's step (`denoq.sampling`: DDIM with η or DDPM, x̂_0 clipping included), sg a stop-gradient on
+  the model's *input*: the gradient flows through the sampler's own x-path and through each step's ε_q, not
+  through ε_q's dependence on its input (that is what keeps memory O(1), and what the naive variant adds).
+
+O(1) memory (`backprop="recompute"`): S_k is differentiable and cheap. Run the window without gradients keeping
+only the latents x^q_k and the outputs ε_q,k; with λ_n = ∂L/∂x^q_{s+n}, go back over the steps: one vector-Jacobian
+product of S_k alone gives (g_k, λ_k) = (∂S_k/∂ε)ᵀλ_{k+1}, (∂S_k/∂x)ᵀλ_{k+1}; then recompute ε_q(x^q_k) with
+gradients and back-propagate g_k into the quantizers. One model graph is alive at a time; the latents are the only
+thing that grows with n. For an affine step (no clipping) g_k = b_k (Π_{j>k} a_j) · 2r / norm, the
+"coefficient · r" of the issue. `backprop="naive"` back-propagates through the whole window in one graph (model
+inputs not stopped): the exact gradient of (3), with memory O(n). `window_loss(..., stop_gradient=True)` is (2)–(3)
+as one autograd graph, the reference the recompute gradients are tested against.
+
+Loss = reconstruction + λ · f_reg (AdaRound's regularizer, `learnable.py`), λ off for the first `warmup` fraction
+of the iterations, β annealed linearly from 20 to 2 after it. A non-finite loss or gradient stops the optimization
+and keeps the last parameters whose loss was finite (reported, never silent).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.learnable import INITS, LearnableModel
+from denoq.errors import DenoqError
+from denoq.plan import QuantPlan
+from denoq.sampling import NoiseSchedule
+from denoq.sampling.ddim import ddim_step
+from denoq.sampling.ddpm import ddpm_step
+
+BACKPROPS = ("recompute", "naive")
+BETA_START, BETA_END = 20.0, 2.0
+SCALE_LR_FACTOR = 0.1  # the log-scales move slower than the rounding variables
+PROBE_STEPS, PROBE_SAMPLES = 8, 16
+EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+StepFn = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AccuQuantSettings:
+    """`window` 0/1 = per-step objective (1), n ≥ 2 = AccuQuant's window (3); `iters` optimizer steps of `batch`
+    trajectories; Adam with `lr` (rounding variables; log-scales × SCALE_LR_FACTOR); `round_lambda` λ; `init` of
+    the rounding (`learnable.INITS`); `backprop` recompute (O(1) memory) or naive (O(n)); `warmup` fraction
+    without the regularizer; `eta` of a DDIM pool; `seed` of the batches, windows and noise."""
+
+    window: int
+    iters: int = 300
+    batch: int = 16
+    lr: float = 1e-2
+    round_lambda: float = 0.01
+    init: str = "rtn"
+    backprop: str = "recompute"
+    warmup: float = 0.2
+    eta: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or self.iters < 1 or self.batch < 1 or not self.lr > 0 or self.round_lambda < 0:
+            raise DenoqError(f"AccuQuant settings out of range: {self}; window ≥ 0, iters ≥ 1, batch ≥ 1, lr > 0, "
+                             "round_lambda ≥ 0")
+        if self.init not in INITS or self.backprop not in BACKPROPS:
+            raise DenoqError(f"AccuQuant init {self.init!r} / backprop {self.backprop!r}: choose init from "
+                             f"{', '.join(INITS)} and backprop from {', '.join(BACKPROPS)}")
+
+
+def check_window(window: int, steps: int) -> None:
+    """A window of n ≥ 2 steps needs n consecutive recorded sampler steps."""
+    if window > steps:
+        raise DenoqError(f"accuquant.window={window} needs {window} consecutive sampler steps but the calibration "
+                         f"records calib.steps={steps}; lower accuquant.window or raise calib.steps")
+
+
+def model_eps(model: nn.Module) -> EpsFn:
+    """`eps(x, t, cond)` of a diffusers model (`.sample`) or a SimulatedModel (a tensor)."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        out = model(x, t) if cond is None else model(x, t, cond)
+        return out.sample if hasattr(out, "sample") else out
+
+    return eps
+
+
+def sampler_step(schedule: NoiseSchedule, sampler: str, eta: float = 0.0) -> StepFn:
+    """S(x, out, t, prev_t, z) = the sampler's step with its noise draw z (unused where the step adds none)."""
+
+    def step(x: torch.Tensor, out: torch.Tensor, t: int, prev_t: int, z: torch.Tensor) -> torch.Tensor:
+        st = ddpm_step(schedule, out, t, prev_t, x) if sampler == "ddpm" else ddim_step(schedule, out, t, prev_t,
+                                                                                         x, eta)
+        return st.mean if st.std is None else st.mean + st.std * z
+
+    return step
+
+
+@dataclass
+class Window:
+    """n consecutive steps from the state `x` at `pairs[0][0]`: (t, prev_t) per step, one noise draw per step."""
+
+    x: torch.Tensor
+    pairs: list[tuple[int, int]]
+    noise: list[torch.Tensor]
+    cond: torch.Tensor | None = None
+
+    def t(self, k: int) -> torch.Tensor:
+        return torch.full((self.x.shape[0],), self.pairs[k][0], dtype=torch.int64, device=self.x.device)
+
+
+def run_window(eps: EpsFn, window: Window, step: StepFn) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                  list[torch.Tensor]]:
+    """(x at the end, the latents x_k before each step, the outputs ε_k) without gradients."""
+    xs, outs = [], []
+    x = window.x
+    with torch.no_grad():
+        for k, (t, prev_t) in enumerate(window.pairs):
+            out = eps(x, window.t(k), window.cond)
+            xs.append(x)
+            outs.append(out)
+            x = step(x, out, t, prev_t, window.noise[k])
+    return x, xs, outs
+
+
+def window_loss(q_eps: EpsFn, window: Window, step: StepFn, target: torch.Tensor, norm: float,
+                stop_gradient: bool = True) -> torch.Tensor:
+    """(3) as one autograd graph over the window: with `stop_gradient` the objective (2) (model inputs detached),
+    else the naive one (gradients also through each ε_q's input)."""
+    x = window.x
+    for k, (t, prev_t) in enumerate(window.pairs):
+        out = q_eps(x.detach() if stop_gradient else x, window.t(k), window.cond)
+        x = step(x, out, t, prev_t, window.noise[k])
+    return (x - target).pow(2).sum() / norm
+
+
+def window_backward_recompute(q_eps: EpsFn, window: Window, step: StepFn, target: torch.Tensor,
+                              norm: float) -> float:
+    """Accumulate ∂(3)/∂θ of the objective (2) into the quantizers' .grad in O(1) model graphs; returns (3)."""
+    end, xs, outs = run_window(q_eps, window, step)
+    r = end - target
+    lam = 2 * r / norm
+    for k in reversed(range(len(window.pairs))):
+        t, prev_t = window.pairs[k]
+        x_k = xs[k].detach().requires_grad_(True)
+        out_k = outs[k].detach().requires_grad_(True)
+        nxt = step(x_k, out_k, t, prev_t, window.noise[k])
+        g_out, lam = torch.autograd.grad(nxt, (out_k, x_k), lam)
+        q_eps(xs[k], window.t(k), window.cond).backward(g_out)
+    return float(r.pow(2).sum() / norm)
+
+
+def _anneal(it: int, iters: int, warmup: float) -> float | None:
+    """β of the regularizer at iteration `it`, None during the warm-up (no regularizer)."""
+    start = int(warmup * iters)
+    if it < start:
+        return None
+    frac = (it - start) / max(iters - start - 1, 1)
+    return BETA_START + (BETA_END - BETA_START) * frac
+
+
+def _finite_grads(params: list[torch.Tensor]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def probe_error(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet) -> float:
+    """Mean relative ε error ‖ε_q − ε‖ / ‖ε‖ over PROBE_STEPS evenly spaced steps × PROBE_SAMPLES trajectories."""
+    idx = sorted({round(i * (len(pool.t) - 1) / max(PROBE_STEPS - 1, 1)) for i in range(PROBE_STEPS)})
+    errs = []
+    with torch.no_grad():
+        for i in idx:
+            x = pool.x[i][:PROBE_SAMPLES]
+            t = torch.full((x.shape[0],), pool.t[i], dtype=torch.int64)
+            cond = None if pool.cond is None else pool.cond[:x.shape[0]]
+            ref = fp_eps(x, t, cond)
+            errs.append(float((q_eps(x, t, cond) - ref).norm() / ref.norm().clamp_min(1e-12)))
+    return sum(errs) / len(errs)
+
+
+def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedule: NoiseSchedule, sampler: str,
+                num_steps: int, settings: AccuQuantSettings, progress: bool = True
+                ) -> tuple[QuantPlan, dict[str, Any]]:
+    """Learn the plan's weight rounding and input scales with the objective of `settings.window` on `pool` (every
+    step of `sampler` with `num_steps` steps, FP trajectories in sampling order). Returns the plan with hard
+    rounding and the learned scales, and a report (losses, probe errors before / after, seconds, and `stopped`:
+    why the optimization stopped early, or None)."""
+    n = settings.window
+    check_window(n, len(pool.t))
+    expected = schedule.timesteps(num_steps, sampler).tolist()
+    if list(pool.t) != expected:
+        raise DenoqError(f"AccuQuant needs every step of {sampler} {num_steps} in sampling order; the calibration "
+                         f"pool has timesteps {pool.t[:4]}…; record the pool with the same sampler and steps")
+    prev = dict(zip(expected, schedule.prev_timesteps(num_steps, sampler).tolist(), strict=True))
+    start = time.perf_counter()
+    fp_eps = model_eps(model)
+    q = LearnableModel(model, plan, init=settings.init).train()
+    q_eps = model_eps(q)
+    rounding, scales = q.rounding_parameters(), q.scale_parameters()
+    optimizer = torch.optim.Adam([{"params": rounding, "lr": settings.lr},
+                                  {"params": scales, "lr": settings.lr * SCALE_LR_FACTOR}])
+    step = sampler_step(schedule, sampler, settings.eta)
+    g = torch.Generator().manual_seed(settings.seed)
+    N, S = pool.x[0].shape[0], len(pool.t)
+    before = probe_error(model_eps(LearnableModel(model, plan, init=settings.init).hard()), fp_eps, pool)
+    losses: list[float] = []
+    stopped = None
+    last_good = q.state()
+    params = [*rounding, *scales]
+    for it in tqdm(range(settings.iters), desc=f"accuquant window {n}" if n > 1 else "per-step reconstruction",
+                   unit="iter", disable=not progress):
+        rows = torch.randperm(N, generator=g)[:settings.batch]
+        cond = None if pool.cond is None else pool.cond[rows]
+        optimizer.zero_grad(set_to_none=True)
+        if n <= 1:
+            s = int(torch.randint(S, (1,), generator=g))
+            x, t = pool.x[s][rows], torch.full((len(rows),), pool.t[s], dtype=torch.int64)
+            with torch.no_grad():
+                ref = fp_eps(x, t, cond)
+            rec_t = (q_eps(x, t, cond) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-12)
+            rec_t.backward()
+            rec = float(rec_t)
+        else:
+            s = int(torch.randint(S - n + 1, (1,), generator=g))
+            pairs = [(pool.t[s + k], prev[pool.t[s + k]]) for k in range(n)]
+            noise = [torch.randn(pool.x[s][rows].shape, generator=g) for _ in range(n)]
+            window = Window(pool.x[s][rows], pairs, noise, cond)
+            target, _, _ = run_window(fp_eps, window, step)
+            norm = float((target - window.x).pow(2).sum().clamp_min(1e-12))
+            if settings.backprop == "recompute":
+                rec = window_backward_recompute(q_eps, window, step, target, norm)
+            else:
+                loss = window_loss(q_eps, window, step, target, norm, stop_gradient=False)
+                loss.backward()
+                rec = float(loss)
+        beta = _anneal(it, settings.iters, settings.warmup)
+        reg = 0.0
+        if beta is not None and settings.round_lambda > 0:
+            reg_t = settings.round_lambda * q.regularizer(beta)
+            reg_t.backward()
+            reg = float(reg_t.detach())
+        if not math.isfinite(rec + reg) or not _finite_grads(params):
+            stopped = (f"the loss or its gradient became non-finite at iteration {it + 1} of {settings.iters} "
+                       f"(loss {rec + reg!r}); kept the quantizers of iteration {it}: lower accuquant.lr")
+            break
+        last_good = q.state()
+        losses.append(rec + reg)
+        optimizer.step()
+    if stopped is None and not all(bool(torch.isfinite(p).all()) for p in params):
+        stopped = f"the quantizers became non-finite after iteration {settings.iters}; kept the last finite ones"
+    q.load(last_good)
+    q.hard()
+    after = probe_error(q_eps, fp_eps, pool)
+    every = max(1, len(losses) // 50)
+    info = {"window": n, "objective": "per-step" if n <= 1 else f"window of {n} steps", "iters": len(losses),
+            "backprop": settings.backprop if n > 1 else "per-step", "init": settings.init,
+            "loss_curve": [round(v, 6) for v in losses[::every]], "probe_eps_error_before": round(before, 6),
+            "probe_eps_error_after": round(after, 6), "stopped": stopped,
+            "seconds": round(time.perf_counter() - start, 2)}
+    return q.export_plan(), info

@@ -1,0 +1,199 @@
+"""Learnable quantizers (AdaRound / LSQ) and their reconstruction: per-step and AccuQuant windows, the O(1)-memory
+gradients against plain autograd, export to an exact plan, bad input (denoq.calibrators.learnable, .accuquant)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from denoq.calibrators.accuquant import (
+    AccuQuantSettings,
+    Window,
+    check_window,
+    model_eps,
+    reconstruct,
+    run_window,
+    sampler_step,
+    window_backward_recompute,
+    window_loss,
+)
+from denoq.calibrators.calibset import record_trajectories
+from denoq.calibrators.learnable import LearnableModel, inverse_rectified_sigmoid, lsq_fake_quantize, rectified_sigmoid
+from denoq.calibrators.quantizer import fake_quantize
+from denoq.calibrators.simulate import simulate
+from denoq.compiler.backends import artifact_plan
+from denoq.compiler.load import load_model
+from denoq.errors import DenoqError
+from denoq.sampling import NoiseSchedule
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pipeline, tiny_artifact_trt):
+    spec = load_model(str(tiny_pipeline))
+    return spec, artifact_plan(tiny_artifact_trt), NoiseSchedule.from_config(spec.scheduler_config)
+
+
+def _inputs(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=g), torch.tensor([900, 500, 100, 10][:n])
+
+
+# -- the quantizers ------------------------------------------------------------------------------------------------
+def test_rectified_sigmoid_inverts_and_lsq_matches_the_graph_quantizer():
+    h = torch.tensor([0.05, 0.3, 0.5, 0.9])
+    torch.testing.assert_close(rectified_sigmoid(inverse_rectified_sigmoid(h)), h)
+    x = torch.linspace(-3, 3, 101, requires_grad=True)
+    s = torch.tensor(0.05, requires_grad=True)
+    y = lsq_fake_quantize(x, s, 0, -8, 7)
+    assert torch.equal(y, fake_quantize(x.detach(), s.detach(), 0, -8, 7))  # forward bit-exact
+    y.sum().backward()
+    inside = (x / 0.05 > -8.5) & (x / 0.05 < 7.5)
+    assert torch.equal(x.grad, inside.float())  # straight through inside the range, 0 where saturated
+    # LSQ's step-size gradient: Σ (round(v) − v) inside, qmin / qmax outside (v = x / s)
+    v = x.detach() / 0.05
+    expected = torch.where(v <= -8.5, torch.tensor(-8.0), torch.where(v >= 7.5, torch.tensor(7.0), torch.round(v) - v))
+    torch.testing.assert_close(s.grad, expected.sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_untrained_hard_model_exports_the_plan_and_matches_the_simulation_exactly(tiny):
+    spec, plan, _ = tiny
+    q = LearnableModel(spec.module, plan, init="plan").hard()
+    exported = q.export_plan()
+    for name, lp in plan.layers.items():
+        assert torch.equal(exported.layers[name].weight_int, lp.weight_int), name
+        if lp.input is not None:
+            assert torch.equal(exported.layers[name].input.scale, lp.input.scale)
+    x, t = _inputs()
+    with torch.no_grad():
+        assert torch.equal(q(x, t), simulate(spec.module, plan)(x, t))
+    soft = LearnableModel(spec.module, plan, init="rtn")  # AdaRound's init: the soft weights are the FP weights
+    layer = next(iter(soft.learnable.values()))
+    w = (layer.w_floor + layer.rounding()) * layer.w_scale
+    torch.testing.assert_close(w, layer.source.weight.detach(), rtol=0, atol=1e-4 * float(layer.w_scale.max()))
+
+
+def test_export_holds_the_learned_integers_and_scales(tiny):
+    spec, plan, _ = tiny
+    q = LearnableModel(spec.module, plan, init="plan")
+    name, layer = sorted(q.learnable.items())[0]
+    with torch.no_grad():
+        layer.v.neg_()  # flip every rounding decision
+        if layer.log_scale is not None:
+            layer.log_scale.fill_(0.1)
+    lp = q.export_plan().layers[name]
+    flipped = layer.w_floor + (plan.layers[name].weight_int.float() <= layer.w_floor).float()
+    assert torch.equal(lp.weight_int, flipped.clamp(-layer.qmax, layer.qmax).to(torch.int8))
+    if lp.input is not None:
+        torch.testing.assert_close(lp.input.scale, plan.layers[name].input.scale * torch.exp(torch.tensor(0.1)))
+    x, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(q.hard()(x, t), simulate(spec.module, q.export_plan())(x, t), rtol=0, atol=0)
+
+
+# -- the window's gradients ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(tiny, sampler, eta):
+    spec, plan, schedule = tiny
+    q = LearnableModel(spec.module, plan, init="rtn")
+    q_eps, step = model_eps(q), sampler_step(schedule, sampler, eta)
+    ts = schedule.timesteps(10, sampler).tolist()
+    prev = schedule.prev_timesteps(10, sampler).tolist()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 1, 16, 16, generator=g)
+    window = Window(x0, [(ts[k], prev[k]) for k in range(6, 10)], [torch.randn(x0.shape, generator=g)
+                                                                   for _ in range(4)])
+    target, _, _ = run_window(model_eps(spec.module), window, step)
+    norm = float((target - x0).pow(2).sum())
+    params = [p for p in q.parameters() if p.requires_grad]
+    reference = torch.autograd.grad(window_loss(q_eps, window, step, target, norm), params)
+    value = window_backward_recompute(q_eps, window, step, target, norm)
+    assert value == pytest.approx(float(window_loss(q_eps, window, step, target, norm).detach()), rel=1e-6)
+    got, ref = torch.cat([p.grad.flatten() for p in params]), torch.cat([r.flatten() for r in reference])
+    assert float(ref.abs().max()) > 0
+    assert float((got - ref).norm() / ref.norm()) < 1e-5  # float32 sums in another order, nothing more
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
+    naive = torch.autograd.grad(window_loss(q_eps, window, step, target, norm, stop_gradient=False), params)
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(naive, reference, strict=True))
+
+
+# -- reconstruction ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pool(tiny):
+    spec, _, schedule = tiny
+    return record_trajectories(model_eps(spec.module), schedule, sampler="ddim", steps=8, n_samples=8,
+                               sample_shape=spec.sample_shape, seed=0, progress=False)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window):
+    spec, plan, schedule = tiny
+    settings = AccuQuantSettings(window=window, iters=6, batch=4, lr=0.05, warmup=0.5)
+    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings, progress=False)
+    assert info["iters"] == 6 and info["stopped"] is None and len(info["loss_curve"]) == 6
+    assert info["objective"] == ("per-step" if window == 0 else "window of 3 steps")
+    changed = sum(int((learned.layers[n].weight_int != lp.weight_int).sum()) for n, lp in plan.layers.items())
+    assert changed > 0  # the rounding moved
+    for lp in learned.layers.values():
+        assert lp.weight_int.dtype == torch.int8 and int(lp.weight_int.abs().max()) <= 127
+    x, t = _inputs()
+    with torch.no_grad():
+        assert torch.isfinite(simulate(spec.module, learned)(x, t)).all()
+
+
+def test_divergence_stops_and_keeps_the_last_good_quantizers(tiny, pool):
+    spec, plan, schedule = tiny
+    settings = AccuQuantSettings(window=2, iters=20, batch=4, lr=1e12)
+    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings, progress=False)
+    assert info["stopped"] is not None and "non-finite" in info["stopped"] and "lower accuquant.lr" in info["stopped"]
+    assert info["iters"] < 20
+    for lp in learned.layers.values():
+        if lp.input is not None:
+            assert torch.isfinite(lp.input.scale).all() and (lp.input.scale > 0).all()
+    x, t = _inputs()
+    with torch.no_grad():
+        assert torch.isfinite(simulate(spec.module, learned)(x, t)).all()
+
+
+def test_bad_windows_and_settings_are_refused(tiny, pool):
+    spec, plan, schedule = tiny
+    with pytest.raises(DenoqError, match=r"accuquant\.window=9 needs 9 consecutive sampler steps but the "
+                                         r"calibration records calib\.steps=8"):
+        check_window(9, 8)
+    with pytest.raises(DenoqError, match="needs every step of ddim 10"):
+        reconstruct(spec.module, plan, pool, schedule, "ddim", 10, AccuQuantSettings(window=2, iters=1),
+                    progress=False)
+    with pytest.raises(DenoqError, match="out of range"):
+        AccuQuantSettings(window=2, iters=0)
+
+
+# -- in the compiler -----------------------------------------------------------------------------------------------
+def test_compile_with_an_accuquant_window(tiny_pipeline, tmp_path):
+    from test_parity import end_to_end_rms
+
+    from denoq.compiler.pipeline import compile_model
+    from denoq.compiler.recipe import load_recipe
+
+    recipe = load_recipe("w4a8", ["calib.samples=8", "calib.steps=6", "weights.method=adaround",
+                                  "accuquant.window=2", "accuquant.iters=4", "accuquant.batch=4",
+                                  "accuquant.init=gptq"])
+    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a", progress=False, quiet=True)
+    info = art.manifest["calibration"]["accuquant"]
+    assert info["objective"] == "window of 2 steps" and info["init"] == "plan" and info["iters"] == 4
+    assert art.manifest["calibration"]["weights"]["method"] == "gptq"  # the rounding it started from
+    quant_error, op_by_op, _ = end_to_end_rms(art)
+    assert quant_error > 0 and op_by_op < 0.6 * quant_error  # the exported plan runs in ORT as simulated
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["weights.method=adaround", "accuquant.window=7", "calib.steps=6"],
+     "accuquant.window=7 needs 7 consecutive sampler steps"),
+    (["accuquant.window=2"], "add --set weights.method=adaround"),
+])
+def test_cli_refuses_bad_windows_and_writes_nothing(tiny_pipeline, tmp_path, capsys, sets, message):
+    from test_cli import assert_nothing_written, run_error
+
+    argv = ["compile", str(tiny_pipeline), "--recipe", "w8a8", "--out", str(tmp_path / "a")]
+    for item in ["calib.samples=4", *sets]:
+        argv += ["--set", item]
+    assert message in run_error(capsys, argv)
+    assert_nothing_written(tmp_path, "a")
