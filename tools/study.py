@@ -2,7 +2,7 @@
 graph samples in ONNX Runtime from the same noise as the FP graph, and FD-digits / PSNR vs FP are reported with
 the calibration time.
 
-Two matrices (`--matrix`):
+Matrices (`--matrix`):
 
 - `timegroups` (ADP-DM timestep groups): `w8a8` (TensorRT profile) on one calibration budget for every row,
   `calib.samples` trajectories of `--pool` DDIM steps of which `--k` steps calibrate, chosen by
@@ -12,6 +12,9 @@ Two matrices (`--matrix`):
 - `ptqd`: per sampler and step count of `--samplers`, W8A8 and W4A8 without correction, with PTQD's bias
   correction only, with bias + k (the head), with head + variance schedule calibration, and step-aware mixed
   precision W4A8/W8A8 with the full stack (statistics on that sampler's trajectories); BOPs per image reported.
+- `accuquant`: per sampler and step count of `--samplers`, W8A8 and W4A8 with RTN weights, per-step
+  reconstruction of the learned quantizers (AdaRound + LSQ) and AccuQuant windows `--windows` (`--iters`
+  iterations each); study.png is the accumulated error ‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ per step of every row.
 - `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
   of `--group-sizes` (0 = per output channel), GPTQ per channel in parallel mode (Hessians from the FP model
   only), and OBQ at `--obq-group-sizes`. Also reported: the median over
@@ -26,6 +29,7 @@ samples), the rows a matrix marks as main with all of them. Output: the markdown
     OMP_NUM_THREADS=1 python tools/study.py --matrix timegroups --out /tmp/study 2>&1 | tee /tmp/study.log
     OMP_NUM_THREADS=1 python tools/study.py --matrix weights --model /tmp/digits-b --out /tmp/wstudy
     OMP_NUM_THREADS=1 python tools/study.py --matrix ptqd --samplers ddim50:256,ddim50:256:1,ddpm1000:128 --out /tmp/p
+    OMP_NUM_THREADS=1 python tools/study.py --matrix accuquant --samplers ddim50:256,ddpm1000:128 --out /tmp/aq
 """
 
 from __future__ import annotations
@@ -140,7 +144,33 @@ def ptqd_rows(args: argparse.Namespace) -> list[Row]:
     return out
 
 
-MATRICES = {"timegroups": timegroup_rows, "weights": weight_rows, "ptqd": ptqd_rows}
+def accuquant_rows(args: argparse.Namespace) -> list[Row]:
+    """Per sampler and step count of `--samplers` and for W8A8 and W4A8: RTN weights, per-step reconstruction of
+    the learned quantizers (AdaRound + LSQ, `accuquant.window=0`, the same as n = 1) and AccuQuant windows
+    `--windows`; every row calibrates on that sampler's trajectories and is evaluated with its samplers."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for s in args.samplers:
+        kind, steps, _, _ = parse_sampler(s)
+        groups.setdefault((kind, steps), []).append(s)
+    out = []
+    for (kind, steps), samplers in groups.items():
+        calib = (f"calib.sampler={kind}", f"calib.steps={steps}", "calib.timesteps=25",
+                 f"accuquant.iters={args.iters}")
+        for preset in ("w8a8", "w4a8"):
+            variants = [("rtn", ("weights.method=rtn",)), ("per-step", ("weights.method=adaround",
+                                                                       "accuquant.window=0"))]
+            variants += [(f"window {n}", ("weights.method=adaround", f"accuquant.window={n}")) for n in args.windows]
+            for i, (name, sets) in enumerate(variants):
+                out.append(Row(f"{kind}{steps}-{preset}-{name.replace(' ', '')}", preset, (*calib, *sets),
+                               (("calib", f"{kind}{steps}"), ("recipe", preset.upper()), ("method", name)),
+                               f"{preset.upper()} {name}", i, True, tuple(samplers)))
+    return out
+
+
+MATRICES = {"timegroups": timegroup_rows, "weights": weight_rows, "ptqd": ptqd_rows, "accuquant": accuquant_rows}
+#: Matrices whose rows also record the trajectory, for the accumulated error per step (`drift_png`).
+TRAJECTORY_MATRICES = ("accuquant",)
+TRAJECTORY_POINTS = 50
 
 
 def _one_thread() -> None:
@@ -163,6 +193,7 @@ def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
     weights = cal.get("weights", {})
     return {"calib_seconds": cal["seconds"], "timesteps": cal["timesteps"],
             "bops_per_image": art.manifest["cost"]["bops_per_call"] * art.manifest["recipe"]["values"]["calib.steps"],
+            "accuquant": cal.get("accuquant"),
             "selection": cal.get("timestep_selection", {}), "search_terms": cal.get("group_search", {}),
             "weight_error_vs_rtn": weights.get("output_error_vs_rtn_median"),
             "weight_seconds": weights.get("seconds"),
@@ -170,15 +201,51 @@ def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
             "fp_weight_bytes": art.manifest["weights"]["fp32_bytes"]}
 
 
-def sample_graph(art_dir: Path, backend: str, sampler: str, seed: int) -> torch.Tensor:
+def sample_graph(art_dir: Path, backend: str, sampler: str, seed: int, trajectory: bool = False
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Samples of an artifact's graph (`ort`: the Q/DQ graph, with its PTQD variance calibration when it has one;
-    `ort-fp`: the FP graph) in ONNX Runtime, one thread."""
+    `ort-fp`: the FP graph) in ONNX Runtime, one thread; with `trajectory`, x_t at up to TRAJECTORY_POINTS evenly
+    spaced steps, by timestep."""
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.evaluate import generate
 
     kind, steps, n, eta = parse_sampler(sampler)
-    return generate(Artifact.open(art_dir), backend, sampler=kind, steps=steps, eta=eta, seed=seed, n=n, threads=1,
-                    progress=False)
+    every = max(1, steps // TRAJECTORY_POINTS)
+    states: dict[int, torch.Tensor] = {}
+
+    def keep(step: int, t: torch.Tensor, x_t: torch.Tensor, out: torch.Tensor) -> None:
+        if trajectory and step % every == 0:
+            states[int(t[0])] = x_t.clone()
+
+    x = generate(Artifact.open(art_dir), backend, sampler=kind, steps=steps, eta=eta, seed=seed, n=n, threads=1,
+                 progress=False, callback=keep)
+    return x, states
+
+
+def drift_png(results: list[dict[str, Any]], samplers: list[str], title: str) -> bytes:
+    """The accumulated error per step, ‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ from the same noise, one line per row and one
+    panel per sampler (x axis: timestep, descending as sampling runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from denoq.figures import figure_png
+
+    fig, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 4.0), squeeze=False)
+    for ax, s in zip(axes[0], samplers, strict=True):
+        for r in results:
+            d = r.get("drift", {}).get(s)
+            if d:
+                ax.semilogy(d["t"], d["value"], label=r["series"])
+        ax.invert_xaxis()
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("‖x_t^q − x_t^fp‖ / ‖x_t^fp‖")
+        ax.set_title(s, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return figure_png(fig)
 
 
 def study_png(results: list[dict[str, Any]], sampler: str, xlabel: str, title: str) -> bytes:
@@ -223,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=16, help="timegroups: calibration steps chosen from them")
     p.add_argument("--group-sizes", type=ints, default=[0, 32, 64, 128], help="weights: 0 = per output channel")
     p.add_argument("--obq-group-sizes", type=ints, default=[0, 64])
+    p.add_argument("--windows", type=ints, default=[2, 4], help="accuquant: AccuQuant window lengths n ≥ 2")
+    p.add_argument("--iters", type=int, default=300, help="accuquant: optimizer iterations per row")
     p.add_argument("--only", default="", help="regular expression: run only the rows whose name matches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
@@ -247,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sampling {len(tasks)} (graph, sampler) pairs …", file=sys.stderr, flush=True)
         dirs = [args.out / "artifacts" / (todo[0].name if name is None else name) for name, _ in tasks]
         backends = ["ort-fp" if name is None else "ort" for name, _ in tasks]
-        samples = dict(zip(tasks, pool.map(sample_graph, dirs, backends, [s for _, s in tasks],
-                                           [args.seed] * len(tasks)), strict=True))
+        keep = args.matrix in TRAJECTORY_MATRICES
+        outs = dict(zip(tasks, pool.map(sample_graph, dirs, backends, [s for _, s in tasks],
+                                        [args.seed] * len(tasks), [keep] * len(tasks)), strict=True))
+    samples = {k: v[0] for k, v in outs.items()}
     fp = {s: {"fd_digits": fd_digits(samples[(None, s)])} for s in args.samplers}
     results = []
     for r in todo:
@@ -258,14 +329,24 @@ def main(argv: list[str] | None = None) -> int:
             fd = fd_digits(x)
             quality[s] = {"fd_digits": fd, "fd_ratio": fd / fp[s]["fd_digits"],
                           "fd_to_fp": fd_between(x, samples[(None, s)]), "psnr_vs_fp": psnr(x, samples[(None, s)])}
-        results.append({**asdict(r), **compiled[r.name], "quality": quality})
+        drift = {}
+        for s in samplers[r.name] if keep else ():
+            fp_states, q_states = outs[(None, s)][1], outs[(r.name, s)][1]
+            ts = sorted(fp_states, reverse=True)
+            drift[s] = {"t": ts, "value": [float((q_states[t] - fp_states[t]).norm() / fp_states[t].norm())
+                                           for t in ts]}
+        results.append({**asdict(r), **compiled[r.name], "quality": quality, "drift": drift})
     report = {"fp": fp, "rows": results, "seconds": round(time.perf_counter() - start, 1),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
     xlabel = {"timegroups": "timestep groups G", "weights": "weight group size (1 = per output channel)",
-              "ptqd": "1 none, 2 bias, 4 bias + k, 8 + VSC, 16 mixed precision"}[args.matrix]
+              "ptqd": "1 none, 2 bias, 4 bias + k, 8 + VSC, 16 mixed precision", "accuquant": ""}[args.matrix]
     title = f"{args.model}: {args.matrix} study in ONNX Runtime, {args.samplers[0]}"
-    (args.out / "study.png").write_bytes(study_png(results, args.samplers[0], xlabel, title))
+    if args.matrix in TRAJECTORY_MATRICES:
+        (args.out / "study.png").write_bytes(drift_png(results, args.samplers, f"{args.model}: accumulated error "
+                                                       "per step, quantized vs FP from the same noise (ORT)"))
+    else:
+        (args.out / "study.png").write_bytes(study_png(results, args.samplers[0], xlabel, title))
     print_table(args.matrix, results, fp, args.samplers)
     print(f"(wrote {args.out / 'study.json'} and {args.out / 'study.png'} in {report['seconds']} s)", file=sys.stderr)
     return 0
@@ -277,6 +358,8 @@ def print_table(matrix: str, results: list[dict[str, Any]], fp: dict[str, Any], 
     extra = ["layer error / RTN", "weight bytes / FP32", "calib s"] if matrix == "weights" else ["calib s"]
     if matrix == "ptqd":
         extra = ["GBOPs / image", "calib s"]
+    if matrix == "accuquant":
+        extra = ["probe ε error before → after", "calib s"]
     head = [*labels, *(f"{s}: FD (×FP) · FD to FP · PSNR" for s in samplers), *extra]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -292,6 +375,10 @@ def print_table(matrix: str, results: list[dict[str, Any]], fp: dict[str, Any], 
             cells += ["—" if err is None else f"{err:.3f}", f"{r['weight_bytes'] / r['fp_weight_bytes']:.3f}"]
         if matrix == "ptqd":
             cells.append(f"{r['bops_per_image'] / 1e9:.1f}")
+        if matrix == "accuquant":
+            aq = r.get("accuquant")
+            cells.append("—" if aq is None else f"{aq['probe_eps_error_before']:.4f} → "
+                         f"{aq['probe_eps_error_after']:.4f}" + (" (stopped)" if aq["stopped"] else ""))
         cells.append(f"{r['calib_seconds']:.1f}")
         print("| " + " | ".join(cells) + " |")
 

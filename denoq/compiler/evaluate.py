@@ -98,13 +98,14 @@ def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, t
 
 
 def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
-             threads: int | None = None, progress: bool = True) -> torch.Tensor:
-    """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend."""
+             threads: int | None = None, progress: bool = True, callback=None) -> torch.Tensor:
+    """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend.
+    `callback(step, t, x_t, out)` sees every step (`denoq.sampling.sample`)."""
     spec = artifact_model(art) if backend.startswith("torch") or art.manifest["model"]["cond_shape"] else None
     eps, variance = sampling_backend(art, backend, sampler, steps, threads=threads, spec=spec)
     cond = eval_cond(spec, n, seed) if spec is not None else None
     return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
-                   seed=seed, n=n, cond=cond, residual_var=variance, progress=progress)
+                   seed=seed, n=n, cond=cond, residual_var=variance, progress=progress, callback=callback)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,160 @@
+"""Peak memory of one AccuQuant iteration vs the window length n: the O(1) `recompute` gradients against the naive
+back-propagation through the whole window.
+
+Each (variant, n) runs in a fresh process (`--child`): it loads the model and a W4A8 plan, builds the learnable
+quantizers, runs one warm-up iteration (n = 1, batch 1), then resets the kernel's peak-RSS counter
+(`/proc/self/clear_refs`, Linux; glibc told to return freed memory, `MALLOC_ENV`) and runs one iteration at n: the
+FP window (target), the quantized window and the backward pass, as
+`denoq.calibrators.accuquant.reconstruct` does. Reported: peak RSS during that iteration minus the RSS before it
+(MB), the seconds it took, and per variant the ratio to its n = 1 (goal for `recompute`: n = 8 ≤ 1.2× n = 1). On a
+CUDA machine (`--device cuda`) the peak is torch's `max_memory_allocated` instead.
+
+    OMP_NUM_THREADS=1 python tools/accuquant_memory.py --windows 1,2,4,8 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+GOAL = 1.2
+#: glibc: serve every allocation ≥ 64 KiB by mmap and return it on free (a fixed threshold also turns off glibc's
+#: dynamic one), so RSS follows the live tensors instead of what the heap kept from earlier frees.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement (runs in its own process)."""
+    import torch
+
+    from denoq.calibrators.accuquant import (
+        Window,
+        model_eps,
+        run_window,
+        sampler_step,
+        window_backward_recompute,
+        window_loss,
+    )
+    from denoq.calibrators.learnable import LearnableModel
+    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.backends import artifact_model, artifact_plan
+    from denoq.sampling import NoiseSchedule
+
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    art = Artifact.open(args.art)
+    spec = artifact_model(art)
+    model = spec.module.to(device)
+    q = LearnableModel(model, artifact_plan(art)).to(device).train()
+    schedule = NoiseSchedule.from_config(spec.scheduler_config)
+    step = sampler_step(schedule, "ddim")
+    ts = schedule.timesteps(50, "ddim").tolist()
+    prev = schedule.prev_timesteps(50, "ddim").tolist()
+    g = torch.Generator().manual_seed(0)
+
+    def iteration(n: int, batch: int = args.batch) -> float:
+        shape = (batch, *spec.sample_shape)
+        window = Window(torch.randn(shape, generator=g).to(device), [(ts[20 + k], prev[20 + k]) for k in range(n)],
+                        [torch.randn(shape, generator=g).to(device) for _ in range(n)])
+        target, _, _ = run_window(model_eps(model), window, step)
+        norm = float((target - window.x).pow(2).sum())
+        for p in q.parameters():
+            p.grad = None
+        if args.variant == "recompute":
+            return window_backward_recompute(model_eps(q), window, step, target, norm)
+        loss = window_loss(model_eps(q), window, step, target, norm, stop_gradient=False)
+        loss.backward()
+        return float(loss.detach())
+
+    iteration(1, batch=1)  # one-time allocations (autograd engine, thread pools) out of the measurement
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base = _status_kb("VmRSS") * 1024
+    start = time.perf_counter()
+    iteration(args.n)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kb("VmHWM") * 1024
+    return {"variant": args.variant, "n": args.n, "peak_mb": (peak - base) / 2**20,
+            "seconds": time.perf_counter() - start, "device": str(device), "batch": args.batch}
+
+
+def compile_plan(model: str, out: Path) -> Path:
+    from denoq.compiler.pipeline import compile_model
+    from denoq.compiler.recipe import load_recipe
+
+    recipe = load_recipe("w4a8", ["weights.method=rtn", "calib.samples=8", "calib.steps=10"])
+    compile_model(model, recipe, out, force=True, progress=False, quiet=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="digits")
+    p.add_argument("--windows", default="1,2,4,8", help="comma-separated window lengths n")
+    p.add_argument("--variants", default="recompute,naive")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda where torch has it")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--art", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="recompute", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    windows = [int(v) for v in args.windows.split(",") if v]
+    variants = [v for v in args.variants.split(",") if v]
+    with tempfile.TemporaryDirectory(prefix="denoq-aqmem-") as tmp:
+        art = compile_plan(args.model, Path(tmp) / "art")
+        rows = []
+        for variant in variants:
+            for n in windows:
+                cmd = [sys.executable, __file__, "--child", "--art", str(art), "--variant", variant, "--n", str(n),
+                       "--batch", str(args.batch), "--device", args.device]
+                res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={
+                    **os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV})
+                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                print(f"{variant} n={n}: {rows[-1]['peak_mb']:.1f} MB, {rows[-1]['seconds']:.2f} s", file=sys.stderr)
+    base = {r["variant"]: r["peak_mb"] for r in rows if r["n"] == windows[0]}
+    print(f"Peak memory of one iteration ({args.model}, batch {args.batch}, {rows[0]['device']}; "
+          f"ratio to n = {windows[0]} of the same variant)\n")
+    print("| variant | " + " | ".join(f"n = {n}" for n in windows) + " |")
+    print("|---|" + "---|" * len(windows))
+    for variant in variants:
+        cells = [f"{r['peak_mb']:.1f} MB (×{r['peak_mb'] / base[variant]:.2f}), {r['seconds']:.2f} s"
+                 for r in rows if r["variant"] == variant]
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+    worst = max((r for r in rows if r["variant"] == "recompute"), key=lambda r: r["n"], default=None)
+    if worst is not None:
+        ratio = worst["peak_mb"] / base["recompute"]
+        print(f"\nrecompute n = {worst['n']} / n = {windows[0]}: ×{ratio:.2f} (goal ≤ {GOAL}): "
+              + ("met" if ratio <= GOAL else "not met"))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
