@@ -3,6 +3,8 @@ gradients against plain autograd, export to an exact plan, bad input (denoq.cali
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -66,7 +68,7 @@ def test_untrained_hard_model_exports_the_plan_and_matches_the_simulation_exactl
     x, t = _inputs()
     with torch.no_grad():
         assert torch.equal(q(x, t), simulate(spec.module, plan)(x, t))
-    soft = LearnableModel(spec.module, plan, init="rtn")  # AdaRound's init: the soft weights are the FP weights
+    soft = LearnableModel(spec.module, plan, init="fp")  # AdaRound's init: the soft weights are the FP weights
     layer = next(iter(soft.learnable.values()))
     w = (layer.w_floor + layer.rounding()) * layer.w_scale
     torch.testing.assert_close(w, layer.source.weight.detach(), rtol=0, atol=1e-4 * float(layer.w_scale.max()))
@@ -94,7 +96,7 @@ def test_export_holds_the_learned_integers_and_scales(tiny):
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
 def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(tiny, sampler, eta):
     spec, plan, schedule = tiny
-    q = LearnableModel(spec.module, plan, init="rtn")
+    q = LearnableModel(spec.module, plan, init="fp")
     q_eps, step = model_eps(q), sampler_step(schedule, sampler, eta)
     ts = schedule.timesteps(10, sampler).tolist()
     prev = schedule.prev_timesteps(10, sampler).tolist()
@@ -127,7 +129,7 @@ def pool(tiny):
 @pytest.mark.parametrize("window", [0, 3])
 def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window):
     spec, plan, schedule = tiny
-    settings = AccuQuantSettings(window=window, iters=6, batch=4, lr=0.05, warmup=0.5)
+    settings = AccuQuantSettings(window=window, iters=6, batch=4, lr=0.05, warmup=0.5, init="fp")
     learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings, progress=False)
     assert info["iters"] == 6 and info["stopped"] is None and len(info["loss_curve"]) == 6
     assert info["objective"] == ("per-step" if window == 0 else "window of 3 steps")
@@ -182,6 +184,12 @@ def test_compile_with_an_accuquant_window(tiny_pipeline, tmp_path):
     assert art.manifest["calibration"]["weights"]["method"] == "gptq"  # the rounding it started from
     quant_error, op_by_op, _ = end_to_end_rms(art)
     assert quant_error > 0 and op_by_op < 0.6 * quant_error  # the exported plan runs in ORT as simulated
+    from denoq.compiler.cli import main
+
+    assert main(["eval", str(art.path), "--steps", "6", "--n", "4", "--threads", "1"]) == 0
+    report = json.loads((art.path / "report.json").read_text())
+    assert report["calibration"]["accuquant"]["window"] == 2
+    assert "learned (AdaRound + LSQ, window of 2 steps, 4 iterations)" in report["calibration"]["text"]
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -46,7 +46,7 @@ EXPECTED_DEFAULTS = {
     "accuquant.window": 0,
     "accuquant.iters": 300,
     "accuquant.batch": 16,
-    "accuquant.lr": 0.01,
+    "accuquant.lr": 0.1,
     "accuquant.round_lambda": 0.01,
     "accuquant.init": "rtn",
     "accuquant.backprop": "recompute",

@@ -14,10 +14,12 @@ Objectives (`AccuQuantSettings.window`):
   granularity as the window objective, so the two differ only in the window).
 - window n ≥ 2: from the FP state x_s of the pool, both samplers run n steps with the same noise draws,
       x^q_{k+1} = S_k(x^q_k, ε_q(sg(x^q_k), t_k)),   x^fp_{k+1} = S_k(x^fp_k, ε(x^fp_k, t_k)),             (2)
-      L = ‖x^q_{s+n} − x^fp_{s+n}‖² / ‖x^fp_{s+n} − x_s‖²                                                   (3)
+      L = ‖x^q_{s+n} − x^fp_{s+n}‖² / Σ_k ‖S_k(x^fp_k, ε_k) − S_k(x^fp_k, 0)‖²                             (3)
   S_k the sampler's step (`denoq.sampling`: DDIM with η or DDPM, x̂_0 clipping included), sg a stop-gradient on
   the model's *input*: the gradient flows through the sampler's own x-path and through each step's ε_q, not
-  through ε_q's dependence on its input (that is what keeps memory O(1), and what the naive variant adds).
+  through ε_q's dependence on its input (that is what keeps memory O(1), and what the naive variant adds). The
+  denominator is the energy the FP model's predictions put into the window's steps (`eps_energy`), so for n = 1
+  and an affine step (3) is (1) exactly, and windows of any length and position weigh alike.
 
 O(1) memory (`backprop="recompute"`): S_k is differentiable and cheap. Run the window without gradients keeping
 only the latents x^q_k and the outputs ε_q,k; with λ_n = ∂L/∂x^q_{s+n}, go back over the steps: one vector-Jacobian
@@ -71,9 +73,9 @@ class AccuQuantSettings:
     window: int
     iters: int = 300
     batch: int = 16
-    lr: float = 1e-2
+    lr: float = 0.1
     round_lambda: float = 0.01
-    init: str = "rtn"
+    init: str = "plan"
     backprop: str = "recompute"
     warmup: float = 0.2
     eta: float = 0.0
@@ -141,6 +143,13 @@ def run_window(eps: EpsFn, window: Window, step: StepFn) -> tuple[torch.Tensor, 
             outs.append(out)
             x = step(x, out, t, prev_t, window.noise[k])
     return x, xs, outs
+
+
+def eps_energy(window: Window, xs: list[torch.Tensor], outs: list[torch.Tensor], step: StepFn) -> float:
+    """The denominator of (3): Σ_k ‖S_k(x_k, ε_k) − S_k(x_k, 0)‖² over a run's latents and outputs."""
+    with torch.no_grad():
+        return float(sum((step(x, out, t, prev_t, z) - step(x, torch.zeros_like(out), t, prev_t, z)).pow(2).sum()
+                         for x, out, (t, prev_t), z in zip(xs, outs, window.pairs, window.noise, strict=True)))
 
 
 def window_loss(q_eps: EpsFn, window: Window, step: StepFn, target: torch.Tensor, norm: float,
@@ -238,14 +247,14 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
                 ref = fp_eps(x, t, cond)
             rec_t = (q_eps(x, t, cond) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-12)
             rec_t.backward()
-            rec = float(rec_t)
+            rec = float(rec_t.detach())
         else:
             s = int(torch.randint(S - n + 1, (1,), generator=g))
             pairs = [(pool.t[s + k], prev[pool.t[s + k]]) for k in range(n)]
             noise = [torch.randn(pool.x[s][rows].shape, generator=g) for _ in range(n)]
             window = Window(pool.x[s][rows], pairs, noise, cond)
-            target, _, _ = run_window(fp_eps, window, step)
-            norm = float((target - window.x).pow(2).sum().clamp_min(1e-12))
+            target, fp_xs, fp_outs = run_window(fp_eps, window, step)
+            norm = max(eps_energy(window, fp_xs, fp_outs, step), 1e-12)
             if settings.backprop == "recompute":
                 rec = window_backward_recompute(q_eps, window, step, target, norm)
             else:

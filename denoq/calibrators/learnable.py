@@ -12,7 +12,7 @@
   (a mean instead of the paper's sum, so its weight λ does not depend on the layer sizes) drives h to 0 or 1;
   after the optimization the rounding is hard: h = 1 where V ≥ 0 (h(V) ≥ 1/2). Integers are clamped to
   [−qmax, qmax] as every denoq weight is. V starts at the plan's rounding: h = frac(w/s) reproduces w exactly
-  (AdaRound's init, `init="rtn"`), or h = 0.9 / 0.1 where the plan's integers (e.g. GPTQ's) round up / down
+  (AdaRound's init, `init="fp"`), or h = 0.9 / 0.1 where the plan's integers (e.g. GPTQ's) round up / down
   (`init="plan"`; an integer outside {⌊w/s⌋, ⌊w/s⌋ + 1} is taken as the nearer of the two).
 - Activations (Esser et al., "Learned Step Size Quantization", ICLR 2020, eq. 1–3): each layer's input scale
   table (length T, one value per timestep group) is learned through `x̂ = (clamp(round(x/s) + z, qmin, qmax) −
@@ -40,7 +40,7 @@ from denoq.plan import ActQuant, LayerPlan, QuantPlan
 
 ZETA, GAMMA = 1.1, -0.1
 INIT_UP, INIT_DOWN = 0.9, 0.1
-INITS = ("rtn", "plan")
+INITS = ("fp", "plan")
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class LearnableLayer(SimulatedLayer):
     """A SimulatedLayer whose weight rounding (AdaRound) and input scales (LSQ) are parameters."""
 
     def __init__(self, module: nn.Module, plan: LayerPlan, clock: TimestepClock,
-                 num_timesteps: int | None = None, init: str = "rtn") -> None:
+                 num_timesteps: int | None = None, init: str = "plan") -> None:
         super().__init__(module, plan, clock, num_timesteps)
         if init not in INITS:
             raise DenoqError(f"unknown AdaRound init {init!r}; choose one of {', '.join(INITS)}")
@@ -77,7 +77,7 @@ class LearnableLayer(SimulatedLayer):
         self.register_buffer("w_scale", scale)
         v = module.weight.detach().float() / scale
         self.register_buffer("w_floor", torch.floor(v))
-        if init == "rtn":
+        if init == "fp":
             h0 = v - torch.floor(v)
         else:
             up = plan.weight_int.to(device).float() > self.w_floor
@@ -141,7 +141,7 @@ class LearnableModel(SimulatedModel):
     """The plan's simulated model with LearnableLayers; its parameters are the quantizers' (the FP model's own
     parameters are frozen)."""
 
-    def __init__(self, model: nn.Module, plan: QuantPlan, init: str = "rtn") -> None:
+    def __init__(self, model: nn.Module, plan: QuantPlan, init: str = "plan") -> None:
         def layer(module: nn.Module, lp: LayerPlan, clock: TimestepClock, T: int) -> LearnableLayer:
             return LearnableLayer(module, lp, clock, T, init=init)
 

@@ -223,8 +223,13 @@ def _calibration_summary(art: Artifact) -> dict[str, Any]:
     words += f"; weights by {weights['method']}"
     if weights.get("fallbacks"):
         words += " (" + "; ".join(f"{k}: {v}" for k, v in sorted(weights["fallbacks"].items())) + ")"
+    learned = cal.get("accuquant")
+    if learned is not None:
+        words += (f"; then learned (AdaRound + LSQ, {learned['objective']}, {learned['iters']} iterations): probe ε "
+                  f"error {learned['probe_eps_error_before']:.4g} → {learned['probe_eps_error_after']:.4g}"
+                  + (f" ({learned['stopped']})" if learned["stopped"] else ""))
     return {"timesteps": cal["timesteps"], "selection": selection, "group_search": search, "weights": weights,
-            "text": words}
+            "accuquant": learned, "text": words}
 
 
 def _groups_text(summary: dict[str, Any]) -> str:

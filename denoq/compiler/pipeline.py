@@ -140,7 +140,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         settings_aq = AccuQuantSettings(
             window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
             lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
-            init="plan" if recipe["accuquant.init"] == "gptq" else "rtn", backprop=recipe["accuquant.backprop"],
+            init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
             seed=recipe["seed"])
         plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),
                                     recipe["calib.sampler"], recipe["calib.steps"], settings_aq, progress=progress)
