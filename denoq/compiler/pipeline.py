@@ -42,6 +42,7 @@ from denoq.layers import quantizable_layers, select_layers
 from denoq.passes.manager import PassManager
 from denoq.passes.ptqd_head import AppendPtqdHead
 from denoq.passes.qdq import InsertQDQ
+from denoq.passes.trt_rules import summarize, trt_violations
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule
 
@@ -247,6 +248,9 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         onnx.save(qdq, str(qdq_path))
         for rec in records:
             log(f"pass {rec.summary()}", quiet)
+        rules = trt_violations(qdq) if recipe["target"] == "trt" else None
+        if rules:
+            log(f"TensorRT: {summarize(rules)} (manifest trt_rules; a TensorRT build will refuse this graph)", quiet)
         checks = parity(spec, plan, inputs, fp_path, qdq_path, ptqd)
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
@@ -269,6 +273,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             "layer_map": layer_map,
             "calibration": calib_info,
             "checks": checks,
+            **({} if rules is None else {"trt_rules": {"count": len(rules), "violations": [str(v) for v in rules]}}),
             "passes": [rec.summary() for rec in records],
         }
         art = writer.commit(manifest)
