@@ -1,0 +1,61 @@
+"""The study and memory tools (tools/study.py, tools/accuquant_memory.py): their rows and one tiny memory run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"denoq_tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study():
+    return _load("study")
+
+
+def test_ptqd_rows_calibrate_on_the_sampler_they_are_evaluated_with(study):
+    args = study.main.__globals__["argparse"].Namespace(samplers=["ddim50:256", "ddim50:256:1", "ddpm1000:128"])
+    rows = study.ptqd_rows(args)
+    assert len(rows) == 2 * (2 * len(study.PTQD_VARIANTS) + 1)
+    for r in rows:
+        kind = "ddpm" if r.name.startswith("ddpm") else "ddim"
+        assert f"calib.sampler={kind}" in r.sets
+        assert all(s.startswith(kind) for s in r.samplers)
+    bias = next(r for r in rows if r.name == "ddim50-w4a8-ptqd-1")
+    assert "ptqd.correlation=false" in bias.sets and bias.samplers == ("ddim50:256", "ddim50:256:1")
+    mixed = next(r for r in rows if r.name == "ddpm1000-mixed")
+    assert "precision.mixed=w8a8" in mixed.sets and "ptqd.vsc=true" in mixed.sets
+
+
+def test_accuquant_rows_cover_rtn_per_step_and_windows(study):
+    args = study.main.__globals__["argparse"].Namespace(samplers=["ddim50:64"], windows=[2, 4], iters=7)
+    rows = study.accuquant_rows(args)
+    assert [r.labels[-1][1] for r in rows] == ["rtn", "per-step", "window 2", "window 4"] * 2
+    assert all("accuquant.iters=7" in r.sets for r in rows)
+    assert "accuquant.window=4" in rows[3].sets and "weights.method=adaround" in rows[3].sets
+    assert "weights.method=rtn" in rows[0].sets
+
+
+@pytest.mark.slow
+def test_memory_tool_runs_each_variant_in_its_own_process(tiny_pipeline, tmp_path, capsys):
+    tool = _load("accuquant_memory")
+    out = tmp_path / "mem.json"
+    assert tool.main(["--model", str(tiny_pipeline), "--windows", "1,2", "--batch", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["n"]) for r in rows] == [("recompute", 1), ("recompute", 2), ("naive", 1),
+                                                     ("naive", 2)]
+    assert all(r["peak_mb"] >= 0 and r["seconds"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "| recompute |" in printed and "recompute n = 2 / n = 1" in printed
