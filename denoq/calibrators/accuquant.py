@@ -276,7 +276,8 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
         optimizer.step()
     if stopped is None and not all(bool(torch.isfinite(p).all()) for p in params):
         stopped = f"the quantizers became non-finite after iteration {settings.iters}; kept the last finite ones"
-    q.load(last_good)
+    if stopped is not None:
+        q.load(last_good)  # else the final step's quantizers stand
     q.hard()
     after = probe_error(q_eps, fp_eps, pool)
     every = max(1, len(losses) // 50)

@@ -20,7 +20,7 @@ import torch
 from denoq.calibrators.stepprec import choose_precision, diffusion_snr, precision_png, quantization_snr
 from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
 from denoq.compiler.backends import EpsFn, make_backend, sampling_variance, torch_eps
-from denoq.compiler.load import load_model
+from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.recipe import Recipe, mixed_members
 from denoq.errors import DenoqError
 from denoq.sampling import NoiseSchedule
@@ -62,7 +62,7 @@ def choice_table(art: Artifact) -> torch.Tensor:
 
 
 def mixed_backend(art: Artifact, backend: str, sampler: str, steps: int, *, threads: int | None = None,
-                  spec=None) -> EpsFn:
+                  spec: ModelSpec | None = None) -> EpsFn:
     """The eps callable of a mixed artifact: each sample's timestep goes to its member's backend `backend`."""
     check_sampler(art, sampler, steps)
     parts = members(art)
