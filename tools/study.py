@@ -117,6 +117,15 @@ def weight_rows(args: argparse.Namespace) -> list[Row]:
     return out
 
 
+def samplers_by_schedule(samplers: list[str]) -> dict[tuple[str, int], list[str]]:
+    """`--samplers` grouped by (sampler, steps): calibration statistics belong to one such schedule."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for s in samplers:
+        kind, steps, _, _ = parse_sampler(s)
+        groups.setdefault((kind, steps), []).append(s)
+    return groups
+
+
 PTQD_VARIANTS = (("none", ()), ("bias", ("ptqd.enabled=true", "ptqd.correlation=false")),
                  ("bias + k", ("ptqd.enabled=true",)), ("bias + k + vsc", ("ptqd.enabled=true", "ptqd.vsc=true")))
 
@@ -126,12 +135,8 @@ def ptqd_rows(args: argparse.Namespace) -> list[Row]:
     one): W8A8 and W4A8 without correction, with the bias correction only, with bias + k (the head), with head +
     variance schedule calibration; and step-aware mixed precision W4A8 / W8A8 with the full PTQD stack. Each row
     is evaluated with the samplers of its own sampler and step count (e.g. DDIM 50 at η = 0 and η = 1)."""
-    groups: dict[tuple[str, int], list[str]] = {}
-    for s in args.samplers:
-        kind, steps, _, _ = parse_sampler(s)
-        groups.setdefault((kind, steps), []).append(s)
     out = []
-    for (kind, steps), samplers in groups.items():
+    for (kind, steps), samplers in samplers_by_schedule(args.samplers).items():
         calib = (f"calib.sampler={kind}", f"calib.steps={steps}", "calib.timesteps=25")
         for preset in ("w8a8", "w4a8"):
             for i, (variant, sets) in enumerate(PTQD_VARIANTS):
@@ -148,12 +153,8 @@ def accuquant_rows(args: argparse.Namespace) -> list[Row]:
     """Per sampler and step count of `--samplers` and for W8A8 and W4A8: RTN weights, per-step reconstruction of
     the learned quantizers (AdaRound + LSQ, `accuquant.window=0`, the same as n = 1) and AccuQuant windows
     `--windows`; every row calibrates on that sampler's trajectories and is evaluated with its samplers."""
-    groups: dict[tuple[str, int], list[str]] = {}
-    for s in args.samplers:
-        kind, steps, _, _ = parse_sampler(s)
-        groups.setdefault((kind, steps), []).append(s)
     out = []
-    for (kind, steps), samplers in groups.items():
+    for (kind, steps), samplers in samplers_by_schedule(args.samplers).items():
         calib = (f"calib.sampler={kind}", f"calib.steps={steps}", "calib.timesteps=25",
                  f"accuquant.iters={args.iters}")
         for preset in ("w8a8", "w4a8"):
