@@ -31,9 +31,10 @@ def _macs(module: nn.Module, out: torch.Tensor) -> int:
 def layer_macs(model: nn.Module, call: Callable[[], object]) -> dict[str, int]:
     """MACs of every quantizable layer of `model` in one `call()` (run it with a batch of one), sorted by name.
     A layer the call does not reach counts 0; a layer called twice counts both calls."""
-    macs = dict.fromkeys(quantizable_layers(model), 0)
+    layers = quantizable_layers(model)
+    macs = dict.fromkeys(layers, 0)
     handles = [m.register_forward_hook(lambda mod, args, out, n=name: macs.__setitem__(n, macs[n] + _macs(mod, out)))
-               for name, m in quantizable_layers(model).items()]
+               for name, m in layers.items()]
     try:
         with torch.no_grad():
             call()

@@ -12,7 +12,6 @@ from denoq.calibrators.accuquant import (
     AccuQuantSettings,
     Window,
     check_window,
-    model_eps,
     reconstruct,
     run_window,
     sampler_step,
@@ -26,7 +25,7 @@ from denoq.calibrators.simulate import simulate
 from denoq.compiler.backends import artifact_plan
 from denoq.compiler.load import load_model
 from denoq.errors import DenoqError
-from denoq.sampling import NoiseSchedule
+from denoq.sampling import NoiseSchedule, module_eps
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +96,14 @@ def test_export_holds_the_learned_integers_and_scales(tiny):
 def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(tiny, sampler, eta):
     spec, plan, schedule = tiny
     q = LearnableModel(spec.module, plan, init="fp")
-    q_eps, step = model_eps(q), sampler_step(schedule, sampler, eta)
+    q_eps, step = module_eps(q), sampler_step(schedule, sampler, eta)
     ts = schedule.timesteps(10, sampler).tolist()
     prev = schedule.prev_timesteps(10, sampler).tolist()
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(3, 1, 16, 16, generator=g)
     window = Window(x0, [(ts[k], prev[k]) for k in range(6, 10)], [torch.randn(x0.shape, generator=g)
                                                                    for _ in range(4)])
-    target, _, _ = run_window(model_eps(spec.module), window, step)
+    target, _, _ = run_window(module_eps(spec.module), window, step)
     norm = float((target - x0).pow(2).sum())
     params = [p for p in q.parameters() if p.requires_grad]
     reference = torch.autograd.grad(window_loss(q_eps, window, step, target, norm), params)
@@ -122,7 +121,7 @@ def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(
 @pytest.fixture(scope="module")
 def pool(tiny):
     spec, _, schedule = tiny
-    return record_trajectories(model_eps(spec.module), schedule, sampler="ddim", steps=8, n_samples=8,
+    return record_trajectories(module_eps(spec.module), schedule, sampler="ddim", steps=8, n_samples=8,
                                sample_shape=spec.sample_shape, seed=0, progress=False)
 
 

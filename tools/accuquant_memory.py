@@ -43,7 +43,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from denoq.calibrators.accuquant import (
         Window,
-        model_eps,
         run_window,
         sampler_step,
         window_backward_recompute,
@@ -52,7 +51,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from denoq.calibrators.learnable import LearnableModel
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.backends import artifact_model, artifact_plan
-    from denoq.sampling import NoiseSchedule
+    from denoq.sampling import NoiseSchedule, module_eps
 
     torch.set_num_threads(1)
     device = torch.device(args.device)
@@ -70,13 +69,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         shape = (batch, *spec.sample_shape)
         window = Window(torch.randn(shape, generator=g).to(device), [(ts[20 + k], prev[20 + k]) for k in range(n)],
                         [torch.randn(shape, generator=g).to(device) for _ in range(n)])
-        target, _, _ = run_window(model_eps(model), window, step)
+        target, _, _ = run_window(module_eps(model), window, step)
         norm = float((target - window.x).pow(2).sum())
         for p in q.parameters():
             p.grad = None
         if args.variant == "recompute":
-            return window_backward_recompute(model_eps(q), window, step, target, norm)
-        loss = window_loss(model_eps(q), window, step, target, norm, stop_gradient=False)
+            return window_backward_recompute(module_eps(q), window, step, target, norm)
+        loss = window_loss(module_eps(q), window, step, target, norm, stop_gradient=False)
         loss.backward()
         return float(loss.detach())
 

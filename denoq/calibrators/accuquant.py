@@ -51,7 +51,7 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.learnable import INITS, LearnableModel
 from denoq.errors import DenoqError
 from denoq.plan import QuantPlan
-from denoq.sampling import NoiseSchedule
+from denoq.sampling import NoiseSchedule, module_eps
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
 
@@ -95,16 +95,6 @@ def check_window(window: int, steps: int) -> None:
     if window > steps:
         raise DenoqError(f"accuquant.window={window} needs {window} consecutive sampler steps but the calibration "
                          f"records calib.steps={steps}; lower accuquant.window or raise calib.steps")
-
-
-def model_eps(model: nn.Module) -> EpsFn:
-    """`eps(x, t, cond)` of a diffusers model (`.sample`) or a SimulatedModel (a tensor)."""
-
-    def eps(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        out = model(x, t) if cond is None else model(x, t, cond)
-        return out.sample if hasattr(out, "sample") else out
-
-    return eps
 
 
 def sampler_step(schedule: NoiseSchedule, sampler: str, eta: float = 0.0) -> StepFn:
@@ -221,16 +211,17 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
                          f"pool has timesteps {pool.t[:4]}…; record the pool with the same sampler and steps")
     prev = dict(zip(expected, schedule.prev_timesteps(num_steps, sampler).tolist(), strict=True))
     start = time.perf_counter()
-    fp_eps = model_eps(model)
+    fp_eps = module_eps(model)
     q = LearnableModel(model, plan, init=settings.init).train()
-    q_eps = model_eps(q)
+    q_eps = module_eps(q)
     rounding, scales = q.rounding_parameters(), q.scale_parameters()
     optimizer = torch.optim.Adam([{"params": rounding, "lr": settings.lr},
                                   {"params": scales, "lr": settings.lr * SCALE_LR_FACTOR}])
     step = sampler_step(schedule, sampler, settings.eta)
     g = torch.Generator().manual_seed(settings.seed)
     N, S = pool.x[0].shape[0], len(pool.t)
-    before = probe_error(model_eps(LearnableModel(model, plan, init=settings.init).hard()), fp_eps, pool)
+    before = probe_error(module_eps(q.hard()), fp_eps, pool)  # the hard start
+    q.hard(False)
     losses: list[float] = []
     stopped = None
     last_good = q.state()

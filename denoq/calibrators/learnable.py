@@ -165,9 +165,10 @@ class LearnableModel(SimulatedModel):
         """f_reg of (24), averaged over the layers."""
         return torch.stack([m.regularizer(beta) for _, m in sorted(self.learnable.items())]).mean()
 
-    def hard(self) -> LearnableModel:
+    def hard(self, on: bool = True) -> LearnableModel:
+        """Hard rounding (`on`) or back to the soft relaxation; returns the model."""
         for m in self.learnable.values():
-            m.soft = False
+            m.soft = not on
         return self
 
     def state(self) -> dict[str, torch.Tensor]:

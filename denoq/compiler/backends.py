@@ -17,18 +17,19 @@ from denoq.compiler.artifact import Artifact
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.errors import DenoqError
 from denoq.plan import QuantPlan
+from denoq.sampling import module_eps
 
 BACKENDS = ("torch-fp", "torch-sim", "ort", "ort-fp")
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 def torch_eps(module: torch.nn.Module) -> EpsFn:
-    """The sampler's eps callable around a diffusers UNet (`.sample` of its output) or a SimulatedModel."""
+    """The sampler's eps callable around a diffusers UNet or a SimulatedModel (`module_eps` without gradients)."""
+    inner = module_eps(module)
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         with torch.no_grad():
-            out = module(x, t) if cond is None else module(x, t, cond)
-        return out.sample if hasattr(out, "sample") else out
+            return inner(x, t, cond)
 
     return eps
 

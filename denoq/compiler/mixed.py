@@ -67,9 +67,9 @@ def mixed_backend(art: Artifact, backend: str, sampler: str, steps: int, *, thre
     check_sampler(art, sampler, steps)
     parts = members(art)
     names = art.manifest["mixed"]["members"]
-    fns = [make_backend(parts[n], backend, threads=threads, spec=spec) for n in names]
     if backend.endswith("-fp"):
-        return fns[0]  # every member holds the same FP model
+        return make_backend(parts[names[0]], backend, threads=threads, spec=spec)  # every member: the same FP model
+    fns = [make_backend(parts[n], backend, threads=threads, spec=spec) for n in names]
     table = choice_table(art)
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:

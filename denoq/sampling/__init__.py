@@ -6,7 +6,7 @@ The bottom layer of denoq (imports torch and numpy only). With corrections off, 
 
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
-from denoq.sampling.loop import Callback, EpsFn, sample
+from denoq.sampling.loop import Callback, EpsFn, module_eps, sample
 from denoq.sampling.schedule import SAMPLERS, NoiseSchedule, check_sampler
 from denoq.sampling.step import StepOut, predict_x0
 
@@ -19,6 +19,7 @@ __all__ = [
     "check_sampler",
     "ddim_step",
     "ddpm_step",
+    "module_eps",
     "predict_x0",
     "sample",
 ]

@@ -22,7 +22,18 @@ from denoq.sampling.vsc import check_residual_var
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-__all__ = ["SAMPLERS", "Callback", "EpsFn", "sample"]
+__all__ = ["SAMPLERS", "Callback", "EpsFn", "module_eps", "sample"]
+
+
+def module_eps(module: Any) -> EpsFn:
+    """The backend of a PyTorch model: `module(x, t[, cond])`, taking `.sample` of a diffusers output (a
+    SimulatedModel returns the tensor itself). Gradients are left on; wrap the call in `torch.no_grad()` to sample."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        out = module(x, t) if cond is None else module(x, t, cond)
+        return out.sample if hasattr(out, "sample") else out
+
+    return eps
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
