@@ -141,6 +141,18 @@ def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window):
         assert torch.isfinite(simulate(spec.module, learned)(x, t)).all()
 
 
+def test_window_fine_tune_starts_with_the_per_step_objective(tiny, pool):
+    spec, plan, schedule = tiny
+    common = {"iters": 6, "batch": 4, "lr": 0.05, "warmup": 0.5, "init": "fp"}
+    _, per_step = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(window=0, **common),
+                              progress=False)
+    _, tuned = reconstruct(spec.module, plan, pool, schedule, "ddim", 8,
+                           AccuQuantSettings(window=3, perstep_iters=3, **common), progress=False)
+    assert tuned["objective"] == "per-step for 3 iterations, then window of 3 steps"
+    assert tuned["loss_curve"][:3] == per_step["loss_curve"][:3]  # same draws, same objective
+    assert tuned["loss_curve"][3] != per_step["loss_curve"][3]  # the window takes over
+
+
 def test_divergence_stops_and_keeps_the_last_good_quantizers(tiny, pool):
     spec, plan, schedule = tiny
     settings = AccuQuantSettings(window=2, iters=20, batch=4, lr=1e12)
@@ -165,6 +177,8 @@ def test_bad_windows_and_settings_are_refused(tiny, pool):
                     progress=False)
     with pytest.raises(DenoqError, match="out of range"):
         AccuQuantSettings(window=2, iters=0)
+    with pytest.raises(DenoqError, match=r"perstep_iters=5 leaves no iteration of the 2-step window"):
+        AccuQuantSettings(window=2, iters=5, perstep_iters=5)
 
 
 # -- in the compiler -----------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ Matrices (`--matrix`):
   precision W4A8/W8A8 with the full stack (statistics on that sampler's trajectories); BOPs per image reported.
 - `accuquant`: per sampler and step count of `--samplers`, W8A8 and W4A8 with RTN weights, per-step
   reconstruction of the learned quantizers (AdaRound + LSQ) and AccuQuant windows `--windows` (`--iters`
-  iterations each); study.png is the accumulated error ‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ per step of every row.
+  iterations each; with `--perstep-iters` k also each window fine-tuning after k per-step iterations);
+  study.png is the accumulated error ‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ per step of every row.
 - `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
   of `--group-sizes` (0 = per output channel), GPTQ per channel in parallel mode (Hessians from the FP model
   only), and OBQ at `--obq-group-sizes`. Also reported: the median over
@@ -152,7 +153,8 @@ def ptqd_rows(args: argparse.Namespace) -> list[Row]:
 def accuquant_rows(args: argparse.Namespace) -> list[Row]:
     """Per sampler and step count of `--samplers` and for W8A8 and W4A8: RTN weights, per-step reconstruction of
     the learned quantizers (AdaRound + LSQ, `accuquant.window=0`, the same as n = 1) and AccuQuant windows
-    `--windows`; every row calibrates on that sampler's trajectories and is evaluated with its samplers."""
+    `--windows` (and, with `--perstep-iters` k, windows fine-tuning after k per-step iterations of the same
+    budget); every row calibrates on that sampler's trajectories and is evaluated with its samplers."""
     out = []
     for (kind, steps), samplers in samplers_by_schedule(args.samplers).items():
         calib = (f"calib.sampler={kind}", f"calib.steps={steps}", "calib.timesteps=25",
@@ -161,6 +163,10 @@ def accuquant_rows(args: argparse.Namespace) -> list[Row]:
             variants = [("rtn", ("weights.method=rtn",)), ("per-step", ("weights.method=adaround",
                                                                        "accuquant.window=0"))]
             variants += [(f"window {n}", ("weights.method=adaround", f"accuquant.window={n}")) for n in args.windows]
+            if args.perstep_iters:
+                variants += [(f"per-step then window {n}", ("weights.method=adaround", f"accuquant.window={n}",
+                                                            f"accuquant.perstep_iters={args.perstep_iters}"))
+                             for n in args.windows]
             for i, (name, sets) in enumerate(variants):
                 out.append(Row(f"{kind}{steps}-{preset}-{name.replace(' ', '')}", preset, (*calib, *sets),
                                (("calib", f"{kind}{steps}"), ("recipe", preset.upper()), ("method", name)),
@@ -293,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--obq-group-sizes", type=ints, default=[0, 64])
     p.add_argument("--windows", type=ints, default=[2, 4], help="accuquant: AccuQuant window lengths n ≥ 2")
     p.add_argument("--iters", type=int, default=300, help="accuquant: optimizer iterations per row")
+    p.add_argument("--perstep-iters", type=int, default=0,
+                   help="accuquant: also rows whose window fine-tunes after this many per-step iterations (0 = no)")
     p.add_argument("--only", default="", help="regular expression: run only the rows whose name matches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)

@@ -30,6 +30,10 @@ thing that grows with n. For an affine step (no clipping) g_k = b_k (Π_{j>k} a_
 inputs not stopped): the exact gradient of (3), with memory O(n). `window_loss(..., stop_gradient=True)` is (2)–(3)
 as one autograd graph, the reference the recompute gradients are tested against.
 
+Fine-tune (`perstep_iters` = k > 0, ours): the first k iterations use the per-step objective (1), the rest the
+window (3): the window then corrects what single steps cannot see, starting from quantizers that already match
+each step.
+
 Loss = reconstruction + λ · f_reg (AdaRound's regularizer, `learnable.py`), λ off for the first `warmup` fraction
 of the iterations, β annealed linearly from 20 to 2 after it. A non-finite loss or gradient stops the optimization
 and keeps the last parameters whose loss was finite (reported, never silent).
@@ -67,8 +71,9 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], torch.Te
 class AccuQuantSettings:
     """`window` 0/1 = per-step objective (1), n ≥ 2 = AccuQuant's window (3); `iters` optimizer steps of `batch`
     trajectories; Adam with `lr` (rounding variables; log-scales × SCALE_LR_FACTOR); `round_lambda` λ; `init` of
-    the rounding (`learnable.INITS`); `backprop` recompute (O(1) memory) or naive (O(n)); `warmup` fraction
-    without the regularizer; `eta` of a DDIM pool; `seed` of the batches, windows and noise."""
+    the rounding (`learnable.INITS`); `backprop` recompute (O(1) memory) or naive (O(n)); `perstep_iters` of the
+    `iters` use the per-step objective before the window's (0 = the window throughout); `warmup` fraction without
+    the regularizer; `eta` of a DDIM pool; `seed` of the batches, windows and noise."""
 
     window: int
     iters: int = 300
@@ -77,6 +82,7 @@ class AccuQuantSettings:
     round_lambda: float = 0.01
     init: str = "plan"
     backprop: str = "recompute"
+    perstep_iters: int = 0
     warmup: float = 0.2
     eta: float = 0.0
     seed: int = 0
@@ -85,6 +91,10 @@ class AccuQuantSettings:
         if self.window < 0 or self.iters < 1 or self.batch < 1 or not self.lr > 0 or self.round_lambda < 0:
             raise DenoqError(f"AccuQuant settings out of range: {self}; window ≥ 0, iters ≥ 1, batch ≥ 1, lr > 0, "
                              "round_lambda ≥ 0")
+        if self.perstep_iters < 0 or (self.window >= 2 and self.perstep_iters >= self.iters):
+            raise DenoqError(f"accuquant.perstep_iters={self.perstep_iters} leaves no iteration of the "
+                             f"{self.window}-step window out of accuquant.iters={self.iters}; choose "
+                             "0 ≤ perstep_iters < iters")
         if self.init not in INITS or self.backprop not in BACKPROPS:
             raise DenoqError(f"AccuQuant init {self.init!r} / backprop {self.backprop!r}: choose init from "
                              f"{', '.join(INITS)} and backprop from {', '.join(BACKPROPS)}")
@@ -231,7 +241,7 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
         rows = torch.randperm(N, generator=g)[:settings.batch]
         cond = None if pool.cond is None else pool.cond[rows]
         optimizer.zero_grad(set_to_none=True)
-        if n <= 1:
+        if n <= 1 or it < settings.perstep_iters:
             s = int(torch.randint(S, (1,), generator=g))
             x, t = pool.x[s][rows], torch.full((len(rows),), pool.t[s], dtype=torch.int64)
             with torch.no_grad():
@@ -272,7 +282,10 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     q.hard()
     after = probe_error(q_eps, fp_eps, pool)
     every = max(1, len(losses) // 50)
-    info = {"window": n, "objective": "per-step" if n <= 1 else f"window of {n} steps", "iters": len(losses),
+    objective = "per-step" if n <= 1 else f"window of {n} steps"
+    if n > 1 and settings.perstep_iters:
+        objective = f"per-step for {settings.perstep_iters} iterations, then {objective}"
+    info = {"window": n, "objective": objective, "iters": len(losses),
             "backprop": settings.backprop if n > 1 else "per-step", "init": settings.init,
             "loss_curve": [round(v, 6) for v in losses[::every]], "probe_eps_error_before": round(before, 6),
             "probe_eps_error_after": round(after, 6), "stopped": stopped,
