@@ -222,17 +222,28 @@ def test_graph_pattern_low_bit_blocked(bits: int) -> None:
 
 @pytest.mark.parametrize("bits,qtype", [(4, onnx.TensorProto.INT4), (8, onnx.TensorProto.INT8)])
 def test_graph_pattern_per_channel(bits: int, qtype: int) -> None:
-    """Per channel: DQ(axis=weight_axis) without block_size, scale and zero point [out]; 8 bits keep today's int8
-    pattern for every layer, 4 bits give INT4 for MatMul / Gemm and INT8 for Conv."""
+    """Per channel: DQ(axis=weight_axis) without block_size, scale and zero point [out], for 8 bits and for Conv's
+    int8 container; an INT4 MatMul / Gemm weight is one block spanning its whole row (TensorRT takes INT4 blocked
+    only): block_size = input channels, scale [out, 1] in ONNX layout, the same dequantized weight."""
     module, fp = tiny()
-    model = InsertQDQ(weight_plan(module, bits, 0, "trt"))(fp)
+    plan = weight_plan(module, bits, 0, "trt")
+    model = InsertQDQ(plan)(fp)
     lmap, inits = read_layer_map(model), _inits(model)
     for name, ref in lmap.items():
         dq = _weight_dq(model, name)
         w, s, z = (inits[i] for i in dq.input)
-        assert _attrs(dq) == {"axis": ref.weight_axis}, name
         assert w.data_type == z.data_type == (onnx.TensorProto.INT8 if ref.op_type == "Conv" else qtype), name
-        assert list(s.dims) == list(z.dims) == [w.dims[ref.weight_axis]], name
+        if w.data_type == onnx.TensorProto.INT4:
+            in_axis = 0 if ref.transposed else 1
+            assert _attrs(dq) == {"axis": in_axis, "block_size": int(w.dims[in_axis])}, name
+            shape = list(w.dims)
+            shape[in_axis] = 1
+            assert list(s.dims) == list(z.dims) == shape, name
+            scale = plan.layers[name].weight_scale.numpy().reshape(-1, 1)
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(s), scale.T if ref.transposed else scale)
+        else:
+            assert _attrs(dq) == {"axis": ref.weight_axis}, name
+            assert list(s.dims) == list(z.dims) == [w.dims[ref.weight_axis]], name
 
 
 def test_int4_weights_halve_the_weight_bytes() -> None:

@@ -11,10 +11,12 @@ every recorded step, the first `hessian_samples` trajectories), in one of two mo
   reaches them; a block's Hessians are collected with every earlier block already holding its rounded weights, so
   each layer compensates the error of the weights before it.
 
-A layer whose input channels `weights.group_size` does not divide keeps per-output-channel scales
-(`per_channel_layers` in the report). Where OBQ / GPTQ cannot run, the report's `fallbacks` say what was done: a
-layer no calibration input reached is rounded to nearest; a Hessian with no Cholesky factor after dampening is
-dampened 10× and 100× more (the paper's remedy, λ is a fraction of the mean diagonal), then rounded to nearest.
+A layer whose input channels `weights.group_size` does not divide keeps per-output-channel scales, and so does
+every convolution unless `conv_blocks` (TensorRT runs INT8 convolutions with per-output-channel weight scales only:
+its blocked quantization is INT4 on MatMul / Gemm); both are listed in `per_channel_layers` of the report.
+Where OBQ / GPTQ cannot run, the report's `fallbacks` say what was done: a layer no calibration input reached
+is rounded to nearest; a Hessian with no Cholesky factor after dampening is dampened 10× and 100× more (the
+paper's remedy, λ is a fraction of the mean diagonal), then rounded to nearest.
 
 Activations stay in floating point here (as in GPTQ); their quantizers are calibrated afterwards on the FP model.
 """
@@ -52,12 +54,14 @@ DAMP_RETRIES = (10.0, 100.0)  # dampening multipliers tried when the Cholesky fa
 
 @dataclass(frozen=True)
 class WeightSettings:
-    """`method` and its rounding settings; `sequential` and `hessian_samples` only matter for obq / gptq."""
+    """`method` and its rounding settings; `sequential` and `hessian_samples` only matter for obq / gptq;
+    `conv_blocks`: convolutions use `rounding.group_size` blocks too (else per output channel)."""
 
     method: str
     rounding: GptqSettings
     sequential: bool = True
     hessian_samples: int = 16
+    conv_blocks: bool = True
 
 
 def _block(name: str) -> str:
@@ -96,17 +100,20 @@ def _hessians(model: nn.Module, layers: dict[str, nn.Module],
     return {name: a.hessian if a.count else None for name, a in acc.items()}
 
 
-def layer_rounding(module: nn.Module, rounding: GptqSettings) -> GptqSettings:
+def layer_rounding(module: nn.Module, settings: WeightSettings) -> GptqSettings:
     """The layer's own settings: `group_size` blocks where they divide its input channels; a layer they do not
-    divide (e.g. 32 channels with group 64) keeps one scale per output channel (`round_weights` lists them)."""
-    if rounding.group_size and module.weight.shape[1] % rounding.group_size:
+    divide (e.g. 32 channels with group 64), or a convolution without `conv_blocks`, keeps one scale per output
+    channel (`round_weights` lists them)."""
+    rounding = settings.rounding
+    conv = isinstance(module, nn.Conv2d)
+    if rounding.group_size and (module.weight.shape[1] % rounding.group_size or (conv and not settings.conv_blocks)):
         return dataclasses.replace(rounding, group_size=0)
     return rounding
 
 
 def _round(module: nn.Module, h: torch.Tensor | None, settings: WeightSettings) -> WeightQuant:
     w = weight_matrix(module).detach()
-    rounding = layer_rounding(module, settings.rounding)
+    rounding = layer_rounding(module, settings)
     cpg = group_columns(module, rounding.group_size) if rounding.group_size else None
     if settings.method == "rtn" or h is None:
         return rtn(w, rounding, cpg)
@@ -134,9 +141,9 @@ def _round_or_fall_back(module: nn.Module, h: torch.Tensor | None,
 
 
 def _per_channel(layers: dict[str, nn.Module], settings: WeightSettings) -> list[str]:
-    """The layers whose input channels `weights.group_size` does not divide (per-channel scales instead)."""
+    """The layers `layer_rounding` gives per-channel scales although `weights.group_size` asks for blocks."""
     return sorted(n for n, m in layers.items() if settings.rounding.group_size
-                  and layer_rounding(m, settings.rounding).group_size == 0)
+                  and layer_rounding(m, settings).group_size == 0)
 
 
 def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, settings: WeightSettings,
@@ -145,7 +152,7 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     and per layer the output error proxy ½tr(ΔW H ΔWᵀ) against FP inputs relative to RTN's (obq / gptq only)."""
     start = time.perf_counter()
     if settings.method == "rtn":
-        plans = {name: layer_plan(name, m, _round(m, None, settings), layer_rounding(m, settings.rounding))
+        plans = {name: layer_plan(name, m, _round(m, None, settings), layer_rounding(m, settings))
                  for name, m in sorted(layers.items())}
         return plans, {"method": "rtn", "seconds": round(time.perf_counter() - start, 2),
                        "per_channel_layers": _per_channel(layers, settings)}
@@ -168,7 +175,7 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
             wq, fallback = _round_or_fall_back(module, hs[name], settings)
             if fallback is not None:
                 fallbacks[name] = fallback
-            plans[name] = layer_plan(name, module, wq, layer_rounding(module, settings.rounding))
+            plans[name] = layer_plan(name, module, wq, layer_rounding(module, settings))
             if fp_h[name] is not None:
                 base = layer_output_error(weight_matrix(module).double(),
                                           _round(module, None, settings).dequantized().double(), fp_h[name])

@@ -12,7 +12,9 @@ For each planned layer (found through the `denoq.layer_map` metadata, never by n
   taken from the layer map (0 for a transposed `[in, out]` MatMul weight, 1 for Gemm `[out, in]` and Conv
   `[out, in, kh, kw]`); scale and zero point have the weight's shape with that axis divided by B (ONNX's blocked
   rule), so a conv's `[out, in / B]` scales are repeated over kh, kw: exactly `LayerPlan.dequantized_weight`.
-  8-bit per-channel weights give the same bytes as before.
+  8-bit per-channel weights give the same bytes as before. A per-channel INT4 MatMul / Gemm weight (a layer the
+  group size does not divide) is written as one block spanning the whole row: the same numbers, in the only
+  form TensorRT accepts INT4 in.
 - input activation: `QuantizeLinear → DequantizeLinear` in front of input 0 with the plan's (constant) scale
   and zero point (int8 when `signed`, else uint8). Nodes reading the same tensor with identical quantizer
   parameters share one pair (to_q / to_k / to_v); a tensor that is already `DQ(Q(·))` with identical parameters
@@ -247,10 +249,12 @@ def _weight(layer: str, lp: LayerPlan, ref: LayerRef, op_type: str, ints: np.nda
     if block < 0:
         raise DenoqError(f"layer {layer}: block size {block} is negative; set weights.group_size to 0 (per output "
                          "channel) or a positive divisor of the input channels")
-    if (block or qtype == ir.DataType.INT4) and opset < 21:
+    if (block or qtype == ir.DataType.INT4) and opset < 21:  # (checked before the whole-row block below)
         what = f"blocked weights (block size {block})" if block else f"{lp.weight_bits}-bit int4 weights"
         raise DenoqError(f"layer {layer}: {what} need ONNX opset >= 21 but the model uses opset {opset}; "
                          "re-export with opset_version=21")
+    if block == 0 and qtype == ir.DataType.INT4:  # INT4 is blocked only (TensorRT): one block = the whole row
+        block, scale = lp.weight_int.shape[1], scale.reshape(-1, 1)
     if block == 0:
         return _Weight(ints=ints.astype(qtype.numpy()), scale=scale, axis=ref.weight_axis, block_size=0, qtype=qtype)
     in_channels = lp.weight_int.shape[1]
