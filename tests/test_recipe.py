@@ -22,10 +22,13 @@ needs_tomllib = pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib n
 # The contract of DESIGN.md and the brief: key -> default in this version.
 EXPECTED_DEFAULTS = {
     "target": "trt",
+    "trt.fp16": True,
+    "trt.fp32_layers": "conv_out",
     "weights.bits": 8,
     "weights.method": "rtn",
     "weights.group_size": 0,
     "weights.damp": 0.01,
+    "weights.conv_blocks": False,
     "weights.act_order": False,
     "weights.sequential": True,
     "weights.hessian_samples": 16,
@@ -50,6 +53,7 @@ EXPECTED_DEFAULTS = {
     "accuquant.round_lambda": 0.01,
     "accuquant.init": "rtn",
     "accuquant.backprop": "recompute",
+    "accuquant.perstep_iters": 0,
     "layers.keep_fp": "conv_in,conv_out",
     "calib.samples": 64,
     "calib.steps": 25,

@@ -1,7 +1,11 @@
 """Wire a backend into the sampler: the only place that turns an artifact into an `eps(x, t, cond)` callable.
 
 Backends: `torch-fp` (the FP PyTorch model), `torch-sim` (the PyTorch simulation of the Q/DQ graph), `ort` (ONNX
-Runtime on `model.qdq.onnx`) and `ort-fp` (ONNX Runtime on `model.fp.onnx`).
+Runtime on `model.qdq.onnx`, CPU), `ort-fp` (ONNX Runtime on `model.fp.onnx`) and `ort-fp16` (ONNX Runtime, CPU,
+on the float16 graph compiled for TensorRT, `model.trt.onnx`); on an NVIDIA GPU with
+`denoq[gpu]`: `trt` (the artifact's TensorRT engine, `denoq build`), `ort-cuda` (ORT's CUDA provider on
+`model.qdq.onnx`) and `ort-trt` (ORT's TensorRT provider on the TensorRT graph, engine cache beside the artifact).
+Each GPU backend says exactly what is missing when it cannot run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from denoq.errors import DenoqError
 from denoq.plan import QuantPlan
 from denoq.sampling import module_eps
 
-BACKENDS = ("torch-fp", "torch-sim", "ort", "ort-fp")
+BACKENDS = ("torch-fp", "torch-sim", "ort", "ort-fp", "ort-fp16", "trt", "ort-cuda", "ort-trt")
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
@@ -60,7 +64,7 @@ def artifact_plan(art: Artifact) -> QuantPlan:
 
 
 PTQD_FILE = "ptqd.safetensors"
-QUANTIZED_BACKENDS = ("ort", "torch-sim")
+QUANTIZED_BACKENDS = ("ort", "torch-sim", "ort-fp16", "trt", "ort-cuda", "ort-trt")
 
 
 def artifact_ptqd(art: Artifact) -> PtqdStats | None:
@@ -106,12 +110,31 @@ def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: 
     """The eps callable of backend `name` for artifact `art` (`spec` avoids reloading the FP model)."""
     if name not in BACKENDS:
         raise DenoqError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "ort":
+    if name in QUANTIZED_BACKENDS and name != "torch-sim":
         check_timestep_tables(art)
+    if name == "trt":
+        from denoq.compiler.build import engine_bytes
+        from denoq.engines.trt import TrtBackend
+
+        return TrtBackend(engine_bytes(art), cuda_graph=True)
+    if name in ("ort-fp16", "ort-cuda", "ort-trt"):
+        from denoq.compiler.build import TRT_GRAPH, trt_graph
+        from denoq.engines.ort import OrtBackend, gpu_providers
+
+        if name == "ort-fp16":
+            if not art.has(TRT_GRAPH):
+                raise DenoqError(f"{art.path} has no float16 graph {TRT_GRAPH}; compile it with target=trt and "
+                                 "trt.fp16=true")
+            return OrtBackend(art.file(TRT_GRAPH), threads=threads, providers=["CPUExecutionProvider"])
+        if name == "ort-cuda":
+            return OrtBackend(art.file("model.qdq.onnx"), providers=gpu_providers("cuda"))
+        cache = art.path.parent / f"{art.path.name}.ort-trt-cache"
+        return OrtBackend(art.file(trt_graph(art)), providers=gpu_providers("tensorrt", cache))
     if name in ("ort", "ort-fp"):
         from denoq.engines.ort import OrtBackend
 
-        return OrtBackend(art.file("model.qdq.onnx" if name == "ort" else "model.fp.onnx"), threads=threads)
+        return OrtBackend(art.file("model.qdq.onnx" if name == "ort" else "model.fp.onnx"), threads=threads,
+                          providers=["CPUExecutionProvider"])
     spec = spec or artifact_model(art)
     if name == "torch-fp":
         return torch_eps(spec.module)

@@ -1,4 +1,4 @@
-"""The `denoq` command line: compile, sample, eval, inspect, recipes (DESIGN.md, Interfaces).
+"""The `denoq` command line: compile, sample, eval, inspect, build, validate, recipes (DESIGN.md, Interfaces).
 
 Every user error is one line `error: <problem>; <fix>` on stderr with exit status 2.
 """
@@ -98,6 +98,38 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(art.manifest, indent=2, sort_keys=True) if args.json else describe(art, layers=args.layers))
 
 
+def cmd_build(args: argparse.Namespace) -> None:
+    from denoq.compiler.build import build
+
+    art = build(args.art, args.profile, args.opt_level)
+    info = art.manifest["engine"]
+    print(f"[denoq] wrote {args.art / 'engine.plan'} ({info['bytes'] / 1e6:.1f} MB, TensorRT {info['tensorrt']}, "
+          f"{info['gpu']} sm {info['compute_capability']}, profile {info['profile']}, {info['seconds']} s)")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.validate import ValidateSettings, validate
+
+    report = validate(Artifact.open(args.art), ValidateSettings(n=args.n, steps=args.steps, seed=args.seed))
+    for name, v in sorted(report["tensors"].items()):
+        if name != "reference":
+            print(f"{name:14s} per tensor (÷ quantization error): vs reference ≤ "
+                  f"{max(v['diff_over_quant_error']):.2f}, vs FP ≤ {max(v['error_over_quant_error']):.2f}; SQNR to "
+                  f"reference ≥ {min(v['sqnr_db']):.1f} dB  {'ok' if v['passed'] else 'FAILED'}")
+    ref = report["images"]["reference"]["psnr_vs_fp_db"]
+    for name, v in sorted(report["images"].items()):
+        if name != "reference":
+            print(f"{name:14s} images: PSNR vs reference {v['psnr_vs_reference_db']:.2f} dB (reference vs FP "
+                  f"{ref:.2f} dB)  {'ok' if v['passed'] else 'FAILED'}")
+    for name, why in sorted(report["skipped"].items()):
+        print(f"{name:14s} skipped: {why}")
+    print(f"[denoq] wrote {args.art / 'validate.json'} and {args.art / 'validate.png'}")
+    if not report["passed"]:
+        raise DenoqError("validation failed: a backend disagrees with the ORT CPU reference by more than the "
+                         "quantization error (validate.json); check the engine's build and denoq inspect")
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     from denoq.compiler.recipe import describe_recipes
 
@@ -152,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.add_argument("--layers", action="store_true", help="one line per quantized layer: bits, scales, zero points")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("build", help="build the TensorRT engine of a trt artifact (needs denoq[gpu] and a GPU)")
+    p.add_argument("art", type=Path, help="artifact folder compiled with target=trt")
+    p.add_argument("--profile", default="", help="optimization profile: batch=MIN:OPT:MAX[,height=…,width=…] "
+                   "(default batch=1:4:16, the model's resolution)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5 (default 3)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("validate", help="compare every available backend with ORT CPU (per tensor and per image)")
+    p.add_argument("art", type=Path, help="artifact folder")
+    p.add_argument("--n", type=int, default=16, help="samples per backend for the image comparison (default 16)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the image comparison (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("recipes", help="list recipe presets and keys with their defaults")
     p.set_defaults(func=cmd_recipes)

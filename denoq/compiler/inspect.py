@@ -44,12 +44,32 @@ def describe(art: Artifact, layers: bool = False) -> str:
         lines.append(f"           kept in floating point: {', '.join(kept)}")
     if "checks" in m:
         lines.append("checks   " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(m["checks"].items())))
+    lines.extend(_deployment_lines(m))
     lines.append("files")
     for name, digest in sorted(m["files"].items()):
         size = art.file(name).stat().st_size
         lines.append(f"           {name:28s} {size / 1e6:8.2f} MB  sha256 {digest[:16]}…")
     lines.append("versions " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()) if v))
     return "\n".join(lines)
+
+
+def _deployment_lines(m: dict) -> list[str]:
+    """The TensorRT graph and its rules verdict, the engine's build info, the last validation."""
+    lines = []
+    if "trt" in m:
+        rules = m.get("trt_rules", {})
+        verdict = "keeps every trt rule" if not rules.get("count") else \
+            f"{rules['count']} trt-rules violation(s): " + "; ".join(rules["violations"][:3])
+        lines.append(f"tensorrt graph {m['trt']['graph']} ({'float16' if m['trt']['fp16'] else 'float32'}): {verdict}")
+    if "engine" in m:
+        e = m["engine"]
+        lines.append(f"engine   TensorRT {e['tensorrt']} on {e['gpu']} (sm {e['compute_capability']}), profile "
+                     f"{e['profile']}, built in {e['seconds']} s from {e['onnx']}")
+    if "validate" in m:
+        v = m["validate"]
+        lines.append(f"validate {'passed' if v['passed'] else 'FAILED'} (validate.json); skipped: "
+                     f"{', '.join(v['skipped']) or 'none'}")
+    return lines
 
 
 def _mixed_lines(mixed: dict) -> list[str]:

@@ -33,12 +33,14 @@ from denoq.calibrators.timegroups import search_groups
 from denoq.calibrators.weights import WeightSettings, round_weights
 from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
 from denoq.compiler.backends import PTQD_FILE, torch_eps, with_ptqd_head
+from denoq.compiler.build import TRT_GRAPH
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.recipe import Recipe
 from denoq.engines.ort import OrtBackend
 from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs, export_fp
 from denoq.layers import quantizable_layers, select_layers
+from denoq.passes.fp16 import ConvertFp16
 from denoq.passes.manager import PassManager
 from denoq.passes.ptqd_head import AppendPtqdHead
 from denoq.passes.qdq import InsertQDQ
@@ -106,8 +108,14 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         raise DenoqError(f"accuquant.window={recipe['accuquant.window']} sets the objective of the learned "
                          f"quantizers, but weights.method={recipe['weights.method']}; add --set "
                          "weights.method=adaround")
+    settings_aq = None
     if adaround:
         check_window(recipe["accuquant.window"], recipe["calib.steps"])
+        settings_aq = AccuQuantSettings(
+            window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
+            lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
+            init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
+            perstep_iters=recipe["accuquant.perstep_iters"], seed=recipe["seed"])
     layers, kept_fp = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
     fp = torch_eps(spec.module)
     start = time.perf_counter()
@@ -117,11 +125,12 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                             damp=recipe["weights.damp"], act_order=recipe["weights.act_order"])
     method = ("gptq" if recipe["accuquant.init"] == "gptq" else "rtn") if adaround else recipe["weights.method"]
     weights, weight_info = round_weights(spec.module, layers, calib, WeightSettings(
-        method, rounding, recipe["weights.sequential"], recipe["weights.hessian_samples"]), progress=progress)
+        method, rounding, recipe["weights.sequential"], recipe["weights.hessian_samples"],
+        conv_blocks=recipe["weights.conv_blocks"]), progress=progress)
     if weight_info["per_channel_layers"]:
-        log(f"weights.group_size={recipe['weights.group_size']} does not divide the input channels of "
-            f"{len(weight_info['per_channel_layers'])} layer(s); they use per-output-channel scales "
-            "(manifest calibration.weights.per_channel_layers)", not progress)
+        log(f"weights.group_size={recipe['weights.group_size']}: {len(weight_info['per_channel_layers'])} layer(s) "
+            "use per-output-channel scales (convolutions without weights.conv_blocks, or input channels the group "
+            "size does not divide; manifest calibration.weights.per_channel_layers)", not progress)
     for name, why in weight_info.get("fallbacks", {}).items():
         log(f"weights of {name}: {why}", not progress)
     stats = {} if recipe["activations.bits"] > 8 else collect_stats(
@@ -137,12 +146,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                                             calib, observer, seed=recipe["seed"], progress=progress)
         search.update({key: round(v, 6) for key, v in terms.items()})
     learned: dict[str, Any] | None = None
-    if adaround:
-        settings_aq = AccuQuantSettings(
-            window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
-            lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
-            init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
-            seed=recipe["seed"])
+    if settings_aq is not None:
         plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),
                                     recipe["calib.sampler"], recipe["calib.steps"], settings_aq, progress=progress)
         if learned["stopped"]:
@@ -190,6 +194,19 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
             "qdq_ort_vs_sim_max_abs": _max_abs(q_ort, sim),
             "sim_vs_fp_max_abs": quant_err,
             "qdq_ort_vs_sim_over_quant_error": _max_abs(q_ort, sim) / max(quant_err, 1e-12)}
+
+
+def fp16_parity(inputs: GraphInputs, fp_path: Path, qdq_path: Path, half_path: Path) -> dict[str, float]:
+    """The float16 TensorRT graph vs the float32 Q/DQ graph, both in ORT on the check inputs. They cannot agree
+    closely (float16 moves roundings of the activation quantizers, and the flips propagate), so the check that
+    matters is that float16 adds no error: its RMS error to the FP graph over the float32 Q/DQ graph's (≈ 1)."""
+    args = (inputs.sample, inputs.timestep, inputs.encoder_hidden_states)
+    fp, q32, q16 = (OrtBackend(p)(*args) for p in (fp_path, qdq_path, half_path))
+
+    def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).pow(2).mean().sqrt())
+
+    return {"fp16_vs_qdq_rms": rms(q16, q32), "fp16_error_over_fp32_error": rms(q16, fp) / max(rms(q32, fp), 1e-12)}
 
 
 def onnx_weight_bytes(path: Path) -> int:
@@ -248,10 +265,19 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         onnx.save(qdq, str(qdq_path))
         for rec in records:
             log(f"pass {rec.summary()}", quiet)
-        rules = trt_violations(qdq) if recipe["target"] == "trt" else None
-        if rules:
-            log(f"TensorRT: {summarize(rules)} (manifest trt_rules; a TensorRT build will refuse this graph)", quiet)
         checks = parity(spec, plan, inputs, fp_path, qdq_path, ptqd)
+        rules, trt_graph = None, None
+        if recipe["target"] == "trt":
+            trt_graph = TRT_GRAPH if recipe["trt.fp16"] else "model.qdq.onnx"
+            if recipe["trt.fp16"]:
+                patterns = tuple(p.strip() for p in recipe["trt.fp32_layers"].split(",") if p.strip())
+                half, half_records = PassManager([ConvertFp16(patterns)], verify=True)(qdq)
+                onnx.save(half, str(writer.path(TRT_GRAPH)))
+                records += half_records
+                checks.update(fp16_parity(inputs, fp_path, qdq_path, writer.path(TRT_GRAPH)))
+            rules = trt_violations(onnx.load(str(writer.path(trt_graph))))
+            if rules:
+                log(f"TensorRT: {summarize(rules)} (manifest trt_rules; denoq build refuses this graph)", quiet)
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
         if ptqd is not None:
@@ -273,7 +299,8 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             "layer_map": layer_map,
             "calibration": calib_info,
             "checks": checks,
-            **({} if rules is None else {"trt_rules": {"count": len(rules), "violations": [str(v) for v in rules]}}),
+            **({} if rules is None else {"trt": {"graph": trt_graph, "fp16": recipe["trt.fp16"]},
+                                         "trt_rules": {"count": len(rules), "violations": [str(v) for v in rules]}}),
             "passes": [rec.summary() for rec in records],
         }
         art = writer.commit(manifest)

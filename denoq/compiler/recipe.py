@@ -87,6 +87,12 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "target profile: trt = symmetric int8, inputs only; ort-cpu = uint8 activations with quantized outputs "
             "for ORT CPU integer kernels",
             choices=("trt", "ort-cpu")),
+    KeySpec("trt.fp16", True, bool,
+            "target trt: also write model.trt.onnx, the Q/DQ graph in float16 with float32 normalizations, softmax, "
+            "timestep embedding and trt.fp32_layers (what denoq build compiles); false = build the float32 graph"),
+    KeySpec("trt.fp32_layers", "conv_out", str,
+            "target trt with trt.fp16: comma-separated module-name patterns (fnmatch) computed in float32 with "
+            "everything after them up to the next quantized layer (the output head)"),
     KeySpec("weights.bits", 8, int, "weight bits (symmetric; 3 is for experiments)",
             choices=(8, 4, 3), planned=lambda v: v in (2, 6)),
     KeySpec("weights.method", "rtn", str,
@@ -98,6 +104,9 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             lo=0),
     KeySpec("weights.damp", 0.01, float, "gptq/obq: dampening added to the Hessian diagonal, × its mean",
             lo=0, lo_open=True, hi=1),
+    KeySpec("weights.conv_blocks", False, bool,
+            "weights.group_size blocks for Conv weights too (ONNX Runtime only: TensorRT's INT8 convolutions take "
+            "per-output-channel weight scales, so the trt-rules check rejects blocked conv weights)"),
     KeySpec("weights.act_order", False, bool, "gptq: quantize columns in descending Hessian diagonal (static groups)"),
     KeySpec("weights.sequential", True, bool,
             "gptq/obq: round block by block, later blocks' Hessians taken with the earlier blocks already rounded; "
@@ -159,6 +168,9 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("accuquant.backprop", "recompute", str,
             "adaround with a window: recompute = O(1) memory in the window length; naive = backprop through it",
             choices=("recompute", "naive")),
+    KeySpec("accuquant.perstep_iters", 0, int,
+            "adaround with a window: the first iterations use the per-step objective, the window fine-tunes after "
+            "them (0 = the window throughout)", lo=0, hi=100_000),
     KeySpec("layers.keep_fp", "conv_in,conv_out", str,
             "comma-separated module-name patterns (fnmatch) left in floating point; empty = quantize every layer"),
     KeySpec("calib.samples", 64, int, "number of FP sampling trajectories recorded", lo=1, hi=4096),

@@ -109,7 +109,34 @@ def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     return disabled
 
 
-def create_session(path: str | Path, threads: int | None = 2, execution_providers: Sequence[str] | None = None,
+GPU_PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def gpu_providers(kind: str, cache_dir: Path | None = None) -> list[Any]:
+    """The provider list of an ORT session on the GPU: `cuda` (CUDA EP) or `tensorrt` (TensorRT EP with explicit
+    Q/DQ, FP16 and INT8 on, its engines and timing cache in `cache_dir`; CUDA EP behind it for what it does not
+    take). DenoqError when this onnxruntime build lacks the provider."""
+    if kind not in GPU_PROVIDERS:
+        raise DenoqError(f"unknown ORT GPU provider {kind!r}; choose one of {', '.join(GPU_PROVIDERS)}")
+    name = GPU_PROVIDERS[kind]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise DenoqError(f"onnxruntime {ort.__version__} has no {name} (it has {', '.join(available)}); pip install "
+                         "'denoq[gpu]' (onnxruntime-gpu replaces onnxruntime) on a machine with an NVIDIA GPU")
+    if kind == "cuda":
+        return [name]
+    options: dict[str, Any] = {"trt_fp16_enable": True, "trt_int8_enable": True}
+    if cache_dir is not None:
+        options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)})
+    return [(name, options), "CUDAExecutionProvider"]
+
+
+def _provider_name(p: Any) -> str:
+    return p[0] if isinstance(p, tuple) else str(p)
+
+
+def create_session(path: str | Path, threads: int | None = 2, execution_providers: Sequence[Any] | None = None,
                    spinning: bool = False, level: str = "all",
                    optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
     """An InferenceSession for the ONNX file at `path` with `session_options` and the ORT workarounds."""
@@ -118,12 +145,18 @@ def create_session(path: str | Path, threads: int | None = 2, execution_provider
         raise DenoqError(f"ONNX model {path} does not exist; compile the artifact first")
     header = onnx.load(str(path), load_external_data=False)
     so = session_options(threads, spinning, level, optimized_model_path)
+    wanted = list(execution_providers or providers())
     try:
-        return ort.InferenceSession(str(path), so, providers=list(execution_providers or providers()),
-                                    disabled_optimizers=disabled_optimizers(header))
+        session = ort.InferenceSession(str(path), so, providers=wanted,
+                                       disabled_optimizers=disabled_optimizers(header))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         msg = " ".join(str(exc).split())[:400]
         raise DenoqError(f"onnxruntime cannot load {path} ({msg}); check the model with denoq inspect") from exc
+    first = _provider_name(wanted[0])
+    if execution_providers and session.get_providers()[0] != first:  # ORT falls back when a provider fails
+        raise DenoqError(f"onnxruntime could not start {first} for {path} (the session runs on "
+                         f"{session.get_providers()[0]}); check the CUDA / TensorRT libraries onnxruntime-gpu needs")
+    return session
 
 
 class OrtBackend:
@@ -133,7 +166,7 @@ class OrtBackend:
     `encoder_hidden_states` or `class_labels`; its output is `out_sample`.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = 2, providers: Sequence[str] | None = None,
+    def __init__(self, path: str | Path, threads: int | None = 2, providers: Sequence[Any] | None = None,
                  spinning: bool = False, level: str = "all") -> None:
         self.path = Path(path)
         self.session = create_session(self.path, threads, providers, spinning, level)
