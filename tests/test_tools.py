@@ -40,12 +40,27 @@ def test_ptqd_rows_calibrate_on_the_sampler_they_are_evaluated_with(study):
 
 
 def test_accuquant_rows_cover_rtn_per_step_and_windows(study):
-    args = study.main.__globals__["argparse"].Namespace(samplers=["ddim50:64"], windows=[2, 4], iters=7)
+    args = study.main.__globals__["argparse"].Namespace(samplers=["ddim50:64"], windows=[2, 4], iters=7,
+                                                        perstep_iters=0)
     rows = study.accuquant_rows(args)
     assert [r.labels[-1][1] for r in rows] == ["rtn", "per-step", "window 2", "window 4"] * 2
     assert all("accuquant.iters=7" in r.sets for r in rows)
     assert "accuquant.window=4" in rows[3].sets and "weights.method=adaround" in rows[3].sets
     assert "weights.method=rtn" in rows[0].sets
+    args.perstep_iters = 3
+    tuned = [r for r in study.accuquant_rows(args) if "accuquant.perstep_iters=3" in r.sets]
+    assert [r.labels[-1][1] for r in tuned] == ["per-step then window 2", "per-step then window 4"] * 2
+
+
+def test_gpu_check_says_what_is_missing(tmp_path, capsys):
+    import torch
+
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: the check itself runs (python tools/gpu_check.py)")
+    assert _load("gpu_check").main(["--out", str(tmp_path / "g"), "--models", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and ("tensorrt" in err or "polygraphy" in err or "GPU" in err)
+    assert not (tmp_path / "g").exists()  # nothing written
 
 
 @pytest.mark.slow
