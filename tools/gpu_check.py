@@ -112,6 +112,7 @@ def check_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from denoq.compiler.pipeline import compile_model
     from denoq.compiler.recipe import load_recipe
     from denoq.engines.trt import ShapeRange, TrtBackend, build_engine, profile_shapes
+    from denoq.onnxio import save_model
     from denoq.passes.fp16 import ConvertFp16
 
     model = "digits" if name == "digits" else str(sd_pipeline(args.out / "models" / "sd", args.seed))
@@ -129,7 +130,7 @@ def check_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     art = arts["w8a8"]
     meta = art.manifest["model"]
     fp16_path = args.out / name / "fp16.onnx"
-    onnx.save(ConvertFp16()(onnx.load(str(art.file("model.fp.onnx")))), str(fp16_path))
+    save_model(ConvertFp16()(onnx.load(str(art.file("model.fp.onnx")))), fp16_path)
     height, width = meta["sample_shape"][1:]
     shapes = profile_shapes(meta["sample_shape"], batches, ShapeRange(height, height, height),
                             ShapeRange(width, width, width),

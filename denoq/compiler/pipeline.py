@@ -40,6 +40,7 @@ from denoq.engines.ort import OrtBackend
 from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs, export_fp
 from denoq.layers import quantizable_layers, select_layers
+from denoq.onnxio import save_model
 from denoq.passes.fp16 import ConvertFp16
 from denoq.passes.manager import PassManager
 from denoq.passes.ptqd_head import AppendPtqdHead
@@ -262,7 +263,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         if ptqd is not None:
             passes.append(AppendPtqdHead(ptqd.bias, ptqd.inv_one_plus_k))
         qdq, records = PassManager(passes, verify=True)(onnx.load(str(fp_path)))
-        onnx.save(qdq, str(qdq_path))
+        save_model(qdq, qdq_path)
         for rec in records:
             log(f"pass {rec.summary()}", quiet)
         checks = parity(spec, plan, inputs, fp_path, qdq_path, ptqd)
@@ -272,7 +273,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             if recipe["trt.fp16"]:
                 patterns = tuple(p.strip() for p in recipe["trt.fp32_layers"].split(",") if p.strip())
                 half, half_records = PassManager([ConvertFp16(patterns)], verify=True)(qdq)
-                onnx.save(half, str(writer.path(TRT_GRAPH)))
+                save_model(half, writer.path(TRT_GRAPH))
                 records += half_records
                 checks.update(fp16_parity(inputs, fp_path, qdq_path, writer.path(TRT_GRAPH)))
             rules = trt_violations(onnx.load(str(writer.path(trt_graph))))

@@ -35,6 +35,7 @@ from torch import nn
 from denoq.errors import DenoqError
 from denoq.layermap import write_layer_map
 from denoq.layers import quantizable_layers
+from denoq.onnxio import save_model
 
 OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -76,9 +77,6 @@ class EpsWrapper(nn.Module):
         return self.model(sample, timestep, encoder_hidden_states).sample
 
 
-PROTOBUF_LIMIT = 2**31 - 2**24  # bytes of weights a single-file ONNX graph can hold (2 GB, less room for the graph)
-
-
 def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, dict]:
     """Export `model` (eval mode, float32) to `path` and return the layer map written into the file."""
     wrapper = EpsWrapper(model).eval()
@@ -92,14 +90,9 @@ def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, di
                                     input_names=inputs.names(), output_names=["out_sample"],
                                     dynamic_shapes=dynamic, report=False)
     proto = program.model_proto
-    weights = sum(len(i.raw_data) for i in proto.graph.initializer)
-    if weights > PROTOBUF_LIMIT:
-        raise DenoqError(f"the FP32 ONNX graph holds {weights / 1e9:.2f} GB of weights, over protobuf's 2 GB limit for "
-                         "one file; denoq writes single-file ONNX graphs only (external data is not supported yet): "
-                         "use a model under about 500M parameters")
     layer_map = map_and_rename_weights(proto, model)
     write_layer_map(proto, layer_map)
-    onnx.save(proto, str(path))
+    save_model(proto, path)  # external data beside it above 2 GB
     return layer_map
 
 

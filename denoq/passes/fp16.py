@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from denoq.errors import DenoqError
 from denoq.layermap import LAYER_OP_TYPES, read_layer_map
+from denoq.onnxio import check_and_infer
 
 FP32_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization", "Softmax")
 # inputs that the op's type constraints keep in float32 whatever the node computes in
@@ -90,7 +91,7 @@ def fp32_nodes(model: onnx.ModelProto, fp32_layers: Sequence[str]) -> set[int]:
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = check_and_infer(model, strict=False, check_type=False)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
     types.update({i.name: i.data_type for i in g.initializer})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import onnx
 
 from denoq.errors import DenoqError
+from denoq.onnxio import check_and_infer
 
 Pass = Callable[[onnx.ModelProto], onnx.ModelProto]
 
@@ -60,8 +61,7 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
 def verify(model: onnx.ModelProto, where: str) -> None:
     """`onnx.checker` (full check) and strict shape inference; DenoqError naming `where` when either fails."""
     try:
-        onnx.checker.check_model(model, full_check=True)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        check_and_infer(model, check=True, strict=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise DenoqError(f"{where} produced an invalid ONNX graph ({_one_line(exc)}); fix that pass or its "
                          "input") from exc

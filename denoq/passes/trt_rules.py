@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from denoq.errors import DenoqError
+from denoq.onnxio import check_and_infer
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -67,7 +68,7 @@ class _Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         try:
-            g = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+            g = check_and_infer(model, strict=True, check_type=False).graph
         except onnx.shape_inference.InferenceError as exc:
             raise DenoqError(f"trt-rules: ONNX type inference fails on this graph ({' '.join(str(exc).split())}); "
                              "the graph is invalid before any TensorRT rule, fix it first") from None
