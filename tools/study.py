@@ -36,6 +36,7 @@ samples), the rows a matrix marks as main with all of them. Output: the markdown
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perstep-iters", type=int, default=0,
                    help="accuquant: also rows whose window fine-tunes after this many per-step iterations (0 = no)")
     p.add_argument("--only", default="", help="regular expression: run only the rows whose name matches")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe key added to every row (e.g. weights.conv_blocks=true to compare with older runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
@@ -309,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_sampler(s)
     from denoq.metrics import fd_between, fd_digits, psnr
 
-    todo = [r for r in MATRICES[args.matrix](args) if re.search(args.only, r.name)]
+    todo = [dataclasses.replace(r, sets=(*r.sets, *args.set))
+            for r in MATRICES[args.matrix](args) if re.search(args.only, r.name)]
     if not todo:
         raise SystemExit(f"no {args.matrix} row matches --only {args.only!r}")
     args.out.mkdir(parents=True, exist_ok=True)
