@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
+from denoq.engines.ort import COND_INPUTS
 from denoq.errors import DenoqError
 
 GPU_EXTRA = "pip install 'denoq[gpu]' (tensorrt, polygraphy, onnxruntime-gpu) on a machine with an NVIDIA GPU"
-COND_INPUTS = ("encoder_hidden_states", "class_labels")
 
 
 def require(module: str, what: str) -> ModuleType:
