@@ -213,9 +213,9 @@ def test_gpu_backends_say_what_is_missing(tiny_artifact_trt, tiny_artifact_ort, 
 
 
 def test_validate_compares_the_backends_it_has(tiny_pipeline, tmp_path, capsys, monkeypatch):
-    from denoq.engines import compare
     from denoq.compiler.pipeline import compile_model
     from denoq.compiler.recipe import load_recipe
+    from denoq.engines import compare
 
     recipe = load_recipe("w8a8", ["calib.samples=4", "calib.steps=4"])
     art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a", progress=False, quiet=True)
