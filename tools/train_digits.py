@@ -1,9 +1,18 @@
-"""Train the embedded default model `digits`: an unconditional DDPM (diffusers UNet2DModel) on sklearn digits.
+"""Train the embedded models `digits` (an unconditional DDPM, diffusers UNet2DModel) and, with `--cond`,
+`digits-cond` (class-conditional, for classifier-free guidance) on sklearn digits.
+
+`digits-cond` is a UNet2DModel with class embeddings (`num_class_embeds` = 10 digits + 1 null label, the
+embedding added to the timestep embedding) rather than a UNet2DConditionModel with cross-attention on a label
+embedding: a label is one token, so cross-attention over it reduces to the same per-channel shift at more cost
+and more layers to quantize, and diffusers' UNet2DModel takes the integer `class_labels` directly (its ONNX input
+keeps diffusers' name). Labels are replaced by the null label with probability `--label-dropout` (CFG's
+unconditional model is the same network with the null label).
 
 Seeded and deterministic on the CPU. Writes a diffusers pipeline folder (model_index.json, unet/, scheduler/)
 as `DDPMPipeline.save_pretrained` does, plus `training.json` with the settings and the final loss.
 
     python tools/train_digits.py --out denoq/models/digits            # the shipped model
+    python tools/train_digits.py --cond --out denoq/models/digits-cond  # the shipped conditional model
     python tools/train_digits.py --seed 1 --width 48 --out /tmp/digits-b  # a second, hidden-from-tuning model
 """
 
@@ -21,10 +30,14 @@ from tqdm import tqdm
 
 from denoq.models.digits_data import IMAGE_SIZE, load_digits_16
 
+NUM_CLASSES = 10  # digits 0-9; the null label (CFG's unconditional model) is NUM_CLASSES
 
-def build_unet(width: int) -> UNet2DModel:
-    """A ~1M-parameter UNet for 16×16×1 with self-attention at 8×8 resolution."""
+
+def build_unet(width: int, cond: bool = False) -> UNet2DModel:
+    """A ~1M-parameter UNet for 16×16×1 with self-attention at 8×8 resolution; `cond`: + NUM_CLASSES + 1 class
+    embeddings."""
     return UNet2DModel(
+        num_class_embeds=NUM_CLASSES + 1 if cond else None,
         sample_size=IMAGE_SIZE,
         in_channels=1,
         out_channels=1,
@@ -47,20 +60,22 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cond", action="store_true", help="class-conditional with a null label (digits-cond)")
+    ap.add_argument("--label-dropout", type=float, default=0.15, help="--cond: probability of the null label")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    images, _ = load_digits_16()
-    unet = build_unet(args.width)
+    images, labels = load_digits_16()
+    unet = build_unet(args.width, args.cond)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     ac = scheduler.alphas_cumprod
-    bar = tqdm(range(args.steps), desc="train digits DDPM", unit="step")
+    bar = tqdm(range(args.steps), desc=f"train digits{'-cond' if args.cond else ''} DDPM", unit="step")
     loss_avg = None
     for _ in bar:
         idx = torch.randint(0, images.shape[0], (args.batch,), generator=gen)
@@ -72,7 +87,12 @@ def main() -> None:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+        if args.cond:
+            drop = torch.rand((args.batch,), generator=gen) < args.label_dropout
+            lab = torch.where(drop, torch.full_like(labels[idx], NUM_CLASSES), labels[idx])
+            loss = torch.nn.functional.mse_loss(unet(xt, t, class_labels=lab).sample, noise)
+        else:
+            loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -118,7 +118,8 @@ class SimulatedLayer(nn.Module):
 
 
 class SimulatedModel(nn.Module):
-    """`(sample, timestep[, encoder_hidden_states]) → out_sample` of the quantized model (an eps backend)."""
+    """`(sample, timestep[, cond]) → out_sample` of the quantized model (an eps backend; cond as the UNet's third
+    positional input: encoder_hidden_states or class_labels)."""
 
     def __init__(self, model: nn.Module, plan: QuantPlan, layer: type[SimulatedLayer] = SimulatedLayer) -> None:
         """`layer` is the class of the simulated layers (a subclass changes how a layer quantizes, e.g. the
@@ -135,14 +136,13 @@ class SimulatedModel(nn.Module):
             parent = modules[parent_name] if parent_name else self.model
             setattr(parent, child, layer(modules[name], plan.layers[name], self.clock, plan.num_train_timesteps))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         t = timestep.reshape(-1).to(torch.int64)
         self.clock.t = t.expand(sample.shape[0]) if t.numel() == 1 else t
         try:
-            if encoder_hidden_states is None:
+            if cond is None:
                 return self.model(sample, timestep).sample
-            return self.model(sample, timestep, encoder_hidden_states).sample
+            return self.model(sample, timestep, cond).sample
         finally:
             self.clock.t = None
 

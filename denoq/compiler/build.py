@@ -63,9 +63,10 @@ def build(path: Path, profile: str = "", optimization_level: int = 3) -> Artifac
     art = Artifact.open(path)
     graph = trt_graph(art)
     ranges = parse_profile(profile, art.manifest["model"]["sample_shape"])
-    cond = art.manifest["model"].get("cond_shape")
-    shapes = profile_shapes(art.manifest["model"]["sample_shape"], ranges["batch"], ranges["height"],
-                            ranges["width"], {"encoder_hidden_states": cond} if cond else None)
+    model = art.manifest["model"]
+    cond = model.get("cond_shape")
+    shapes = profile_shapes(model["sample_shape"], ranges["batch"], ranges["height"], ranges["width"],
+                            None if cond is None else {model.get("cond_input") or "encoder_hidden_states": cond})
     cache = art.path.parent / f"{art.path.name}.timing.cache"
     start = time.perf_counter()
     engine = build_engine(art.file(graph), shapes, cache, optimization_level)

@@ -29,14 +29,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from denoq.compiler.artifact import Artifact, atomic_write
     from denoq.compiler.evaluate import generate
+    from denoq.compiler.load import check_label
     from denoq.compiler.pictures import grid_png
 
     for target in (args.out, args.save_tensor):
         if target is not None and target.exists() and not args.force:
             raise DenoqError(f"{target} exists; pass --force to overwrite it or choose another path")
     art = Artifact.open(args.art)
+    check_label(art.manifest["model"], args.label, args.guidance)
     x = generate(art, args.backend, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
-                 threads=args.threads)
+                 threads=args.threads, label=args.label, guidance=args.guidance)
     atomic_write(args.out, grid_png(x))
     print(f"[denoq] wrote {args.out} ({args.n} samples, backend {args.backend}, {args.sampler} {args.steps} steps)")
     if args.save_tensor is not None:
@@ -169,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, n=64, backend="ort")
     p.add_argument("--out", type=Path, required=True, help="grid PNG to write")
     p.add_argument("--save-tensor", type=Path, default=None, help="also save the raw samples [N,C,H,W] (.npy)")
+    p.add_argument("--label", type=int, default=None, help="class-conditional models: the class to sample")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (with --label; 1 = conditional, 0 = unconditional)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_sample)
 

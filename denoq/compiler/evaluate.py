@@ -31,7 +31,7 @@ from denoq.compiler.backends import (
     sampling_variance,
     torch_eps,
 )
-from denoq.compiler.load import ModelSpec
+from denoq.compiler.load import ModelSpec, check_label
 from denoq.compiler.mixed import is_mixed, mixed_backend, mixed_variance
 from denoq.compiler.pictures import (
     GroupPanel,
@@ -45,6 +45,7 @@ from denoq.layers import quantizable_layers
 from denoq.metrics import fd_between, fd_digits, psnr
 from denoq.plan import ActQuant
 from denoq.sampling import NoiseSchedule, sample
+from denoq.sampling.guidance import classifier_free
 
 DIGITS_SHAPE = (1, 16, 16)
 LATENCY_BATCHES = (1, 8)
@@ -73,7 +74,10 @@ class EvalSettings:
 
 
 def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
-    """The conditioning of evaluation samples: a stream apart from calibration's (10 000 + seed)."""
+    """The conditioning of evaluation samples: a stream apart from calibration's (10 000 + seed); for a
+    class-conditional model every class in turn (0, 1, …, 0, 1, …), so that the samples cover the digits."""
+    if spec.cond_input == "class_labels":
+        return torch.arange(n) % int(spec.num_classes)
     return spec.random_cond(n, 10_000 + seed)
 
 
@@ -98,12 +102,21 @@ def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, t
 
 
 def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
-             threads: int | None = None, progress: bool = True, callback=None) -> torch.Tensor:
+             threads: int | None = None, progress: bool = True, callback=None, label: int | None = None,
+             guidance: float | None = None) -> torch.Tensor:
     """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend.
-    `callback(step, t, x_t, out)` sees every step (`denoq.sampling.sample`)."""
-    spec = artifact_model(art) if backend.startswith("torch") or art.manifest["model"]["cond_shape"] else None
+    `callback(step, t, x_t, out)` sees every step (`denoq.sampling.sample`). A class-conditional model samples
+    `label` (every class in turn when None), with classifier-free guidance of scale `guidance` when given."""
+    meta = art.manifest["model"]
+    if label is not None or guidance is not None:
+        check_label(meta, label, guidance)
+    spec = artifact_model(art) if backend.startswith("torch") or meta["cond_shape"] is not None else None
     eps, variance = sampling_backend(art, backend, sampler, steps, threads=threads, spec=spec)
     cond = eval_cond(spec, n, seed) if spec is not None else None
+    if label is not None:
+        cond = torch.full((n,), label, dtype=torch.int64)
+    if guidance is not None:
+        eps = classifier_free(eps, torch.tensor(int(meta["num_classes"])), guidance)
     return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
                    seed=seed, n=n, cond=cond, residual_var=variance, progress=progress, callback=callback)
 
@@ -240,12 +253,12 @@ def _groups_text(summary: dict[str, Any]) -> str:
             f"plotted: {', '.join(summary['plotted'])}")
 
 
-def _latency_table(art: Artifact, spec_shape: tuple[int, ...], cond_shape, threads: int) -> dict[str, Any]:
+def _latency_table(art: Artifact, spec: ModelSpec, threads: int) -> dict[str, Any]:
     rows = {}
     for batch in LATENCY_BATCHES:
-        x = torch.randn((batch, *spec_shape), generator=torch.Generator().manual_seed(0))
+        x = torch.randn((batch, *spec.sample_shape), generator=torch.Generator().manual_seed(0))
         t = torch.full((batch,), 500, dtype=torch.int64)
-        cond = None if cond_shape is None else torch.randn((batch, *cond_shape))
+        cond = spec.random_cond(batch, 0)
         res = {}
         for label, fname in (("fp32", "model.fp.onnx"), ("qdq", "model.qdq.onnx")):
             res[label] = latency(OrtBackend(art.file(fname), threads=threads), (x, t, cond))["median_ms"]
@@ -350,7 +363,7 @@ def _single_artifact_report(art: Artifact, spec: ModelSpec, settings: EvalSettin
     sqnr = layer_sqnr(spec, art, probe, probe_t, probe_c)
     report["layer_sqnr_db"] = sqnr
     threads = settings.threads or 2
-    report["latency_ms"] = _latency_table(art, spec.sample_shape, spec.cond_shape, threads)
+    report["latency_ms"] = _latency_table(art, spec, threads)
     report["fusion"] = fusion_report(art.file("model.qdq.onnx"), threads=threads)
     pictures["layer_error.png"] = layer_error_png(
         list(sqnr), list(sqnr.values()), "per-layer output SQNR, simulation vs FP (at 10/50/90% of the trajectory)")

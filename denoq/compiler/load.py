@@ -1,8 +1,10 @@
 """Load a model to compile: a local diffusers pipeline folder or an embedded model by name → ModelSpec.
 
 A pipeline folder is what `DiffusionPipeline.save_pretrained` writes: `model_index.json`, `unet/` (config.json and
-safetensors weights) and `scheduler/scheduler_config.json`. Supported denoisers: `UNet2DModel` (unconditional) and
-`UNet2DConditionModel` (conditioning input `encoder_hidden_states`). Nothing is fetched from a hub.
+safetensors weights) and `scheduler/scheduler_config.json`. Supported denoisers: `UNet2DModel` (unconditional, or
+class-conditional with `num_class_embeds`: conditioning input `class_labels`, int64 [B], the last class embedding
+being the null label of classifier-free guidance) and `UNet2DConditionModel` (conditioning input
+`encoder_hidden_states`). Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -35,26 +37,49 @@ class ModelSpec:
     model_class: str
     scheduler_config: dict[str, Any]
     sample_shape: tuple[int, int, int]
-    cond_shape: tuple[int, int] | None
+    cond_shape: tuple[int, ...] | None
     weights_sha256: str
+    cond_input: str | None = None  # graph input of the conditioning: encoder_hidden_states | class_labels | None
+    num_classes: int | None = None  # class_labels models: labels 0 … num_classes − 1; num_classes is the null label
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
     def random_cond(self, n: int, seed: int) -> torch.Tensor | None:
-        """Seeded N(0, 1) `encoder_hidden_states` for cross-attention models used without prompts (calibration,
-        evaluation); None for unconditional models."""
+        """Seeded conditioning for calibration without prompts: N(0, 1) `encoder_hidden_states` for cross-attention
+        models; for class-conditional models labels uniform over the classes *and* the null label, so that the
+        statistics see both halves of classifier-free guidance; None for unconditional models."""
+        g = torch.Generator().manual_seed(seed)
+        if self.cond_input == "class_labels":
+            return torch.randint(0, int(self.num_classes) + 1, (n,), generator=g)
         if self.cond_shape is None:
             return None
-        return torch.randn((n, *self.cond_shape), generator=torch.Generator().manual_seed(seed))
+        return torch.randn((n, *self.cond_shape), generator=g)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's `model` section."""
         return {"name": self.name, "class": self.model_class, "sample_shape": list(self.sample_shape),
-                "cond_shape": list(self.cond_shape) if self.cond_shape else None,
+                "cond_shape": None if self.cond_shape is None else list(self.cond_shape),
+                "cond_input": self.cond_input, "num_classes": self.num_classes,
                 "num_train_timesteps": self.num_train_timesteps, "weights_sha256": self.weights_sha256,
                 "parameters": sum(p.numel() for p in self.module.parameters())}
+
+
+def check_label(model: dict[str, Any], label: int | None, guidance: float | None) -> None:
+    """Refuse a label / guidance the model (its manifest `model` section, `ModelSpec.describe`) cannot take: a
+    label or guidance for a model without classes, a label outside its classes, guidance without a label, or no
+    label for a class-conditional model."""
+    name, classes = model["name"], model.get("num_classes")
+    if model.get("cond_input") != "class_labels":
+        if label is not None or guidance is not None:
+            raise DenoqError(f"model {name} is not class-conditional; sample it without --label / --guidance")
+        return
+    if label is None:
+        raise DenoqError(f"model {name} is class-conditional: pass --label N (0–{classes - 1}), and --guidance S "
+                         "for classifier-free guidance")
+    if not 0 <= label < classes:
+        raise DenoqError(f"label {label} is outside model {name}'s classes 0–{classes - 1}; pass one of them")
 
 
 def resolve_model(model: str | None) -> tuple[str, Path]:
@@ -131,6 +156,14 @@ def load_model(model: str | None = None) -> ModelSpec:
     size = config.get("sample_size", 32)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     sample_shape = (int(config.get("in_channels", 4)), int(h), int(w))
-    cond_shape = (COND_TOKENS, int(config["cross_attention_dim"])) if cls == "UNet2DConditionModel" else None
+    cond_shape, cond_input, num_classes = None, None, None
+    if cls == "UNet2DConditionModel":
+        cond_shape, cond_input = (COND_TOKENS, int(config["cross_attention_dim"])), "encoder_hidden_states"
+    elif config.get("num_class_embeds"):
+        if config.get("class_embed_type") is not None:
+            raise DenoqError(f"{unet_dir}: class_embed_type {config['class_embed_type']!r} is not supported; denoq "
+                             "compiles UNet2DModel class conditioning through num_class_embeds (an embedding table)")
+        cond_shape, cond_input, num_classes = (), "class_labels", int(config["num_class_embeds"]) - 1
     return ModelSpec(name=name, folder=folder, module=module, model_class=cls, scheduler_config=scheduler_config,
-                     sample_shape=sample_shape, cond_shape=cond_shape, weights_sha256=_weights_hash(unet_dir))
+                     sample_shape=sample_shape, cond_shape=cond_shape, weights_sha256=_weights_hash(unet_dir),
+                     cond_input=cond_input, num_classes=num_classes)

@@ -171,7 +171,7 @@ def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
     x = torch.stack([calib.x[i][r] for i, r in zip(steps, rows, strict=True)])
     t = torch.tensor([calib.t[i] for i in steps], dtype=torch.int64)
     cond = None if calib.cond is None else calib.cond[rows]
-    return GraphInputs(x, t, cond)
+    return GraphInputs(x, t, cond, spec.cond_input or "encoder_hidden_states")
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,7 +185,7 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
     The Q/DQ graph and the simulation cannot agree bit-exactly end to end (a 1e-7 float difference flips a
     rounding that propagates), so the check is relative to the quantization error itself (DESIGN.md).
     """
-    cond = inputs.encoder_hidden_states
+    cond = inputs.cond
     fp_torch = torch_eps(spec.module)(inputs.sample, inputs.timestep, cond)
     sim = with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd)(inputs.sample, inputs.timestep, cond)
     fp_ort = OrtBackend(fp_path)(inputs.sample, inputs.timestep, cond)
@@ -201,7 +201,7 @@ def fp16_parity(inputs: GraphInputs, fp_path: Path, qdq_path: Path, half_path: P
     """The float16 TensorRT graph vs the float32 Q/DQ graph, both in ORT on the check inputs. They cannot agree
     closely (float16 moves roundings of the activation quantizers, and the flips propagate), so the check that
     matters is that float16 adds no error: its RMS error to the FP graph over the float32 Q/DQ graph's (≈ 1)."""
-    args = (inputs.sample, inputs.timestep, inputs.encoder_hidden_states)
+    args = (inputs.sample, inputs.timestep, inputs.cond)
     fp, q32, q16 = (OrtBackend(p)(*args) for p in (fp_path, qdq_path, half_path))
 
     def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -229,7 +229,7 @@ def weight_storage(plan: QuantPlan, fp_path: Path, qdq_path: Path) -> dict[str, 
 def model_cost(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs) -> dict[str, Any]:
     """MACs and BOPs of one model call with a batch of one (`denoq.bops`), quantized and FP."""
     x, t = inputs.sample[:1], inputs.timestep[:1]
-    cond = None if inputs.encoder_hidden_states is None else inputs.encoder_hidden_states[:1]
+    cond = None if inputs.cond is None else inputs.cond[:1]
     macs = layer_macs(spec.module, lambda: torch_eps(spec.module)(x, t, cond))
     return {"macs_per_call": sum(macs.values()), "bops_per_call": plan_bops(macs, plan),
             "fp_bops_per_call": plan_bops(macs, None), "float_bits": FLOAT_BITS}

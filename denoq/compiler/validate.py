@@ -72,7 +72,7 @@ def feeds(art: Artifact, settings: ValidateSettings) -> list[dict[str, np.ndarra
     g = torch.Generator().manual_seed(settings.seed)
     n = settings.batch * settings.batches
     x = torch.randn((n, *spec.sample_shape), generator=g)
-    cond = None if spec.cond_shape is None else torch.randn((n, *spec.cond_shape), generator=g)
+    cond = spec.random_cond(n, settings.seed + 1)
     states = []
     for t, p in zip(ts, prev, strict=True):
         states.append((x, t))
@@ -85,7 +85,7 @@ def feeds(art: Artifact, settings: ValidateSettings) -> list[dict[str, np.ndarra
         sample = torch.stack([s[0][r] for s, r in zip(picks, rows, strict=True)])
         feed = {"sample": sample.numpy(), "timestep": np.array([s[1] for s in picks], dtype=np.int64)}
         if cond is not None:
-            feed["encoder_hidden_states"] = cond[list(rows)].numpy()
+            feed[str(spec.cond_input)] = cond[list(rows)].numpy()
         out.append(feed)
     return out
 

@@ -46,22 +46,25 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 
 @dataclass(frozen=True)
 class GraphInputs:
-    """Example inputs for export; `encoder_hidden_states` only for cross-attention models."""
+    """Example inputs for export; `cond` for conditional models, its graph input named `cond_name`
+    (`encoder_hidden_states` for cross-attention models, `class_labels` for class-conditional UNet2DModels)."""
 
     sample: torch.Tensor
     timestep: torch.Tensor
-    encoder_hidden_states: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+    cond_name: str = "encoder_hidden_states"
 
     def names(self) -> list[str]:
-        return ["sample", "timestep"] + (["encoder_hidden_states"] if self.encoder_hidden_states is not None else [])
+        return ["sample", "timestep"] + ([self.cond_name] if self.cond is not None else [])
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        extra = (self.encoder_hidden_states,) if self.encoder_hidden_states is not None else ()
+        extra = (self.cond,) if self.cond is not None else ()
         return (self.sample, self.timestep, *extra)
 
 
 class EpsWrapper(nn.Module):
-    """`(sample, timestep[, encoder_hidden_states]) → out_sample` around a diffusers UNet; the module's own
+    """`(sample, timestep[, cond]) → out_sample` around a diffusers UNet (cond is the UNet's third positional
+    input: `encoder_hidden_states` of UNet2DConditionModel, `class_labels` of UNet2DModel); the module's own
     submodule names stay under the `model.` prefix, which `layer_map_from_graph` strips."""
 
     PREFIX = "model."
@@ -70,11 +73,10 @@ class EpsWrapper(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        if encoder_hidden_states is None:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is None:
             return self.model(sample, timestep).sample
-        return self.model(sample, timestep, encoder_hidden_states).sample
+        return self.model(sample, timestep, cond).sample
 
 
 def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, dict]:
@@ -82,8 +84,8 @@ def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, di
     wrapper = EpsWrapper(model).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {"sample": {0: batch}, "timestep": {0: batch}}
-    if inputs.encoder_hidden_states is not None:
-        dynamic["encoder_hidden_states"] = {0: batch}
+    if inputs.cond is not None:
+        dynamic["cond"] = {0: batch}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, inputs.tensors(), dynamo=True, opset_version=OPSET, verbose=False,

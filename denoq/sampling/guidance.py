@@ -1,0 +1,36 @@
+"""Classifier-free guidance around any eps backend (Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022).
+
+    ε̃(x, t, c) = ε(x, t, ∅) + s · (ε(x, t, c) − ε(x, t, ∅))                                          (eq. 6)
+
+with ∅ the null conditioning the model was trained with (label dropout) and s the guidance scale (s = 1 is the
+conditional model, s = 0 the unconditional one). Both halves run as one doubled batch, as deployments do
+(one engine call per step): rows [0, B) are unconditional, rows [B, 2B) conditional.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from denoq.errors import DenoqError
+from denoq.sampling.loop import EpsFn
+
+
+def classifier_free(eps: EpsFn, null_cond: torch.Tensor, scale: float) -> EpsFn:
+    """The guided eps of eq. 6; `null_cond` is one sample's null conditioning (e.g. the null label, shape [])."""
+    if not scale >= 0:
+        raise DenoqError(f"guidance scale {scale} must be ≥ 0 (1 = the conditional model, 0 = unconditional)")
+
+    def guided(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if cond is None:
+            raise DenoqError("classifier-free guidance needs the conditioning (e.g. --label)")
+        batch = x.shape[0]
+        tt = torch.as_tensor(t).reshape(-1)
+        tt = tt.expand(batch) if tt.numel() == 1 else tt
+        null = null_cond.to(cond.device, cond.dtype).expand(batch, *cond.shape[1:])
+        out = eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([null, cond]))
+        uncond, conditional = out[:batch], out[batch:]
+        return uncond + scale * (conditional - uncond)
+
+    return guided
