@@ -116,3 +116,21 @@ def test_guidance_on_an_unconditional_model_is_refused(tiny_artifact_trt, tmp_pa
     assert main(["sample", str(tiny_artifact_trt.path), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png"),
                  "--guidance", "2"]) == 2
     assert "not class-conditional" in capsys.readouterr().err
+
+
+def test_eval_reports_class_accuracy_with_guidance(class_artifact, capsys):
+    import json
+
+    assert main(["eval", str(class_artifact.path), "--n", "6", "--steps", "3", "--threads", "1",
+                 "--guidance", "2"]) == 0
+    report = json.loads((class_artifact.path / "report.json").read_text())
+    assert report["sampler"]["guidance"] == 2.0
+    for key in ("class_accuracy", "class_accuracy_fp"):
+        assert 0.0 <= report[key] <= 1.0
+    assert "class accuracy" in capsys.readouterr().out
+    assert any(name.endswith("-cfg2") for name in report["runs"])
+
+
+def test_eval_guidance_on_an_unconditional_model_is_refused(tiny_artifact_trt, capsys):
+    assert main(["eval", str(tiny_artifact_trt.path), "--n", "2", "--steps", "2", "--guidance", "2"]) == 2
+    assert "not class-conditional" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     art = Artifact.open(args.art)
     settings = EvalSettings(backend=args.backend, fp_backend=args.fp_backend, sampler=args.sampler, steps=args.steps,
-                            eta=args.eta, seed=args.seed, n=args.n, threads=args.threads)
+                            eta=args.eta, seed=args.seed, n=args.n, threads=args.threads, guidance=args.guidance)
     report = evaluate(art, settings)
     print(summary_table(art, report))
     print(f"[denoq] wrote {args.art / 'report.json'} and {args.art / 'report.html'}")
@@ -68,6 +68,11 @@ def summary_table(art, report: dict) -> str:
 
     s = report["sampler"]
     head = f"{s['sampler']} {s['steps']} steps, eta {s['eta']:g}, {s['n']} samples, seed {s['seed']}"
+    if s.get("guidance") is not None:
+        head += f", guidance {s['guidance']:g}"
+    if "class_accuracy" in report:
+        head += (f"; class accuracy (the shipped classifier reads the requested digit): FP32 "
+                 f"{report['class_accuracy_fp']:.1%}, quantized {report['class_accuracy']:.1%}")
     if "mixed" in report:
         name = f"mixed {'+'.join(report['mixed']['members'])}"
         return "\n".join([head, f"{'model':22s} {'FD-digits':>10s} {'FD to FP':>9s} {'PSNR vs FP':>11s}",
@@ -182,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, n=512, backend="ort")
     p.add_argument("--fp-backend", choices=("ort-fp", "torch-fp"), default="ort-fp",
                    help="FP reference (default ort-fp: the exported FP graph, checked against PyTorch at compile)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="class-conditional models: classifier-free guidance scale (labels cycle through the classes)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="what is in an artifact: recipe, layers, bit widths, hashes, versions")

@@ -42,7 +42,7 @@ from denoq.compiler.pictures import (
 )
 from denoq.engines.ort import OrtBackend, fusion_report, latency
 from denoq.layers import quantizable_layers
-from denoq.metrics import fd_between, fd_digits, psnr
+from denoq.metrics import class_accuracy, fd_between, fd_digits, psnr
 from denoq.plan import ActQuant
 from denoq.sampling import NoiseSchedule, sample
 from denoq.sampling.guidance import classifier_free
@@ -57,7 +57,8 @@ GROUP_PLOT_LAYERS = 4  # layers in timestep_groups.png
 @dataclass(frozen=True)
 class EvalSettings:
     """What `denoq eval` runs. `fp_backend` is the FP reference: `ort-fp` (the exported FP graph, checked against
-    PyTorch to ~1e-6 at compile time, and several times faster on the CPU) or `torch-fp`."""
+    PyTorch to ~1e-6 at compile time, and several times faster on the CPU) or `torch-fp`. `guidance`: the
+    classifier-free guidance scale of a class-conditional model (None = the conditional model, no guidance)."""
 
     backend: str = "ort"
     fp_backend: str = "ort-fp"
@@ -67,10 +68,12 @@ class EvalSettings:
     seed: int = 0
     n: int = 512
     threads: int | None = None
+    guidance: float | None = None
 
     @property
     def run_name(self) -> str:
-        return f"{self.sampler}{self.steps}-eta{self.eta:g}-{self.backend}-n{self.n}-seed{self.seed}"
+        cfg = "" if self.guidance is None else f"-cfg{self.guidance:g}"
+        return f"{self.sampler}{self.steps}-eta{self.eta:g}-{self.backend}-n{self.n}-seed{self.seed}{cfg}"
 
 
 def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
@@ -276,6 +279,10 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     fp, _ = sampling_backend(art, settings.fp_backend, settings.sampler, settings.steps, threads=settings.threads,
                              spec=spec)
     cond = eval_cond(spec, settings.n, settings.seed)
+    if settings.guidance is not None:
+        check_label(spec.describe(), 0, settings.guidance)  # a class-conditional model (labels cycle the classes)
+        null = torch.tensor(int(spec.num_classes))
+        q, fp = classifier_free(q, null, settings.guidance), classifier_free(fp, null, settings.guidance)
     kw = dict(sampler=settings.sampler, steps=settings.steps, eta=settings.eta, seed=settings.seed, n=settings.n,
               cond=cond)
 
@@ -308,11 +315,15 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     }
     if report["fd_digits"] is not None:
         report["fd_ratio"] = report["fd_digits"] / report["fd_digits_fp"]
+    if digits and spec.cond_input == "class_labels":  # did each sample come out as the digit it was asked for?
+        report["class_accuracy"] = class_accuracy(x_q, cond)
+        report["class_accuracy_fp"] = class_accuracy(x_fp, cond)
     if not digits:
         report["fd_note"] = f"FD-digits needs {DIGITS_SHAPE} samples; this model makes {tuple(shape)}"
 
     runs = dict(art.manifest.get("eval_runs", {}))
-    runs[settings.run_name] = {k: report[k] for k in ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")}
+    runs[settings.run_name] = {k: report[k] for k in ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp",
+                                                      "class_accuracy", "class_accuracy_fp") if k in report}
     pictures = {
         "samples_fp_vs_quant.png": side_by_side_png(x_fp[:64], x_q[:64], ("FP32", f"quantized ({settings.backend})")),
         "timestep_error.png": timestep_error_png(ts, {"‖ε_q − ε_fp‖ / ‖ε_fp‖ on the FP trajectory": eps_err,
