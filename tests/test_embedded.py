@@ -1,4 +1,4 @@
-"""The shipped embedded model: it loads like any pipeline folder and its samples are digits."""
+"""The shipped embedded models: they load like any pipeline folder and their samples are digits."""
 
 from __future__ import annotations
 
@@ -33,3 +33,23 @@ def test_digits_samples_are_confident_digits_of_every_class():
     probs = load_classifier()(x.clamp(-1, 1)).softmax(-1)
     assert float(probs.max(-1).values.mean()) > 0.85
     assert len(probs.argmax(-1).unique()) == 10
+
+
+def test_digits_cond_ships_small_and_follows_its_labels():
+    """The class-conditional model: small, loads with 10 classes (+ the null label), and with classifier-free
+    guidance 2 the shipped classifier reads its samples as the requested digits (measured 99% on 100 samples;
+    94% without guidance)."""
+    from denoq.metrics import class_accuracy
+    from denoq.sampling.guidance import classifier_free
+
+    folder = EMBEDDED["digits-cond"]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 10e6
+    spec = load_model("digits-cond")
+    meta = json.loads((folder / "training.json").read_text())
+    assert (spec.cond_input, spec.num_classes) == ("class_labels", 10) and meta["cond"]
+    assert sum(p.numel() for p in spec.module.parameters()) == meta["parameters"]
+    labels = torch.arange(50) % 10
+    eps = classifier_free(torch_eps(spec.module), torch.tensor(10), 2.0)
+    x = sample(eps, NoiseSchedule.from_config(spec.scheduler_config), sampler="ddim", steps=20, shape=(50, 1, 16, 16),
+               generator=torch.Generator().manual_seed(0), cond=labels, progress=False)
+    assert class_accuracy(x, labels) >= 0.9
