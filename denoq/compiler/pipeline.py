@@ -178,36 +178,35 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt())
+
+
 def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path, qdq_path: Path,
-           ptqd: PtqdStats | None = None) -> dict[str, Any]:
-    """FP export vs PyTorch, and Q/DQ graph vs PyTorch simulation, on real inputs with mixed timesteps.
+           ptqd: PtqdStats | None = None, half_path: Path | None = None) -> dict[str, Any]:
+    """FP export vs PyTorch, and Q/DQ graph vs PyTorch simulation, on real inputs with mixed timesteps; with
+    `half_path`, the float16 TensorRT graph vs the float32 Q/DQ graph, both in ORT.
 
     The Q/DQ graph and the simulation cannot agree bit-exactly end to end (a 1e-7 float difference flips a
-    rounding that propagates), so the check is relative to the quantization error itself (DESIGN.md).
+    rounding that propagates), so the check is relative to the quantization error itself (DESIGN.md). Float16
+    moves roundings too; what matters there is that it adds no error: its RMS error to the FP graph over the
+    float32 Q/DQ graph's (≈ 1).
     """
-    cond = inputs.cond
-    fp_torch = torch_eps(spec.module)(inputs.sample, inputs.timestep, cond)
-    sim = with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd)(inputs.sample, inputs.timestep, cond)
-    fp_ort = OrtBackend(fp_path)(inputs.sample, inputs.timestep, cond)
-    q_ort = OrtBackend(qdq_path)(inputs.sample, inputs.timestep, cond)
-    quant_err = _max_abs(sim, fp_torch)
-    return {"fp_onnx_vs_torch_max_abs": _max_abs(fp_ort, fp_torch),
-            "qdq_ort_vs_sim_max_abs": _max_abs(q_ort, sim),
-            "sim_vs_fp_max_abs": quant_err,
-            "qdq_ort_vs_sim_over_quant_error": _max_abs(q_ort, sim) / max(quant_err, 1e-12)}
-
-
-def fp16_parity(inputs: GraphInputs, fp_path: Path, qdq_path: Path, half_path: Path) -> dict[str, float]:
-    """The float16 TensorRT graph vs the float32 Q/DQ graph, both in ORT on the check inputs. They cannot agree
-    closely (float16 moves roundings of the activation quantizers, and the flips propagate), so the check that
-    matters is that float16 adds no error: its RMS error to the FP graph over the float32 Q/DQ graph's (≈ 1)."""
     args = (inputs.sample, inputs.timestep, inputs.cond)
-    fp, q32, q16 = (OrtBackend(p)(*args) for p in (fp_path, qdq_path, half_path))
-
-    def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).pow(2).mean().sqrt())
-
-    return {"fp16_vs_qdq_rms": rms(q16, q32), "fp16_error_over_fp32_error": rms(q16, fp) / max(rms(q32, fp), 1e-12)}
+    fp_torch = torch_eps(spec.module)(*args)
+    sim = with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd)(*args)
+    fp_ort = OrtBackend(fp_path)(*args)
+    q_ort = OrtBackend(qdq_path)(*args)
+    quant_err = _max_abs(sim, fp_torch)
+    checks = {"fp_onnx_vs_torch_max_abs": _max_abs(fp_ort, fp_torch),
+              "qdq_ort_vs_sim_max_abs": _max_abs(q_ort, sim),
+              "sim_vs_fp_max_abs": quant_err,
+              "qdq_ort_vs_sim_over_quant_error": _max_abs(q_ort, sim) / max(quant_err, 1e-12)}
+    if half_path is not None:
+        q_half = OrtBackend(half_path)(*args)
+        checks.update({"fp16_vs_qdq_rms": _rms(q_half, q_ort),
+                       "fp16_error_over_fp32_error": _rms(q_half, fp_ort) / max(_rms(q_ort, fp_ort), 1e-12)})
+    return checks
 
 
 def onnx_weight_bytes(path: Path) -> int:
@@ -266,19 +265,20 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         save_model(qdq, qdq_path)
         for rec in records:
             log(f"pass {rec.summary()}", quiet)
-        checks = parity(spec, plan, inputs, fp_path, qdq_path, ptqd)
-        rules, trt_graph = None, None
+        rules, trt_graph, half_path = None, None, None
         if recipe["target"] == "trt":
-            trt_graph = TRT_GRAPH if recipe["trt.fp16"] else "model.qdq.onnx"
+            graph = qdq
             if recipe["trt.fp16"]:
                 patterns = tuple(p.strip() for p in recipe["trt.fp32_layers"].split(",") if p.strip())
-                half, half_records = PassManager([ConvertFp16(patterns)], verify=True)(qdq)
-                save_model(half, writer.path(TRT_GRAPH))
+                graph, half_records = PassManager([ConvertFp16(patterns)], verify=True)(qdq)
+                half_path = writer.path(TRT_GRAPH)
+                save_model(graph, half_path)
                 records += half_records
-                checks.update(fp16_parity(inputs, fp_path, qdq_path, writer.path(TRT_GRAPH)))
-            rules = trt_violations(onnx.load(str(writer.path(trt_graph))))
+            trt_graph = TRT_GRAPH if half_path else "model.qdq.onnx"
+            rules = trt_violations(graph)
             if rules:
                 log(f"TensorRT: {summarize(rules)} (manifest trt_rules; denoq build refuses this graph)", quiet)
+        checks = parity(spec, plan, inputs, fp_path, qdq_path, ptqd, half_path)
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
         if ptqd is not None:

@@ -21,7 +21,6 @@ every "what is missing" message) is plain Python and tested everywhere.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import re
@@ -101,10 +100,6 @@ def profile_shapes(sample: Sequence[int], batch: ShapeRange, height: ShapeRange,
 
 
 # -- build info --------------------------------------------------------------------------------------------
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 def device_info() -> dict[str, str]:
     """TensorRT's version and the current GPU's name and compute capability (needs both)."""
