@@ -118,7 +118,7 @@ def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: 
 
         return TrtBackend(engine_bytes(art), cuda_graph=True)
     if name in ("ort-fp16", "ort-cuda", "ort-trt"):
-        from denoq.compiler.build import TRT_GRAPH, trt_graph
+        from denoq.compiler.build import TRT_GRAPH, beside, trt_graph
         from denoq.engines.ort import OrtBackend, gpu_providers
 
         if name == "ort-fp16":
@@ -128,8 +128,7 @@ def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: 
             return OrtBackend(art.file(TRT_GRAPH), threads=threads, providers=["CPUExecutionProvider"])
         if name == "ort-cuda":
             return OrtBackend(art.file("model.qdq.onnx"), providers=gpu_providers("cuda"))
-        cache = art.path.parent / f"{art.path.name}.ort-trt-cache"
-        return OrtBackend(art.file(trt_graph(art)), providers=gpu_providers("tensorrt", cache))
+        return OrtBackend(art.file(trt_graph(art)), providers=gpu_providers("tensorrt", beside(art, "ort-trt-cache")))
     if name in ("ort", "ort-fp"):
         from denoq.engines.ort import OrtBackend
 

@@ -6,7 +6,7 @@ the float32 Q/DQ graph with `trt.fp16=false`); an artifact compiled for `ort-cpu
 optimization profile covers `--profile batch=MIN:OPT:MAX[,height=…,width=…]` (resolution defaults to the model's
 sample size, fixed); the timing cache lives beside the artifact (`ART.timing.cache`, reused by later builds on
 the same machine). The manifest's `engine` section records the TensorRT version, the GPU and its compute
-capability, the ONNX graph's sha256, the profile and the build time; `engine_backend` refuses an engine whose
+capability, the ONNX graph's sha256, the profile and the build time; `engine_bytes` refuses an engine whose
 record does not match the machine or the graph.
 """
 
@@ -41,6 +41,11 @@ def parse_profile(text: str, sample_shape: list[int]) -> dict[str, ShapeRange]:
     return ranges
 
 
+def beside(art: Artifact, suffix: str) -> Path:
+    """A cache kept next to the artifact folder (`ART.<suffix>`): TensorRT's timing cache, ORT's engine cache."""
+    return art.path.parent / f"{art.path.name}.{suffix}"
+
+
 def trt_graph(art: Artifact) -> str:
     """The artifact's graph for TensorRT; DenoqError when it has none or the graph breaks the trt-rules check."""
     if "mixed" in art.manifest:
@@ -67,7 +72,7 @@ def build(path: Path, profile: str = "", optimization_level: int = 3) -> Artifac
     cond = model.get("cond_shape")
     shapes = profile_shapes(model["sample_shape"], ranges["batch"], ranges["height"], ranges["width"],
                             None if cond is None else {model.get("cond_input") or "encoder_hidden_states": cond})
-    cache = art.path.parent / f"{art.path.name}.timing.cache"
+    cache = beside(art, "timing.cache")
     start = time.perf_counter()
     engine = build_engine(art.file(graph), shapes, cache, optimization_level)
     info: dict[str, Any] = {**device_info(), "onnx": graph, "onnx_sha256": art.files[graph],

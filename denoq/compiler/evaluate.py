@@ -280,7 +280,7 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
                              spec=spec)
     cond = eval_cond(spec, settings.n, settings.seed)
     if settings.guidance is not None:
-        check_label(spec.describe(), 0, settings.guidance)  # a class-conditional model (labels cycle the classes)
+        check_label(art.manifest["model"], 0, settings.guidance)  # class-conditional (labels cycle the classes)
         null = torch.tensor(int(spec.num_classes))
         q, fp = classifier_free(q, null, settings.guidance), classifier_free(fp, null, settings.guidance)
     kw = dict(sampler=settings.sampler, steps=settings.steps, eta=settings.eta, seed=settings.seed, n=settings.n,

@@ -36,7 +36,7 @@ import torch
 
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import artifact_model, torch_eps
-from denoq.compiler.build import TRT_GRAPH, engine_bytes
+from denoq.compiler.build import TRT_GRAPH, beside, engine_bytes, trt_graph
 from denoq.compiler.evaluate import generate
 from denoq.compiler.pictures import grid_image
 from denoq.engines.compare import DIFF_LIMIT, ERROR_LIMIT, FP, REFERENCE, run_comparison, tensor_checks
@@ -103,11 +103,10 @@ def _runners(art: Artifact) -> tuple[list[Any], dict[str, str]]:
     skipped: dict[str, str] = {}
     if art.has(TRT_GRAPH):
         runners.append(ort("ort-fp16", TRT_GRAPH, lambda: ["CPUExecutionProvider"]))
-    graph = art.manifest.get("trt", {}).get("graph", "model.qdq.onnx")
-    cache = art.path.parent / f"{art.path.name}.ort-trt-cache"
-    for name, path, kind in (("ort-cuda", "model.qdq.onnx", "cuda"), ("ort-trt", graph, "tensorrt")):
-        try:
-            providers = gpu_providers(kind, cache)
+    for name, kind in (("ort-cuda", "cuda"), ("ort-trt", "tensorrt")):
+        try:  # the same graphs as the sampler backends of these names (`backends.make_backend`)
+            path = "model.qdq.onnx" if kind == "cuda" else trt_graph(art)
+            providers = gpu_providers(kind, beside(art, "ort-trt-cache"))
             runners.append(ort(name, path, lambda p=providers: p))
         except DenoqError as exc:
             skipped[name] = str(exc)
