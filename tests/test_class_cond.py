@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import save_pipeline
 
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import make_backend
@@ -18,21 +17,6 @@ from denoq.sampling import module_eps
 from denoq.sampling.guidance import classifier_free
 
 FAST = ["--set", "calib.samples=4", "--set", "calib.steps=5", "--quiet"]
-
-
-def tiny_class_unet(seed: int = 0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=16,
-                       num_class_embeds=4)  # classes 0-2, null label 3
-
-
-@pytest.fixture(scope="module")
-def class_pipeline(tmp_path_factory):
-    return save_pipeline(tiny_class_unet(), tmp_path_factory.mktemp("models") / "tiny-class")
 
 
 @pytest.fixture(scope="module")

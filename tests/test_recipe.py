@@ -23,7 +23,7 @@ needs_tomllib = pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib n
 EXPECTED_DEFAULTS = {
     "target": "trt",
     "trt.fp16": True,
-    "trt.fp32_layers": "conv_out",
+    "trt.fp32_layers": "@out",
     "weights.bits": 8,
     "weights.method": "rtn",
     "weights.group_size": 0,
@@ -54,10 +54,11 @@ EXPECTED_DEFAULTS = {
     "accuquant.init": "rtn",
     "accuquant.backprop": "recompute",
     "accuquant.perstep_iters": 0,
-    "layers.keep_fp": "conv_in,conv_out",
+    "layers.keep_fp": "@in,@out",
     "calib.samples": 64,
     "calib.steps": 25,
     "calib.sampler": "ddim",
+    "calib.guidance": "",
     "calib.timesteps": 0,
     "seed": 0,
 }

@@ -3,6 +3,12 @@
 Quantization ranges are taken where the deployed sampler goes: the FP model is run through the sampler from
 seeded noise and the input of every step is recorded. The set is grouped by step, so that every batch drawn from
 it holds one timestep (timestep-resolved statistics come for free).
+
+Guided trajectories (a class-conditional model sampled with classifier-free guidance, `record_trajectories(...,
+guidance=…)`) are recorded as the deployed sampler runs them: every step calls the model once on the doubled batch
+(null label, then the label). `batches` yields those doubled model inputs, so activation statistics, timestep
+groups and weight rounding see both halves; `guided_batches` yields the trajectories themselves with their scale,
+for PTQD, whose statistics are taken on the guidance-combined output.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 
 from denoq.errors import DenoqError
 from denoq.sampling import NoiseSchedule, sample
+from denoq.sampling.guidance import classifier_free
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -21,34 +28,65 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 @dataclass
 class CalibrationSet:
     """`x[i]` is the `[N, C, H, W]` batch of trajectory states at timestep `t[i]`; `cond` the conditioning of
-    the N trajectories (or None)."""
+    the N trajectories (or None); for guided trajectories `guidance` holds each one's scale [N] and `null_cond`
+    the null conditioning (one sample's, e.g. the null label)."""
 
     x: list[torch.Tensor]
     t: list[int]
     cond: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
+    null_cond: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return sum(xi.shape[0] for xi in self.x)
+        """The number of model inputs (a guided trajectory state counts twice: both halves of the batch)."""
+        return sum(xi.shape[0] for xi in self.x) * (1 if self.guidance is None else 2)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """(x, t [B] int64, cond) batches in step order; each batch holds a single timestep."""
+    def guided_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                torch.Tensor | None]]:
+        """(x, t [B] int64, cond, guidance scales [B] or None) per batch of trajectory states, in step order; each
+        batch holds a single timestep."""
         for xi, ti in zip(self.x, self.t, strict=True):
             for lo in range(0, xi.shape[0], batch_size):
                 xb = xi[lo:lo + batch_size]
                 cb = None if self.cond is None else self.cond[lo:lo + batch_size]
-                yield xb, torch.full((xb.shape[0],), ti, dtype=torch.int64), cb
+                gb = None if self.guidance is None else self.guidance[lo:lo + batch_size]
+                yield xb, torch.full((xb.shape[0],), ti, dtype=torch.int64), cb, gb
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(x, t [B] int64, cond) model inputs in step order; each batch holds a single timestep. For guided
+        trajectories each batch of states is the doubled batch the model sees (null half first, `B` = 2 × at most
+        `batch_size` // 2 states)."""
+        states = batch_size if self.guidance is None else max(1, batch_size // 2)
+        for xb, tb, cb, gb in self.guided_batches(states):
+            if gb is None:
+                yield xb, tb, cb
+            else:
+                null = self.null_cond.to(cb.dtype).expand(cb.shape[0], *cb.shape[1:])
+                yield torch.cat([xb, xb]), torch.cat([tb, tb]), torch.cat([null, cb])
 
     def take(self, steps: list[int], samples: int | None = None) -> CalibrationSet:
         """The recorded steps at indices `steps` (in that order), of the first `samples` trajectories (all: None)."""
         n = self.x[0].shape[0] if samples is None else samples
         cond = None if self.cond is None else self.cond[:n]
-        return CalibrationSet([self.x[i][:n] for i in steps], [self.t[i] for i in steps], cond)
+        guidance = None if self.guidance is None else self.guidance[:n]
+        return CalibrationSet([self.x[i][:n] for i in steps], [self.t[i] for i in steps], cond, guidance,
+                              self.null_cond)
+
+    def guided_eps(self, eps: EpsFn, scales: torch.Tensor | None) -> EpsFn:
+        """`eps` as the sampler calls it on these trajectories: guided with `scales` (one per sample of the batch,
+        from `guided_batches`) when the trajectories are guided, else `eps` itself."""
+        if scales is None:
+            return eps
+        return classifier_free(eps, self.null_cond, scales)
 
 
 def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, steps: int, n_samples: int,
                         sample_shape: tuple[int, ...], seed: int, cond: torch.Tensor | None = None,
+                        guidance: torch.Tensor | None = None, null_cond: torch.Tensor | None = None,
                         progress: bool = True) -> CalibrationSet:
-    """Run the FP sampler from seeded noise and record the model input at every step.
+    """Run the FP sampler from seeded noise and record the model input at every step; with `guidance` (one
+    classifier-free guidance scale per trajectory, [n_samples]) and `null_cond`, each trajectory is sampled with
+    guidance at its scale (`denoq.sampling.guidance`), as the deployed sampler runs it.
 
     Raises DenoqError when the FP model produces NaN/Inf: the calibration would be meaningless.
     """
@@ -62,8 +100,12 @@ def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, st
         xs.append(x_t.detach().clone())
         ts.append(int(t[0]))
 
+    if guidance is not None:
+        if cond is None or null_cond is None:
+            raise DenoqError("guided calibration trajectories need the labels (cond) and the null conditioning")
+        eps = classifier_free(eps, null_cond, guidance)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sample(eps, schedule, sampler=sampler, steps=steps, shape=(n_samples, *sample_shape), generator=generator,
                cond=cond, callback=record, progress=progress)
-    return CalibrationSet(xs, ts, cond)
+    return CalibrationSet(xs, ts, cond, guidance, null_cond)

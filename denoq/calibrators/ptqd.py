@@ -297,13 +297,14 @@ def check_matches(meta: dict[str, Any], sampler: str, num_steps: int) -> None:
 def collect_pairs(fp_eps: EpsFn, q_eps: EpsFn, trajectory: CalibrationSet, batch_size: int,
                   progress: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(t, ε, ε_q) per batch of the FP trajectory inputs, in the set's step order: both backends (`eps(x, t, cond)`)
-    on the same (x_t, t, cond). For a guided model, pass backends returning the guidance-combined ε, where PTQD
-    takes its statistics."""
+    on the same (x_t, t, cond). On guided trajectories both are guided at each trajectory's scale (one doubled
+    model call each), so the statistics are taken on the guidance-combined output, as PTQD does."""
     total = sum(-(-xi.shape[0] // batch_size) for xi in trajectory.x)
     with torch.no_grad():
-        for x, t, cond in tqdm(trajectory.batches(batch_size), total=total, desc="PTQD statistics", unit="batch",
-                               disable=not progress):
-            yield int(t[0]), fp_eps(x, t, cond), q_eps(x, t, cond)
+        for x, t, cond, scales in tqdm(trajectory.guided_batches(batch_size), total=total, desc="PTQD statistics",
+                                       unit="batch", disable=not progress):
+            yield (int(t[0]), trajectory.guided_eps(fp_eps, scales)(x, t, cond),
+                   trajectory.guided_eps(q_eps, scales)(x, t, cond))
 
 
 def fit(pairs: Iterable[tuple[int, torch.Tensor, torch.Tensor]], num_train_timesteps: int, sampler: str,

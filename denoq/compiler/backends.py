@@ -22,6 +22,7 @@ from denoq.compiler.load import ModelSpec, load_model
 from denoq.errors import DenoqError
 from denoq.plan import QuantPlan
 from denoq.sampling import module_eps
+from denoq.sampling.guidance import classifier_free
 
 BACKENDS = ("torch-fp", "torch-sim", "ort", "ort-fp", "ort-fp16", "trt", "ort-cuda", "ort-trt")
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -137,4 +138,37 @@ def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: 
     spec = spec or artifact_model(art)
     if name == "torch-fp":
         return torch_eps(spec.module)
-    return with_ptqd_head(torch_eps(simulate(spec.module, artifact_plan(art))), artifact_ptqd(art))
+    sim = torch_eps(simulate(spec.module, artifact_plan(art)))
+    return sim if ptqd_after_guidance(art) else with_ptqd_head(sim, artifact_ptqd(art))
+
+
+def ptqd_after_guidance(art: Artifact) -> bool:
+    """True when the artifact's PTQD statistics were taken on guided outputs (`calib.guidance`): the head then
+    follows the guidance combination (the guided graph, or `guide`), and no plain graph or backend carries it."""
+    return bool((art.manifest.get("ptqd") or {}).get("guidance"))
+
+
+def guide(art: Artifact, name: str, eps: EpsFn, guidance: float | None, *, threads: int | None = None) -> EpsFn:
+    """Backend `name`'s `eps` of `art` as the sampler calls it with classifier-free guidance of scale `guidance`
+    (eq. 6, `denoq.sampling.guidance`; None: `eps` unguided). When PTQD's statistics were taken on guided outputs,
+    `ort` runs the artifact's guided graph (head inside, after the combination) and the other quantized backends
+    get the head after `classifier_free`; sampling such an artifact unguided, or at a scale it was not calibrated
+    at, is refused."""
+    after = ptqd_after_guidance(art) and name in QUANTIZED_BACKENDS
+    scales = (art.manifest.get("ptqd") or {}).get("guidance") or []
+    if after and (guidance is None or float(guidance) not in [float(s) for s in scales]):
+        asked = "without guidance" if guidance is None else f"at guidance {guidance:g}"
+        raise DenoqError(f"{art.path}: PTQD's statistics were taken on outputs guided at "
+                         f"{', '.join(f'{s:g}' for s in scales)}; sampling {asked} would correct with the wrong "
+                         f"tables: pass --guidance {scales[0]:g}, or recompile with --set calib.guidance=<scale>")
+    if guidance is None:
+        return eps
+    null = torch.tensor(int(art.manifest["model"]["num_classes"]))
+    if after and name == "ort":
+        from denoq.engines.ort import OrtBackend
+        from denoq.passes.guidance import GUIDED_GRAPH
+
+        graph = OrtBackend(art.file(GUIDED_GRAPH), threads=threads, providers=["CPUExecutionProvider"])
+        return lambda x, t, cond=None: graph(x, t, cond, guidance=guidance)
+    guided = classifier_free(eps, null, guidance)
+    return with_ptqd_head(guided, artifact_ptqd(art)) if after else guided

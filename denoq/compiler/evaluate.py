@@ -27,6 +27,7 @@ from denoq.compiler.backends import (
     artifact_model,
     artifact_plan,
     artifact_ptqd,
+    guide,
     make_backend,
     sampling_variance,
     torch_eps,
@@ -45,7 +46,6 @@ from denoq.layers import quantizable_layers
 from denoq.metrics import class_accuracy, fd_between, fd_digits, psnr
 from denoq.plan import ActQuant
 from denoq.sampling import NoiseSchedule, sample
-from denoq.sampling.guidance import classifier_free
 
 DIGITS_SHAPE = (1, 16, 16)
 LATENCY_BATCHES = (1, 8)
@@ -118,8 +118,7 @@ def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: floa
     cond = eval_cond(spec, n, seed) if spec is not None else None
     if label is not None:
         cond = torch.full((n,), label, dtype=torch.int64)
-    if guidance is not None:
-        eps = classifier_free(eps, torch.tensor(int(meta["num_classes"])), guidance)
+    eps = guide(art, backend, eps, guidance, threads=threads)
     return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
                    seed=seed, n=n, cond=cond, residual_var=variance, progress=progress, callback=callback)
 
@@ -281,8 +280,8 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     cond = eval_cond(spec, settings.n, settings.seed)
     if settings.guidance is not None:
         check_label(art.manifest["model"], 0, settings.guidance)  # class-conditional (labels cycle the classes)
-        null = torch.tensor(int(spec.num_classes))
-        q, fp = classifier_free(q, null, settings.guidance), classifier_free(fp, null, settings.guidance)
+    q = guide(art, settings.backend, q, settings.guidance, threads=settings.threads)
+    fp = guide(art, settings.fp_backend, fp, settings.guidance, threads=settings.threads)
     kw = dict(sampler=settings.sampler, steps=settings.steps, eta=settings.eta, seed=settings.seed, n=settings.n,
               cond=cond)
 

@@ -42,12 +42,14 @@ from denoq.export.onnx_export import GraphInputs, export_fp
 from denoq.layers import quantizable_layers, select_layers
 from denoq.onnxio import save_model
 from denoq.passes.fp16 import ConvertFp16
+from denoq.passes.guidance import GUIDED_GRAPH, GuideClassFree
 from denoq.passes.manager import PassManager
 from denoq.passes.ptqd_head import AppendPtqdHead
 from denoq.passes.qdq import InsertQDQ
 from denoq.passes.trt_rules import summarize, trt_violations
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule
+from denoq.sampling.guidance import classifier_free
 
 CHECK_BATCH = 8
 
@@ -57,18 +59,44 @@ def log(msg: str, quiet: bool = False) -> None:
         print(f"[denoq] {msg}", flush=True)
 
 
-def calibration_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
-    """The conditioning of the calibration trajectories (its own stream: the recipe seed + 1)."""
+def guidance_scales(spec: ModelSpec, recipe: Recipe) -> list[float]:
+    """The classifier-free guidance scales of the calibration trajectories (`calib.guidance`), [] = unguided;
+    DenoqError for text that is not a list of numbers ≥ 0, or guidance on a model without classes."""
+    text = recipe["calib.guidance"].strip()
+    if not text:
+        return []
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        scales = []
+    if not scales or not all(np.isfinite(s) and s >= 0 for s in scales):
+        raise DenoqError(f"calib.guidance={text!r} is not a comma-separated list of guidance scales ≥ 0; write e.g. "
+                         "--set calib.guidance=1,2,4 (or leave it empty for unguided trajectories)")
+    if spec.cond_input != "class_labels":
+        raise DenoqError(f"calib.guidance={text} needs a class-conditional model with a null label; {spec.name} is "
+                         "not one, leave calib.guidance empty")
+    return scales
+
+
+def calibration_cond(spec: ModelSpec, n: int, seed: int, guided: bool = False) -> torch.Tensor | None:
+    """The conditioning of the calibration trajectories (its own stream: the recipe seed + 1); guided trajectories
+    request a real class (the null label enters through the guidance's unconditional half)."""
+    if guided:
+        return torch.randint(0, int(spec.num_classes), (n,), generator=torch.Generator().manual_seed(seed + 1))
     return spec.random_cond(n, seed + 1)
 
 
 def record_pool(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> CalibrationSet:
-    """The FP sampling trajectories the recipe asks for (`calib.*`, `seed`), every step recorded."""
+    """The FP sampling trajectories the recipe asks for (`calib.*`, `seed`), every step recorded; with
+    `calib.guidance`, trajectory i guided at scale i mod the number of scales."""
     n = recipe["calib.samples"]
+    scales = guidance_scales(spec, recipe)
+    guidance = torch.tensor([scales[i % len(scales)] for i in range(n)]) if scales else None
     return record_trajectories(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config),
                                sampler=recipe["calib.sampler"], steps=recipe["calib.steps"], n_samples=n,
                                sample_shape=spec.sample_shape, seed=recipe["seed"],
-                               cond=calibration_cond(spec, n, recipe["seed"]), progress=progress)
+                               cond=calibration_cond(spec, n, recipe["seed"], bool(scales)), guidance=guidance,
+                               null_cond=torch.tensor(spec.num_classes) if scales else None, progress=progress)
 
 
 def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module],
@@ -110,6 +138,9 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                          f"quantizers, but weights.method={recipe['weights.method']}; add --set "
                          "weights.method=adaround")
     settings_aq = None
+    if adaround and guidance_scales(spec, recipe):
+        raise DenoqError("weights.method=adaround reconstructs on unguided sampler steps; calib.guidance is not "
+                         "supported with it yet: leave calib.guidance empty or choose another weights.method")
     if adaround:
         check_window(recipe["accuquant.window"], recipe["calib.steps"])
         settings_aq = AccuQuantSettings(
@@ -117,7 +148,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
             lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
             init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
             perstep_iters=recipe["accuquant.perstep_iters"], seed=recipe["seed"])
-    layers, kept_fp = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
+    layers, kept_fp = select_layers(quantizable_layers(spec.module), spec.layer_patterns(recipe["layers.keep_fp"]))
     fp = torch_eps(spec.module)
     start = time.perf_counter()
     calib, step_info, pool = calibration_set(spec, recipe, layers, progress)
@@ -209,6 +240,30 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
     return checks
 
 
+def check_scales(calib: CalibrationSet, scales: list[float]) -> torch.Tensor:
+    """Guidance scales for the parity batch (`check_inputs`, CHECK_BATCH rows): the calibration's scales in turn,
+    or 1, 2, 4 in turn when the calibration was unguided."""
+    pool = scales or [1.0, 2.0, 4.0]
+    return torch.tensor([pool[j % len(pool)] for j in range(CHECK_BATCH)], dtype=torch.float32)
+
+
+def guided_parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, scales: torch.Tensor, qdq_path: Path,
+                  guided_path: Path, ptqd: PtqdStats | None) -> dict[str, Any]:
+    """The guided graph (ORT) against (a) the plain Q/DQ graph driven by `classifier_free` then PTQD's head in
+    Python (same float32 ops: agree to rounding) and (b) the simulation guided the same way, relative to the guided
+    quantization error; `ptqd`: the head after the combination (statistics on guided outputs), else none."""
+    null = torch.tensor(int(spec.num_classes))
+    args = (inputs.sample, inputs.timestep, inputs.cond)
+    guided = OrtBackend(guided_path)(*args, guidance=scales)
+    plain = with_ptqd_head(classifier_free(OrtBackend(qdq_path), null, scales), ptqd)(*args)
+    sim = with_ptqd_head(classifier_free(torch_eps(simulate(spec.module, plan)), null, scales), ptqd)(*args)
+    fp = classifier_free(torch_eps(spec.module), null, scales)(*args)
+    quant_err = _max_abs(sim, fp)
+    return {"guided_vs_plain_guided_max_abs": _max_abs(guided, plain),
+            "guided_vs_sim_max_abs": _max_abs(guided, sim), "guided_sim_vs_fp_max_abs": quant_err,
+            "guided_vs_sim_over_quant_error": _max_abs(guided, sim) / max(quant_err, 1e-12)}
+
+
 def onnx_weight_bytes(path: Path) -> int:
     """Bytes of a graph's weight tensors: its initializers of rank ≥ 2 (float, int8, packed int4)."""
     model = onnx.load(str(path))
@@ -258,18 +313,25 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         layer_map = export_fp(spec.module, inputs, fp_path)
         log(f"exported FP ONNX ({len(layer_map)} quantizable layers mapped) in {time.perf_counter() - start:.1f} s",
             quiet)
-        passes: list = [InsertQDQ(plan)]
-        if ptqd is not None:
-            passes.append(AppendPtqdHead(ptqd.bias, ptqd.inv_one_plus_k))
-        qdq, records = PassManager(passes, verify=True)(onnx.load(str(fp_path)))
+        scales = guidance_scales(spec, recipe)
+        head = [] if ptqd is None else [AppendPtqdHead(ptqd.bias, ptqd.inv_one_plus_k)]
+        qdq, records = PassManager([InsertQDQ(plan), *([] if scales else head)], verify=True)(
+            onnx.load(str(fp_path)))
         save_model(qdq, qdq_path)
+        guided_path = None
+        if spec.cond_input == "class_labels":  # the guided graph; PTQD's head after the combination when guided
+            guided, guided_records = PassManager([GuideClassFree(int(spec.num_classes)), *(head if scales else [])],
+                                                 verify=True)(qdq)
+            guided_path = writer.path(GUIDED_GRAPH)
+            save_model(guided, guided_path)
+            records += guided_records
         for rec in records:
             log(f"pass {rec.summary()}", quiet)
         rules, trt_graph, half_path = None, None, None
         if recipe["target"] == "trt":
             graph = qdq
             if recipe["trt.fp16"]:
-                patterns = tuple(p.strip() for p in recipe["trt.fp32_layers"].split(",") if p.strip())
+                patterns = spec.layer_patterns(recipe["trt.fp32_layers"])
                 graph, half_records = PassManager([ConvertFp16(patterns)], verify=True)(qdq)
                 half_path = writer.path(TRT_GRAPH)
                 save_model(graph, half_path)
@@ -278,7 +340,10 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             rules = trt_violations(graph)
             if rules:
                 log(f"TensorRT: {summarize(rules)} (manifest trt_rules; denoq build refuses this graph)", quiet)
-        checks = parity(spec, plan, inputs, fp_path, qdq_path, ptqd, half_path)
+        checks = parity(spec, plan, inputs, fp_path, qdq_path, None if scales else ptqd, half_path)
+        if guided_path is not None:
+            checks.update(guided_parity(spec, plan, inputs, check_scales(calib, scales), qdq_path, guided_path,
+                                        ptqd if scales else None))
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
         if ptqd is not None:
@@ -296,7 +361,10 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             "plan": plan_meta,
             "weights": storage,
             **({} if ptqd is None else {"ptqd": {**ptqd.meta(), "vsc": recipe["ptqd.vsc"],
-                                                 "correlation": recipe["ptqd.correlation"]}}),
+                                                 "correlation": recipe["ptqd.correlation"],
+                                                 "guidance": scales or None}}),
+            **({} if guided_path is None else {"guidance": {"graph": GUIDED_GRAPH, "calib_scales": scales,
+                                                            "ptqd_after_guidance": bool(scales and ptqd)}}),
             "layer_map": layer_map,
             "calibration": calib_info,
             "checks": checks,

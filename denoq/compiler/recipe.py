@@ -90,9 +90,10 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("trt.fp16", True, bool,
             "target trt: also write model.trt.onnx, the Q/DQ graph in float16 with float32 normalizations, softmax, "
             "timestep embedding and trt.fp32_layers (what denoq build compiles); false = build the float32 graph"),
-    KeySpec("trt.fp32_layers", "conv_out", str,
-            "target trt with trt.fp16: comma-separated module-name patterns (fnmatch) computed in float32 with "
-            "everything after them up to the next quantized layer (the output head)"),
+    KeySpec("trt.fp32_layers", "@out", str,
+            "target trt with trt.fp16: comma-separated module-name patterns (fnmatch; @in / @out = the model's "
+            "input / output layer: conv_in / conv_out of a UNet, pos_embed.proj / proj_out_2 of a DiT) computed in "
+            "float32 with everything after them up to the next quantized layer (the output head)"),
     KeySpec("weights.bits", 8, int, "weight bits (symmetric; 3 is for experiments)",
             choices=(8, 4, 3), planned=lambda v: v in (2, 6)),
     KeySpec("weights.method", "rtn", str,
@@ -171,12 +172,18 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("accuquant.perstep_iters", 0, int,
             "adaround with a window: the first iterations use the per-step objective, the window fine-tunes after "
             "them (0 = the window throughout)", lo=0, hi=100_000),
-    KeySpec("layers.keep_fp", "conv_in,conv_out", str,
-            "comma-separated module-name patterns (fnmatch) left in floating point; empty = quantize every layer"),
+    KeySpec("layers.keep_fp", "@in,@out", str,
+            "comma-separated module-name patterns (fnmatch; @in / @out = the model's input / output layer) left in "
+            "floating point; empty = quantize every layer"),
     KeySpec("calib.samples", 64, int, "number of FP sampling trajectories recorded", lo=1, hi=4096),
     KeySpec("calib.steps", 25, int, "sampler steps per trajectory", lo=1, hi=1000),
     KeySpec("calib.sampler", "ddim", str, "sampler that records the calibration trajectories",
             choices=("ddpm", "ddim")),
+    KeySpec("calib.guidance", "", str,
+            "class-conditional models: classifier-free guidance scales of the calibration trajectories, comma-"
+            "separated (e.g. 1,2,4; trajectories cycle through them, labels over the classes; PTQD's statistics are "
+            "then taken on the guided output and its head sits after the combination); empty = unguided "
+            "trajectories over the classes and the null label"),
     KeySpec("calib.timesteps", 0, int,
             "calibration timesteps: 0 = all recorded steps, else that many of them, drawn by "
             "activations.calib_timesteps", lo=0),

@@ -39,6 +39,7 @@ INTEGER_OPS = {"QLinearConv": 3, "QGemm": 3, "QLinearMatMul": 3, "MatMulIntegerT
 FLOAT_OPS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 COND_INPUTS = ("encoder_hidden_states", "class_labels")
+GUIDANCE_INPUT = "guidance_scale"  # the guided graph's per-sample classifier-free guidance scale
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -163,7 +164,8 @@ class OrtBackend:
     """An ONNX Runtime session as the sampler's `eps(x, t, cond)` callable (DESIGN.md, Sampler).
 
     The graph's inputs are `sample` [B, C, H, W], `timestep` int64 [B] and, for conditional models,
-    `encoder_hidden_states` or `class_labels`; its output is `out_sample`.
+    `encoder_hidden_states` or `class_labels`; a guided graph (`denoq.passes.guidance`) also takes
+    `guidance_scale` float32 [B], given as `guidance=` (one number or one per sample). Its output is `out_sample`.
     """
 
     def __init__(self, path: str | Path, threads: int | None = 2, providers: Sequence[Any] | None = None,
@@ -176,6 +178,7 @@ class OrtBackend:
                 raise DenoqError(f"{self.path} has no graph input {required!r} (inputs: {', '.join(self.inputs)}); "
                                  "export the model with denoq.export")
         self.cond_input = next((n for n in COND_INPUTS if n in self.inputs), None)
+        self.guided = GUIDANCE_INPUT in self.inputs
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = "out_sample" if "out_sample" in outputs else outputs[0]
 
@@ -183,8 +186,10 @@ class OrtBackend:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def feeds(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-        """The session's input dict for `eps(x, t, cond)`: t broadcast to int64 [B], dtypes as the graph wants."""
+    def feeds(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None,
+              guidance: float | torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """The session's input dict for `eps(x, t, cond)`: t (and a guided graph's scale) broadcast to [B], dtypes
+        as the graph wants."""
         batch = x.shape[0]
         tt = torch.as_tensor(t)
         if tt.is_floating_point():
@@ -205,6 +210,13 @@ class OrtBackend:
         elif cond is not None:
             raise DenoqError(f"{self.path.name} is unconditional (no {' / '.join(COND_INPUTS)} input) but a cond was "
                              "given; sample it without conditioning")
+        if self.guided != (guidance is not None):
+            raise DenoqError(f"{self.path.name} {'is' if self.guided else 'is not'} a guided graph (input "
+                             f"{GUIDANCE_INPUT!r}) but guidance was {'not ' if self.guided else ''}given; "
+                             f"{'pass the guidance scale' if self.guided else 'guide the plain graph outside'}")
+        if guidance is not None:
+            scale = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1)
+            feeds[GUIDANCE_INPUT] = self._array(GUIDANCE_INPUT, scale.expand(batch) if scale.numel() == 1 else scale)
         return feeds
 
     def _array(self, name: str, value: torch.Tensor) -> np.ndarray:
@@ -212,9 +224,10 @@ class OrtBackend:
         a = value.detach().cpu().numpy()
         return np.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None,
+                 guidance: float | torch.Tensor | None = None) -> torch.Tensor:
         """eps(x, t, cond): runs the graph, returns `out_sample` on x's device in x's dtype."""
-        (out,) = self.session.run([self.output], self.feeds(x, t, cond))
+        (out,) = self.session.run([self.output], self.feeds(x, t, cond, guidance))
         return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
 
 

@@ -17,10 +17,13 @@ from denoq.errors import DenoqError
 from denoq.sampling.loop import EpsFn
 
 
-def classifier_free(eps: EpsFn, null_cond: torch.Tensor, scale: float) -> EpsFn:
-    """The guided eps of eq. 6; `null_cond` is one sample's null conditioning (e.g. the null label, shape [])."""
-    if not scale >= 0:
+def classifier_free(eps: EpsFn, null_cond: torch.Tensor, scale: float | torch.Tensor) -> EpsFn:
+    """The guided eps of eq. 6; `null_cond` is one sample's null conditioning (e.g. the null label, shape []);
+    `scale` one number, or one per sample ([B], e.g. calibration trajectories at several scales)."""
+    scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    if not bool((scales >= 0).all()):
         raise DenoqError(f"guidance scale {scale} must be ≥ 0 (1 = the conditional model, 0 = unconditional)")
+    per_sample = scales.numel() > 1
 
     def guided(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         if cond is None:
@@ -31,6 +34,11 @@ def classifier_free(eps: EpsFn, null_cond: torch.Tensor, scale: float) -> EpsFn:
         null = null_cond.to(cond.device, cond.dtype).expand(batch, *cond.shape[1:])
         out = eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([null, cond]))
         uncond, conditional = out[:batch], out[batch:]
+        if per_sample:
+            if scales.numel() != batch:
+                raise DenoqError(f"{scales.numel()} guidance scales for a batch of {batch}; give one per sample")
+            return uncond + scales.to(out.device, out.dtype).reshape(-1, *[1] * (out.dim() - 1)) * (conditional -
+                                                                                                     uncond)
         return uncond + scale * (conditional - uncond)
 
     return guided

@@ -1,0 +1,118 @@
+"""The guided graph: classifier-free guidance inside the graph, one doubled batch per call (DESIGN.md, Correction
+head: "for a guided graph, after the guidance combination").
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6) combines the model's predictions with the null and the
+requested label,
+
+    ε̃(x, t, c) = ε(x, t, ∅) + s · (ε(x, t, c) − ε(x, t, ∅)),
+
+and deployments run both in one engine call on the doubled batch. PTQD measures its statistics on ε̃, so its head
+belongs after the combination: `GuideClassFree` first, `AppendPtqdHead` after it (it reads the new `timestep` [B]
+and `out_sample` [B]). The op order is `denoq.sampling.guidance.classifier_free`'s (null half first; Sub, Mul, Add),
+so the guided graph and the plain graph driven by that function compute the same float32 operations.
+
+No torch here (passes are ONNX only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from denoq.errors import DenoqError
+from denoq.passes.ptqd_head import HEAD_OUTPUT
+from denoq.passes.selector import TIMESTEP_INPUT
+
+SAMPLE_INPUT = "sample"
+LABEL_INPUT = "class_labels"
+SCALE_INPUT = "guidance_scale"  # engines.ort.GUIDANCE_INPUT reads it (passes and engines meet in the graph)
+GUIDED_GRAPH = "model.guided.qdq.onnx"
+
+
+@dataclass(frozen=True)
+class GuideClassFree:
+    """Pass: wrap a class-conditional denoiser `(sample, timestep, class_labels) → out_sample` into its guided form
+    `(sample, timestep, class_labels, guidance_scale) → out_sample`.
+
+    Args:
+        null_label: the label of the unconditional model (the last class embedding, `num_classes`).
+        name: prefix of the inserted nodes and of the inner values (`<name>.sample`, …).
+
+    Invariant established: the graph inputs are `sample` [B, C, H, W], `timestep` int64 [B], `class_labels` int64
+    [B] and `guidance_scale` float32 [B] (each sample its own scale); the original graph runs once on
+    `Concat(sample, sample)`, `Concat(timestep, timestep)`, `Concat(null, class_labels)` (every former reader of an
+    input, the timestep selectors' Gathers included, reads the doubled value); `out_sample` [B, C, H, W] is
+    `Add(u, Mul(Sub(c, u), Unsqueeze(guidance_scale)))` with `u, c = Split(inner out_sample, 2)`. A graph without
+    the three inputs or the rank-4 float32 output, or one already guided, raises a one-line DenoqError. The input
+    model is not modified.
+    """
+
+    null_label: int
+    name: str = "cfg"
+
+    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        m = ir.from_proto(copy)
+        g = m.graph
+        x, t, labels, y = self._check(g)
+        n = self.name
+        new_inputs = {}
+        for old in (x, t, labels):  # fresh graph inputs with the old names; the old values become inner values
+            new_inputs[old.name] = ir.val(old.name, old.dtype, None if old.shape is None else ir.Shape(list(old.shape)))
+            old.name = f"{n}.{old.name}"
+        scale = ir.val(SCALE_INPUT, ir.DataType.FLOAT, ir.Shape([x.shape[0]]) if x.shape is not None else None)
+        xi, ti, li = (new_inputs[v] for v in (SAMPLE_INPUT, TIMESTEP_INPUT, LABEL_INPUT))
+
+        null = ir.val(f"{n}.null_label", const_value=ir.tensor(np.array([self.null_label], np.int64),
+                                                                 name=f"{n}.null_label"))
+        g.register_initializer(null)
+        label_shape = ir.node("Shape", [li], name=f"{n}/labels/Shape", outputs=[ir.val(f"{n}.labels_shape")])
+        nulls = ir.node("Expand", [null, label_shape.outputs[0]], name=f"{n}/null/Expand",
+                        outputs=[ir.val(f"{n}.nulls")])
+        doubled = [ir.node("Concat", [xi, xi], attributes={"axis": 0}, name=f"{n}/sample/Concat"),
+                   ir.node("Concat", [ti, ti], attributes={"axis": 0}, name=f"{n}/timestep/Concat"),
+                   ir.node("Concat", [nulls.outputs[0], li], attributes={"axis": 0}, name=f"{n}/labels/Concat")]
+        for node, old in zip(doubled, (x, t, labels), strict=True):
+            node.outputs[0].name = f"{old.name}_doubled"
+            for use in list(old.uses()):
+                use.node.replace_input_with(use.idx, node.outputs[0])
+        g.inputs.clear()
+        g.inputs.extend([xi, ti, li, scale])
+
+        halves = ir.node("Split", [y], attributes={"axis": 0, "num_outputs": 2}, name=f"{n}/Split",
+                         outputs=[ir.val(f"{n}.uncond"), ir.val(f"{n}.cond")])
+        u, c = halves.outputs
+        axes = ir.val(f"{n}.scale_axes", const_value=ir.tensor(np.array([1, 2, 3], np.int64), name=f"{n}.scale_axes"))
+        g.register_initializer(axes)
+        s4 = ir.node("Unsqueeze", [scale, axes], name=f"{n}/scale/Unsqueeze", outputs=[ir.val(f"{n}.scale")])
+        diff = ir.node("Sub", [c, u], name=f"{n}/Sub", outputs=[ir.val(f"{n}.difference")])
+        scaled = ir.node("Mul", [s4.outputs[0], diff.outputs[0]], name=f"{n}/Mul", outputs=[ir.val(f"{n}.scaled")])
+        out = ir.node("Add", [u, scaled.outputs[0]], name=f"{n}/Add",
+                      outputs=[ir.val(HEAD_OUTPUT, ir.DataType.FLOAT, ir.Shape(list(x.shape)))])
+        y.name = f"{n}.out_sample"
+        g.outputs[list(g.outputs).index(y)] = out.outputs[0]
+        g.extend([label_shape, nulls, *doubled, halves, s4, diff, scaled, out])
+        g.sort()
+        return ir.to_proto(m)
+
+    def _check(self, g: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+        inputs = {v.name: v for v in g.inputs}
+        if SCALE_INPUT in inputs:
+            raise DenoqError(f"guided graph: the graph already has a {SCALE_INPUT!r} input; guide the plain graph once")
+        missing = [k for k in (SAMPLE_INPUT, TIMESTEP_INPUT, LABEL_INPUT) if k not in inputs]
+        if missing:
+            raise DenoqError(f"guided graph: the graph has no {', '.join(repr(k) for k in missing)} input (it has "
+                             f"{', '.join(sorted(inputs))}); classifier-free guidance is built for class-conditional "
+                             "models exported with class_labels")
+        y = next((v for v in g.outputs if v.name == HEAD_OUTPUT), None)
+        if y is None or y.shape is None or len(y.shape) != 4 or y.dtype != ir.DataType.FLOAT:
+            raise DenoqError(f"guided graph: needs a float32 rank-4 {HEAD_OUTPUT!r} output; export the float32 model "
+                             "with its noise prediction named out_sample")
+        x = inputs[SAMPLE_INPUT]
+        if x.shape is None or len(x.shape) != 4:
+            raise DenoqError(f"guided graph: input {SAMPLE_INPUT!r} must be rank 4 [B, C, H, W]")
+        return x, inputs[TIMESTEP_INPUT], inputs[LABEL_INPUT], y
