@@ -5,6 +5,7 @@ Shared by calibrators (which quantize them) and export (which maps each to its O
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -25,12 +26,11 @@ def layer_op(module: nn.Module) -> str:
     return QUANTIZABLE_TYPES[type(module)]
 
 
-def select_layers(layers: dict[str, nn.Module], keep_fp: str) -> tuple[dict[str, nn.Module], list[str]]:
-    """Split `layers` into (quantized, kept in floating point) by the comma-separated fnmatch patterns `keep_fp`.
+def select_layers(layers: dict[str, nn.Module], patterns: Sequence[str]) -> tuple[dict[str, nn.Module], list[str]]:
+    """Split `layers` into (quantized, kept in floating point) by the fnmatch `patterns`.
 
     A pattern that matches no layer is an error: a typo would otherwise silently quantize the layer.
     """
-    patterns = [p.strip() for p in keep_fp.split(",") if p.strip()]
     for pattern in patterns:
         if not any(fnmatchcase(name, pattern) for name in layers):
             raise DenoqError(f"layers.keep_fp pattern {pattern!r} matches no Conv2d/Linear of this model; use module "

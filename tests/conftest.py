@@ -96,3 +96,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_dit(seed: int = 0, classes: int = 3):
+    """A tiny class-conditional DiT (pixel space, 16×16×1, 2×2 patches, two blocks of width 32)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
+                                 num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=classes,
+                                 norm_type="ada_norm_zero")
+
+
+def save_dit_pipeline(dit, folder: Path) -> Path:
+    """A DiTPipeline folder without a VAE, as `tools/train_digits.py --dit` writes it."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    dit.save_pretrained(folder / "transformer")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "DiTPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+             "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def tiny_class_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=16,
+                       num_class_embeds=4)  # classes 0-2, null label 3
+
+
+@pytest.fixture(scope="session")
+def class_pipeline(tmp_path_factory):
+    return save_pipeline(tiny_class_unet(), tmp_path_factory.mktemp("models") / "tiny-class")

@@ -272,7 +272,7 @@ def recorded_pool(tiny_pipeline):
     from denoq.compiler.recipe import load_recipe
 
     spec = load_model(str(tiny_pipeline))
-    layers, _ = select_layers(quantizable_layers(spec.module), "")
+    layers, _ = select_layers(quantizable_layers(spec.module), ())
     pool, info, recorded = calibration_set(spec, load_recipe("w8a8", [*SMALL, "calib.timesteps=0"]), layers,
                                            progress=False)
     assert recorded.t == pool.t

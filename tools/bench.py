@@ -156,7 +156,7 @@ def display_name(name: str) -> str:
 def calibration_inputs(spec: ModelSpec, recipe: Recipe) -> CalibrationSet:
     """The model inputs `denoq.compiler.pipeline.calibrate` records for `recipe` (the same call, recomputed)."""
     torch.manual_seed(recipe["seed"])
-    layers, _ = select_layers(quantizable_layers(spec.module), recipe["layers.keep_fp"])
+    layers, _ = select_layers(quantizable_layers(spec.module), spec.layer_patterns(recipe["layers.keep_fp"]))
     return calibration_set(spec, recipe, layers, progress=False)[0]
 
 

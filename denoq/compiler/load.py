@@ -1,10 +1,12 @@
 """Load a model to compile: a local diffusers pipeline folder or an embedded model by name → ModelSpec.
 
-A pipeline folder is what `DiffusionPipeline.save_pretrained` writes: `model_index.json`, `unet/` (config.json and
-safetensors weights) and `scheduler/scheduler_config.json`. Supported denoisers: `UNet2DModel` (unconditional, or
-class-conditional with `num_class_embeds`: conditioning input `class_labels`, int64 [B], the last class embedding
-being the null label of classifier-free guidance) and `UNet2DConditionModel` (conditioning input
-`encoder_hidden_states`). Nothing is fetched from a hub.
+A pipeline folder is what `DiffusionPipeline.save_pretrained` writes: `model_index.json`, `unet/` or `transformer/`
+(config.json and safetensors weights) and `scheduler/scheduler_config.json`. Supported denoisers: `UNet2DModel`
+(unconditional, or class-conditional with `num_class_embeds`: conditioning input `class_labels`, int64 [B], the
+last class embedding being the null label of classifier-free guidance), `UNet2DConditionModel` (conditioning input
+`encoder_hidden_states`) and `DiTTransformer2DModel` in pixel space (class-conditional: `class_labels`, labels
+0 … num_embeds_ada_norm − 1, null label num_embeds_ada_norm; without learned variance, out_channels =
+in_channels). Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from denoq.errors import DenoqError
 from denoq.models import DEFAULT_MODEL, EMBEDDED
 
-SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+SUPPORTED_CLASSES = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "DiTTransformer2DModel": "transformer"}
 COND_TOKENS = 8  # encoder_hidden_states length used when a cross-attention model is calibrated without prompts
 
 
@@ -41,6 +43,21 @@ class ModelSpec:
     weights_sha256: str
     cond_input: str | None = None  # graph input of the conditioning: encoder_hidden_states | class_labels | None
     num_classes: int | None = None  # class_labels models: labels 0 … num_classes − 1; num_classes is the null label
+
+    @property
+    def io_layers(self) -> dict[str, str]:
+        """The recipe aliases `@in` / `@out`: the layer that reads the sample and the one that writes the output."""
+        if self.model_class == "DiTTransformer2DModel":
+            return {"@in": "pos_embed.proj", "@out": "proj_out_2"}
+        return {"@in": "conv_in", "@out": "conv_out"}
+
+    def layer_patterns(self, text: str) -> tuple[str, ...]:
+        """Comma-separated module-name patterns (a recipe value) with `@in` / `@out` resolved (`io_layers`)."""
+        patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+        unknown = [p for p in patterns if p.startswith("@") and p not in self.io_layers]
+        if unknown:
+            raise DenoqError(f"layer alias {unknown[0]!r} is not known; use @in or @out, or module-name patterns")
+        return tuple(self.io_layers.get(p, p) for p in patterns)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -108,36 +125,52 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _denoiser_class(folder: Path) -> str:
+def _denoiser_class(folder: Path) -> tuple[str, str]:
+    """(class name, component folder) of the pipeline's denoiser (`unet` or `transformer`)."""
     index = _read_json(folder / "model_index.json", "model folder")
-    if "unet" not in index:
+    component = next((c for c in ("unet", "transformer") if c in index), None)
+    if component is None:
         parts = ", ".join(sorted(k for k in index if not k.startswith("_")))
-        raise DenoqError(f"model folder {folder} has no unet (components: {parts}); denoq compiles UNet2DModel and "
-                         "UNet2DConditionModel pipelines")
-    entry = index["unet"]
+        raise DenoqError(f"model folder {folder} has no unet or transformer (components: {parts}); denoq compiles "
+                         f"{', '.join(SUPPORTED_CLASSES)} pipelines")
+    entry = index[component]
     cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-    if cls not in SUPPORTED_CLASSES:
-        raise DenoqError(f"model folder {folder}: unet is a {cls}, not one of {', '.join(SUPPORTED_CLASSES)}; "
-                         "pass a pipeline folder with a supported denoiser")
-    return cls
+    if SUPPORTED_CLASSES.get(cls) != component:
+        raise DenoqError(f"model folder {folder}: {component} is a {cls}, not one of "
+                         f"{', '.join(c for c, k in SUPPORTED_CLASSES.items() if k == component)}; pass a pipeline "
+                         "folder with a supported denoiser")
+    return cls, component
 
 
-def _weights_hash(unet_dir: Path) -> str:
+def _weights_hash(model_dir: Path) -> str:
     h = hashlib.sha256()
-    for path in sorted(unet_dir.glob("*.safetensors")):
+    for path in sorted(model_dir.glob("*.safetensors")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
+def _check_dit(folder: Path, config: dict[str, Any]) -> None:
+    """A DiT denoq can sample: class-conditional (adaLN-Zero with a label table), ε only (no learned variance)."""
+    if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):
+        raise DenoqError(f"{folder}: denoq compiles class-conditional DiTs (norm_type ada_norm_zero with "
+                         "num_embeds_ada_norm classes); this config has neither")
+    out, inp = config.get("out_channels"), config.get("in_channels", 4)
+    if out is not None and out != inp:
+        raise DenoqError(f"{folder}: out_channels {out} ≠ in_channels {inp} (a learned-variance DiT predicts ε and "
+                         "Σ); denoq samples ε-prediction models, export one with out_channels = in_channels")
+
+
 def load_model(model: str | None = None) -> ModelSpec:
     """Load the denoiser (float32, eval mode, CPU) and its scheduler config; every failure is a DenoqError."""
     name, folder = resolve_model(model)
-    cls = _denoiser_class(folder)
-    unet_dir = folder / "unet"
-    config = _read_json(unet_dir / "config.json", "unet")
-    if not any(unet_dir.glob("*.safetensors")):
-        raise DenoqError(f"unet folder {unet_dir} has no .safetensors weights; save the pipeline with "
+    cls, component = _denoiser_class(folder)
+    model_dir = folder / component
+    config = _read_json(model_dir / "config.json", component)
+    if cls == "DiTTransformer2DModel":
+        _check_dit(model_dir, config)
+    if not any(model_dir.glob("*.safetensors")):
+        raise DenoqError(f"{component} folder {model_dir} has no .safetensors weights; save the pipeline with "
                          "safe_serialization=True")
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -146,11 +179,11 @@ def load_model(model: str | None = None) -> ModelSpec:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = getattr(diffusers, cls).from_pretrained(unet_dir, torch_dtype=torch.float32,
+            module = getattr(diffusers, cls).from_pretrained(model_dir, torch_dtype=torch.float32,
                                                              low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers/safetensors raise many types for corrupt or mismatched files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DenoqError(f"cannot load {cls} from {unet_dir}: {first}; the weights are corrupt or do not match "
+        raise DenoqError(f"cannot load {cls} from {model_dir}: {first}; the weights are corrupt or do not match "
                          "config.json (re-save the pipeline)") from exc
     module = module.eval().requires_grad_(False)
     size = config.get("sample_size", 32)
@@ -159,11 +192,13 @@ def load_model(model: str | None = None) -> ModelSpec:
     cond_shape, cond_input, num_classes = None, None, None
     if cls == "UNet2DConditionModel":
         cond_shape, cond_input = (COND_TOKENS, int(config["cross_attention_dim"])), "encoder_hidden_states"
+    elif cls == "DiTTransformer2DModel":
+        cond_shape, cond_input, num_classes = (), "class_labels", int(config["num_embeds_ada_norm"])
     elif config.get("num_class_embeds"):
         if config.get("class_embed_type") is not None:
-            raise DenoqError(f"{unet_dir}: class_embed_type {config['class_embed_type']!r} is not supported; denoq "
+            raise DenoqError(f"{model_dir}: class_embed_type {config['class_embed_type']!r} is not supported; denoq "
                              "compiles UNet2DModel class conditioning through num_class_embeds (an embedding table)")
         cond_shape, cond_input, num_classes = (), "class_labels", int(config["num_class_embeds"]) - 1
     return ModelSpec(name=name, folder=folder, module=module, model_class=cls, scheduler_config=scheduler_config,
-                     sample_shape=sample_shape, cond_shape=cond_shape, weights_sha256=_weights_hash(unet_dir),
+                     sample_shape=sample_shape, cond_shape=cond_shape, weights_sha256=_weights_hash(model_dir),
                      cond_input=cond_input, num_classes=num_classes)
