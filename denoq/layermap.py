@@ -1,7 +1,9 @@
 """The module → node → weight map that export records in the model (DESIGN.md, Contracts: Names).
 
 Export writes it as JSON under the model's `metadata_props["denoq.layer_map"]`:
-`{"<module>": {"node", "op_type", "weight", "weight_axis", "transposed"}}`. Passes and engines find a layer only
+`{"<module>": {"node", "op_type", "weight", "weight_axis", "transposed"}}`, and the attention map (every diffusers
+`Attention` module → the nodes of its decomposed scaled dot-product attention) under
+`metadata_props["denoq.attention_map"]`: `{"<module>": {"qk", "softmax", "pv"}}`. Passes and engines find a layer only
 through this map, never through node order. It is data shared by export, passes and engines, so it lives here at
 the bottom layer.
 """
@@ -17,6 +19,7 @@ import onnx_ir as ir
 from denoq.errors import DenoqError
 
 LAYER_MAP_KEY = "denoq.layer_map"
+ATTENTION_MAP_KEY = "denoq.attention_map"
 LAYER_OP_TYPES = ("Conv", "Gemm", "MatMul")
 
 
@@ -57,9 +60,35 @@ def read_layer_map(model: onnx.ModelProto | ir.Model) -> dict[str, LayerRef]:
                          "re-export the model with denoq.export") from exc
 
 
-def write_layer_map(model: onnx.ModelProto, layer_map: dict[str, dict]) -> None:
-    """Store `layer_map` (module → entry dict) in `model`'s metadata, replacing an earlier one."""
-    keep = [(p.key, p.value) for p in model.metadata_props if p.key != LAYER_MAP_KEY]
+@dataclass(frozen=True)
+class AttentionRef:
+    """The nodes of one attention module's scaled dot-product attention: the Q·Kᵀ MatMul `qk` (inputs: the scaled
+    query and the scaled transposed key), the `softmax` reading its output and the P·V MatMul `pv` (inputs: the
+    probabilities and the values)."""
+
+    module: str
+    qk: str
+    softmax: str
+    pv: str
+
+
+def read_attention_map(model: onnx.ModelProto | ir.Model) -> dict[str, AttentionRef]:
+    """Parse the `denoq.attention_map` metadata of `model` ({} when the model has no attention)."""
+    props = dict(model.metadata_props) if isinstance(model, ir.Model) else {
+        p.key: p.value for p in model.metadata_props}
+    try:
+        raw = json.loads(props.get(ATTENTION_MAP_KEY, "{}"))
+        return {module: AttentionRef(module=module, qk=str(e["qk"]), softmax=str(e["softmax"]), pv=str(e["pv"]))
+                for module, e in raw.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DenoqError(f"the model's '{ATTENTION_MAP_KEY}' metadata is malformed ({exc!r}); "
+                         "re-export the model with denoq.export") from exc
+
+
+def write_layer_map(model: onnx.ModelProto, layer_map: dict[str, dict], key: str = LAYER_MAP_KEY) -> None:
+    """Store `layer_map` (module → entry dict) in `model`'s metadata under `key` (the layer map, or
+    ATTENTION_MAP_KEY), replacing an earlier one."""
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key != key]
     del model.metadata_props[:]
-    for key, value in [*keep, (LAYER_MAP_KEY, json.dumps(layer_map, sort_keys=True))]:
-        model.metadata_props.add(key=key, value=value)
+    for k, value in [*keep, (key, json.dumps(layer_map, sort_keys=True))]:
+        model.metadata_props.add(key=k, value=value)

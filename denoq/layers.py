@@ -21,6 +21,14 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return dict(sorted(found.items()))
 
 
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every diffusers `Attention` module of `model` (whose matmuls `attention.quantize` quantizes), by module name,
+    in sorted order."""
+    from diffusers.models.attention_processor import Attention
+
+    return dict(sorted((name, m) for name, m in model.named_modules() if isinstance(m, Attention)))
+
+
 def layer_op(module: nn.Module) -> str:
     """The QuantPlan op of a quantizable module: "conv" or "linear"."""
     return QUANTIZABLE_TYPES[type(module)]

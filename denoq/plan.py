@@ -10,6 +10,10 @@ Per layer (keyed by its PyTorch module name):
   (`[out, in // block_size]`). Passes never re-round.
 - input activation quantizer and, for the `ort-cpu` target, an output quantizer: bits, signedness, a constant
   zero point and a per-timestep scale table of length T = `num_train_timesteps`.
+
+Per attention module (with `attention.quantize`, keyed by the diffusers `Attention` module's name): the quantizers
+of the two attention matmuls' inputs, `q` and `k` (the scaled query and transposed key of Q·Kᵀ) and `p` and `v`
+(the softmax probabilities and the values of P·V), each an activation quantizer as above.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from denoq.errors import DenoqError
 
 TARGETS = ("trt", "ort-cpu")
 LAYER_OPS = ("conv", "linear")
+ATTENTION_ROLES = ("q", "k", "p", "v")  # inputs of Q·Kᵀ (scaled query, scaled transposed key) and of P·V
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -144,12 +149,26 @@ class LayerPlan:
 
 
 @dataclass
+class AttentionPlan:
+    """Quantization of one attention module's two matmuls: `quants[role]` for role in ATTENTION_ROLES."""
+
+    name: str
+    quants: dict[str, ActQuant]
+
+    def __post_init__(self) -> None:
+        if sorted(self.quants) != sorted(ATTENTION_ROLES):
+            raise DenoqError(f"attention {self.name}: quantizers for {sorted(self.quants)}, expected "
+                             f"{list(ATTENTION_ROLES)}; the plan is corrupt, recalibrate")
+
+
+@dataclass
 class QuantPlan:
     """All layers' quantization for one model and target profile."""
 
     num_train_timesteps: int
     target: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
+    attention: dict[str, AttentionPlan] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -162,6 +181,11 @@ class QuantPlan:
                                  f"expected ({self.num_train_timesteps},) = the scheduler's num_train_timesteps")
         self.layers[layer.name] = layer
 
+    def add_attention(self, attn: AttentionPlan) -> None:
+        for role, q in attn.quants.items():
+            check_scale_table(attn.name, role, q, self.num_train_timesteps)
+        self.attention[attn.name] = attn
+
     # -- files ---------------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -172,6 +196,9 @@ class QuantPlan:
             for role, q in (("input", lp.input), ("output", lp.output)):
                 if q is not None:
                     out[f"{name}.{role}_scale"] = q.scale.to(torch.float32).contiguous()
+        for name in sorted(self.attention):
+            for role, q in sorted(self.attention[name].quants.items()):
+                out[f"{name}.attn_{role}_scale"] = q.scale.to(torch.float32).contiguous()
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -185,7 +212,10 @@ class QuantPlan:
                 "input": lp.input.meta() if lp.input else None,
                 "output": lp.output.meta() if lp.output else None,
             }
-        return {"num_train_timesteps": self.num_train_timesteps, "target": self.target, "layers": layers}
+        attention = {name: {role: q.meta() for role, q in sorted(self.attention[name].quants.items())}
+                     for name in sorted(self.attention)}
+        return {"num_train_timesteps": self.num_train_timesteps, "target": self.target, "layers": layers,
+                "attention": attention}
 
     def save(self, path: Path) -> dict[str, Any]:
         """Write the tensors to `path` (safetensors) and return the manifest's `plan` section."""
@@ -214,6 +244,14 @@ class QuantPlan:
                                    input=acts["input"], output=acts["output"]))
             except KeyError as exc:
                 raise DenoqError(f"quantization plan {path} lacks tensor {exc} of layer {name}; "
+                                 "recompile the artifact") from exc
+        for name, roles in sorted(meta.get("attention", {}).items()):
+            try:
+                plan.add_attention(AttentionPlan(name, {
+                    role: ActQuant(bits=qm["bits"], signed=qm["signed"], zero_point=qm["zero_point"],
+                                   scale=tensors[f"{name}.attn_{role}_scale"]) for role, qm in roles.items()}))
+            except KeyError as exc:
+                raise DenoqError(f"quantization plan {path} lacks tensor {exc} of attention {name}; "
                                  "recompile the artifact") from exc
         return plan
 

@@ -142,9 +142,7 @@ def test_parse_set_typed(item, expected):
 @pytest.mark.parametrize("text", ["true", "TRUE", "1", "yes", "Yes"])
 def test_bool_true_spellings_parse(text):
     assert parse_set(f"ptqd.enabled={text}") == ("ptqd.enabled", True)
-    # attention.quantize=true parses as a bool and is then refused as not yet available (not as a type error)
-    msg = error_of(parse_set, f"attention.quantize={text}")
-    assert msg == "attention.quantize=true is not available in this version of denoq (allowed: false)"
+    assert parse_set(f"attention.quantize={text}") == ("attention.quantize", True)
 
 
 def test_unknown_key_suggests():
@@ -197,7 +195,6 @@ def test_disallowed_value(item, allowed):
 @pytest.mark.parametrize("item, allowed", [
     ("weights.bits=2", "8, 4, 3"),
     ("activations.igq_groups=2", "0"),
-    ("attention.quantize=yes", "false"),
 ])
 def test_feature_not_available_yet(item, allowed):
     key = item.partition("=")[0]

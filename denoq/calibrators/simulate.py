@@ -20,6 +20,9 @@ with `s0 = min_t s_in[t]`, `r_t = s0 / s_in[t] ≤ 1` (float32, gathered per sam
 
 with `s_out0 = max_t(s_out[t] · r_t)`. A non-constant output table on a layer without an input selector uses the
 constant `max_t s_out[t]`, as the graph does. Constant tables take the first path unchanged.
+
+Planned attention modules (`plan.attention`) compute their attention as the graph does
+(`denoq.calibrators.attention.QuantAttnProcessor`) with the four matmul inputs fake-quantized.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from denoq.calibrators.attention import install
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
-from denoq.plan import ActQuant, LayerPlan, QuantPlan, selector_tables
+from denoq.plan import ActQuant, AttentionPlan, LayerPlan, QuantPlan, selector_tables
 
 
 class TimestepClock:
@@ -135,6 +139,20 @@ class SimulatedModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else self.model
             setattr(parent, child, layer(modules[name], plan.layers[name], self.clock, plan.num_train_timesteps))
+        missing = sorted(set(plan.attention) - set(modules))
+        if missing:
+            raise DenoqError(f"plan attention {missing[0]} is not a module of this model; the plan belongs to another "
+                             "model (recompile)")
+        install({name: modules[name] for name in sorted(plan.attention)},
+                lambda name: self._attention_quant(plan.attention[name]))
+
+    def _attention_quant(self, ap: AttentionPlan):
+        """The fake-quantization hook of one attention module's matmul inputs (constant scales)."""
+        def quant(role: str, x: torch.Tensor) -> torch.Tensor:
+            t = self.clock.t
+            return fake_quant_at(x, ap.quants[role], t)
+
+        return quant
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         t = timestep.reshape(-1).to(torch.int64)

@@ -21,6 +21,7 @@ from torch import nn
 from denoq.bops import FLOAT_BITS, layer_macs, plan_bops
 from denoq.calibrators import calibtimes
 from denoq.calibrators.accuquant import AccuQuantSettings, check_window, reconstruct
+from denoq.calibrators.attention import attention_plans, collect_attention_stats
 from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
 from denoq.calibrators.gptq import GptqSettings
@@ -177,6 +178,16 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
                                             calib, observer, seed=recipe["seed"], progress=progress)
         search.update({key: round(v, 6) for key, v in terms.items()})
+    if recipe["attention.quantize"]:
+        if recipe["activations.bits"] > 8:
+            raise DenoqError("attention.quantize=true quantizes activations, but activations.bits = 16; set "
+                             "activations.bits to 8 (or 6, 4)")
+        attn_stats = collect_attention_stats(spec.module, fp, calib, seed=recipe["seed"], progress=progress)
+        if not attn_stats:
+            raise DenoqError(f"attention.quantize=true but {spec.name} has no diffusers Attention module; set "
+                             "attention.quantize=false")
+        for ap in attention_plans(attn_stats, observer, spec.num_train_timesteps):
+            plan.add_attention(ap)
     learned: dict[str, Any] | None = None
     if settings_aq is not None:
         plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),

@@ -140,8 +140,10 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             lo=0),
     KeySpec("activations.igq_groups", 0, int, "intra-group quantization groups; 0 = off",
             choices=(0,), planned=lambda v: v > 0),
-    KeySpec("attention.quantize", False, bool, "quantize the attention matmuls (QKᵀ, AV)",
-            choices=(False,), planned=lambda v: v is True),
+    KeySpec("attention.quantize", False, bool,
+            "quantize the inputs of the attention matmuls (Q·Kᵀ and softmax·V; the probabilities on their own "
+            "non-negative range) with activations.bits; false = attention stays in float (FP16 on TensorRT, whose "
+            "fused INT8 attention stops at sequence length 512)"),
     KeySpec("ptqd.enabled", False, bool,
             "PTQD correction head: ε = (ε_q − bias[t]) / (1 + k[t]), statistics per step of the calibration sampler "
             "(sampling must then use calib.sampler with calib.steps)"),

@@ -33,8 +33,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from denoq.errors import DenoqError
-from denoq.layermap import write_layer_map
-from denoq.layers import quantizable_layers
+from denoq.layermap import ATTENTION_MAP_KEY, write_layer_map
+from denoq.layers import attention_modules, quantizable_layers
 from denoq.onnxio import save_model
 
 OPSET = 21
@@ -94,6 +94,7 @@ def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, di
     proto = program.model_proto
     layer_map = map_and_rename_weights(proto, model)
     write_layer_map(proto, layer_map)
+    write_layer_map(proto, map_attention(proto, model), ATTENTION_MAP_KEY)
     save_model(proto, path)  # external data beside it above 2 GB
     return layer_map
 
@@ -146,6 +147,33 @@ def map_and_rename_weights(proto: onnx.ModelProto, model: nn.Module) -> dict[str
             if inp in renames:
                 node.input[i] = renames[inp]
     return layer_map
+
+
+def map_attention(proto: onnx.ModelProto, model: nn.Module) -> dict[str, dict]:
+    """The attention map (`denoq.layermap.AttentionRef`): for every diffusers Attention module, the Softmax its name
+    scope owns, the MatMul producing the Softmax's input (Q·Kᵀ) and the MatMul reading its output (P·V). A module
+    whose attention did not export as MatMul → Softmax → MatMul is left out (its matmuls cannot be quantized)."""
+    modules = attention_modules(model)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    found: dict[str, dict] = {}
+    for node in proto.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        scopes = [s.removeprefix(EpsWrapper.PREFIX) for s in _scopes(node)]
+        owner = next((s for s in reversed(scopes) if s in modules), None)
+        qk = producer.get(node.input[0])
+        pv = readers.get(node.output[0], [])
+        if owner is None or qk is None or qk.op_type != "MatMul" or len(pv) != 1 or pv[0].op_type != "MatMul":
+            continue
+        if owner in found:
+            raise DenoqError(f"export: attention module {owner} maps to two softmaxes ({found[owner]['softmax']}, "
+                             f"{node.name}); denoq quantizes an attention used once per forward only")
+        found[owner] = {"qk": qk.name, "softmax": node.name, "pv": pv[0].name}
+    return dict(sorted(found.items()))
 
 
 def _is_transposed(node: onnx.NodeProto, onnx_w: np.ndarray, weight: np.ndarray, name: str) -> bool:

@@ -27,6 +27,11 @@ For each planned layer (found through the `denoq.layer_map` metadata, never by n
   MatMul whose only consumer is the `Add` of a constant `[out]` bias (the dynamo exporter's Linear), that Add's
   output, so the quantizer sees what PyTorch's Linear returns, and ORT fuses `DQ → MatMul → Add → Q`.
 
+Attention matmuls (plans with `attention`, `denoq.calibrators.attention`): each planned attention module, found
+through the `denoq.attention_map` metadata, gets `Q → DQ` on both inputs of its Q·Kᵀ MatMul (the scaled query
+`attn_q`, the scaled transposed key `attn_k`) and of its P·V MatMul (the softmax probabilities `attn_p`, the values
+`attn_v`), with the plan's constant scales (an attention quantizer has no timestep selector).
+
 Timestep-grouped scales (DESIGN.md, Timestep selector; ADP-DM, arXiv 2305.18723): a
 layer whose input scale table is not constant gets the selector rewrite of `denoq.passes.selector`
 
@@ -49,7 +54,7 @@ import onnx
 import onnx_ir as ir
 
 from denoq.errors import DenoqError
-from denoq.layermap import LAYER_OP_TYPES, LayerRef, read_layer_map
+from denoq.layermap import LAYER_OP_TYPES, LayerRef, read_attention_map, read_layer_map
 from denoq.passes import selector
 from denoq.passes.rewire import redirect
 from denoq.plan import ActQuant, LayerPlan, QuantPlan, check_scale_table, qrange, selector_tables
@@ -130,6 +135,7 @@ class InsertQDQ:
             raise DenoqError(f"the model uses ONNX opset {opset}; per-channel Q/DQ needs opset >= 13, "
                              "re-export with opset_version=21")
         layers = _bind(self.plan, m)
+        attention = _bind_attention(self.plan, m)
         g = m.graph
         ratios = selector.RatioCache(g)
         for layer in layers:
@@ -146,6 +152,11 @@ class InsertQDQ:
         for layer in layers:
             if layer.input is not None:
                 _quantize_input(g, layer, shared, ratios)
+        for module, node, idx, role, a in attention:
+            x = node.inputs[idx]
+            nodes = _qdq(g, x, a, module, f"attn_{role}", x.dtype)
+            g.insert_before(node, nodes)
+            node.replace_input_with(idx, nodes[-1].outputs[0])
         g.sort()
         return ir.to_proto(m)
 
@@ -234,6 +245,35 @@ def _bind(plan: QuantPlan, model: ir.Model) -> list[_Layer]:
                                          None if tables is None else tables.output_scale),
                              ratio=None if tables is None or tables.ratio is None else tables.ratio.numpy()))
     return layers
+
+
+def _bind_attention(plan: QuantPlan, m: ir.Model) -> list[tuple[str, ir.Node, int, str, _Act]]:
+    """(module, MatMul node, input index, role, quantizer) for every planned attention matmul input; DenoqError
+    when the graph has no attention map entry or the nodes it names are not a MatMul → Softmax → MatMul."""
+    if not plan.attention:
+        return []
+    amap = read_attention_map(m)
+    nodes = {n.name: n for n in m.graph}
+    bound = []
+    for name in sorted(plan.attention):
+        ref = amap.get(name)
+        if ref is None:
+            raise DenoqError(f"attention {name}: the graph's attention map has no entry for it (its attention did "
+                             "not export as MatMul → Softmax → MatMul); set attention.quantize=false")
+        qk, sm, pv = (nodes.get(n) for n in (ref.qk, ref.softmax, ref.pv))
+        if (qk is None or sm is None or pv is None or qk.op_type != "MatMul" or sm.op_type != "Softmax"
+                or pv.op_type != "MatMul" or sm.inputs[0] is not qk.outputs[0] or pv.inputs[0] is not sm.outputs[0]):
+            raise DenoqError(f"attention {name}: the nodes the attention map names are not MatMul → Softmax → "
+                             "MatMul; re-export the model with denoq.export")
+        quants = plan.attention[name].quants
+        for node, idx, role in ((qk, 0, "q"), (qk, 1, "k"), (pv, 0, "p"), (pv, 1, "v")):
+            q = quants[role]
+            if not q.is_constant:
+                raise DenoqError(f"attention {name}: the {role} scale varies with the timestep; attention "
+                                 "quantizers take one scale (recalibrate)")
+            bound.append((name, node, idx, role, _act(name, f"attention {role}", q, plan.target,
+                                                      node.inputs[idx].dtype)))
+    return bound
 
 
 def _weight(layer: str, lp: LayerPlan, ref: LayerRef, op_type: str, ints: np.ndarray, scale: np.ndarray,

@@ -1,0 +1,150 @@
+"""Quantized attention matmuls (`attention.quantize`): Q·Kᵀ and P·V with quantized inputs, in the graph's op order.
+
+diffusers' attention calls `F.scaled_dot_product_attention`, which the ONNX exporter decomposes as
+
+    S = (Q · √s) · (Kᵀ · √s),   P = softmax(S),   O = P · V        (s = 1/√d, d the head dimension)
+
+(`denoq.export` records the two MatMuls and the Softmax of every attention module). With attention quantization
+the Q/DQ graph quantizes the four matmul inputs, `q` = Q·√s, `k` = Kᵀ·√s, `p` = P and `v` = V, each per tensor
+with a constant scale (TensorRT's fused INT8 attention takes constant scales; its fused kernels stop at sequence
+length 512, where keeping attention in FP16, the default, is the choice). `p` lies in [0, 1]: it is quantized with
+its own unsigned range (uint8 on the `ort-cpu` target; the non-negative half of int8 on `trt`, whose activations
+are symmetric int8).
+
+`QuantAttnProcessor` computes attention exactly in that order, with a hook `quant(role, x)` on each matmul input:
+the identity plus a recorder during calibration, fake quantization in the simulation. It supports the
+self- and cross-attention of diffusers' UNets and DiTs (group norm, 4-D inputs, residual connection, output
+rescale); spatial norm, q/k norms and attention masks are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.observers import ObserverSettings, observe_qparams, qparams
+from denoq.calibrators.stats import TensorStats
+from denoq.errors import DenoqError
+from denoq.layers import attention_modules
+from denoq.plan import ATTENTION_ROLES, ActQuant, AttentionPlan
+
+Quant = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, quant: Quant) -> torch.Tensor:
+    """Scaled dot-product attention `[B, H, L, d]` in the exported graph's op order, `quant` on the matmul inputs."""
+    root = math.sqrt(1.0 / math.sqrt(query.shape[-1]))
+    scores = quant("q", query * root) @ quant("k", key.transpose(-2, -1) * root)
+    return quant("p", scores.softmax(dim=-1)) @ quant("v", value)
+
+
+class QuantAttnProcessor:
+    """A diffusers attention processor computing `explicit_attention` with the hook `quant` (module docstring)."""
+
+    def __init__(self, name: str, quant: Quant) -> None:
+        self.name = name
+        self.quant = quant
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs: object) -> torch.Tensor:
+        if attention_mask is not None:
+            raise DenoqError(f"attention {self.name}: attention masks are not supported with attention.quantize; "
+                             "set attention.quantize=false")
+        residual = hidden_states
+        four_d = hidden_states.dim() == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        batch, head_dim = hidden_states.shape[0], key.shape[-1] // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        out = explicit_attention(heads(query), heads(key), heads(value), self.quant)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if four_d:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def check_supported(name: str, attn: nn.Module) -> None:
+    """Refuse attention modules `QuantAttnProcessor` does not compute (spatial norm, q/k norms)."""
+    for part in ("spatial_norm", "norm_q", "norm_k"):
+        if getattr(attn, part, None) is not None:
+            raise DenoqError(f"attention {name} has a {part}; attention.quantize supports attention without it, set "
+                             "attention.quantize=false")
+
+
+def install(modules: dict[str, nn.Module], make_quant: Callable[[str], Quant]) -> None:
+    """Give every attention module of `modules` a QuantAttnProcessor with the hook `make_quant(name)`."""
+    for name, attn in modules.items():
+        check_supported(name, attn)
+        attn.set_processor(QuantAttnProcessor(name, make_quant(name)))
+
+
+def collect_attention_stats(model: nn.Module, forward: Callable, calib: CalibrationSet, *, batch_size: int = 64,
+                            seed: int = 0, progress: bool = True) -> dict[str, dict[str, TensorStats]]:
+    """Statistics of the four matmul inputs of every attention module of `model` over the calibration set (the FP
+    model computes with the explicit attention while it is observed, and gets its processors back after)."""
+    modules = attention_modules(model)
+    saved = {name: m.processor for name, m in modules.items()}
+    stats = {name: {role: TensorStats() for role in ATTENTION_ROLES} for name in modules}
+    generator = torch.Generator().manual_seed(seed)
+    current_t = [0]
+
+    def recorder(name: str) -> Quant:
+        def record(role: str, x: torch.Tensor) -> torch.Tensor:
+            stats[name][role].observe(x, current_t[0], generator, f"{name} ({role})")
+            return x
+
+        return record
+
+    install(modules, recorder)
+    try:
+        total = sum(-(-xi.shape[0] // batch_size) for xi in calib.x)
+        with torch.no_grad():
+            for x, t, cond in tqdm(calib.batches(batch_size), total=total, desc="attention statistics",
+                                   unit="batch", disable=not progress):
+                current_t[0] = int(t[0])
+                forward(x, t, cond)
+    finally:
+        for name, m in modules.items():
+            m.set_processor(saved[name])
+    return stats
+
+
+def attention_plans(stats: dict[str, dict[str, TensorStats]], observer: ObserverSettings,
+                    num_train_timesteps: int) -> list[AttentionPlan]:
+    """Constant per-tensor quantizers of every attention module's matmul inputs from their statistics (q, k, v:
+    the recipe's observer). `p` (the probabilities) on [0, max observed P], never clipped: an observer that
+    minimizes the mean error clips the rare large probabilities, which are the ones attention is made of. Its zero
+    point is 0: uint8 when the target's activations are unsigned, else the non-negative half of int8 (TensorRT)."""
+    plans = []
+    for name in sorted(stats):
+        quants = {}
+        for role in ATTENTION_ROLES:
+            values, amin, amax = stats[name][role].pooled()
+            if role == "p":  # [0, max P]: never negative, and the few large probabilities carry the attention
+                scale, zp = qparams(0.0, amax, observer.bits, observer.signed)
+            else:
+                scale, zp = observe_qparams(values, amin, amax, observer)
+            quants[role] = ActQuant(bits=observer.bits, signed=observer.signed, zero_point=zp,
+                                    scale=torch.full((num_train_timesteps,), scale, dtype=torch.float32))
+        plans.append(AttentionPlan(name, quants))
+    return plans
