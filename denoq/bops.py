@@ -1,7 +1,9 @@
 """Bit operations (BOPs) of one model call: the cost measure of PTQD's and IGQ-ViT's tables.
 
 BOPs = Σ over the quantizable layers (Conv2d, Linear) of MACs × weight bits × activation bits (van Baalen et al.,
-"Bayesian Bits", 2020; the count PTQD's step-aware mixed precision reports). A layer kept in floating point, or
+"Bayesian Bits", 2020; the count PTQD's step-aware mixed precision reports), plus, for a layer whose input has G
+IGQ-ViT groups, (G − 1) float multiply-adds per output element that rescale and sum the groups' partial sums
+(`group_bops`). A layer kept in floating point, or
 whose activations stay in floating point, counts FLOAT_BITS for them: the graphs denoq runs are FP32. Other ops
 (normalizations, softmax, the attention matmuls between activations, elementwise ops) are not counted. MACs are
 counted by forward hooks on one call of the model with a batch of one; bottom layer (torch and the plan type only).
@@ -52,8 +54,21 @@ def layer_bits(plan: QuantPlan, name: str) -> tuple[int, int]:
     return lp.weight_bits, FLOAT_BITS if lp.input is None else lp.input.bits
 
 
+def group_bops(macs: int, outputs: int, weight_bits: int, act_bits: int, groups: int) -> int:
+    """BOPs of one layer call with `groups` activation groups (module docstring)."""
+    return macs * weight_bits * act_bits + (groups - 1) * outputs * FLOAT_BITS * FLOAT_BITS
+
+
 def plan_bops(macs: dict[str, int], plan: QuantPlan | None) -> int:
-    """BOPs of one model call: Σ MACs × weight bits × activation bits (`plan` None = the FP model)."""
+    """BOPs of one model call: Σ MACs × weight bits × activation bits (+ the IGQ group term; `plan` None = the FP
+    model)."""
     if plan is None:
         return sum(macs.values()) * FLOAT_BITS * FLOAT_BITS
-    return sum(m * wb * ab for name, m in macs.items() for wb, ab in [layer_bits(plan, name)])
+    total = 0
+    for name, m in macs.items():
+        wb, ab = layer_bits(plan, name)
+        lp = plan.layers.get(name)
+        groups = 1 if lp is None or lp.input_groups is None else lp.input_groups.groups
+        outputs = 0 if lp is None else m // max(int(lp.weight_int[0].numel()), 1)
+        total += group_bops(m, outputs, wb, ab, groups)
+    return total

@@ -65,6 +65,42 @@ class ActQuant:
         return {"bits": self.bits, "signed": self.signed, "zero_point": self.zero_point}
 
 
+@dataclass
+class GroupQuant:
+    """G activation quantizers of IGQ-ViT's instance-aware groups (`denoq.calibrators.igq`): group g quantizes
+    the range [lo[g], hi[g]] with (scale[g], zero_point[g]); instances are assigned to it by its `width[g]`;
+    all float32 [G]."""
+
+    bits: int
+    signed: bool
+    lo: torch.Tensor
+    hi: torch.Tensor
+    width: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    FIELDS = ("lo", "hi", "width", "scale", "zero_point")
+
+    @property
+    def groups(self) -> int:
+        return int(self.scale.shape[0])
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, self.signed)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{f}": getattr(self, f).to(torch.float32).contiguous() for f in self.FIELDS}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "signed": self.signed, "groups": self.groups}
+
+    @classmethod
+    def load(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> GroupQuant:
+        return cls(bits=int(meta["bits"]), signed=bool(meta["signed"]),
+                   **{f: tensors[f"{prefix}.{f}"] for f in cls.FIELDS})
+
+
 def check_scale_table(layer: str, role: str, q: ActQuant, num_timesteps: int) -> torch.Tensor:
     """The scale table of `q` as float32 [T]; DenoqError unless it has length T and is finite and positive."""
     s = q.scale.detach().to("cpu", torch.float32)
@@ -121,6 +157,7 @@ class LayerPlan:
     block_size: int = 0
     input: ActQuant | None = None
     output: ActQuant | None = None
+    input_groups: GroupQuant | None = None  # IGQ-ViT: replaces `input`'s one scale by instance-aware groups
 
     def __post_init__(self) -> None:
         if self.op not in LAYER_OPS:
@@ -154,6 +191,7 @@ class AttentionPlan:
 
     name: str
     quants: dict[str, ActQuant]
+    p_groups: GroupQuant | None = None  # IGQ-ViT's token-wise groups of the probabilities (replaces quants["p"])
 
     def __post_init__(self) -> None:
         if sorted(self.quants) != sorted(ATTENTION_ROLES):
@@ -196,9 +234,14 @@ class QuantPlan:
             for role, q in (("input", lp.input), ("output", lp.output)):
                 if q is not None:
                     out[f"{name}.{role}_scale"] = q.scale.to(torch.float32).contiguous()
+            if lp.input_groups is not None:
+                out.update(lp.input_groups.tensors(f"{name}.igq"))
         for name in sorted(self.attention):
-            for role, q in sorted(self.attention[name].quants.items()):
+            ap = self.attention[name]
+            for role, q in sorted(ap.quants.items()):
                 out[f"{name}.attn_{role}_scale"] = q.scale.to(torch.float32).contiguous()
+            if ap.p_groups is not None:
+                out.update(ap.p_groups.tensors(f"{name}.attn_p_igq"))
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -211,8 +254,11 @@ class QuantPlan:
                 "block_size": lp.block_size,
                 "input": lp.input.meta() if lp.input else None,
                 "output": lp.output.meta() if lp.output else None,
+                **({} if lp.input_groups is None else {"input_groups": lp.input_groups.meta()}),
             }
         attention = {name: {role: q.meta() for role, q in sorted(self.attention[name].quants.items())}
+                     | ({} if self.attention[name].p_groups is None else
+                        {"p_groups": self.attention[name].p_groups.meta()})
                      for name in sorted(self.attention)}
         return {"num_train_timesteps": self.num_train_timesteps, "target": self.target, "layers": layers,
                 "attention": attention}
@@ -238,18 +284,23 @@ class QuantPlan:
                     acts[role] = None if qm is None else ActQuant(
                         bits=qm["bits"], signed=qm["signed"], zero_point=qm["zero_point"],
                         scale=tensors[f"{name}.{role}_scale"])
+                groups = None if "input_groups" not in lm else GroupQuant.load(lm["input_groups"], tensors,
+                                                                                 f"{name}.igq")
                 plan.add(LayerPlan(name=name, op=lm["op"], weight_bits=lm["weight_bits"],
                                    weight_int=tensors[f"{name}.weight_int"],
                                    weight_scale=tensors[f"{name}.weight_scale"], block_size=lm["block_size"],
-                                   input=acts["input"], output=acts["output"]))
+                                   input=acts["input"], output=acts["output"], input_groups=groups))
             except KeyError as exc:
                 raise DenoqError(f"quantization plan {path} lacks tensor {exc} of layer {name}; "
                                  "recompile the artifact") from exc
         for name, roles in sorted(meta.get("attention", {}).items()):
             try:
+                p_groups = None if "p_groups" not in roles else GroupQuant.load(roles["p_groups"], tensors,
+                                                                                 f"{name}.attn_p_igq")
                 plan.add_attention(AttentionPlan(name, {
                     role: ActQuant(bits=qm["bits"], signed=qm["signed"], zero_point=qm["zero_point"],
-                                   scale=tensors[f"{name}.attn_{role}_scale"]) for role, qm in roles.items()}))
+                                   scale=tensors[f"{name}.attn_{role}_scale"])
+                    for role, qm in roles.items() if role != "p_groups"}, p_groups))
             except KeyError as exc:
                 raise DenoqError(f"quantization plan {path} lacks tensor {exc} of attention {name}; "
                                  "recompile the artifact") from exc

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.igq import row_groups
 from denoq.calibrators.observers import ObserverSettings, observe_qparams, qparams
 from denoq.calibrators.stats import TensorStats
 from denoq.errors import DenoqError
@@ -104,13 +105,15 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
     model computes with the explicit attention while it is observed, and gets its processors back after)."""
     modules = attention_modules(model)
     saved = {name: m.processor for name, m in modules.items()}
-    stats = {name: {role: TensorStats() for role in ATTENTION_ROLES} for name in modules}
+    stats = {name: {role: TensorStats() for role in (*ATTENTION_ROLES, "p_rows")} for name in modules}
     generator = torch.Generator().manual_seed(seed)
     current_t = [0]
 
     def recorder(name: str) -> Quant:
         def record(role: str, x: torch.Tensor) -> torch.Tensor:
             stats[name][role].observe(x, current_t[0], generator, f"{name} ({role})")
+            if role == "p":  # each query row's largest probability: what token-wise groups are assigned by
+                stats[name]["p_rows"].observe(x.amax(dim=-1), current_t[0], generator, f"{name} (p rows)")
             return x
 
         return record
@@ -130,11 +133,12 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
 
 
 def attention_plans(stats: dict[str, dict[str, TensorStats]], observer: ObserverSettings,
-                    num_train_timesteps: int) -> list[AttentionPlan]:
+                    num_train_timesteps: int, row_groups_count: int = 0) -> list[AttentionPlan]:
     """Constant per-tensor quantizers of every attention module's matmul inputs from their statistics (q, k, v:
     the recipe's observer). `p` (the probabilities) on [0, max observed P], never clipped: an observer that
     minimizes the mean error clips the rare large probabilities, which are the ones attention is made of. Its zero
-    point is 0: uint8 when the target's activations are unsigned, else the non-negative half of int8 (TensorRT)."""
+    point is 0: uint8 when the target's activations are unsigned, else the non-negative half of int8 (TensorRT).
+    `row_groups_count` > 0 adds IGQ-ViT's token-wise groups of `p`, fitted on the rows' maxima."""
     plans = []
     for name in sorted(stats):
         quants = {}
@@ -146,5 +150,8 @@ def attention_plans(stats: dict[str, dict[str, TensorStats]], observer: Observer
                 scale, zp = observe_qparams(values, amin, amax, observer)
             quants[role] = ActQuant(bits=observer.bits, signed=observer.signed, zero_point=zp,
                                     scale=torch.full((num_train_timesteps,), scale, dtype=torch.float32))
-        plans.append(AttentionPlan(name, quants))
+        groups = None
+        if row_groups_count > 0:
+            groups = row_groups(stats[name]["p_rows"].pooled()[0], row_groups_count, observer.bits, observer.signed)
+        plans.append(AttentionPlan(name, quants, groups))
     return plans

@@ -21,8 +21,11 @@ with `s0 = min_t s_in[t]`, `r_t = s0 / s_in[t] ≤ 1` (float32, gathered per sam
 with `s_out0 = max_t(s_out[t] · r_t)`. A non-constant output table on a layer without an input selector uses the
 constant `max_t s_out[t]`, as the graph does. Constant tables take the first path unchanged.
 
-Planned attention modules (`plan.attention`) compute their attention as the graph does
-(`denoq.calibrators.attention.QuantAttnProcessor`) with the four matmul inputs fake-quantized.
+A layer with IGQ-ViT groups (`LayerPlan.input_groups`) quantizes its token input with each instance's assigned
+group quantizers instead of its one scale (`denoq.calibrators.igq.fake_quant_groups`). Planned attention modules
+(`plan.attention`) compute their attention as the graph does (`denoq.calibrators.attention.QuantAttnProcessor`)
+with the four matmul inputs fake-quantized; the probabilities by token-wise groups where the plan has them
+(`fake_quant_rows`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from denoq.calibrators.attention import install
+from denoq.calibrators.igq import fake_quant_groups, fake_quant_rows
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
 from denoq.plan import ActQuant, AttentionPlan, LayerPlan, QuantPlan, selector_tables
@@ -71,6 +75,9 @@ class SimulatedLayer(nn.Module):
         if num_timesteps is not None:  # every table: length T, finite, positive
             selector_tables(plan.name, plan.input, plan.output, num_timesteps)
         self.selected = any(q is not None and not q.is_constant for q in (plan.input, plan.output))
+        if self.selected and plan.input_groups is not None:
+            raise DenoqError(f"layer {plan.name}: IGQ groups and timestep groups on one input are not supported; "
+                             "set activations.timestep_groups=1 or activations.igq_groups=0")
         if self.selected:
             T = num_timesteps if num_timesteps is not None else next(
                 q.scale.shape[0] for q in (plan.input, plan.output) if q is not None)
@@ -85,7 +92,9 @@ class SimulatedLayer(nn.Module):
                              f"{None if t is None else tuple(t.shape)}; call the SimulatedModel, not its layers")
         if self.selected:
             return self._forward_selected(x, t)
-        if self.plan.input is not None:
+        if self.plan.input_groups is not None:
+            x = fake_quant_groups(x, self.plan.input_groups)
+        elif self.plan.input is not None:
             x = fake_quant_at(x, self.plan.input, t)
         y = self._layer(x, self.bias)
         if self.plan.output is not None:
@@ -149,8 +158,9 @@ class SimulatedModel(nn.Module):
     def _attention_quant(self, ap: AttentionPlan):
         """The fake-quantization hook of one attention module's matmul inputs (constant scales)."""
         def quant(role: str, x: torch.Tensor) -> torch.Tensor:
-            t = self.clock.t
-            return fake_quant_at(x, ap.quants[role], t)
+            if role == "p" and ap.p_groups is not None:
+                return fake_quant_rows(x, ap.p_groups)
+            return fake_quant_at(x, ap.quants[role], self.clock.t)
 
         return quant
 

@@ -25,6 +25,7 @@ from denoq.calibrators.attention import attention_plans, collect_attention_stats
 from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
 from denoq.calibrators.gptq import GptqSettings
+from denoq.calibrators.igq import IgqSettings, group_layers
 from denoq.calibrators.observers import ObserverSettings
 from denoq.calibrators.ptqd import PtqdStats, collect_pairs, ptqd_pictures
 from denoq.calibrators.ptqd import fit as fit_ptqd
@@ -139,6 +140,9 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                          f"quantizers, but weights.method={recipe['weights.method']}; add --set "
                          "weights.method=adaround")
     settings_aq = None
+    if adaround and recipe["activations.igq_groups"] > 0:
+        raise DenoqError("weights.method=adaround learns one activation step size per layer; activations.igq_groups "
+                         "is not supported with it: set activations.igq_groups=0 or choose another weights.method")
     if adaround and guidance_scales(spec, recipe):
         raise DenoqError("weights.method=adaround reconstructs on unguided sampler steps; calib.guidance is not "
                          "supported with it yet: leave calib.guidance empty or choose another weights.method")
@@ -186,8 +190,19 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         if not attn_stats:
             raise DenoqError(f"attention.quantize=true but {spec.name} has no diffusers Attention module; set "
                              "attention.quantize=false")
-        for ap in attention_plans(attn_stats, observer, spec.num_train_timesteps):
+        for ap in attention_plans(attn_stats, observer, spec.num_train_timesteps, recipe["activations.igq_groups"]):
             plan.add_attention(ap)
+    igq_info = None
+    if recipe["activations.igq_groups"] > 0:
+        if recipe["activations.bits"] > 8 or recipe["activations.timestep_groups"] > 1:
+            raise DenoqError("activations.igq_groups groups quantized activations with one set of quantizers: set "
+                             "activations.bits ≤ 8 and activations.timestep_groups=1")
+        inputs = check_inputs(spec, calib)
+        macs = layer_macs(spec.module, lambda: fp(inputs.sample[:1], inputs.timestep[:1],
+                                                  None if inputs.cond is None else inputs.cond[:1]))
+        plan, igq_info = group_layers(plan, fp, layers, calib, macs, IgqSettings(
+            recipe["activations.igq_groups"], recipe["activations.igq_budget"], recipe["activations.bits"],
+            activation_signed(target)), progress=progress)
     learned: dict[str, Any] | None = None
     if settings_aq is not None:
         plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),
@@ -202,6 +217,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
     info = {"inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info, "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
             "group_search": search, "weights": weight_info, **({} if learned is None else {"accuquant": learned}),
+            **({} if igq_info is None else {"igq": igq_info}),
             "seconds": round(time.perf_counter() - start, 2)}
     return plan, calib, info, ptqd
 

@@ -138,8 +138,14 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("activations.srm_lambda", 10.0, float,
             "weight of the MMD term against the empirical quantization risk in srm timestep selection",
             lo=0),
-    KeySpec("activations.igq_groups", 0, int, "intra-group quantization groups; 0 = off",
-            choices=(0,), planned=lambda v: v > 0),
+    KeySpec("activations.igq_groups", 0, int,
+            "IGQ-ViT instance-aware groups per token activation (inputs of Linear layers on tokens; with "
+            "attention.quantize also token-wise groups of the softmax): each instance's channels go to the nearest "
+            "of G calibrated quantizers; 0 = off (one scale per tensor)", lo=0, hi=64),
+    KeySpec("activations.igq_budget", 0.0, float,
+            "IGQ-ViT group allocation: BOP budget as a multiple of the BOPs with one group everywhere (≥ 1); each "
+            "layer gets 1, 2, 4, … up to activations.igq_groups groups, most error removed per BOP first; "
+            "0 = every layer gets activations.igq_groups", lo=0),
     KeySpec("attention.quantize", False, bool,
             "quantize the inputs of the attention matmuls (Q·Kᵀ and softmax·V; the probabilities on their own "
             "non-negative range) with activations.bits; false = attention stays in float (FP16 on TensorRT, whose "

@@ -32,6 +32,13 @@ through the `denoq.attention_map` metadata, gets `Q → DQ` on both inputs of it
 `attn_q`, the scaled transposed key `attn_k`) and of its P·V MatMul (the softmax probabilities `attn_p`, the values
 `attn_v`), with the plan's constant scales (an attention quantizer has no timestep selector).
 
+IGQ-ViT groups (`LayerPlan.input_groups`, `AttentionPlan.p_groups`; `denoq.calibrators.igq`): the dynamic
+assignment as ONNX ops ORT runs. For a token input x [B, L, C]: m, M = ReduceMin / ReduceMax over the tokens,
+the width w = M − m (symmetric: Max(|m|, |M|)), g = ArgMin(Max(w / w_g, w_g / w)) per (instance, channel) against
+the G group widths, s, z = Gather(scales, g), Gather(zero points, g), then the quantizer in float ops,
+x̂ = (Clip(Round(x / s) + z, qmin, qmax) − z) · s (QuantizeLinear takes no per-instance scale). Softmax rows are
+assigned by their maximum. TensorRT cannot run this (it is no Q/DQ): trt-rules reports it.
+
 Timestep-grouped scales (DESIGN.md, Timestep selector; ADP-DM, arXiv 2305.18723): a
 layer whose input scale table is not constant gets the selector rewrite of `denoq.passes.selector`
 
@@ -57,7 +64,15 @@ from denoq.errors import DenoqError
 from denoq.layermap import LAYER_OP_TYPES, LayerRef, read_attention_map, read_layer_map
 from denoq.passes import selector
 from denoq.passes.rewire import redirect
-from denoq.plan import ActQuant, LayerPlan, QuantPlan, check_scale_table, qrange, selector_tables
+from denoq.plan import (
+    ActQuant,
+    GroupQuant,
+    LayerPlan,
+    QuantPlan,
+    check_scale_table,
+    qrange,
+    selector_tables,
+)
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _WEIGHT_BITS = range(2, 9)  # ≤ 4 bits: int4 for MatMul / Gemm; otherwise (and always for Conv) the int8 container
@@ -150,11 +165,18 @@ class InsertQDQ:
                 _quantize_output(g, layer)
         shared: dict[tuple, ir.Value] = {}
         for layer in layers:
-            if layer.input is not None:
+            if layer.plan.input_groups is not None:
+                x = layer.node.inputs[0]
+                nodes = _group_qdq(g, x, layer.plan.input_groups, layer.ref.module, "input", rows=False)
+                g.insert_before(layer.node, nodes)
+                layer.node.replace_input_with(0, nodes[-1].outputs[0])
+            elif layer.input is not None:
                 _quantize_input(g, layer, shared, ratios)
         for module, node, idx, role, a in attention:
             x = node.inputs[idx]
-            nodes = _qdq(g, x, a, module, f"attn_{role}", x.dtype)
+            groups = self.plan.attention[module].p_groups if role == "p" else None
+            nodes = (_qdq(g, x, a, module, f"attn_{role}", x.dtype) if groups is None
+                     else _group_qdq(g, x, groups, module, "attn_p", rows=True))
             g.insert_before(node, nodes)
             node.replace_input_with(idx, nodes[-1].outputs[0])
         g.sort()
@@ -357,6 +379,41 @@ def _qdq(g: ir.Graph, x: ir.Value, a: _Act, module: str, role: str, ftype: ir.Da
     nodes.append(ir.node("DequantizeLinear", [nodes[-1].outputs[0], scale, zp],
                          name=f"{module}/{role}/DequantizeLinear",
                          outputs=[ir.val(f"{prefix}_dequantized", ftype, x.shape)]))
+    return nodes
+
+
+def _group_qdq(g: ir.Graph, x: ir.Value, gq: GroupQuant, module: str, role: str, rows: bool) -> list[ir.Node]:
+    """The dynamic IGQ-ViT quantizer of `x` (module docstring) as float32 ONNX ops; `rows`: softmax rows [.., L]
+    assigned by their maximum (keepdims), else token channels [B, L, C] by their min / max over axis 1. The last
+    node gives x̂. Nodes `<module>/<role>_groups/...`, values and initializers `<module>.<role>_groups.*`."""
+    pre = f"{module}.{role}_groups"
+    nodes: list[ir.Node] = []
+
+    def op(kind: str, inputs: list, **attrs: object) -> ir.Value:
+        node = ir.node(kind, inputs, attributes=attrs, name=f"{module}/{role}_groups/{kind}_{len(nodes)}",
+                       outputs=[ir.val(f"{pre}.v{len(nodes)}")])
+        nodes.append(node)
+        return node.outputs[0]
+
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        return _initializer(g, f"{pre}.{name}", array)
+
+    f32 = np.float32
+    wg = const("widths", gq.width.numpy().astype(f32))
+    if rows:  # each softmax row by its maximum
+        w = op("ReduceMax", [x, const("axes", np.array([-1], np.int64))], keepdims=1)
+    else:  # each (instance, channel) by the width of its range over the tokens
+        axes = const("axes", np.array([1], np.int64))
+        m, big_m = op("ReduceMin", [x, axes], keepdims=1), op("ReduceMax", [x, axes], keepdims=1)
+        w = op("Max", [op("Abs", [m]), op("Abs", [big_m])]) if gq.signed else op("Sub", [big_m, m])
+        w = op("Unsqueeze", [w, const("last", np.array([-1], np.int64))])
+    idx = op("ArgMin", [op("Max", [op("Div", [w, wg]), op("Div", [wg, w])])], axis=-1, keepdims=int(rows))
+    s = op("Gather", [const("scale", gq.scale.numpy().astype(f32)), idx], axis=0)
+    z = op("Gather", [const("zero_point", gq.zero_point.numpy().astype(f32)), idx], axis=0)
+    qmin, qmax = gq.qrange
+    q = op("Clip", [op("Add", [op("Round", [op("Div", [x, s])]), z]), const("qmin", np.array(qmin, f32)),
+                    const("qmax", np.array(qmax, f32))])
+    op("Mul", [op("Sub", [q, z]), s])
     return nodes
 
 
