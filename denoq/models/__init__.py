@@ -5,5 +5,5 @@ from __future__ import annotations
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent
-EMBEDDED = {"digits": MODELS_DIR / "digits", "digits-cond": MODELS_DIR / "digits-cond"}
+EMBEDDED = {name: MODELS_DIR / name for name in ("digits", "digits-cond", "digits-dit")}
 DEFAULT_MODEL = "digits"
