@@ -158,6 +158,7 @@ class LayerPlan:
     input: ActQuant | None = None
     output: ActQuant | None = None
     input_groups: GroupQuant | None = None  # IGQ-ViT: replaces `input`'s one scale by instance-aware groups
+    input_factors: torch.Tensor | None = None  # static groups: x · factors [C_in] before `input` (folded into W)
 
     def __post_init__(self) -> None:
         if self.op not in LAYER_OPS:
@@ -236,6 +237,8 @@ class QuantPlan:
                     out[f"{name}.{role}_scale"] = q.scale.to(torch.float32).contiguous()
             if lp.input_groups is not None:
                 out.update(lp.input_groups.tensors(f"{name}.igq"))
+            if lp.input_factors is not None:
+                out[f"{name}.input_factors"] = lp.input_factors.to(torch.float32).contiguous()
         for name in sorted(self.attention):
             ap = self.attention[name]
             for role, q in sorted(ap.quants.items()):
@@ -255,6 +258,7 @@ class QuantPlan:
                 "input": lp.input.meta() if lp.input else None,
                 "output": lp.output.meta() if lp.output else None,
                 **({} if lp.input_groups is None else {"input_groups": lp.input_groups.meta()}),
+                **({} if lp.input_factors is None else {"input_factors": True}),
             }
         attention = {name: {role: q.meta() for role, q in sorted(self.attention[name].quants.items())}
                      | ({} if self.attention[name].p_groups is None else
@@ -289,7 +293,9 @@ class QuantPlan:
                 plan.add(LayerPlan(name=name, op=lm["op"], weight_bits=lm["weight_bits"],
                                    weight_int=tensors[f"{name}.weight_int"],
                                    weight_scale=tensors[f"{name}.weight_scale"], block_size=lm["block_size"],
-                                   input=acts["input"], output=acts["output"], input_groups=groups))
+                                   input=acts["input"], output=acts["output"], input_groups=groups,
+                                   input_factors=tensors[f"{name}.input_factors"] if lm.get("input_factors")
+                                   else None))
             except KeyError as exc:
                 raise DenoqError(f"quantization plan {path} lacks tensor {exc} of layer {name}; "
                                  "recompile the artifact") from exc

@@ -86,3 +86,16 @@ def test_dit_configs_denoq_cannot_sample_are_refused(dit_pipeline, tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_w6a6_keeps_weights_and_activations_in_six_bits(dit_pipeline, tmp_path):
+    out = tmp_path / "w6a6"
+    assert main(["compile", str(dit_pipeline), "--out", str(out), *FAST, "--set", "weights.bits=6", "--set",
+                 "activations.bits=6"]) == 0
+    art = Artifact.open(out)
+    from denoq.compiler.backends import artifact_plan
+
+    plan = artifact_plan(art)
+    assert all(lp.weight_bits == 6 and int(lp.weight_int.abs().max()) <= 31 for lp in plan.layers.values())
+    assert all(lp.input.bits == 6 for lp in plan.layers.values() if lp.input is not None)
+    assert art.manifest["checks"]["qdq_ort_vs_sim_over_quant_error"] < 0.5

@@ -150,3 +150,54 @@ def test_bad_igq_settings_are_refused(dit_pipeline, tmp_path, capsys, sets, mess
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_static_groups_give_each_channel_its_group_step():
+    from denoq.calibrators.igq import InstanceRanges, static_factors
+
+    g = torch.Generator().manual_seed(3)
+    fixed = torch.randn((32, 5, 16), generator=g) * torch.logspace(-1, 1, 16)  # outliers always in the same channels
+    factors, gq = static_factors(InstanceRanges(fixed.amin(1), fixed.amax(1)), 4, 8, "layer")
+    assert bool((factors >= 1).all()) and len(set(factors.tolist())) > 1
+    steps = float(gq.scale.max()) / factors  # the step each channel is quantized with after the Mul
+    assert np.isclose(steps.numpy()[:, None], gq.scale.numpy()[None, :], rtol=1e-6).any(axis=1).all()
+    qmin, qmax = gq.qrange
+
+    def mse(x: torch.Tensor, f: torch.Tensor) -> float:
+        return float((fake_quantize(x * f, gq.scale.max(), 0, qmin, qmax) / f - x).pow(2).mean())
+
+    assert mse(fixed, factors) < 0.5 * mse(fixed, torch.ones(16))  # fixed outliers: static groups help
+    moving = outlier_tokens(32, 3)  # outliers that move between instances: static groups cannot follow them
+    factors, gq = static_factors(InstanceRanges(moving.amin(1), moving.amax(1)), 4, 8, "layer")
+    dynamic = fit_groups(moving.amin(1), moving.amax(1), 4, 8, True)
+    assert float((fake_quant_groups(moving, dynamic) - moving).pow(2).mean()) < mse(moving, factors)
+
+
+def test_static_groups_compile_for_tensorrt(dit_pipeline, tmp_path):
+    out = tmp_path / "static"
+    assert main(["compile", str(dit_pipeline), "--out", str(out), *FAST, "--set", "activations.igq_groups=4",
+                 "--set", "activations.igq_mode=static"]) == 0
+    art = Artifact.open(out)
+    assert art.manifest["trt_rules"]["count"] == 0  # one Mul and per-tensor Q/DQ: TensorRT takes it
+    assert art.manifest["checks"]["qdq_ort_vs_sim_over_quant_error"] < 0.5
+    plan = artifact_plan(art)
+    static = [lp for lp in plan.layers.values() if lp.input_factors is not None]
+    assert static and all(bool((lp.input_factors >= 1).all()) and lp.input.is_constant for lp in static)
+    graph = onnx.load(str(art.file("model.qdq.onnx")))
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    q = next(n for n in graph.graph.node if n.name == f"{static[0].name}/input/QuantizeLinear")
+    assert producer[q.input[0]].name == f"{static[0].name}/input_factors/Mul"
+    assert not any(n.op_type == "ArgMin" for n in graph.graph.node)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["target=ort-cpu"], "it is for target=trt"),
+    (["activations.igq_budget=1.1"], "static groups cost nothing at run time"),
+])
+def test_static_groups_refuse_what_they_cannot_do(dit_pipeline, tmp_path, capsys, sets, message):
+    argv = ["compile", str(dit_pipeline), "--out", str(tmp_path / "a"), *FAST, "--set", "activations.igq_groups=4",
+            "--set", "activations.igq_mode=static"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from denoq.bops import group_bops
 from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.gptq import GptqSettings, layer_plan, rtn
 from denoq.calibrators.observers import qparams
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
@@ -240,12 +241,14 @@ def allocate_groups(errors: dict[str, dict[int, float]], bops: dict[str, dict[in
 @dataclass(frozen=True)
 class IgqSettings:
     """`groups` (G, the most any layer gets), `budget` (BOPs as a multiple of one group everywhere; 0 = every
-    layer gets G), the activation bits and signedness of the target."""
+    layer gets G), the activation bits and signedness of the target, and `mode`: `dynamic` (per-instance groups)
+    or `static` (calibration-time channel groups folded into the weights, `static_factors`)."""
 
     groups: int
     budget: float
     bits: int
     signed: bool
+    mode: str = "dynamic"
 
 
 def group_layers(plan: QuantPlan, forward: Callable, layers: dict[str, nn.Module], calib: CalibrationSet,
@@ -255,6 +258,8 @@ def group_layers(plan: QuantPlan, forward: Callable, layers: dict[str, nn.Module
     with a quantized input), their counts allocated under the budget; and what was chosen, for the manifest."""
     ranges = collect_ranges(forward, layers, calib, progress=progress)
     token_layers = {n: r for n, r in ranges.items() if n in plan.layers and plan.layers[n].input is not None}
+    if settings.mode == "static":
+        return static_groups(plan, layers, token_layers, settings)
     counts = candidate_groups(settings.groups) if settings.budget > 0 else [settings.groups]
     fitted = {name: {g: fit_groups(r.m, r.big_m, g, settings.bits, settings.signed, name) for g in counts}
               for name, r in tqdm(sorted(token_layers.items()), desc="IGQ groups", unit="layer",
@@ -276,4 +281,46 @@ def group_layers(plan: QuantPlan, forward: Callable, layers: dict[str, nn.Module
     out = QuantPlan(plan.num_train_timesteps, plan.target, attention=plan.attention)
     for name, lp in plan.layers.items():
         out.add(dataclasses.replace(lp, input_groups=fitted[name][choice[name]]) if name in choice else lp)
+    return out, info
+
+
+def static_factors(r: InstanceRanges, groups: int, bits: int, name: str) -> tuple[torch.Tensor, GroupQuant]:
+    """Static groups of one layer (the TensorRT variant, in the spirit of SmoothQuant): channels grouped once, at
+    calibration, by their range over every calibration instance (`fit_groups` on the per-channel min / max), and
+    each channel's group scale s_g(c) turned into a factor f_c = s_max / s_g(c) ≥ 1 that multiplies the input
+    before one per-tensor quantizer of scale s_max: channel c is then quantized with step s_g(c), exactly its
+    group's. The layer's weight columns are divided by f_c (W x = (W / f)(f x)). Returns f [C] and the groups."""
+    m, big_m = r.m.amin(dim=0, keepdim=True), r.big_m.amax(dim=0, keepdim=True)
+    gq = fit_groups(m, big_m, groups, bits, True, name)
+    g = assign(m, big_m, gq)[0]
+    scale = gq.scale.double()
+    return (scale.max() / scale[g]).float(), gq
+
+
+def static_groups(plan: QuantPlan, layers: dict[str, nn.Module], token_layers: dict[str, InstanceRanges],
+                  settings: IgqSettings) -> tuple[QuantPlan, dict[str, Any]]:
+    """`plan` with static groups on the token layers (`static_factors`): their weights re-rounded (round to
+    nearest, the layer's layout) after the columns are divided by the factors, their input quantizer the constant
+    per-tensor scale s_max (symmetric: the `trt` target's int8)."""
+    if not settings.signed:
+        raise DenoqError("activations.igq_mode=static folds group scales into one symmetric per-tensor quantizer; "
+                         "it is for target=trt (use activations.igq_mode=dynamic with target=ort-cpu)")
+    if settings.budget > 0:
+        raise DenoqError("activations.igq_budget allocates dynamic groups by their run-time cost; static groups "
+                         "cost nothing at run time: leave activations.igq_budget=0 with activations.igq_mode=static")
+    out = QuantPlan(plan.num_train_timesteps, plan.target, attention=plan.attention)
+    for name, lp in plan.layers.items():
+        if name not in token_layers:
+            out.add(lp)
+            continue
+        factors, gq = static_factors(token_layers[name], settings.groups, settings.bits, name)
+        w = layers[name].weight.detach().float() / factors
+        rounding = GptqSettings(bits=lp.weight_bits, group_size=lp.block_size)
+        wq = rtn(w, rounding)
+        requantized = layer_plan(name, layers[name], wq, rounding)
+        table = torch.full_like(lp.input.scale, float(gq.scale.max()))
+        out.add(dataclasses.replace(requantized, input=dataclasses.replace(lp.input, scale=table),
+                                    output=lp.output, input_factors=factors))
+    info = {"groups": settings.groups, "mode": "static", "layers": dict.fromkeys(sorted(token_layers),
+                                                                               settings.groups)}
     return out, info

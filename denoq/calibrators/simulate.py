@@ -25,7 +25,8 @@ A layer with IGQ-ViT groups (`LayerPlan.input_groups`) quantizes its token input
 group quantizers instead of its one scale (`denoq.calibrators.igq.fake_quant_groups`). Planned attention modules
 (`plan.attention`) compute their attention as the graph does (`denoq.calibrators.attention.QuantAttnProcessor`)
 with the four matmul inputs fake-quantized; the probabilities by token-wise groups where the plan has them
-(`fake_quant_rows`).
+(`fake_quant_rows`). Static groups (`LayerPlan.input_factors`) multiply the input by constant per-channel factors
+before its quantizer, as the graph's Mul does (their inverse is folded into the plan's weights).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class SimulatedLayer(nn.Module):
         if num_timesteps is not None:  # every table: length T, finite, positive
             selector_tables(plan.name, plan.input, plan.output, num_timesteps)
         self.selected = any(q is not None and not q.is_constant for q in (plan.input, plan.output))
-        if self.selected and plan.input_groups is not None:
+        if self.selected and (plan.input_groups is not None or plan.input_factors is not None):
             raise DenoqError(f"layer {plan.name}: IGQ groups and timestep groups on one input are not supported; "
                              "set activations.timestep_groups=1 or activations.igq_groups=0")
         if self.selected:
@@ -92,6 +93,8 @@ class SimulatedLayer(nn.Module):
                              f"{None if t is None else tuple(t.shape)}; call the SimulatedModel, not its layers")
         if self.selected:
             return self._forward_selected(x, t)
+        if self.plan.input_factors is not None:  # static groups: the graph's constant Mul before Q
+            x = x * self.plan.input_factors.to(x.device)
         if self.plan.input_groups is not None:
             x = fake_quant_groups(x, self.plan.input_groups)
         elif self.plan.input is not None:

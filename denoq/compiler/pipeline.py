@@ -202,7 +202,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                                                   None if inputs.cond is None else inputs.cond[:1]))
         plan, igq_info = group_layers(plan, fp, layers, calib, macs, IgqSettings(
             recipe["activations.igq_groups"], recipe["activations.igq_budget"], recipe["activations.bits"],
-            activation_signed(target)), progress=progress)
+            activation_signed(target), recipe["activations.igq_mode"]), progress=progress)
     learned: dict[str, Any] | None = None
     if settings_aq is not None:
         plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),

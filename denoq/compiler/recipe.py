@@ -94,8 +94,9 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "target trt with trt.fp16: comma-separated module-name patterns (fnmatch; @in / @out = the model's "
             "input / output layer: conv_in / conv_out of a UNet, pos_embed.proj / proj_out_2 of a DiT) computed in "
             "float32 with everything after them up to the next quantized layer (the output head)"),
-    KeySpec("weights.bits", 8, int, "weight bits (symmetric; 3 is for experiments)",
-            choices=(8, 4, 3), planned=lambda v: v in (2, 6)),
+    KeySpec("weights.bits", 8, int,
+            "weight bits (symmetric; 6 in the int8 container, 4 as ONNX int4 on MatMul / Gemm; 3 is for experiments)",
+            choices=(8, 6, 4, 3), planned=lambda v: v == 2),
     KeySpec("weights.method", "rtn", str,
             "weight rounding: rtn = round to nearest; gptq = GPTQ (lazy blocks); obq = Optimal Brain Quantizer "
             "(greedy, slow on wide layers); adaround = learned rounding and activation scales (accuquant.*)",
@@ -142,6 +143,10 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "IGQ-ViT instance-aware groups per token activation (inputs of Linear layers on tokens; with "
             "attention.quantize also token-wise groups of the softmax): each instance's channels go to the nearest "
             "of G calibrated quantizers; 0 = off (one scale per tensor)", lo=0, hi=64),
+    KeySpec("activations.igq_mode", "dynamic", str,
+            "IGQ-ViT groups: dynamic = assigned per instance at run time (ONNX ops ORT runs; not TensorRT); static "
+            "= channels grouped at calibration, group scales folded into per-channel factors on the input (one Mul) "
+            "and the weights around one per-tensor Q/DQ (TensorRT; target=trt)", choices=("dynamic", "static")),
     KeySpec("activations.igq_budget", 0.0, float,
             "IGQ-ViT group allocation: BOP budget as a multiple of the BOPs with one group everywhere (≥ 1); each "
             "layer gets 1, 2, 4, … up to activations.igq_groups groups, most error removed per BOP first; "

@@ -37,7 +37,9 @@ assignment as ONNX ops ORT runs. For a token input x [B, L, C]: m, M = ReduceMin
 the width w = M − m (symmetric: Max(|m|, |M|)), g = ArgMin(Max(w / w_g, w_g / w)) per (instance, channel) against
 the G group widths, s, z = Gather(scales, g), Gather(zero points, g), then the quantizer in float ops,
 x̂ = (Clip(Round(x / s) + z, qmin, qmax) − z) · s (QuantizeLinear takes no per-instance scale). Softmax rows are
-assigned by their maximum. TensorRT cannot run this (it is no Q/DQ): trt-rules reports it.
+assigned by their maximum. TensorRT cannot run this (it is no Q/DQ): trt-rules reports it. Static groups
+(`LayerPlan.input_factors`, TensorRT's variant) are a constant `Mul(x, factors)` over the channel axis before
+the layer's one input Q/DQ; the inverse factors are already in the plan's weights.
 
 Timestep-grouped scales (DESIGN.md, Timestep selector; ADP-DM, arXiv 2305.18723): a
 layer whose input scale table is not constant gets the selector rewrite of `denoq.passes.selector`
@@ -502,15 +504,23 @@ def _quantize_input(g: ir.Graph, layer: _Layer, shared: dict[tuple, ir.Value],
     assert a is not None
     x = layer.node.inputs[0]
     assert x is not None  # checked in _bind
-    if layer.ratio is None and _same_qdq(x, a):
+    factors = layer.plan.input_factors
+    if layer.ratio is None and factors is None and _same_qdq(x, a):
         return
     key = (id(x), a) if layer.ratio is None else (id(x), a, layer.ratio.tobytes())
+    if factors is not None:
+        key = (*key, factors.numpy().tobytes())
     if key not in shared:
         module = layer.ref.module
         mul = None
         if layer.ratio is not None:  # x → Mul(R) → Q(s0) → DQ(s0)
             r_b = ratios.broadcast(layer.ratio, selector.layer_rank(layer.node, module), module, layer.node)
             mul = ir.node("Mul", [x, r_b], name=f"{module}/timestep_ratio/Mul",
+                          outputs=[ir.val(f"{module}.input_scaled", layer.ftype, x.shape)])
+            x = mul.outputs[0]
+        elif factors is not None:  # static groups: x → Mul(factors over the channel axis) → Q → DQ
+            f = _initializer(g, f"{module}.input_factors", factors.numpy().astype(layer.ftype.numpy()))
+            mul = ir.node("Mul", [x, f], name=f"{module}/input_factors/Mul",
                           outputs=[ir.val(f"{module}.input_scaled", layer.ftype, x.shape)])
             x = mul.outputs[0]
         nodes = _qdq(g, x, a, module, "input", layer.ftype)
