@@ -27,6 +27,7 @@ from denoq.compiler.artifact import Artifact
 from denoq.compiler.evaluate import EvalSettings, evaluate
 from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import load_recipe
+from denoq.figures import figure_png
 
 KEYS = ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp", "class_accuracy_fp", "class_accuracy")
 
@@ -44,8 +45,6 @@ def compile_once(model: str, preset: str, sets: list[str], out: Path) -> tuple[A
 def study_png(rows: list[dict[str, Any]]) -> bytes:
     """FD to FP (left) and class accuracy (right, FP dashed) against the guidance scale, one line per
     configuration."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,10 +66,7 @@ def study_png(rows: list[dict[str, Any]]) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from denoq.compiler.artifact import Artifact
 from denoq.compiler.evaluate import EvalSettings, evaluate
 from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import load_recipe
+from denoq.figures import figure_png
 
 PRECISIONS = {"W8A8": ("w8a8", []), "W6A6": ("w8a8", ["weights.bits=6", "activations.bits=6"]),
               "W4A8": ("w4a8", []), "W4A4": ("w4a8", ["activations.bits=4"])}
@@ -74,8 +75,6 @@ def run_row(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def study_png(results: list[dict[str, Any]]) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,10 +100,7 @@ def study_png(results: list[dict[str, Any]]) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
