@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/denoq eval $(ART)
 	@echo "open $(ART)/report.html for the pictures; the ORT sample grid is $(ART)-grid.png"
 
-# the whole suite, slow end-to-end tests included (~12 min on 2 cores); plain `pytest` runs the fast ones
+# the whole suite, slow end-to-end tests included (~14 min on 2 cores); plain `pytest` runs the fast ones
 test: install-dev
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
