@@ -183,26 +183,10 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                                             calib, observer, seed=recipe["seed"], progress=progress)
         search.update({key: round(v, 6) for key, v in terms.items()})
     if recipe["attention.quantize"]:
-        if recipe["activations.bits"] > 8:
-            raise DenoqError("attention.quantize=true quantizes activations, but activations.bits = 16; set "
-                             "activations.bits to 8 (or 6, 4)")
-        attn_stats = collect_attention_stats(spec.module, fp, calib, seed=recipe["seed"], progress=progress)
-        if not attn_stats:
-            raise DenoqError(f"attention.quantize=true but {spec.name} has no diffusers Attention module; set "
-                             "attention.quantize=false")
-        for ap in attention_plans(attn_stats, observer, spec.num_train_timesteps, recipe["activations.igq_groups"]):
-            plan.add_attention(ap)
+        quantize_attention(spec, recipe, plan, calib, observer, progress)
     igq_info = None
     if recipe["activations.igq_groups"] > 0:
-        if recipe["activations.bits"] > 8 or recipe["activations.timestep_groups"] > 1:
-            raise DenoqError("activations.igq_groups groups quantized activations with one set of quantizers: set "
-                             "activations.bits ≤ 8 and activations.timestep_groups=1")
-        inputs = check_inputs(spec, calib)
-        macs = layer_macs(spec.module, lambda: fp(inputs.sample[:1], inputs.timestep[:1],
-                                                  None if inputs.cond is None else inputs.cond[:1]))
-        plan, igq_info = group_layers(plan, fp, layers, calib, macs, IgqSettings(
-            recipe["activations.igq_groups"], recipe["activations.igq_budget"], recipe["activations.bits"],
-            activation_signed(target), recipe["activations.igq_mode"]), progress=progress)
+        plan, igq_info = instance_groups(spec, recipe, plan, layers, calib, progress)
     learned: dict[str, Any] | None = None
     if settings_aq is not None:
         plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),
@@ -220,6 +204,37 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
             **({} if igq_info is None else {"igq": igq_info}),
             "seconds": round(time.perf_counter() - start, 2)}
     return plan, calib, info, ptqd
+
+
+def quantize_attention(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, calib: CalibrationSet,
+                       observer: ObserverSettings, progress: bool) -> None:
+    """`attention.quantize`: add the attention matmuls' quantizers to `plan` (with `activations.igq_groups`, the
+    softmax's token-wise groups too)."""
+    if recipe["activations.bits"] > 8:
+        raise DenoqError("attention.quantize=true quantizes activations, but activations.bits = 16; set "
+                         "activations.bits to 8 (or 6, 4)")
+    stats = collect_attention_stats(spec.module, torch_eps(spec.module), calib, seed=recipe["seed"],
+                                    progress=progress)
+    if not stats:
+        raise DenoqError(f"attention.quantize=true but {spec.name} has no diffusers Attention module; set "
+                         "attention.quantize=false")
+    for ap in attention_plans(stats, observer, spec.num_train_timesteps, recipe["activations.igq_groups"]):
+        plan.add_attention(ap)
+
+
+def instance_groups(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, layers: dict[str, nn.Module],
+                    calib: CalibrationSet, progress: bool) -> tuple[QuantPlan, dict[str, Any]]:
+    """`activations.igq_groups`: the plan with IGQ-ViT groups on its token layers, and what was chosen."""
+    if recipe["activations.bits"] > 8 or recipe["activations.timestep_groups"] > 1:
+        raise DenoqError("activations.igq_groups groups quantized activations with one set of quantizers: set "
+                         "activations.bits ≤ 8 and activations.timestep_groups=1")
+    fp = torch_eps(spec.module)
+    inputs = check_inputs(spec, calib)
+    macs = layer_macs(spec.module, lambda: fp(inputs.sample[:1], inputs.timestep[:1],
+                                              None if inputs.cond is None else inputs.cond[:1]))
+    return group_layers(plan, fp, layers, calib, macs, IgqSettings(
+        recipe["activations.igq_groups"], recipe["activations.igq_budget"], recipe["activations.bits"],
+        activation_signed(recipe["target"]), recipe["activations.igq_mode"]), progress=progress)
 
 
 def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
@@ -267,7 +282,7 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
     return checks
 
 
-def check_scales(calib: CalibrationSet, scales: list[float]) -> torch.Tensor:
+def check_scales(scales: list[float]) -> torch.Tensor:
     """Guidance scales for the parity batch (`check_inputs`, CHECK_BATCH rows): the calibration's scales in turn,
     or 1, 2, 4 in turn when the calibration was unguided."""
     pool = scales or [1.0, 2.0, 4.0]
@@ -369,7 +384,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
                 log(f"TensorRT: {summarize(rules)} (manifest trt_rules; denoq build refuses this graph)", quiet)
         checks = parity(spec, plan, inputs, fp_path, qdq_path, None if scales else ptqd, half_path)
         if guided_path is not None:
-            checks.update(guided_parity(spec, plan, inputs, check_scales(calib, scales), qdq_path, guided_path,
+            checks.update(guided_parity(spec, plan, inputs, check_scales(scales), qdq_path, guided_path,
                                         ptqd if scales else None))
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
