@@ -193,6 +193,7 @@ class AttentionPlan:
     name: str
     quants: dict[str, ActQuant]
     p_groups: GroupQuant | None = None  # IGQ-ViT's token-wise groups of the probabilities (replaces quants["p"])
+    p_log2: bool = False  # probabilities on the log2 grid 2^−q, q ∈ [0, 2^bits − 1] (replaces quants["p"])
 
     def __post_init__(self) -> None:
         if sorted(self.quants) != sorted(ATTENTION_ROLES):
@@ -263,6 +264,7 @@ class QuantPlan:
         attention = {name: {role: q.meta() for role, q in sorted(self.attention[name].quants.items())}
                      | ({} if self.attention[name].p_groups is None else
                         {"p_groups": self.attention[name].p_groups.meta()})
+                     | ({"p_log2": True} if self.attention[name].p_log2 else {})
                      for name in sorted(self.attention)}
         return {"num_train_timesteps": self.num_train_timesteps, "target": self.target, "layers": layers,
                 "attention": attention}
@@ -306,7 +308,7 @@ class QuantPlan:
                 plan.add_attention(AttentionPlan(name, {
                     role: ActQuant(bits=qm["bits"], signed=qm["signed"], zero_point=qm["zero_point"],
                                    scale=tensors[f"{name}.attn_{role}_scale"])
-                    for role, qm in roles.items() if role != "p_groups"}, p_groups))
+                    for role, qm in roles.items() if role in ATTENTION_ROLES}, p_groups, bool(roles.get("p_log2"))))
             except KeyError as exc:
                 raise DenoqError(f"quantization plan {path} lacks tensor {exc} of attention {name}; "
                                  "recompile the artifact") from exc

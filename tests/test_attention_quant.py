@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import save_dit_pipeline, tiny_dit
 
-from denoq.calibrators.attention import attention_plans, explicit_attention
+from denoq.calibrators.attention import attention_plans, explicit_attention, fake_quant_log2
 from denoq.calibrators.observers import ObserverSettings, observe_qparams
 from denoq.calibrators.stats import TensorStats
 from denoq.compiler.artifact import Artifact
@@ -108,3 +108,37 @@ def test_attention_quantization_needs_quantized_activations(dit_pipeline, tmp_pa
     assert main(["compile", str(dit_pipeline), "--out", str(tmp_path / "a"), *FAST, "--set",
                  "activations.bits=16", "--set", "weights.bits=4"]) == 2
     assert "attention.quantize=true quantizes activations" in capsys.readouterr().err
+
+
+def test_log2_grid_keeps_small_probabilities():
+    p = torch.softmax(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    q = fake_quant_log2(p, 8)
+    exponents = -torch.log2(q)
+    assert torch.equal(exponents, exponents.round()) and bool((q <= 1).all())  # powers of two in (0, 1]
+    assert float(((q - p).abs() / p).max()) < 0.42  # 2^±0.5 − 1: every probability within half an octave
+    uniform = torch.round(p * 255) / 255
+    assert bool((uniform[p < 1 / 510] == 0).all()) and bool((q[p < 1 / 510] > 0).all())
+    assert float(fake_quant_log2(torch.zeros(1), 4)[0]) == 2.0**-15  # p = 0 → the grid's smallest level
+
+
+def test_log2_grid_graph_matches_the_simulation(dit_pipeline, tmp_path):
+    out = tmp_path / "log2"
+    assert main(["compile", str(dit_pipeline), "--out", str(out), *FAST, "--set", "attention.softmax_grid=log2",
+                 "--set", "target=ort-cpu"]) == 0
+    art = Artifact.open(out)
+    assert all(ap.p_log2 for ap in artifact_plan(art).attention.values())
+    assert art.manifest["checks"]["qdq_ort_vs_sim_over_quant_error"] < 0.5
+    graph = onnx.load(str(art.file("model.qdq.onnx")))
+    assert sum(n.op_type == "Pow" for n in graph.graph.node) == 2  # one per attention module
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["attention.quantize=false", "attention.softmax_grid=log2"], "add --set attention.quantize=true"),
+    (["attention.softmax_grid=log2", "activations.igq_groups=2"], "choose one"),
+])
+def test_log2_grid_refusals(dit_pipeline, tmp_path, capsys, sets, message):
+    argv = ["compile", str(dit_pipeline), "--out", str(tmp_path / "a"), *FAST]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -44,6 +44,7 @@ EXPECTED_DEFAULTS = {
     "activations.igq_mode": "dynamic",
     "activations.igq_budget": 0.0,
     "attention.quantize": False,
+    "attention.softmax_grid": "uniform",
     "ptqd.enabled": False,
     "ptqd.correlation": True,
     "ptqd.vsc": False,

@@ -9,7 +9,8 @@ the Q/DQ graph quantizes the four matmul inputs, `q` = Q·√s, `k` = Kᵀ·√s
 with a constant scale (TensorRT's fused INT8 attention takes constant scales; its fused kernels stop at sequence
 length 512, where keeping attention in FP16, the default, is the choice). `p` lies in [0, 1]: it is quantized with
 its own unsigned range (uint8 on the `ort-cpu` target; the non-negative half of int8 on `trt`, whose activations
-are symmetric int8).
+are symmetric int8), or, with `attention.softmax_grid=log2`, on the log2 grid 2^−q (`fake_quant_log2`; float ops
+in the graph, ONNX Runtime only: TensorRT has no such quantizer).
 
 `QuantAttnProcessor` computes attention exactly in that order, with a hook `quant(role, x)` on each matmul input:
 the identity plus a recorder during calibration, fake quantization in the simulation. It supports the
@@ -35,6 +36,7 @@ from denoq.layers import attention_modules
 from denoq.plan import ATTENTION_ROLES, ActQuant, AttentionPlan
 
 Quant = Callable[[str, torch.Tensor], torch.Tensor]
+LN2 = torch.tensor(math.log(2.0), dtype=torch.float32)  # the graph's float32 constant
 
 
 def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, quant: Quant) -> torch.Tensor:
@@ -82,6 +84,14 @@ class QuantAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Probabilities on the log2 grid: p̂ = 2^−q with q = clip(round(−ln p / ln 2), 0, 2^bits − 1), in the graph's op
+    order (Log, Div, Neg, Round, Clip, Neg, Pow). Small probabilities keep their relative precision (a uniform
+    8-bit grid on [0, 1] rounds every p < 1/510 to 0); p = 0 maps to 2^−(2^bits − 1) (0 in float32 at 8 bits)."""
+    q = torch.clamp(torch.round(-(torch.log(p) / LN2)), 0, 2**bits - 1)
+    return torch.pow(2.0, -q)
 
 
 def check_supported(name: str, attn: nn.Module) -> None:
@@ -133,12 +143,16 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
 
 
 def attention_plans(stats: dict[str, dict[str, TensorStats]], observer: ObserverSettings,
-                    num_train_timesteps: int, row_groups_count: int = 0) -> list[AttentionPlan]:
+                    num_train_timesteps: int, row_groups_count: int = 0, log2: bool = False) -> list[AttentionPlan]:
     """Constant per-tensor quantizers of every attention module's matmul inputs from their statistics (q, k, v:
     the recipe's observer). `p` (the probabilities) on [0, max observed P], never clipped: an observer that
     minimizes the mean error clips the rare large probabilities, which are the ones attention is made of. Its zero
     point is 0: uint8 when the target's activations are unsigned, else the non-negative half of int8 (TensorRT).
-    `row_groups_count` > 0 adds IGQ-ViT's token-wise groups of `p`, fitted on the rows' maxima."""
+    `row_groups_count` > 0 adds IGQ-ViT's token-wise groups of `p`, fitted on the rows' maxima; `log2` puts `p`
+    on the log2 grid instead (`fake_quant_log2`; the two exclude each other)."""
+    if log2 and row_groups_count > 0:
+        raise DenoqError("attention.softmax_grid=log2 and activations.igq_groups both replace the softmax's "
+                         "quantizer; choose one (attention.softmax_grid=uniform keeps the token-wise groups)")
     plans = []
     for name in sorted(stats):
         quants = {}
@@ -153,5 +167,5 @@ def attention_plans(stats: dict[str, dict[str, TensorStats]], observer: Observer
         groups = None
         if row_groups_count > 0:
             groups = row_groups(stats[name]["p_rows"].pooled()[0], row_groups_count, observer.bits, observer.signed)
-        plans.append(AttentionPlan(name, quants, groups))
+        plans.append(AttentionPlan(name, quants, groups, log2))
     return plans

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denoq.calibrators.attention import install
+from denoq.calibrators.attention import fake_quant_log2, install
 from denoq.calibrators.igq import fake_quant_groups, fake_quant_rows
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
@@ -161,6 +161,8 @@ class SimulatedModel(nn.Module):
     def _attention_quant(self, ap: AttentionPlan):
         """The fake-quantization hook of one attention module's matmul inputs (constant scales)."""
         def quant(role: str, x: torch.Tensor) -> torch.Tensor:
+            if role == "p" and ap.p_log2:
+                return fake_quant_log2(x, ap.quants["p"].bits)
             if role == "p" and ap.p_groups is not None:
                 return fake_quant_rows(x, ap.p_groups)
             return fake_quant_at(x, ap.quants[role], self.clock.t)

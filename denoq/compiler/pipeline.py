@@ -182,6 +182,9 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
                                             calib, observer, seed=recipe["seed"], progress=progress)
         search.update({key: round(v, 6) for key, v in terms.items()})
+    if recipe["attention.softmax_grid"] != "uniform" and not recipe["attention.quantize"]:
+        raise DenoqError(f"attention.softmax_grid={recipe['attention.softmax_grid']} sets how quantized attention "
+                         "rounds its softmax, but attention.quantize=false; add --set attention.quantize=true")
     if recipe["attention.quantize"]:
         quantize_attention(spec, recipe, plan, calib, observer, progress)
     igq_info = None
@@ -218,7 +221,8 @@ def quantize_attention(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, calib: 
     if not stats:
         raise DenoqError(f"attention.quantize=true but {spec.name} has no diffusers Attention module; set "
                          "attention.quantize=false")
-    for ap in attention_plans(stats, observer, spec.num_train_timesteps, recipe["activations.igq_groups"]):
+    for ap in attention_plans(stats, observer, spec.num_train_timesteps, recipe["activations.igq_groups"],
+                              recipe["attention.softmax_grid"] == "log2"):
         plan.add_attention(ap)
 
 

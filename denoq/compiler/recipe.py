@@ -155,6 +155,9 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "quantize the inputs of the attention matmuls (Q·Kᵀ and softmax·V; the probabilities on their own "
             "non-negative range) with activations.bits; false = attention stays in float (FP16 on TensorRT, whose "
             "fused INT8 attention stops at sequence length 512)"),
+    KeySpec("attention.softmax_grid", "uniform", str,
+            "with attention.quantize: the softmax probabilities' grid; uniform = Q/DQ on [0, max P]; log2 = 2^−q, "
+            "q < 2^bits (keeps small probabilities; float ops, ONNX Runtime only)", choices=("uniform", "log2")),
     KeySpec("ptqd.enabled", False, bool,
             "PTQD correction head: ε = (ε_q − bias[t]) / (1 + k[t]), statistics per step of the calibration sampler "
             "(sampling must then use calib.sampler with calib.steps)"),

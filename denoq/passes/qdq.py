@@ -30,7 +30,8 @@ For each planned layer (found through the `denoq.layer_map` metadata, never by n
 Attention matmuls (plans with `attention`, `denoq.calibrators.attention`): each planned attention module, found
 through the `denoq.attention_map` metadata, gets `Q → DQ` on both inputs of its Q·Kᵀ MatMul (the scaled query
 `attn_q`, the scaled transposed key `attn_k`) and of its P·V MatMul (the softmax probabilities `attn_p`, the values
-`attn_v`), with the plan's constant scales (an attention quantizer has no timestep selector).
+`attn_v`), with the plan's constant scales (an attention quantizer has no timestep selector); probabilities on the
+log2 grid (`AttentionPlan.p_log2`) as `Pow(2, −Clip(Round(−Log(p) / ln 2)))` in float ops instead.
 
 IGQ-ViT groups (`LayerPlan.input_groups`, `AttentionPlan.p_groups`; `denoq.calibrators.igq`): the dynamic
 assignment as ONNX ops ORT runs. For a token input x [B, L, C]: m, M = ReduceMin / ReduceMax over the tokens,
@@ -176,9 +177,13 @@ class InsertQDQ:
                 _quantize_input(g, layer, shared, ratios)
         for module, node, idx, role, a in attention:
             x = node.inputs[idx]
-            groups = self.plan.attention[module].p_groups if role == "p" else None
-            nodes = (_qdq(g, x, a, module, f"attn_{role}", x.dtype) if groups is None
-                     else _group_qdq(g, x, groups, module, "attn_p", rows=True))
+            ap = self.plan.attention[module]
+            if role == "p" and ap.p_log2:
+                nodes = _log2_qdq(g, x, ap.quants["p"].bits, module)
+            elif role == "p" and ap.p_groups is not None:
+                nodes = _group_qdq(g, x, ap.p_groups, module, "attn_p", rows=True)
+            else:
+                nodes = _qdq(g, x, a, module, f"attn_{role}", x.dtype)
             g.insert_before(node, nodes)
             node.replace_input_with(idx, nodes[-1].outputs[0])
         g.sort()
@@ -416,6 +421,26 @@ def _group_qdq(g: ir.Graph, x: ir.Value, gq: GroupQuant, module: str, role: str,
     q = op("Clip", [op("Add", [op("Round", [op("Div", [x, s])]), z]), const("qmin", np.array(qmin, f32)),
                     const("qmax", np.array(qmax, f32))])
     op("Mul", [op("Sub", [q, z]), s])
+    return nodes
+
+
+def _log2_qdq(g: ir.Graph, x: ir.Value, bits: int, module: str) -> list[ir.Node]:
+    """Probabilities on the log2 grid, `Pow(2, −Clip(Round(−(Log(x) / ln 2)), 0, 2^bits − 1))`, as float32 ops
+    (`denoq.calibrators.attention.fake_quant_log2`); the last node gives p̂."""
+    pre, nodes = f"{module}.attn_p_log2", []
+
+    def op(kind: str, inputs: list) -> ir.Value:
+        node = ir.node(kind, inputs, name=f"{module}/attn_p_log2/{kind}_{len(nodes)}",
+                       outputs=[ir.val(f"{pre}.v{len(nodes)}")])
+        nodes.append(node)
+        return node.outputs[0]
+
+    def const(name: str, value: float) -> ir.Value:
+        return _initializer(g, f"{pre}.{name}", np.array(value, np.float32))
+
+    q = op("Neg", [op("Div", [op("Log", [x]), const("ln2", math.log(2.0))])])
+    q = op("Clip", [op("Round", [q]), const("qmin", 0.0), const("qmax", 2.0**bits - 1)])
+    op("Pow", [const("two", 2.0), op("Neg", [q])])
     return nodes
 
 
