@@ -135,3 +135,18 @@ def tiny_class_unet(seed: int = 0):
 @pytest.fixture(scope="session")
 def class_pipeline(tmp_path_factory):
     return save_pipeline(tiny_class_unet(), tmp_path_factory.mktemp("models") / "tiny-class")
+
+
+def compile_refused(capsys, model: Path, out: Path, *options: str, sets: tuple[str, ...] = ()) -> str:
+    """Run `denoq compile MODEL --out OUT OPTIONS --set S…`; assert it exits 2 with one error line and leaves no
+    artifact; return that line."""
+    from denoq.compiler.cli import main
+
+    argv = ["compile", str(model), "--out", str(out), *options]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out.exists()
+    return err
