@@ -144,9 +144,10 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "attention.quantize also token-wise groups of the softmax): each instance's channels go to the nearest "
             "of G calibrated quantizers; 0 = off (one scale per tensor)", lo=0, hi=64),
     KeySpec("activations.igq_mode", "dynamic", str,
-            "IGQ-ViT groups: dynamic = assigned per instance at run time (ONNX ops ORT runs; not TensorRT); static "
-            "= channels grouped at calibration, group scales folded into per-channel factors on the input (one Mul) "
-            "and the weights around one per-tensor Q/DQ (TensorRT; target=trt)", choices=("dynamic", "static")),
+            "IGQ-ViT groups: dynamic = assigned per instance at run time (ONNX ops ORT runs; TensorRT would run "
+            "those layers with float activations); static = channels grouped at calibration, group scales folded "
+            "into per-channel factors on the input (one Mul) and the weights around one per-tensor Q/DQ (TensorRT; "
+            "target=trt)", choices=("dynamic", "static")),
     KeySpec("activations.igq_budget", 0.0, float,
             "IGQ-ViT group allocation: BOP budget as a multiple of the BOPs with one group everywhere (≥ 1); each "
             "layer gets 1, 2, 4, … up to activations.igq_groups groups, most error removed per BOP first; "

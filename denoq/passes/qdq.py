@@ -38,7 +38,8 @@ assignment as ONNX ops ORT runs. For a token input x [B, L, C]: m, M = ReduceMin
 the width w = M − m (symmetric: Max(|m|, |M|)), g = ArgMin(Max(w / w_g, w_g / w)) per (instance, channel) against
 the G group widths, s, z = Gather(scales, g), Gather(zero points, g), then the quantizer in float ops,
 x̂ = (Clip(Round(x / s) + z, qmin, qmax) − z) · s (QuantizeLinear takes no per-instance scale). Softmax rows are
-assigned by their maximum. TensorRT cannot run this (it is no Q/DQ): trt-rules reports it. Static groups
+assigned by their maximum. These layers then have no activation Q/DQ: TensorRT would run them with float
+activations (the trt-rules check, which reads Q/DQ placement, does not flag that). Static groups
 (`LayerPlan.input_factors`, TensorRT's variant) are a constant `Mul(x, factors)` over the channel axis before
 the layer's one input Q/DQ; the inverse factors are already in the plan's weights.
 
