@@ -66,11 +66,11 @@ def channel_widths(m: torch.Tensor, big_m: torch.Tensor, signed: bool) -> torch.
     return torch.maximum(m.abs(), big_m.abs()) if signed else big_m - m
 
 
-def nearest(width: torch.Tensor, group_widths: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+def nearest(width: torch.Tensor, group_widths: torch.Tensor) -> torch.Tensor:
     """Index of the group width nearest to `width` on a log scale, max(w / w_g, w_g / w) (first on ties), over a
     new last axis. Divisions are correctly rounded in every executor, so the graph picks the same groups."""
     w = width.unsqueeze(-1)
-    return torch.maximum(w / group_widths, group_widths / w).argmin(dim=-1, keepdim=keepdim)
+    return torch.maximum(w / group_widths, group_widths / w).argmin(dim=-1)
 
 
 def assign(m: torch.Tensor, big_m: torch.Tensor, gq: GroupQuant) -> torch.Tensor:
@@ -109,7 +109,7 @@ def fit_groups(m: torch.Tensor, big_m: torch.Tensor, groups: int, bits: int, sig
     logs = widths.log()
     center = torch.linspace(float(torch.quantile(logs, 0.01)), float(logs.max()), groups, dtype=torch.float64)
     a = nearest(widths, center.exp())
-    for _ in range(KMEANS_ITERS):  # Lloyd's k-means on log widths: converges (the max would only ratchet up)
+    for _ in range(KMEANS_ITERS):  # Lloyd's k-means on log widths (a max update would only ever grow)
         for g in range(groups):
             if (a == g).any():  # an empty group keeps its center
                 center[g] = logs[a == g].mean()
