@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.igq import row_groups
@@ -130,10 +129,8 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
 
     install(modules, recorder)
     try:
-        total = sum(-(-xi.shape[0] // batch_size) for xi in calib.x)
         with torch.no_grad():
-            for x, t, cond in tqdm(calib.batches(batch_size), total=total, desc="attention statistics",
-                                   unit="batch", disable=not progress):
+            for x, t, cond in calib.progress_batches(batch_size, "attention statistics", progress):
                 current_t[0] = int(t[0])
                 forward(x, t, cond)
     finally:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from denoq.errors import DenoqError
 from denoq.sampling import NoiseSchedule, sample
@@ -63,6 +64,17 @@ class CalibrationSet:
             else:
                 null = self.null_cond.to(cb.dtype).expand(cb.shape[0], *cb.shape[1:])
                 yield torch.cat([xb, xb]), torch.cat([tb, tb]), torch.cat([null, cb])
+
+    def num_batches(self, batch_size: int) -> int:
+        """How many batches `batches(batch_size)` yields."""
+        states = batch_size if self.guidance is None else max(1, batch_size // 2)
+        return sum(-(-xi.shape[0] // states) for xi in self.x)
+
+    def progress_batches(self, batch_size: int, desc: str, progress: bool = True
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """`batches(batch_size)` under a progress bar named `desc` (none when `progress` is false)."""
+        return tqdm(self.batches(batch_size), total=self.num_batches(batch_size), desc=desc, unit="batch",
+                    disable=not progress)
 
     def take(self, steps: list[int], samples: int | None = None) -> CalibrationSet:
         """The recorded steps at indices `steps` (in that order), of the first `samples` trajectories (all: None)."""

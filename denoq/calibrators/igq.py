@@ -162,10 +162,8 @@ def collect_ranges(forward: Callable, layers: dict[str, nn.Module], calib: Calib
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     try:
-        total = sum(-(-xi.shape[0] // batch_size) for xi in calib.x)
         with torch.no_grad():
-            for x, t, cond in tqdm(calib.batches(batch_size), total=total, desc="IGQ channel ranges",
-                                   unit="batch", disable=not progress):
+            for x, t, cond in calib.progress_batches(batch_size, "IGQ channel ranges", progress):
                 forward(x, t, cond)
     finally:
         for h in handles:
@@ -198,7 +196,7 @@ def output_errors(forward: Callable, layers: dict[str, nn.Module], fitted: dict[
         return pre
 
     handles = [layers[name].register_forward_pre_hook(hook(name)) for name in fitted]
-    stride = max(1, sum(-(-xi.shape[0] // batch_size) for xi in calib.x) // batches)  # spread over the steps
+    stride = max(1, calib.num_batches(batch_size) // batches)  # spread over the steps
     try:
         with torch.no_grad():
             for i, (x, t, cond) in enumerate(calib.batches(batch_size)):

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.errors import DenoqError
@@ -90,10 +89,8 @@ def collect_stats(forward: ForwardFn, layers: dict[str, nn.Module], calib: Calib
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
     try:
-        total = sum(-(-xi.shape[0] // batch_size) for xi in calib.x)
         with torch.no_grad():
-            for x, t, cond in tqdm(calib.batches(batch_size), total=total, desc="activation statistics",
-                                   unit="batch", disable=not progress):
+            for x, t, cond in calib.progress_batches(batch_size, "activation statistics", progress):
                 current_t[0] = int(t[0])
                 result = forward(x, t, cond)
                 for name, out in last_out.items():

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.errors import DenoqError
@@ -48,10 +47,8 @@ def quantization_snr(fp_eps: EpsFn, candidates: dict[str, EpsFn], trajectory: Ca
         raise DenoqError("step-aware precision needs at least one candidate model")
     signal: dict[int, float] = {}
     noise: dict[str, dict[int, float]] = {name: {} for name in candidates}
-    total = sum(-(-xi.shape[0] // batch_size) for xi in trajectory.x)
     with torch.no_grad():
-        for x, t, cond in tqdm(trajectory.batches(batch_size), total=total, desc="SNR per step", unit="batch",
-                               disable=not progress):
+        for x, t, cond in trajectory.progress_batches(batch_size, "SNR per step", progress):
             step = int(t[0])
             ref = fp_eps(x, t, cond).double()
             signal[step] = signal.get(step, 0.0) + float(ref.pow(2).sum())
