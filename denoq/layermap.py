@@ -40,12 +40,16 @@ class LayerRef:
     transposed: bool
 
 
+def _props(model: onnx.ModelProto | ir.Model) -> dict[str, str]:
+    """The model's metadata_props as a dict (an onnx proto or an onnx-ir model)."""
+    if isinstance(model, ir.Model):
+        return dict(model.metadata_props)
+    return {p.key: p.value for p in model.metadata_props}
+
+
 def read_layer_map(model: onnx.ModelProto | ir.Model) -> dict[str, LayerRef]:
     """Parse the `denoq.layer_map` metadata of `model`; DenoqError when it is missing or malformed."""
-    if isinstance(model, ir.Model):
-        props = dict(model.metadata_props)
-    else:
-        props = {p.key: p.value for p in model.metadata_props}
+    props = _props(model)
     if LAYER_MAP_KEY not in props:
         raise DenoqError(f"the ONNX model has no '{LAYER_MAP_KEY}' metadata (module → node → weight map); "
                          "export it with denoq.export, which records the map")
@@ -74,10 +78,8 @@ class AttentionRef:
 
 def read_attention_map(model: onnx.ModelProto | ir.Model) -> dict[str, AttentionRef]:
     """Parse the `denoq.attention_map` metadata of `model` ({} when the model has no attention)."""
-    props = dict(model.metadata_props) if isinstance(model, ir.Model) else {
-        p.key: p.value for p in model.metadata_props}
     try:
-        raw = json.loads(props.get(ATTENTION_MAP_KEY, "{}"))
+        raw = json.loads(_props(model).get(ATTENTION_MAP_KEY, "{}"))
         return {module: AttentionRef(module=module, qk=str(e["qk"]), softmax=str(e["softmax"]), pv=str(e["pv"]))
                 for module, e in raw.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -148,12 +148,9 @@ def ptqd_after_guidance(art: Artifact) -> bool:
     return bool((art.manifest.get("ptqd") or {}).get("guidance"))
 
 
-def guide(art: Artifact, name: str, eps: EpsFn, guidance: float | None, *, threads: int | None = None) -> EpsFn:
-    """Backend `name`'s `eps` of `art` as the sampler calls it with classifier-free guidance of scale `guidance`
-    (eq. 6, `denoq.sampling.guidance`; None: `eps` unguided). When PTQD's statistics were taken on guided outputs,
-    `ort` runs the artifact's guided graph (head inside, after the combination) and the other quantized backends
-    get the head after `classifier_free`; sampling such an artifact unguided, or at a scale it was not calibrated
-    at, is refused."""
+def check_guidance(art: Artifact, name: str, guidance: float | None) -> bool:
+    """Whether backend `name` of `art` takes PTQD's head after the guidance combination (statistics taken on
+    guided outputs); refuse sampling such an artifact unguided, or at a scale it was not calibrated at."""
     after = ptqd_after_guidance(art) and name in QUANTIZED_BACKENDS
     scales = (art.manifest.get("ptqd") or {}).get("guidance") or []
     if after and (guidance is None or float(guidance) not in [float(s) for s in scales]):
@@ -161,14 +158,29 @@ def guide(art: Artifact, name: str, eps: EpsFn, guidance: float | None, *, threa
         raise DenoqError(f"{art.path}: PTQD's statistics were taken on outputs guided at "
                          f"{', '.join(f'{s:g}' for s in scales)}; sampling {asked} would correct with the wrong "
                          f"tables: pass --guidance {scales[0]:g}, or recompile with --set calib.guidance=<scale>")
+    return after
+
+
+def guide(art: Artifact, name: str, eps: EpsFn, guidance: float | None) -> EpsFn:
+    """Backend `name`'s `eps` of `art` as the sampler calls it with classifier-free guidance of scale `guidance`
+    (eq. 6, `denoq.sampling.guidance`; None: `eps` unguided), followed by PTQD's head when its statistics were
+    taken on guided outputs (`check_guidance`, which also refuses the scales they were not)."""
+    after = check_guidance(art, name, guidance)
     if guidance is None:
         return eps
-    null = torch.tensor(int(art.manifest["model"]["num_classes"]))
-    if after and name == "ort":
+    guided = classifier_free(eps, torch.tensor(int(art.manifest["model"]["num_classes"])), guidance)
+    return with_ptqd_head(guided, artifact_ptqd(art)) if after else guided
+
+
+def guided_backend(art: Artifact, name: str, guidance: float | None, *, threads: int | None = None,
+                   spec: ModelSpec | None = None) -> EpsFn:
+    """Backend `name` of `art` guided at `guidance` (`guide`); for `ort` on an artifact whose PTQD head follows
+    the combination, the artifact's guided graph itself (doubled batch, combination and head inside), so the
+    plain session is never built."""
+    if name == "ort" and guidance is not None and check_guidance(art, name, guidance):
         from denoq.engines.ort import OrtBackend
         from denoq.passes.guidance import GUIDED_GRAPH
 
         graph = OrtBackend(art.file(GUIDED_GRAPH), threads=threads, providers=["CPUExecutionProvider"])
         return lambda x, t, cond=None: graph(x, t, cond, guidance=guidance)
-    guided = classifier_free(eps, null, guidance)
-    return with_ptqd_head(guided, artifact_ptqd(art)) if after else guided
+    return guide(art, name, make_backend(art, name, threads=threads, spec=spec), guidance)

@@ -28,7 +28,7 @@ from denoq.compiler.backends import (
     artifact_plan,
     artifact_ptqd,
     guide,
-    make_backend,
+    guided_backend,
     sampling_variance,
     torch_eps,
 )
@@ -94,14 +94,16 @@ def _sample(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: 
 
 
 def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, threads: int | None = None,
-                     spec: ModelSpec | None = None) -> tuple[EpsFn, torch.Tensor | None]:
-    """The eps callable of `backend` and the VSC variance table for sampling `art` with `sampler` / `steps`; both
-    refuse a sampler other than the one PTQD statistics or a mixed artifact's per-step choice were made for."""
+                     spec: ModelSpec | None = None, guidance: float | None = None
+                     ) -> tuple[EpsFn, torch.Tensor | None]:
+    """The eps callable of `backend` (guided at `guidance` when given, `guided_backend`) and the VSC variance table
+    for sampling `art` with `sampler` / `steps`; both refuse a sampler other than the one PTQD statistics or a
+    mixed artifact's per-step choice were made for."""
     if is_mixed(art):
-        return (mixed_backend(art, backend, sampler, steps, threads=threads, spec=spec),
-                mixed_variance(art, backend, sampler, steps))
+        return (guide(art, backend, mixed_backend(art, backend, sampler, steps, threads=threads, spec=spec),
+                      guidance), mixed_variance(art, backend, sampler, steps))
     variance = sampling_variance(art, backend, sampler, steps)  # PTQD: refuses other samplers; VSC table
-    return make_backend(art, backend, threads=threads, spec=spec), variance
+    return guided_backend(art, backend, guidance, threads=threads, spec=spec), variance
 
 
 def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
@@ -114,11 +116,10 @@ def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: floa
     if label is not None or guidance is not None:
         check_label(meta, label, guidance)
     spec = artifact_model(art) if backend.startswith("torch") or meta["cond_shape"] is not None else None
-    eps, variance = sampling_backend(art, backend, sampler, steps, threads=threads, spec=spec)
+    eps, variance = sampling_backend(art, backend, sampler, steps, threads=threads, spec=spec, guidance=guidance)
     cond = eval_cond(spec, n, seed) if spec is not None else None
     if label is not None:
         cond = torch.full((n,), label, dtype=torch.int64)
-    eps = guide(art, backend, eps, guidance, threads=threads)
     return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
                    seed=seed, n=n, cond=cond, residual_var=variance, progress=progress, callback=callback)
 
@@ -273,15 +274,13 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     """Run the evaluation, write report.json / report.html / pictures into `art`, and return the report."""
     spec = artifact_model(art)
     shape = spec.sample_shape
-    q, variance = sampling_backend(art, settings.backend, settings.sampler, settings.steps, threads=settings.threads,
-                                   spec=spec)
-    fp, _ = sampling_backend(art, settings.fp_backend, settings.sampler, settings.steps, threads=settings.threads,
-                             spec=spec)
-    cond = eval_cond(spec, settings.n, settings.seed)
     if settings.guidance is not None:
         check_label(art.manifest["model"], 0, settings.guidance)  # class-conditional (labels cycle the classes)
-    q = guide(art, settings.backend, q, settings.guidance, threads=settings.threads)
-    fp = guide(art, settings.fp_backend, fp, settings.guidance, threads=settings.threads)
+    q, variance = sampling_backend(art, settings.backend, settings.sampler, settings.steps, threads=settings.threads,
+                                   spec=spec, guidance=settings.guidance)
+    fp, _ = sampling_backend(art, settings.fp_backend, settings.sampler, settings.steps, threads=settings.threads,
+                             spec=spec, guidance=settings.guidance)
+    cond = eval_cond(spec, settings.n, settings.seed)
     kw = dict(sampler=settings.sampler, steps=settings.steps, eta=settings.eta, seed=settings.seed, n=settings.n,
               cond=cond)
 
