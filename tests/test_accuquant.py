@@ -12,9 +12,12 @@ from denoq.calibrators.accuquant import (
     AccuQuantSettings,
     Window,
     check_window,
+    eps_energies,
     reconstruct,
     run_window,
     sampler_step,
+    state_weights,
+    states_after,
     window_backward_recompute,
     window_loss,
 )
@@ -92,8 +95,9 @@ def test_export_holds_the_learned_integers_and_scales(tiny):
 
 
 # -- the window's gradients ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
-def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(tiny, sampler, eta):
+@pytest.mark.parametrize("sampler, eta, objective", [("ddim", 0.0, "end"), ("ddim", 1.0, "end"), ("ddpm", 0.0, "end"),
+                                                     ("ddim", 0.0, "every"), ("ddpm", 0.0, "every")])
+def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(tiny, sampler, eta, objective):
     spec, plan, schedule = tiny
     q = LearnableModel(spec.module, plan, init="fp")
     q_eps, step = module_eps(q), sampler_step(schedule, sampler, eta)
@@ -103,17 +107,17 @@ def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(
     x0 = torch.randn(3, 1, 16, 16, generator=g)
     window = Window(x0, [(ts[k], prev[k]) for k in range(6, 10)], [torch.randn(x0.shape, generator=g)
                                                                    for _ in range(4)])
-    target, _, _ = run_window(module_eps(spec.module), window, step)
-    norm = float((target - x0).pow(2).sum())
+    end, fp_xs, fp_outs = run_window(module_eps(spec.module), window, step)
+    targets, weights = states_after(end, fp_xs), state_weights(objective, eps_energies(window, fp_xs, fp_outs, step))
     params = [p for p in q.parameters() if p.requires_grad]
-    reference = torch.autograd.grad(window_loss(q_eps, window, step, target, norm), params)
-    value = window_backward_recompute(q_eps, window, step, target, norm)
-    assert value == pytest.approx(float(window_loss(q_eps, window, step, target, norm).detach()), rel=1e-6)
+    reference = torch.autograd.grad(window_loss(q_eps, window, step, targets, weights), params)
+    value = window_backward_recompute(q_eps, window, step, targets, weights)
+    assert value == pytest.approx(float(window_loss(q_eps, window, step, targets, weights).detach()), rel=1e-6)
     got, ref = torch.cat([p.grad.flatten() for p in params]), torch.cat([r.flatten() for r in reference])
     assert float(ref.abs().max()) > 0
     assert float((got - ref).norm() / ref.norm()) < 1e-5  # float32 sums in another order, nothing more
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
-    naive = torch.autograd.grad(window_loss(q_eps, window, step, target, norm, stop_gradient=False), params)
+    naive = torch.autograd.grad(window_loss(q_eps, window, step, targets, weights, stop_gradient=False), params)
     assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(naive, reference, strict=True))
 
 
@@ -125,13 +129,20 @@ def pool(tiny):
                                sample_shape=spec.sample_shape, seed=0, progress=False)
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window):
+def test_state_weights_of_the_end_and_every_objectives():
+    assert state_weights("end", [1.0, 2.0, 3.0]) == [0.0, 0.0, pytest.approx(1 / 6)]
+    assert state_weights("every", [1.0, 2.0, 3.0]) == [pytest.approx(1 / 10)] * 3  # 1 + (1 + 2) + (1 + 2 + 3)
+    assert state_weights("every", [4.0]) == state_weights("end", [4.0]) == [0.25]  # n = 1: the per-step loss
+
+
+@pytest.mark.parametrize("window, objective, words", [(0, "end", "per-step"), (3, "end", "window of 3 steps"),
+                                                      (3, "every", "window of 3 steps, every state")])
+def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window, objective, words):
     spec, plan, schedule = tiny
-    settings = AccuQuantSettings(window=window, iters=6, batch=4, lr=0.05, warmup=0.5, init="fp")
+    settings = AccuQuantSettings(window=window, iters=6, batch=4, lr=0.05, warmup=0.5, init="fp", objective=objective)
     learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings, progress=False)
     assert info["iters"] == 6 and info["stopped"] is None and len(info["loss_curve"]) == 6
-    assert info["objective"] == ("per-step" if window == 0 else "window of 3 steps")
+    assert info["objective"] == words
     changed = sum(int((learned.layers[n].weight_int != lp.weight_int).sum()) for n, lp in plan.layers.items())
     assert changed > 0  # the rounding moved
     for lp in learned.layers.values():
@@ -179,6 +190,8 @@ def test_bad_windows_and_settings_are_refused(tiny, pool):
         AccuQuantSettings(window=2, iters=0)
     with pytest.raises(DenoqError, match=r"perstep_iters=5 leaves no iteration of the 2-step window"):
         AccuQuantSettings(window=2, iters=5, perstep_iters=5)
+    with pytest.raises(DenoqError, match=r"objective 'middle': choose .* objective from end, every"):
+        AccuQuantSettings(window=2, objective="middle")
 
 
 # -- in the compiler -----------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         Window,
         run_window,
         sampler_step,
+        state_weights,
+        states_after,
         window_backward_recompute,
         window_loss,
     )
@@ -69,13 +71,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         shape = (batch, *spec.sample_shape)
         window = Window(torch.randn(shape, generator=g).to(device), [(ts[20 + k], prev[20 + k]) for k in range(n)],
                         [torch.randn(shape, generator=g).to(device) for _ in range(n)])
-        target, _, _ = run_window(module_eps(model), window, step)
-        norm = float((target - window.x).pow(2).sum())
+        end, xs, _ = run_window(module_eps(model), window, step)
+        targets = states_after(end, xs)
+        weights = state_weights(args.objective, [float((end - window.x).pow(2).sum()) / n] * n)
         for p in q.parameters():
             p.grad = None
         if args.variant == "recompute":
-            return window_backward_recompute(module_eps(q), window, step, target, norm)
-        loss = window_loss(module_eps(q), window, step, target, norm, stop_gradient=False)
+            return window_backward_recompute(module_eps(q), window, step, targets, weights)
+        loss = window_loss(module_eps(q), window, step, targets, weights, stop_gradient=False)
         loss.backward()
         return float(loss.detach())
 
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", default="1,2,4,8", help="comma-separated window lengths n")
     p.add_argument("--variants", default="recompute,naive")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--objective", default="end", choices=("end", "every"), help="the window's states in the loss")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where torch has it")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -131,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             for n in windows:
                 cmd = [sys.executable, __file__, "--child", "--art", str(art), "--variant", variant, "--n", str(n),
-                       "--batch", str(args.batch), "--device", args.device]
+                       "--batch", str(args.batch), "--device", args.device, "--objective", args.objective]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={
                     **os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV})
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 print(f"{variant} n={n}: {rows[-1]['peak_mb']:.1f} MB, {rows[-1]['seconds']:.2f} s", file=sys.stderr)
     base = {r["variant"]: r["peak_mb"] for r in rows if r["n"] == windows[0]}
-    print(f"Peak memory of one iteration ({args.model}, batch {args.batch}, {rows[0]['device']}; "
+    print(f"Peak memory of one iteration ({args.model}, batch {args.batch}, objective {args.objective}, "
+          f"{rows[0]['device']}; "
           f"ratio to n = {windows[0]} of the same variant)\n")
     print("| variant | " + " | ".join(f"n = {n}" for n in windows) + " |")
     print("|---|" + "---|" * len(windows))

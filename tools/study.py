@@ -13,8 +13,9 @@ Matrices (`--matrix`):
   correction only, with bias + k (the head), with head + variance schedule calibration, and step-aware mixed
   precision W4A8/W8A8 with the full stack (statistics on that sampler's trajectories); BOPs per image reported.
 - `accuquant`: per sampler and step count of `--samplers`, W8A8 and W4A8 with RTN weights, per-step
-  reconstruction of the learned quantizers (AdaRound + LSQ) and AccuQuant windows `--windows` (`--iters`
-  iterations each; with `--perstep-iters` k also each window fine-tuning after k per-step iterations);
+  reconstruction of the learned quantizers (AdaRound + LSQ) and AccuQuant windows `--windows` with each objective
+  of `--objectives` (`--iters` iterations each; with `--perstep-iters` k also each window fine-tuning after k
+  per-step iterations);
   study.png is the accumulated error ‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ per step of every row.
 - `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
   of `--group-sizes` (0 = per output channel), GPTQ per channel in parallel mode (Hessians from the FP model
@@ -163,7 +164,9 @@ def accuquant_rows(args: argparse.Namespace) -> list[Row]:
         for preset in ("w8a8", "w4a8"):
             variants = [("rtn", ("weights.method=rtn",)), ("per-step", ("weights.method=adaround",
                                                                        "accuquant.window=0"))]
-            variants += [(f"window {n}", ("weights.method=adaround", f"accuquant.window={n}")) for n in args.windows]
+            variants += [(f"window {n}" + ("" if objective == "end" else f" {objective}"),
+                          ("weights.method=adaround", f"accuquant.window={n}", f"accuquant.objective={objective}"))
+                         for objective in args.objectives for n in args.windows]
             if args.perstep_iters:
                 variants += [(f"per-step then window {n}", ("weights.method=adaround", f"accuquant.window={n}",
                                                             f"accuquant.perstep_iters={args.perstep_iters}"))
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-sizes", type=ints, default=[0, 32, 64, 128], help="weights: 0 = per output channel")
     p.add_argument("--obq-group-sizes", type=ints, default=[0, 64])
     p.add_argument("--windows", type=ints, default=[2, 4], help="accuquant: AccuQuant window lengths n ≥ 2")
+    p.add_argument("--objectives", type=lambda s: s.split(","), default=["end"],
+                   help="accuquant: window objectives (accuquant.objective: end, every)")
     p.add_argument("--iters", type=int, default=300, help="accuquant: optimizer iterations per row")
     p.add_argument("--perstep-iters", type=int, default=0,
                    help="accuquant: also rows whose window fine-tunes after this many per-step iterations (0 = no)")

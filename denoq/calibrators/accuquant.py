@@ -14,21 +14,27 @@ Objectives (`AccuQuantSettings.window`):
   granularity as the window objective, so the two differ only in the window).
 - window n ≥ 2: from the FP state x_s of the pool, both samplers run n steps with the same noise draws,
       x^q_{k+1} = S_k(x^q_k, ε_q(sg(x^q_k), t_k)),   x^fp_{k+1} = S_k(x^fp_k, ε(x^fp_k, t_k)),             (2)
-      L = ‖x^q_{s+n} − x^fp_{s+n}‖² / Σ_k ‖S_k(x^fp_k, ε_k) − S_k(x^fp_k, 0)‖²                             (3)
-  S_k the sampler's step (`denoq.sampling`: DDIM with η or DDPM, x̂_0 clipping included), sg a stop-gradient on
+  and the loss weighs the distances of the states after the steps,
+      L = Σ_{j=1..n} w_j ‖x^q_{s+j} − x^fp_{s+j}‖²,   e_k = ‖S_k(x^fp_k, ε_k) − S_k(x^fp_k, 0)‖²             (3)
+  `objective="end"` (the issue's AccuQuant window): only the state after the n steps, w_n = 1 / Σ_k e_k;
+  `objective="every"` (ours): every state of the window, w_j = 1 / Σ_j Σ_{k≤j} e_k, so its first term is the
+  per-step loss of the window's first step and the later ones add the accumulated error, which the end state
+  alone lets cancel between steps.
+  S_k is the sampler's step (`denoq.sampling`: DDIM with η or DDPM, x̂_0 clipping included), sg a stop-gradient on
   the model's *input*: the gradient flows through the sampler's own x-path and through each step's ε_q, not
-  through ε_q's dependence on its input (that is what keeps memory O(1), and what the naive variant adds). The
-  denominator is the energy the FP model's predictions put into the window's steps (`eps_energy`), so for n = 1
-  and an affine step (3) is (1) exactly, and windows of any length and position weigh alike.
+  through ε_q's dependence on its input (that is what keeps memory O(1), and what the naive variant adds). e_k is
+  the energy the FP model's prediction puts into step k (`eps_energies`), so for n = 1 and an affine step (3) is
+  (1) exactly, and windows of any length and position weigh alike.
 
 O(1) memory (`backprop="recompute"`): S_k is differentiable and cheap. Run the window without gradients keeping
-only the latents x^q_k and the outputs ε_q,k; with λ_n = ∂L/∂x^q_{s+n}, go back over the steps: one vector-Jacobian
-product of S_k alone gives (g_k, λ_k) = (∂S_k/∂ε)ᵀλ_{k+1}, (∂S_k/∂x)ᵀλ_{k+1}; then recompute ε_q(x^q_k) with
-gradients and back-propagate g_k into the quantizers. One model graph is alive at a time; the latents are the only
-thing that grows with n. For an affine step (no clipping) g_k = b_k (Π_{j>k} a_j) · 2r / norm, the
-"coefficient · r" of the issue. `backprop="naive"` back-propagates through the whole window in one graph (model
-inputs not stopped): the exact gradient of (3), with memory O(n). `window_loss(..., stop_gradient=True)` is (2)–(3)
-as one autograd graph, the reference the recompute gradients are tested against.
+only the latents x^q_k and the outputs ε_q,k; go back over the steps with λ_{n} = 0 and, at step k,
+λ_{k+1} += 2 w_{k+1} (x^q_{k+1} − x^fp_{k+1}); one vector-Jacobian product of S_k alone gives
+(g_k, λ_k) = (∂S_k/∂ε)ᵀλ_{k+1}, (∂S_k/∂x)ᵀλ_{k+1}; then recompute ε_q(x^q_k) with gradients and back-propagate g_k
+into the quantizers. One model graph is alive at a time; the latents are the only thing that grows with n. For
+the end objective and an affine step (no clipping) g_k = b_k (Π_{j>k} a_j) · 2r / norm, the "coefficient · r" of
+the issue. `backprop="naive"` back-propagates through the whole window in one graph (model inputs not stopped):
+the exact gradient of (3), with memory O(n). `window_loss(..., stop_gradient=True)` is (2)–(3) as one autograd
+graph, the reference the recompute gradients are tested against.
 
 Fine-tune (`perstep_iters` = k > 0, ours): the first k iterations use the per-step objective (1), the rest the
 window (3): the window then corrects what single steps cannot see, starting from quantizers that already match
@@ -60,6 +66,7 @@ from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
 
 BACKPROPS = ("recompute", "naive")
+OBJECTIVES = ("end", "every")
 BETA_START, BETA_END = 20.0, 2.0
 SCALE_LR_FACTOR = 0.1  # the log-scales move slower than the rounding variables
 PROBE_STEPS, PROBE_SAMPLES = 8, 16
@@ -72,8 +79,9 @@ class AccuQuantSettings:
     """`window` 0/1 = per-step objective (1), n ≥ 2 = AccuQuant's window (3); `iters` optimizer steps of `batch`
     trajectories; Adam with `lr` (rounding variables; log-scales × SCALE_LR_FACTOR); `round_lambda` λ; `init` of
     the rounding (`learnable.INITS`); `backprop` recompute (O(1) memory) or naive (O(n)); `perstep_iters` of the
-    `iters` use the per-step objective before the window's (0 = the window throughout); `warmup` fraction without
-    the regularizer; `eta` of a DDIM pool; `seed` of the batches, windows and noise."""
+    `iters` use the per-step objective before the window's (0 = the window throughout); `objective` the window's
+    states that count in (3) (`OBJECTIVES`); `warmup` fraction without the regularizer; `eta` of a DDIM pool;
+    `seed` of the batches, windows and noise."""
 
     window: int
     iters: int = 300
@@ -83,6 +91,7 @@ class AccuQuantSettings:
     init: str = "plan"
     backprop: str = "recompute"
     perstep_iters: int = 0
+    objective: str = "end"
     warmup: float = 0.2
     eta: float = 0.0
     seed: int = 0
@@ -95,9 +104,10 @@ class AccuQuantSettings:
             raise DenoqError(f"accuquant.perstep_iters={self.perstep_iters} leaves no iteration of the "
                              f"{self.window}-step window out of accuquant.iters={self.iters}; choose "
                              "0 ≤ perstep_iters < iters")
-        if self.init not in INITS or self.backprop not in BACKPROPS:
-            raise DenoqError(f"AccuQuant init {self.init!r} / backprop {self.backprop!r}: choose init from "
-                             f"{', '.join(INITS)} and backprop from {', '.join(BACKPROPS)}")
+        if self.init not in INITS or self.backprop not in BACKPROPS or self.objective not in OBJECTIVES:
+            raise DenoqError(f"AccuQuant init {self.init!r} / backprop {self.backprop!r} / objective "
+                             f"{self.objective!r}: choose init from {', '.join(INITS)}, backprop from "
+                             f"{', '.join(BACKPROPS)} and objective from {', '.join(OBJECTIVES)}")
 
 
 def check_window(window: int, steps: int) -> None:
@@ -145,38 +155,56 @@ def run_window(eps: EpsFn, window: Window, step: StepFn) -> tuple[torch.Tensor, 
     return x, xs, outs
 
 
-def eps_energy(window: Window, xs: list[torch.Tensor], outs: list[torch.Tensor], step: StepFn) -> float:
-    """The denominator of (3): Σ_k ‖S_k(x_k, ε_k) − S_k(x_k, 0)‖² over a run's latents and outputs."""
+def eps_energies(window: Window, xs: list[torch.Tensor], outs: list[torch.Tensor], step: StepFn) -> list[float]:
+    """e_k of (3) per step: ‖S_k(x_k, ε_k) − S_k(x_k, 0)‖² over a run's latents and outputs."""
     with torch.no_grad():
-        return float(sum((step(x, out, t, prev_t, z) - step(x, torch.zeros_like(out), t, prev_t, z)).pow(2).sum()
-                         for x, out, (t, prev_t), z in zip(xs, outs, window.pairs, window.noise, strict=True)))
+        return [float((step(x, out, t, prev_t, z) - step(x, torch.zeros_like(out), t, prev_t, z)).pow(2).sum())
+                for x, out, (t, prev_t), z in zip(xs, outs, window.pairs, window.noise, strict=True)]
 
 
-def window_loss(q_eps: EpsFn, window: Window, step: StepFn, target: torch.Tensor, norm: float,
+def state_weights(objective: str, energies: list[float]) -> list[float]:
+    """w_j of (3) for the states after each of the window's steps, from the FP run's e_k."""
+    if objective == "end":
+        return [0.0] * (len(energies) - 1) + [1 / max(sum(energies), 1e-12)]
+    cumulative = [sum(energies[:j + 1]) for j in range(len(energies))]
+    return [1 / max(sum(cumulative), 1e-12)] * len(energies)
+
+
+def states_after(end: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The states after each step of a run: `run_window`'s latents without the start, then its end."""
+    return [*xs[1:], end]
+
+
+def window_loss(q_eps: EpsFn, window: Window, step: StepFn, targets: list[torch.Tensor], weights: list[float],
                 stop_gradient: bool = True) -> torch.Tensor:
-    """(3) as one autograd graph over the window: with `stop_gradient` the objective (2) (model inputs detached),
-    else the naive one (gradients also through each ε_q's input)."""
+    """(3) with the FP states `targets` after each step and their `weights`, as one autograd graph over the window:
+    with `stop_gradient` the objective (2) (model inputs detached), else the naive one (gradients also through
+    each ε_q's input)."""
     x = window.x
+    loss = x.new_zeros(())
     for k, (t, prev_t) in enumerate(window.pairs):
         out = q_eps(x.detach() if stop_gradient else x, window.t(k), window.cond)
         x = step(x, out, t, prev_t, window.noise[k])
-    return (x - target).pow(2).sum() / norm
+        if weights[k]:
+            loss = loss + weights[k] * (x - targets[k]).pow(2).sum()
+    return loss
 
 
-def window_backward_recompute(q_eps: EpsFn, window: Window, step: StepFn, target: torch.Tensor,
-                              norm: float) -> float:
+def window_backward_recompute(q_eps: EpsFn, window: Window, step: StepFn, targets: list[torch.Tensor],
+                              weights: list[float]) -> float:
     """Accumulate ∂(3)/∂θ of the objective (2) into the quantizers' .grad in O(1) model graphs; returns (3)."""
     end, xs, outs = run_window(q_eps, window, step)
-    r = end - target
-    lam = 2 * r / norm
+    residuals = [x - target for x, target in zip(states_after(end, xs), targets, strict=True)]
+    lam = torch.zeros_like(end)
     for k in reversed(range(len(window.pairs))):
+        lam = lam + 2 * weights[k] * residuals[k]
         t, prev_t = window.pairs[k]
         x_k = xs[k].detach().requires_grad_(True)
         out_k = outs[k].detach().requires_grad_(True)
         nxt = step(x_k, out_k, t, prev_t, window.noise[k])
         g_out, lam = torch.autograd.grad(nxt, (out_k, x_k), lam)
         q_eps(xs[k], window.t(k), window.cond).backward(g_out)
-    return float(r.pow(2).sum() / norm)
+    return float(sum(w * r.pow(2).sum() for w, r in zip(weights, residuals, strict=True)))
 
 
 def _anneal(it: int, iters: int, warmup: float) -> float | None:
@@ -254,12 +282,13 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
             pairs = [(pool.t[s + k], prev[pool.t[s + k]]) for k in range(n)]
             noise = [torch.randn(pool.x[s][rows].shape, generator=g) for _ in range(n)]
             window = Window(pool.x[s][rows], pairs, noise, cond)
-            target, fp_xs, fp_outs = run_window(fp_eps, window, step)
-            norm = max(eps_energy(window, fp_xs, fp_outs, step), 1e-12)
+            end, fp_xs, fp_outs = run_window(fp_eps, window, step)
+            targets = states_after(end, fp_xs)
+            weights = state_weights(settings.objective, eps_energies(window, fp_xs, fp_outs, step))
             if settings.backprop == "recompute":
-                rec = window_backward_recompute(q_eps, window, step, target, norm)
+                rec = window_backward_recompute(q_eps, window, step, targets, weights)
             else:
-                loss = window_loss(q_eps, window, step, target, norm, stop_gradient=False)
+                loss = window_loss(q_eps, window, step, targets, weights, stop_gradient=False)
                 loss.backward()
                 rec = float(loss)
         beta = _anneal(it, settings.iters, settings.warmup)
@@ -282,7 +311,8 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     q.hard()
     after = probe_error(q_eps, fp_eps, pool)
     every = max(1, len(losses) // 50)
-    objective = "per-step" if n <= 1 else f"window of {n} steps"
+    objective = "per-step" if n <= 1 else f"window of {n} steps" + (", every state" if settings.objective == "every"
+                                                                     else "")
     if n > 1 and settings.perstep_iters:
         objective = f"per-step for {settings.perstep_iters} iterations, then {objective}"
     info = {"window": n, "objective": objective, "iters": len(losses),

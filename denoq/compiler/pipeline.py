@@ -152,7 +152,8 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
             window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
             lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
             init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
-            perstep_iters=recipe["accuquant.perstep_iters"], seed=recipe["seed"])
+            perstep_iters=recipe["accuquant.perstep_iters"], objective=recipe["accuquant.objective"],
+            seed=recipe["seed"])
     layers, kept_fp = select_layers(quantizable_layers(spec.module), spec.layer_patterns(recipe["layers.keep_fp"]))
     fp = torch_eps(spec.module)
     start = time.perf_counter()

@@ -186,6 +186,10 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("accuquant.backprop", "recompute", str,
             "adaround with a window: recompute = O(1) memory in the window length; naive = backprop through it",
             choices=("recompute", "naive")),
+    KeySpec("accuquant.objective", "end", str,
+            "adaround with a window: end = the distance to the FP state after the window's n steps; every = the "
+            "distances after each of its steps (the first is the per-step loss)",
+            choices=("end", "every")),
     KeySpec("accuquant.perstep_iters", 0, int,
             "adaround with a window: the first iterations use the per-step objective, the window fine-tunes after "
             "them (0 = the window throughout)", lo=0, hi=100_000),
