@@ -17,7 +17,7 @@ Objectives (`AccuQuantSettings.window`):
   and the loss weighs the distances of the states after the steps,
       L = Σ_{j=1..n} w_j ‖x^q_{s+j} − x^fp_{s+j}‖²,   e_k = ‖S_k(x^fp_k, ε_k) − S_k(x^fp_k, 0)‖²             (3)
   `objective="end"` (the issue's AccuQuant window): only the state after the n steps, w_n = 1 / Σ_k e_k;
-  `objective="every"` (ours): every state of the window, w_j = 1 / Σ_j Σ_{k≤j} e_k, so its first term is the
+  `objective="every"` (ours): every state of the window, w_j = 1 / Σ_{i≤n} Σ_{k≤i} e_k, so its first term is the
   per-step loss of the window's first step and the later ones add the accumulated error, which the end state
   alone lets cancel between steps.
   S_k is the sampler's step (`denoq.sampling`: DDIM with η or DDPM, x̂_0 clipping included), sg a stop-gradient on
