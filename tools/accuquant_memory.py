@@ -43,6 +43,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from denoq.calibrators.accuquant import (
         Window,
+        eps_energies,
         run_window,
         sampler_step,
         state_weights,
@@ -71,9 +72,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         shape = (batch, *spec.sample_shape)
         window = Window(torch.randn(shape, generator=g).to(device), [(ts[20 + k], prev[20 + k]) for k in range(n)],
                         [torch.randn(shape, generator=g).to(device) for _ in range(n)])
-        end, xs, _ = run_window(module_eps(model), window, step)
+        end, xs, outs = run_window(module_eps(model), window, step)
         targets = states_after(end, xs)
-        weights = state_weights(args.objective, [float((end - window.x).pow(2).sum()) / n] * n)
+        weights = state_weights(args.objective, eps_energies(window, xs, outs, step))
         for p in q.parameters():
             p.grad = None
         if args.variant == "recompute":
