@@ -197,7 +197,8 @@ def window_backward_recompute(q_eps: EpsFn, window: Window, step: StepFn, target
     residuals = [x - target for x, target in zip(states_after(end, xs), targets, strict=True)]
     lam = torch.zeros_like(end)
     for k in reversed(range(len(window.pairs))):
-        lam = lam + 2 * weights[k] * residuals[k]
+        if weights[k]:  # states the objective does not weigh add nothing
+            lam = lam + 2 * weights[k] * residuals[k]
         t, prev_t = window.pairs[k]
         x_k = xs[k].detach().requires_grad_(True)
         out_k = outs[k].detach().requires_grad_(True)
@@ -311,8 +312,8 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     q.hard()
     after = probe_error(q_eps, fp_eps, pool)
     every = max(1, len(losses) // 50)
-    objective = "per-step" if n <= 1 else f"window of {n} steps" + (", every state" if settings.objective == "every"
-                                                                     else "")
+    states = ", every state" if settings.objective == "every" else ""
+    objective = "per-step" if n <= 1 else f"window of {n} steps{states}"
     if n > 1 and settings.perstep_iters:
         objective = f"per-step for {settings.perstep_iters} iterations, then {objective}"
     info = {"window": n, "objective": objective, "iters": len(losses),
