@@ -97,7 +97,8 @@ def test_export_holds_the_learned_integers_and_scales(tiny):
 # -- the window's gradients ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sampler, eta, objective", [("ddim", 0.0, "end"), ("ddim", 1.0, "end"), ("ddpm", 0.0, "end"),
                                                      ("ddim", 0.0, "every"), ("ddpm", 0.0, "every")])
-def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(tiny, sampler, eta, objective):
+def test_recompute_gradients_equal_autograd_through_the_stopped_and_the_full_objective(tiny, sampler, eta,
+                                                                                      objective):
     spec, plan, schedule = tiny
     q = LearnableModel(spec.module, plan, init="fp")
     q_eps, step = module_eps(q), sampler_step(schedule, sampler, eta)
@@ -119,6 +120,12 @@ def test_recompute_gradients_equal_autograd_through_the_stop_gradient_objective(
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
     naive = torch.autograd.grad(window_loss(q_eps, window, step, targets, weights, stop_gradient=False), params)
     assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(naive, reference, strict=True))
+    for p in params:  # the adjoint through the model's inputs: the naive variant's exact gradient in O(1) graphs
+        p.grad = None
+    assert window_backward_recompute(q_eps, window, step, targets, weights, through_inputs=True) == value
+    got, ref = torch.cat([p.grad.flatten() for p in params]), torch.cat([r.flatten() for r in naive])
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
 
 
 # -- reconstruction ------------------------------------------------------------------------------------------------
@@ -164,6 +171,20 @@ def test_window_fine_tune_starts_with_the_per_step_objective(tiny, pool):
     assert tuned["loss_curve"][3] != per_step["loss_curve"][3]  # the window takes over
 
 
+def test_full_gradient_trains_alike_in_o1_and_in_one_graph_and_unlike_the_stopped_one(tiny, pool):
+    spec, plan, schedule = tiny
+    common = {"window": 3, "iters": 4, "batch": 4, "lr": 0.05, "warmup": 0.5, "init": "fp"}
+    runs = {(backprop, gradient): reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(
+        backprop=backprop, gradient=gradient, **common), progress=False)[1]
+        for backprop in ("recompute", "naive") for gradient in ("stop", "full")}
+    assert runs["recompute", "full"]["gradient"] == "full"
+    for gradient in ("stop", "full"):  # the same gradients, so the same optimizer path
+        assert runs["recompute", gradient]["loss_curve"] == pytest.approx(runs["naive", gradient]["loss_curve"],
+                                                                          rel=1e-3)
+    full, stop = runs["recompute", "full"]["loss_curve"], runs["recompute", "stop"]["loss_curve"]
+    assert full[0] == pytest.approx(stop[0], rel=1e-6) and full[1:] != pytest.approx(stop[1:], rel=1e-4)
+
+
 def test_divergence_stops_and_keeps_the_last_good_quantizers(tiny, pool):
     spec, plan, schedule = tiny
     settings = AccuQuantSettings(window=2, iters=20, batch=4, lr=1e12)
@@ -190,8 +211,10 @@ def test_bad_windows_and_settings_are_refused(tiny, pool):
         AccuQuantSettings(window=2, iters=0)
     with pytest.raises(DenoqError, match=r"perstep_iters=5 leaves no iteration of the 2-step window"):
         AccuQuantSettings(window=2, iters=5, perstep_iters=5)
-    with pytest.raises(DenoqError, match=r"objective 'middle': choose .* objective from end, every"):
+    with pytest.raises(DenoqError, match=r"objective 'middle' is unknown: choose one of end, every"):
         AccuQuantSettings(window=2, objective="middle")
+    with pytest.raises(DenoqError, match=r"gradient 'half' is unknown: choose one of full, stop"):
+        AccuQuantSettings(window=2, gradient="half")
 
 
 # -- in the compiler -----------------------------------------------------------------------------------------------

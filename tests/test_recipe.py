@@ -56,6 +56,7 @@ EXPECTED_DEFAULTS = {
     "accuquant.round_lambda": 0.01,
     "accuquant.init": "rtn",
     "accuquant.backprop": "recompute",
+    "accuquant.gradient": "full",
     "accuquant.objective": "end",
     "accuquant.perstep_iters": 0,
     "layers.keep_fp": "@in,@out",

@@ -41,17 +41,21 @@ def test_ptqd_rows_calibrate_on_the_sampler_they_are_evaluated_with(study):
 
 def test_accuquant_rows_cover_rtn_per_step_and_windows(study):
     args = study.main.__globals__["argparse"].Namespace(samplers=["ddim50:64"], windows=[2, 4], iters=7,
-                                                        perstep_iters=0, objectives=["end", "every"])
+                                                        perstep_iters=0, objectives=["end", "every"],
+                                                        gradients=["full", "stop"])
     rows = study.accuquant_rows(args)
     assert [r.labels[-1][1] for r in rows] == ["rtn", "per-step", "window 2", "window 4", "window 2 every",
-                                               "window 4 every"] * 2
+                                               "window 4 every", "window 2 stop", "window 4 stop",
+                                               "window 2 every stop", "window 4 every stop"] * 2
     assert all("accuquant.iters=7" in r.sets for r in rows)
     assert "accuquant.window=4" in rows[3].sets and "weights.method=adaround" in rows[3].sets
     assert "accuquant.objective=end" in rows[3].sets and "accuquant.objective=every" in rows[5].sets
+    assert "accuquant.gradient=full" in rows[3].sets and "accuquant.gradient=stop" in rows[7].sets
     assert "weights.method=rtn" in rows[0].sets
     args.perstep_iters = 3
     tuned = [r for r in study.accuquant_rows(args) if "accuquant.perstep_iters=3" in r.sets]
-    assert [r.labels[-1][1] for r in tuned] == ["per-step then window 2", "per-step then window 4"] * 2
+    assert [r.labels[-1][1] for r in tuned] == ["per-step then window 2", "per-step then window 4",
+                                                "per-step then window 2 stop", "per-step then window 4 stop"] * 2
 
 
 def test_gpu_check_says_what_is_missing(tmp_path, capsys):

@@ -78,8 +78,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         for p in q.parameters():
             p.grad = None
         if args.variant == "recompute":
-            return window_backward_recompute(module_eps(q), window, step, targets, weights)
-        loss = window_loss(module_eps(q), window, step, targets, weights, stop_gradient=False)
+            return window_backward_recompute(module_eps(q), window, step, targets, weights,
+                                             through_inputs=args.gradient == "full")
+        loss = window_loss(module_eps(q), window, step, targets, weights, stop_gradient=args.gradient == "stop")
         loss.backward()
         return float(loss.detach())
 
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="recompute,naive")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--objective", default="end", choices=("end", "every"), help="the window's states in the loss")
+    p.add_argument("--gradient", default="full", choices=("full", "stop"),
+                   help="accuquant.gradient: full (through the model inputs), or stop at them")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where torch has it")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -136,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             for n in windows:
                 cmd = [sys.executable, __file__, "--child", "--art", str(art), "--variant", variant, "--n", str(n),
-                       "--batch", str(args.batch), "--device", args.device, "--objective", args.objective]
+                       "--batch", str(args.batch), "--device", args.device, "--objective", args.objective,
+                       "--gradient", args.gradient]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={
                     **os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV})
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 print(f"{variant} n={n}: {rows[-1]['peak_mb']:.1f} MB, {rows[-1]['seconds']:.2f} s", file=sys.stderr)
     base = {r["variant"]: r["peak_mb"] for r in rows if r["n"] == windows[0]}
     print(f"Peak memory of one iteration ({args.model}, batch {args.batch}, objective {args.objective}, "
+          f"gradient {args.gradient}, "
           f"{rows[0]['device']}; "
           f"ratio to n = {windows[0]} of the same variant)\n")
     print("| variant | " + " | ".join(f"n = {n}" for n in windows) + " |")

@@ -14,8 +14,8 @@ Matrices (`--matrix`):
   precision W4A8/W8A8 with the full stack (statistics on that sampler's trajectories); BOPs per image reported.
 - `accuquant`: per sampler and step count of `--samplers`, W8A8 and W4A8 with RTN weights, per-step
   reconstruction of the learned quantizers (AdaRound + LSQ) and AccuQuant windows `--windows` with each objective
-  of `--objectives` (`--iters` iterations each; with `--perstep-iters` k also each window fine-tuning after k
-  per-step iterations);
+  of `--objectives` and gradient of `--gradients` (`--iters` iterations each; with `--perstep-iters` k also each
+  window fine-tuning after k per-step iterations);
   study.png is the accumulated error ‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ per step of every row.
 - `weights` (OBQ / GPTQ): W8A8 RTN and GPTQ per channel; W4A8 and W4A16 with RTN and GPTQ at every group size
   of `--group-sizes` (0 = per output channel), GPTQ per channel in parallel mode (Hessians from the FP model
@@ -164,13 +164,16 @@ def accuquant_rows(args: argparse.Namespace) -> list[Row]:
         for preset in ("w8a8", "w4a8"):
             variants = [("rtn", ("weights.method=rtn",)), ("per-step", ("weights.method=adaround",
                                                                        "accuquant.window=0"))]
-            variants += [(f"window {n}" + ("" if objective == "end" else f" {objective}"),
-                          ("weights.method=adaround", f"accuquant.window={n}", f"accuquant.objective={objective}"))
-                         for objective in args.objectives for n in args.windows]
+            variants += [(f"window {n}" + ("" if objective == "end" else f" {objective}")
+                          + ("" if gradient == "full" else f" {gradient}"),
+                          ("weights.method=adaround", f"accuquant.window={n}", f"accuquant.objective={objective}",
+                           f"accuquant.gradient={gradient}"))
+                         for gradient in args.gradients for objective in args.objectives for n in args.windows]
             if args.perstep_iters:
-                variants += [(f"per-step then window {n}", ("weights.method=adaround", f"accuquant.window={n}",
-                                                            f"accuquant.perstep_iters={args.perstep_iters}"))
-                             for n in args.windows]
+                variants += [(f"per-step then window {n}" + ("" if gradient == "full" else f" {gradient}"),
+                              ("weights.method=adaround", f"accuquant.window={n}",
+                               f"accuquant.perstep_iters={args.perstep_iters}", f"accuquant.gradient={gradient}"))
+                             for gradient in args.gradients for n in args.windows]
             for i, (name, sets) in enumerate(variants):
                 out.append(Row(f"{kind}{steps}-{preset}-{name.replace(' ', '')}", preset, (*calib, *sets),
                                (("calib", f"{kind}{steps}"), ("recipe", preset.upper()), ("method", name)),
@@ -304,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=ints, default=[2, 4], help="accuquant: AccuQuant window lengths n ≥ 2")
     p.add_argument("--objectives", type=lambda s: s.split(","), default=["end"],
                    help="accuquant: window objectives (accuquant.objective: end, every)")
+    p.add_argument("--gradients", type=lambda s: s.split(","), default=["full"],
+                   help="accuquant: window gradients (accuquant.gradient: full, stop at the model inputs)")
     p.add_argument("--iters", type=int, default=300, help="accuquant: optimizer iterations per row")
     p.add_argument("--perstep-iters", type=int, default=0,
                    help="accuquant: also rows whose window fine-tunes after this many per-step iterations (0 = no)")

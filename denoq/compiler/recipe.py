@@ -186,6 +186,10 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("accuquant.backprop", "recompute", str,
             "adaround with a window: recompute = O(1) memory in the window length; naive = backprop through it",
             choices=("recompute", "naive")),
+    KeySpec("accuquant.gradient", "full", str,
+            "adaround with a window: full = the exact gradient of the window's loss, also through the quantized "
+            "model's inputs; stop = gradients stop at each model input (through the sampler's x-path only)",
+            choices=("full", "stop")),
     KeySpec("accuquant.objective", "end", str,
             "adaround with a window: end = the distance to the FP state after the window's n steps; every = the "
             "distances after each of its steps (the first is the per-step loss)",
