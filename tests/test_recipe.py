@@ -50,7 +50,7 @@ EXPECTED_DEFAULTS = {
     "ptqd.vsc": False,
     "precision.mixed": "",
     "accuquant.window": 0,
-    "accuquant.iters": 300,
+    "accuquant.iters": 1000,
     "accuquant.batch": 16,
     "accuquant.lr": 0.1,
     "accuquant.round_lambda": 0.01,

@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="accuquant: window objectives (accuquant.objective: end, every)")
     p.add_argument("--gradients", type=lambda s: s.split(","), default=["full"],
                    help="accuquant: window gradients (accuquant.gradient: full, stop at the model inputs)")
-    p.add_argument("--iters", type=int, default=300, help="accuquant: optimizer iterations per row")
+    p.add_argument("--iters", type=int, default=300,
+                   help="accuquant: optimizer iterations per row (300 = the README's earlier tables' budget; the "
+                        "recipe's default accuquant.iters is 1000)")
     p.add_argument("--perstep-iters", type=int, default=0,
                    help="accuquant: also rows whose window fine-tunes after this many per-step iterations (0 = no)")
     p.add_argument("--only", default="", help="regular expression: run only the rows whose name matches")

@@ -94,7 +94,7 @@ class AccuQuantSettings:
     `seed` of the batches, windows and noise."""
 
     window: int
-    iters: int = 300
+    iters: int = 1000
     batch: int = 16
     lr: float = 0.1
     round_lambda: float = 0.01

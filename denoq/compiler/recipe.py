@@ -174,7 +174,7 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("accuquant.window", 0, int,
             "with weights.method=adaround: 0-1 per-step objective, n ≥ 2 the AccuQuant window of n sampler steps",
             lo=0, hi=64),
-    KeySpec("accuquant.iters", 300, int, "adaround: optimizer iterations", lo=1, hi=100_000),
+    KeySpec("accuquant.iters", 1000, int, "adaround: optimizer iterations", lo=1, hi=100_000),
     KeySpec("accuquant.batch", 16, int, "adaround: trajectories per iteration", lo=1, hi=4096),
     KeySpec("accuquant.lr", 0.1, float, "adaround: Adam learning rate of the rounding (log-scales: ×0.1)",
             lo=0, lo_open=True),
