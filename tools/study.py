@@ -164,13 +164,13 @@ def accuquant_rows(args: argparse.Namespace) -> list[Row]:
         for preset in ("w8a8", "w4a8"):
             variants = [("rtn", ("weights.method=rtn",)), ("per-step", ("weights.method=adaround",
                                                                        "accuquant.window=0"))]
-            variants += [(f"window {n}" + ("" if objective == "end" else f" {objective}")
-                          + ("" if gradient == "full" else f" {gradient}"),
+            tag = {gradient: "" if gradient == "full" else f" {gradient}" for gradient in args.gradients}
+            variants += [(f"window {n}" + ("" if objective == "end" else f" {objective}") + tag[gradient],
                           ("weights.method=adaround", f"accuquant.window={n}", f"accuquant.objective={objective}",
                            f"accuquant.gradient={gradient}"))
                          for gradient in args.gradients for objective in args.objectives for n in args.windows]
             if args.perstep_iters:
-                variants += [(f"per-step then window {n}" + ("" if gradient == "full" else f" {gradient}"),
+                variants += [(f"per-step then window {n}" + tag[gradient],
                               ("weights.method=adaround", f"accuquant.window={n}",
                                f"accuquant.perstep_iters={args.perstep_iters}", f"accuquant.gradient={gradient}"))
                              for gradient in args.gradients for n in args.windows]
