@@ -41,16 +41,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement (runs in its own process)."""
     import torch
 
-    from denoq.calibrators.accuquant import (
-        Window,
-        eps_energies,
-        run_window,
-        sampler_step,
-        state_weights,
-        states_after,
-        window_backward_recompute,
-        window_loss,
-    )
+    from denoq.calibrators.accuquant import Window, sampler_step, window_backward
     from denoq.calibrators.learnable import LearnableModel
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.backends import artifact_model, artifact_plan
@@ -72,17 +63,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         shape = (batch, *spec.sample_shape)
         window = Window(torch.randn(shape, generator=g).to(device), [(ts[20 + k], prev[20 + k]) for k in range(n)],
                         [torch.randn(shape, generator=g).to(device) for _ in range(n)])
-        end, xs, outs = run_window(module_eps(model), window, step)
-        targets = states_after(end, xs)
-        weights = state_weights(args.objective, eps_energies(window, xs, outs, step))
         for p in q.parameters():
             p.grad = None
-        if args.variant == "recompute":
-            return window_backward_recompute(module_eps(q), window, step, targets, weights,
-                                             through_inputs=args.gradient == "full")
-        loss = window_loss(module_eps(q), window, step, targets, weights, stop_gradient=args.gradient == "stop")
-        loss.backward()
-        return float(loss.detach())
+        return window_backward(module_eps(q), module_eps(model), window, step, args.objective, args.variant,
+                               args.gradient)
 
     iteration(1, batch=1)  # one-time allocations (autograd engine, thread pools) out of the measurement
     if device.type == "cuda":

@@ -248,6 +248,21 @@ def probe_error(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet) -> float:
     return sum(errs) / len(errs)
 
 
+def window_backward(q_eps: EpsFn, fp_eps: EpsFn, window: Window, step: StepFn, objective: str, backprop: str,
+                    gradient: str) -> float:
+    """(3) on `window`: the FP run gives the targets and their weights (`objective`), then the quantizers' gradient
+    is accumulated into their .grad by `backprop` (recompute, O(1); naive, one graph) under `gradient` (full |
+    stop). Returns the loss."""
+    end, fp_xs, fp_outs = run_window(fp_eps, window, step)
+    targets = states_after(end, fp_xs)
+    weights = state_weights(objective, eps_energies(window, fp_xs, fp_outs, step))
+    if backprop == "recompute":
+        return window_backward_recompute(q_eps, window, step, targets, weights, through_inputs=gradient == "full")
+    loss = window_loss(q_eps, window, step, targets, weights, stop_gradient=gradient == "stop")
+    loss.backward()
+    return float(loss.detach())
+
+
 def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: torch.Tensor, n: int,
                        settings: AccuQuantSettings, step: StepFn, prev: dict[int, int], g: torch.Generator) -> float:
     """One draw of the objective for the pool's trajectories `rows`: a step (n ≤ 1, loss (1)) or a window of n
@@ -266,16 +281,8 @@ def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: 
     s = int(torch.randint(S - n + 1, (1,), generator=g))
     pairs = [(pool.t[s + k], prev[pool.t[s + k]]) for k in range(n)]
     noise = [torch.randn(pool.x[s][rows].shape, generator=g) for _ in range(n)]
-    window = Window(pool.x[s][rows], pairs, noise, cond)
-    end, fp_xs, fp_outs = run_window(fp_eps, window, step)
-    targets = states_after(end, fp_xs)
-    weights = state_weights(settings.objective, eps_energies(window, fp_xs, fp_outs, step))
-    if settings.backprop == "recompute":
-        return window_backward_recompute(q_eps, window, step, targets, weights,
-                                         through_inputs=settings.gradient == "full")
-    loss = window_loss(q_eps, window, step, targets, weights, stop_gradient=settings.gradient == "stop")
-    loss.backward()
-    return float(loss.detach())
+    return window_backward(q_eps, fp_eps, Window(pool.x[s][rows], pairs, noise, cond), step, settings.objective,
+                           settings.backprop, settings.gradient)
 
 
 def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedule: NoiseSchedule, sampler: str,
