@@ -12,14 +12,18 @@ from denoq.calibrators.accuquant import (
     AccuQuantSettings,
     Window,
     check_window,
-    eps_energies,
+    output_weights,
+    pool_noise,
+    quantized_states,
     reconstruct,
     run_window,
     sampler_step,
     state_weights,
     states_after,
+    trajectory_drift,
     window_backward_recompute,
     window_loss,
+    window_targets,
 )
 from denoq.calibrators.calibset import record_trajectories
 from denoq.calibrators.learnable import LearnableModel, inverse_rectified_sigmoid, lsq_fake_quantize, rectified_sigmoid
@@ -96,7 +100,8 @@ def test_export_holds_the_learned_integers_and_scales(tiny):
 
 # -- the window's gradients ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sampler, eta, objective", [("ddim", 0.0, "end"), ("ddim", 1.0, "end"), ("ddpm", 0.0, "end"),
-                                                     ("ddim", 0.0, "every"), ("ddpm", 0.0, "every")])
+                                                     ("ddim", 0.0, "every"), ("ddpm", 0.0, "every"),
+                                                     ("ddim", 0.0, "outputs"), ("ddpm", 0.0, "outputs")])
 def test_recompute_gradients_equal_autograd_through_the_stopped_and_the_full_objective(tiny, sampler, eta,
                                                                                       objective):
     spec, plan, schedule = tiny
@@ -108,21 +113,20 @@ def test_recompute_gradients_equal_autograd_through_the_stopped_and_the_full_obj
     x0 = torch.randn(3, 1, 16, 16, generator=g)
     window = Window(x0, [(ts[k], prev[k]) for k in range(6, 10)], [torch.randn(x0.shape, generator=g)
                                                                    for _ in range(4)])
-    end, fp_xs, fp_outs = run_window(module_eps(spec.module), window, step)
-    targets, weights = states_after(end, fp_xs), state_weights(objective, eps_energies(window, fp_xs, fp_outs, step))
+    targets = window_targets(module_eps(spec.module), window, step, objective)
     params = [p for p in q.parameters() if p.requires_grad]
-    reference = torch.autograd.grad(window_loss(q_eps, window, step, targets, weights), params)
-    value = window_backward_recompute(q_eps, window, step, targets, weights)
-    assert value == pytest.approx(float(window_loss(q_eps, window, step, targets, weights).detach()), rel=1e-6)
+    reference = torch.autograd.grad(window_loss(q_eps, window, step, targets), params)
+    value = window_backward_recompute(q_eps, window, step, targets)
+    assert value == pytest.approx(float(window_loss(q_eps, window, step, targets).detach()), rel=1e-6)
     got, ref = torch.cat([p.grad.flatten() for p in params]), torch.cat([r.flatten() for r in reference])
     assert float(ref.abs().max()) > 0
     assert float((got - ref).norm() / ref.norm()) < 1e-5  # float32 sums in another order, nothing more
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
-    naive = torch.autograd.grad(window_loss(q_eps, window, step, targets, weights, stop_gradient=False), params)
+    naive = torch.autograd.grad(window_loss(q_eps, window, step, targets, stop_gradient=False), params)
     assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(naive, reference, strict=True))
     for p in params:  # the adjoint through the model's inputs: the naive variant's exact gradient in O(1) graphs
         p.grad = None
-    assert window_backward_recompute(q_eps, window, step, targets, weights, through_inputs=True) == value
+    assert window_backward_recompute(q_eps, window, step, targets, through_inputs=True) == value
     got, ref = torch.cat([p.grad.flatten() for p in params]), torch.cat([r.flatten() for r in naive])
     assert float((got - ref).norm() / ref.norm()) < 1e-5
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
@@ -136,10 +140,34 @@ def pool(tiny):
                                sample_shape=spec.sample_shape, seed=0, progress=False)
 
 
-def test_state_weights_of_the_end_and_every_objectives():
+def test_weights_of_the_end_every_and_outputs_objectives():
     assert state_weights("end", [1.0, 2.0, 3.0]) == [0.0, 0.0, pytest.approx(1 / 6)]
     assert state_weights("every", [1.0, 2.0, 3.0]) == [pytest.approx(1 / 10)] * 3  # 1 + (1 + 2) + (1 + 2 + 3)
     assert state_weights("every", [4.0]) == state_weights("end", [4.0]) == [0.25]  # n = 1: the per-step loss
+    outs = [torch.ones(2), 2 * torch.ones(2)]  # energies 2 and 8
+    assert output_weights("outputs", outs) == [pytest.approx(1 / 10)] * 2 and state_weights("outputs", [2, 8]) == [0, 0]
+    assert output_weights("end", outs) == output_weights("every", outs) == [0.0, 0.0]
+
+
+def test_one_step_window_of_outputs_is_the_per_step_loss_and_longer_ones_see_the_drift(tiny, pool):
+    spec, plan, schedule = tiny
+    q_eps, fp = module_eps(LearnableModel(spec.module, plan, init="plan").hard()), module_eps(spec.module)
+    step = sampler_step(schedule, "ddim")
+    prev = dict(zip(pool.t, schedule.prev_timesteps(8, "ddim").tolist(), strict=True))
+    x = pool.x[3][:4]
+    t = torch.full((4,), pool.t[3], dtype=torch.int64)
+    with torch.no_grad():
+        per_step = float((q_eps(x, t, None) - fp(x, t, None)).pow(2).sum() / fp(x, t, None).pow(2).sum())
+    pairs = [(pool.t[k], prev[pool.t[k]]) for k in (3, 4)]
+    noise = [torch.zeros_like(x)] * 2
+    one = Window(x, pairs[:1], noise[:1])
+    loss = window_loss(q_eps, one, step, window_targets(fp, one, step, "outputs")).detach()
+    assert float(loss) == pytest.approx(per_step, rel=1e-5)
+    two = Window(x, pairs, noise)
+    targets = window_targets(fp, two, step, "outputs")
+    end, xs, outs = run_window(q_eps, two, step)  # the second output is the quantized model's at its drifted state
+    assert not torch.equal(xs[1], targets.states[0]) and targets.value(states_after(end, xs), outs) == pytest.approx(
+        float(window_loss(q_eps, two, step, targets).detach()), rel=1e-5)
 
 
 @pytest.mark.parametrize("window, objective, words", [(0, "end", "per-step"), (3, "end", "window of 3 steps"),
@@ -185,6 +213,43 @@ def test_full_gradient_trains_alike_in_o1_and_in_one_graph_and_unlike_the_stoppe
     assert full[0] == pytest.approx(stop[0], rel=1e-6) and full[1:] != pytest.approx(stop[1:], rel=1e-4)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_quantized_trajectories_rerun_the_pool_with_its_own_noise(tiny, sampler):
+    spec, plan, schedule = tiny
+    fp = module_eps(spec.module)
+    pool = record_trajectories(fp, schedule, sampler=sampler, steps=8, n_samples=4, sample_shape=spec.sample_shape,
+                               seed=1, progress=False)
+    prev = dict(zip(schedule.timesteps(8, sampler).tolist(), schedule.prev_timesteps(8, sampler).tolist(),
+                    strict=True))
+    step = sampler_step(schedule, sampler)
+    zs = pool_noise(fp, pool, step, prev)
+    assert len(zs) == 7 and (float(zs[2].std()) > 0.5 if sampler == "ddpm" else not zs[2].any())
+    again = quantized_states(fp, pool, step, prev, zs)  # the FP model re-runs its own trajectories
+    for got, ref in zip(again, pool.x, strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    assert trajectory_drift(again, pool) < 1e-5
+    quantized = quantized_states(module_eps(simulate(spec.module, plan)), pool, step, prev, zs)
+    assert trajectory_drift(quantized, pool) > 1e-3  # the quantized model walks off the FP trajectories
+
+
+@pytest.mark.parametrize("window", [0, 2])
+def test_reconstruction_from_the_quantized_trajectories(tiny, pool, window):
+    spec, plan, schedule = tiny
+    common = {"window": window, "iters": 6, "batch": 4, "lr": 0.05, "warmup": 0.5}
+    _, fp_start = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(**common),
+                              progress=False)
+    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8,
+                                AccuQuantSettings(start="quantized", **common), progress=False)
+    assert info["start"] == "quantized" and info["objective"].endswith(", from the quantized trajectories")
+    drift = info["trajectory_drift"]  # at the start (the plan) and after the hard rounding
+    assert len(drift) == 2 and drift[0] > 0 and all(d >= 0 for d in drift)
+    assert info["loss_curve"] != pytest.approx(fp_start["loss_curve"], rel=1e-3)  # other starts, other losses
+    assert "trajectory_drift" not in fp_start and fp_start["start"] == "fp"
+    x, t = _inputs()
+    with torch.no_grad():
+        assert torch.isfinite(simulate(spec.module, learned)(x, t)).all()
+
+
 def test_divergence_stops_and_keeps_the_last_good_quantizers(tiny, pool):
     spec, plan, schedule = tiny
     settings = AccuQuantSettings(window=2, iters=20, batch=4, lr=1e12)
@@ -215,6 +280,8 @@ def test_bad_windows_and_settings_are_refused(tiny, pool):
         AccuQuantSettings(window=2, objective="middle")
     with pytest.raises(DenoqError, match=r"gradient 'half' is unknown: choose one of full, stop"):
         AccuQuantSettings(window=2, gradient="half")
+    with pytest.raises(DenoqError, match=r"start 'noise' is unknown: choose one of fp, quantized"):
+        AccuQuantSettings(window=2, start="noise")
 
 
 # -- in the compiler -----------------------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--obq-group-sizes", type=ints, default=[0, 64])
     p.add_argument("--windows", type=ints, default=[2, 4], help="accuquant: AccuQuant window lengths n ≥ 2")
     p.add_argument("--objectives", type=lambda s: s.split(","), default=["end"],
-                   help="accuquant: window objectives (accuquant.objective: end, every)")
+                   help="accuquant: window objectives (accuquant.objective: end, every, outputs)")
     p.add_argument("--gradients", type=lambda s: s.split(","), default=["full"],
                    help="accuquant: window gradients (accuquant.gradient: full, stop at the model inputs)")
     p.add_argument("--iters", type=int, default=300,

@@ -20,6 +20,11 @@ Objectives (`AccuQuantSettings.window`):
   `objective="every"` (ours): every state of the window, w_j = 1 / Σ_{i≤n} Σ_{k≤i} e_k, so its first term is the
   per-step loss of the window's first step and the later ones add the accumulated error, which the end state
   alone lets cancel between steps.
+  `objective="outputs"` (ours, after the paper's "discrepancies between outputs … within a couple of denoising
+  steps"): the quantized model's outputs along its own simulated window against the FP model's along the FP one,
+      L = Σ_k u_k ‖ε_q(x^q_k, t_k) − ε(x^fp_k, t_k)‖²,   u_k = 1 / Σ_k ‖ε(x^fp_k, t_k)‖²                     (5)
+  so its first term is the per-step loss (1) of the window's first step, n = 1 is (1) exactly (no x-space, so
+  no x̂_0 clipping in the loss), and every later term sees the accumulated drift x^q_k − x^fp_k in its input.
   S_k is the sampler's step (`denoq.sampling`: DDIM with η or DDPM, x̂_0 clipping included), sg a stop-gradient on
   the model's *input*: the gradient flows through the sampler's own x-path and through each step's ε_q, not
   through ε_q's dependence on its input (`gradient="stop"`; "full" below drops sg). e_k is
@@ -30,7 +35,8 @@ O(1) memory (`backprop="recompute"`): S_k is differentiable and cheap. Run the w
 only the latents x^q_k; go back over the steps with λ_{n} = 0 and, at step k, λ_{k+1} += 2 w_{k+1} (x^q_{k+1} −
 x^fp_{k+1}); recompute ε_q,k = ε_q(x^q_k) and S_k(x^q_k, ε_q,k) as one graph and back-propagate λ_{k+1} through
 it: into the quantizers through ε_q,k, and into λ_k = ∂/∂x^q_k (through S_k's x-path; under "full" also through
-ε_q's input). One model graph is alive at a time; the latents are the only thing that grows with n. For the end
+ε_q's input); under (5) the graph of step k also holds its output term u_k ‖ε_q,k − ε_k‖², whose gradient
+joins λ's. One model graph is alive at a time; the latents are the only thing that grows with n. For the end
 objective, "stop" and an affine step (no clipping) the quantizers receive b_k (Π_{j>k} a_j) · 2r / norm through
 ε_q,k, the "coefficient · r" of the issue.
 
@@ -43,6 +49,11 @@ real trajectory, reactions included. Measured on `digits` W4A8 (README), a windo
 than under "stop" on each of four calibration seeds. `backprop="naive"` builds the whole window as one graph,
 memory O(n), with either gradient: `window_loss(..., stop_gradient=...)` is that graph, the reference the
 recompute gradients are tested against.
+
+Start (`start`): "fp" starts every step or window at the pool's FP-trajectory state x_s; "quantized" (ours) at
+x̂_s, the state of the quantized sampler's own trajectory from the same initial noise and noise draws
+(`quantized_states`, re-run with the hard rounding every REFRESH_ITERS iterations), where the deployed model
+really is; both models then run from x̂_s, so (1), (3) and (5) are taken on the inputs the quantized model meets.
 
 Fine-tune (`perstep_iters` = k > 0, ours): the first k iterations use the per-step objective (1), the rest the
 window (3): the window then corrects what single steps cannot see, starting from quantizers that already match
@@ -75,7 +86,9 @@ from denoq.sampling.ddpm import ddpm_step
 
 BACKPROPS = ("recompute", "naive")
 GRADIENTS = ("full", "stop")
-OBJECTIVES = ("end", "every")
+OBJECTIVES = ("end", "every", "outputs")
+STARTS = ("fp", "quantized")
+REFRESH_ITERS = 100  # start="quantized": the quantized trajectories are re-run every this many iterations
 BETA_START, BETA_END = 20.0, 2.0
 SCALE_LR_FACTOR = 0.1  # the log-scales move slower than the rounding variables
 PROBE_STEPS, PROBE_SAMPLES = 8, 16
@@ -103,6 +116,7 @@ class AccuQuantSettings:
     gradient: str = "full"
     perstep_iters: int = 0
     objective: str = "end"
+    start: str = "fp"
     warmup: float = 0.2
     eta: float = 0.0
     seed: int = 0
@@ -117,7 +131,7 @@ class AccuQuantSettings:
                              "0 ≤ perstep_iters < iters")
         for name, value, choices in (("init", self.init, INITS), ("backprop", self.backprop, BACKPROPS),
                                      ("objective", self.objective, OBJECTIVES),
-                                     ("gradient", self.gradient, GRADIENTS)):
+                                     ("gradient", self.gradient, GRADIENTS), ("start", self.start, STARTS)):
             if value not in choices:
                 raise DenoqError(f"AccuQuant {name} {value!r} is unknown: choose one of {', '.join(choices)}")
 
@@ -175,11 +189,21 @@ def eps_energies(window: Window, xs: list[torch.Tensor], outs: list[torch.Tensor
 
 
 def state_weights(objective: str, energies: list[float]) -> list[float]:
-    """w_j of (3) for the states after each of the window's steps, from the FP run's e_k."""
+    """w_j of (3) for the states after each of the window's steps, from the FP run's e_k (none under "outputs")."""
+    if objective == "outputs":
+        return [0.0] * len(energies)
     if objective == "end":
         return [0.0] * (len(energies) - 1) + [1 / max(sum(energies), 1e-12)]
     cumulative = [sum(energies[:j + 1]) for j in range(len(energies))]
     return [1 / max(sum(cumulative), 1e-12)] * len(energies)
+
+
+def output_weights(objective: str, outs: list[torch.Tensor]) -> list[float]:
+    """u_k of (5) for the model outputs at each of the window's steps, from the FP run's ε_k (none but under
+    "outputs")."""
+    if objective != "outputs":
+        return [0.0] * len(outs)
+    return [1 / max(sum(float(o.pow(2).sum()) for o in outs), 1e-12)] * len(outs)
 
 
 def states_after(end: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -187,38 +211,69 @@ def states_after(end: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor
     return [*xs[1:], end]
 
 
-def window_loss(q_eps: EpsFn, window: Window, step: StepFn, targets: list[torch.Tensor], weights: list[float],
+@dataclass
+class WindowTargets:
+    """What a window's quantized run is held to: the FP states after each step with their weights w_j (3), and the
+    FP model's outputs at each step with their weights u_k (5); a zero weight leaves its term out."""
+
+    states: list[torch.Tensor]
+    state_weights: list[float]
+    outputs: list[torch.Tensor]
+    output_weights: list[float]
+
+    def value(self, states: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+        """The loss (3) + (5) of a quantized run's states after each step and outputs."""
+        return float(sum(w * (x - ref).pow(2).sum() for w, x, ref in zip(self.state_weights, states, self.states,
+                                                                         strict=True) if w)
+                     + sum(u * (o - ref).pow(2).sum() for u, o, ref in zip(self.output_weights, outputs,
+                                                                           self.outputs, strict=True) if u))
+
+
+def window_targets(fp_eps: EpsFn, window: Window, step: StepFn, objective: str) -> WindowTargets:
+    """Run the FP sampler over `window` (no gradients) and weigh its states and outputs for `objective`."""
+    end, fp_xs, fp_outs = run_window(fp_eps, window, step)
+    return WindowTargets(states_after(end, fp_xs), state_weights(objective, eps_energies(window, fp_xs, fp_outs,
+                                                                                         step)),
+                         fp_outs, output_weights(objective, fp_outs))
+
+
+def window_loss(q_eps: EpsFn, window: Window, step: StepFn, targets: WindowTargets,
                 stop_gradient: bool = True) -> torch.Tensor:
-    """(3) with the FP states `targets` after each step and their `weights`, as one autograd graph over the window:
-    with `stop_gradient` the objective (2) (model inputs detached), else the naive one (gradients also through
-    each ε_q's input)."""
+    """(3) + (5) against `targets`, as one autograd graph over the window: with `stop_gradient` the objective (2)
+    (model inputs detached), else the naive one (gradients also through each ε_q's input)."""
     x = window.x
     loss = x.new_zeros(())
     for k, (t, prev_t) in enumerate(window.pairs):
         out = q_eps(x.detach() if stop_gradient else x, window.t(k), window.cond)
+        if targets.output_weights[k]:
+            loss = loss + targets.output_weights[k] * (out - targets.outputs[k]).pow(2).sum()
         x = step(x, out, t, prev_t, window.noise[k])
-        if weights[k]:
-            loss = loss + weights[k] * (x - targets[k]).pow(2).sum()
+        if targets.state_weights[k]:
+            loss = loss + targets.state_weights[k] * (x - targets.states[k]).pow(2).sum()
     return loss
 
 
-def window_backward_recompute(q_eps: EpsFn, window: Window, step: StepFn, targets: list[torch.Tensor],
-                              weights: list[float], through_inputs: bool = False) -> float:
-    """Accumulate ∂(3)/∂θ into the quantizers' .grad in O(1) model graphs; returns (3). Without `through_inputs`
-    the gradient of the objective (2) (model inputs stopped), with it the exact gradient of (3) (the adjoint of the
-    whole window, what `window_loss(..., stop_gradient=False)` gives in O(n) graphs)."""
-    end, xs, _ = run_window(q_eps, window, step)
-    residuals = [x - target for x, target in zip(states_after(end, xs), targets, strict=True)]
+def window_backward_recompute(q_eps: EpsFn, window: Window, step: StepFn, targets: WindowTargets,
+                              through_inputs: bool = False) -> float:
+    """Accumulate ∂((3) + (5))/∂θ into the quantizers' .grad in O(1) model graphs; returns the loss. Without
+    `through_inputs` the gradient of the objective (2) (model inputs stopped), with it the exact gradient (the
+    adjoint of the whole window, what `window_loss(..., stop_gradient=False)` gives in O(n) graphs)."""
+    end, xs, outs = run_window(q_eps, window, step)
+    after = states_after(end, xs)
     lam = torch.zeros_like(end)
     for k in reversed(range(len(window.pairs))):
-        if weights[k]:  # states the objective does not weigh add nothing
-            lam = lam + 2 * weights[k] * residuals[k]
+        w, u = targets.state_weights[k], targets.output_weights[k]
+        if w:  # states the objective does not weigh add nothing
+            lam = lam + 2 * w * (after[k] - targets.states[k])
         t, prev_t = window.pairs[k]
         x_k = xs[k].detach().requires_grad_(True)
         out_k = q_eps(x_k if through_inputs else xs[k], window.t(k), window.cond)
-        step(x_k, out_k, t, prev_t, window.noise[k]).backward(lam)
+        total = (step(x_k, out_k, t, prev_t, window.noise[k]) * lam).sum()
+        if u:
+            total = total + u * (out_k - targets.outputs[k]).pow(2).sum()
+        total.backward()
         lam = x_k.grad
-    return float(sum(w * r.pow(2).sum() for w, r in zip(weights, residuals, strict=True)))
+    return targets.value(after, outs)
 
 
 def _anneal(it: int, iters: int, warmup: float) -> float | None:
@@ -248,31 +303,66 @@ def probe_error(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet) -> float:
     return sum(errs) / len(errs)
 
 
+def pool_noise(fp_eps: EpsFn, pool: CalibrationSet, step: StepFn, prev: dict[int, int]) -> list[torch.Tensor]:
+    """The noise draw z_k that took each FP trajectory of the pool from x_k to x_{k+1} (one per recorded step but
+    the last), recovered from the step's affine form: z_k = (x_{k+1} − S_k(x_k, ε, 0)) / (S_k(x_k, ε, 1) −
+    S_k(x_k, ε, 0)); zero where the step adds no noise (DDIM η = 0)."""
+    zs = []
+    with torch.no_grad():
+        for k in range(len(pool.t) - 1):
+            x, t = pool.x[k], pool.t[k]
+            out = fp_eps(x, torch.full((x.shape[0],), t, dtype=torch.int64), pool.cond)
+            mean = step(x, out, t, prev[t], torch.zeros_like(x))
+            std = step(x, out, t, prev[t], torch.ones_like(x)) - mean
+            zs.append(torch.where(std.abs() > 0, (pool.x[k + 1] - mean) / std.where(std.abs() > 0, 1.0), 0.0))
+    return zs
+
+
+def quantized_states(q_eps: EpsFn, pool: CalibrationSet, step: StepFn, prev: dict[int, int],
+                     zs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x̂_k: the quantized sampler's own trajectories from the pool's initial noise with its noise draws `zs`
+    (`pool_noise`): where the deployed model really is at each step, accumulated error included."""
+    xs = [pool.x[0]]
+    with torch.no_grad():
+        for k in range(len(pool.t) - 1):
+            x, t = xs[-1], pool.t[k]
+            out = q_eps(x, torch.full((x.shape[0],), t, dtype=torch.int64), pool.cond)
+            xs.append(step(x, out, t, prev[t], zs[k]))
+    return xs
+
+
+def trajectory_drift(q_states: list[torch.Tensor], pool: CalibrationSet) -> float:
+    """‖x̂ − x‖ / ‖x‖ at the pool's last recorded step: how far the quantized trajectories have drifted."""
+    return float((q_states[-1] - pool.x[-1]).norm() / pool.x[-1].norm().clamp_min(1e-12))
+
+
 def window_backward(q_eps: EpsFn, fp_eps: EpsFn, window: Window, step: StepFn, objective: str, backprop: str,
                     gradient: str) -> float:
     """(3) on `window`: the FP run gives the targets and their weights (`objective`), then the quantizers' gradient
     is accumulated into their .grad by `backprop` (recompute, O(1); naive, one graph) under `gradient` (full |
     stop). Returns the loss."""
-    end, fp_xs, fp_outs = run_window(fp_eps, window, step)
-    targets = states_after(end, fp_xs)
-    weights = state_weights(objective, eps_energies(window, fp_xs, fp_outs, step))
+    targets = window_targets(fp_eps, window, step, objective)
     if backprop == "recompute":
-        return window_backward_recompute(q_eps, window, step, targets, weights, through_inputs=gradient == "full")
-    loss = window_loss(q_eps, window, step, targets, weights, stop_gradient=gradient == "stop")
+        return window_backward_recompute(q_eps, window, step, targets, through_inputs=gradient == "full")
+    loss = window_loss(q_eps, window, step, targets, stop_gradient=gradient == "stop")
     loss.backward()
     return float(loss.detach())
 
 
 def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: torch.Tensor, n: int,
-                       settings: AccuQuantSettings, step: StepFn, prev: dict[int, int], g: torch.Generator) -> float:
+                       settings: AccuQuantSettings, step: StepFn, prev: dict[int, int], g: torch.Generator,
+                       q_states: list[torch.Tensor] | None = None) -> float:
     """One draw of the objective for the pool's trajectories `rows`: a step (n ≤ 1, loss (1)) or a window of n
     steps (loss (3) with `settings`' objective, gradient and backprop), drawn from `g` (the window's noise too); its
-    gradient is accumulated into the quantizers' .grad. Returns the loss. `prev` maps each timestep to the next."""
+    gradient is accumulated into the quantizers' .grad. Returns the loss. `prev` maps each timestep to the next.
+    With `q_states` (the quantized trajectories, `quantized_states`) the step or window starts at their state
+    instead of the FP trajectories' (both models run from there)."""
     cond = None if pool.cond is None else pool.cond[rows]
     S = len(pool.t)
+    starts = pool.x if q_states is None else q_states
     if n <= 1:
         s = int(torch.randint(S, (1,), generator=g))
-        x, t = pool.x[s][rows], torch.full((len(rows),), pool.t[s], dtype=torch.int64)
+        x, t = starts[s][rows], torch.full((len(rows),), pool.t[s], dtype=torch.int64)
         with torch.no_grad():
             ref = fp_eps(x, t, cond)
         loss = (q_eps(x, t, cond) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-12)
@@ -280,8 +370,8 @@ def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: 
         return float(loss.detach())
     s = int(torch.randint(S - n + 1, (1,), generator=g))
     pairs = [(pool.t[s + k], prev[pool.t[s + k]]) for k in range(n)]
-    noise = [torch.randn(pool.x[s][rows].shape, generator=g) for _ in range(n)]
-    return window_backward(q_eps, fp_eps, Window(pool.x[s][rows], pairs, noise, cond), step, settings.objective,
+    noise = [torch.randn(starts[s][rows].shape, generator=g) for _ in range(n)]
+    return window_backward(q_eps, fp_eps, Window(starts[s][rows], pairs, noise, cond), step, settings.objective,
                            settings.backprop, settings.gradient)
 
 
@@ -315,12 +405,18 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     stopped = None
     last_good = q.state()
     params = [*rounding, *scales]
+    zs = pool_noise(fp_eps, pool, step, prev) if settings.start == "quantized" else None
+    q_states, drift = None, []
     for it in tqdm(range(settings.iters), desc=f"accuquant window {n}" if n > 1 else "per-step reconstruction",
                    unit="iter", disable=not progress):
+        if zs is not None and it % REFRESH_ITERS == 0:
+            q_states = quantized_states(module_eps(q.hard()), pool, step, prev, zs)
+            q.hard(False)
+            drift.append(round(trajectory_drift(q_states, pool), 6))
         rows = torch.randperm(N, generator=g)[:settings.batch]
         optimizer.zero_grad(set_to_none=True)
         rec = objective_backward(q_eps, fp_eps, pool, rows, n if it >= settings.perstep_iters else 0, settings,
-                                 step, prev, g)
+                                 step, prev, g, q_states)
         beta = _anneal(it, settings.iters, settings.warmup)
         reg = 0.0
         if beta is not None and settings.round_lambda > 0:
@@ -341,13 +437,17 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     q.hard()
     after = probe_error(q_eps, fp_eps, pool)
     every = max(1, len(losses) // 50)
-    states = ", every state" if settings.objective == "every" else ""
+    states = {"end": "", "every": ", every state", "outputs": ", model outputs"}[settings.objective]
     objective = "per-step" if n <= 1 else f"window of {n} steps{states}"
     if n > 1 and settings.perstep_iters:
         objective = f"per-step for {settings.perstep_iters} iterations, then {objective}"
+    if zs is not None:
+        objective += ", from the quantized trajectories"
+        drift.append(round(trajectory_drift(quantized_states(q_eps, pool, step, prev, zs), pool), 6))
     info = {"window": n, "objective": objective, "iters": len(losses),
             "backprop": settings.backprop if n > 1 else "per-step",
-            "gradient": settings.gradient if n > 1 else "per-step", "init": settings.init,
+            "gradient": settings.gradient if n > 1 else "per-step", "init": settings.init, "start": settings.start,
+            **({"trajectory_drift": drift} if drift else {}),
             "loss_curve": [round(v, 6) for v in losses[::every]], "probe_eps_error_before": round(before, 6),
             "probe_eps_error_after": round(after, 6), "stopped": stopped,
             "seconds": round(time.perf_counter() - start, 2)}

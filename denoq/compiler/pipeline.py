@@ -152,7 +152,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
             window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
             lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
             init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
-            gradient=recipe["accuquant.gradient"],
+            gradient=recipe["accuquant.gradient"], start=recipe["accuquant.start"],
             perstep_iters=recipe["accuquant.perstep_iters"], objective=recipe["accuquant.objective"],
             seed=recipe["seed"])
     layers, kept_fp = select_layers(quantizable_layers(spec.module), spec.layer_patterns(recipe["layers.keep_fp"]))

@@ -192,8 +192,14 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             choices=("full", "stop")),
     KeySpec("accuquant.objective", "end", str,
             "adaround with a window: end = the distance to the FP state after the window's n steps; every = the "
-            "distances after each of its steps (the first is the per-step loss)",
-            choices=("end", "every")),
+            "distances after each of its steps (the first is the per-step loss); outputs = the quantized model's "
+            "ε error at each step along its own simulated window (n = 1: the per-step loss)",
+            choices=("end", "every", "outputs")),
+    KeySpec("accuquant.start", "fp", str,
+            "adaround: where the quantized model's steps start: fp = the FP trajectories' states (the targets' own "
+            "start); quantized = the quantized model's own trajectories from the same noise (their accumulated "
+            "error included), re-run every 100 iterations",
+            choices=("fp", "quantized")),
     KeySpec("accuquant.perstep_iters", 0, int,
             "adaround with a window: the first iterations use the per-step objective, the window fine-tunes after "
             "them (0 = the window throughout)", lo=0, hi=100_000),
