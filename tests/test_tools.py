@@ -58,6 +58,37 @@ def test_accuquant_rows_cover_rtn_per_step_and_windows(study):
                                                 "per-step then window 2 stop", "per-step then window 4 stop"] * 2
 
 
+def _study_json(folder: Path, seed: int, rows: list[tuple[str, float]]) -> Path:
+    """A study.json as `study.py` writes it, with drift curves, for rows (name, FD to FP)."""
+    folder.mkdir()
+    quality = {"fd_digits": 80.0, "fd_ratio": 1.0, "psnr_vs_fp": 30.0}
+    report = {"fp": {"ddim50:8": {"fd_digits": 80.0}}, "seconds": 1.0,
+              "settings": {"matrix": "accuquant", "samplers": ["ddim50:8"], "seed": seed},
+              "rows": [{"name": name, "series": f"W4A8 {name}", "labels": [["method", name]], "calib_seconds": 1.0,
+                        "accuquant": None, "quality": {"ddim50:8": {**quality, "fd_to_fp": fd}},
+                        "drift": {"ddim50:8": {"t": [981, 1], "value": [0.01, fd / 100]}}} for name, fd in rows]}
+    (folder / "study.json").write_text(json.dumps(report))
+    return folder / "study.json"
+
+
+def test_merge_puts_earlier_studies_in_one_table_and_plot(study, tmp_path, capsys):
+    a = _study_json(tmp_path / "seed0", 0, [("rtn", 20.5), ("per-step", 5.4)])
+    b = _study_json(tmp_path / "outputs0", 0, [("window2outputs", 5.46)])
+    argv = ["--matrix", "accuquant", "--samplers", "ddim50:8", "--out", str(tmp_path / "m")]
+    assert study.main([*argv, "--merge", str(a), str(b), "--only", "seed0/per-step|outputs0"]) == 0
+    table = capsys.readouterr().out
+    assert "| seed0 | per-step | 80.00 (×1.000) · 5.40 · 30.00 dB | — | 1.0 |" in table
+    assert "| outputs0 | window2outputs | 80.00 (×1.000) · 5.46 · 30.00 dB |" in table and "rtn" not in table
+    merged = json.loads((tmp_path / "m" / "study.json").read_text())
+    assert [r["series"] for r in merged["rows"]] == ["seed0: W4A8 per-step", "outputs0: W4A8 window2outputs"]
+    assert (tmp_path / "m" / "study.png").read_bytes()[:4] == b"\x89PNG"
+    other = _study_json(tmp_path / "seed1", 1, [("per-step", 5.45)])
+    with pytest.raises(SystemExit, match=r"measured with .* --seed 1; merge only studies run with .* --seed 0"):
+        study.main([*argv, "--merge", str(a), str(other)])
+    with pytest.raises(SystemExit, match=r"no such study\.json"):
+        study.main([*argv, "--merge", str(tmp_path / "nowhere" / "study.json")])
+
+
 def test_gpu_check_says_what_is_missing(tmp_path, capsys):
     import torch
 

@@ -319,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a recipe key added to every row (e.g. weights.conv_blocks=true to compare with older runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--merge", type=Path, nargs="+", default=[], metavar="STUDY_JSON",
+                   help="run nothing: merge the rows of earlier study.json files of this matrix, measured with "
+                        "the same samplers and --seed (e.g. one calibration seed's single-row studies), "
+                        "relabelling each by its folder (--only matches FOLDER/ROW), and write the table, study.json "
+                        "and study.png into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     for s in args.samplers:
         parse_sampler(s)
     from denoq.metrics import fd_between, fd_digits, psnr
@@ -361,8 +368,44 @@ def main(argv: list[str] | None = None) -> int:
             drift[s] = {"t": ts, "value": [float((q_states[t] - fp_states[t]).norm() / fp_states[t].norm())
                                            for t in ts]}
         results.append({**asdict(r), **compiled[r.name], "quality": quality, "drift": drift})
-    report = {"fp": fp, "rows": results, "seconds": round(time.perf_counter() - start, 1),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    write_report(args, fp, results, round(time.perf_counter() - start, 1))
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    """`--merge`: the rows of earlier studies in one table and plot; each row's series is labelled with its
+    study's folder (e.g. `aq_long_s0: W4A8 per-step`); `--only` picks rows by `folder/name`. Refuses studies of
+    another matrix, samplers or seed."""
+    fp, results = None, []
+    for path in args.merge:
+        if not path.is_file():
+            raise SystemExit(f"--merge {path}: no such study.json; give the study.json files an earlier run wrote")
+        study = json.loads(path.read_text())
+        got = study["settings"]
+        if (got["matrix"], got["samplers"], got["seed"]) != (args.matrix, args.samplers, args.seed):
+            raise SystemExit(f"--merge {path}: measured with --matrix {got['matrix']} --samplers "
+                             f"{','.join(got['samplers'])} --seed {got['seed']}; merge only studies run with "
+                             f"--matrix {args.matrix} --samplers {','.join(args.samplers)} --seed {args.seed}")
+        fp = fp or study["fp"]
+        name = path.parent.name
+        for r in study["rows"]:
+            if not re.search(args.only, f"{name}/{r['name']}"):
+                continue
+            results.append({**r, "series": f"{name}: {r['series']}",
+                            "labels": [("study", name), *(tuple(label) for label in r["labels"])]})
+    if not results:
+        raise SystemExit(f"--merge: no row matches --only {args.only!r}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_report(args, fp, results, 0.0)
+    return 0
+
+
+def write_report(args: argparse.Namespace, fp: dict[str, Any], results: list[dict[str, Any]], seconds: float
+                 ) -> None:
+    """OUT/study.json, OUT/study.png and the markdown table on stdout."""
+    report = {"fp": fp, "rows": results, "seconds": seconds,
+              "settings": {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "merge" else v)
+                           for k, v in vars(args).items()}}
     (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
     xlabel = {"timegroups": "timestep groups G", "weights": "weight group size (1 = per output channel)",
               "ptqd": "1 none, 2 bias, 4 bias + k, 8 + VSC, 16 mixed precision", "accuquant": ""}[args.matrix]
@@ -374,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "study.png").write_bytes(study_png(results, args.samplers[0], xlabel, title))
     print_table(args.matrix, results, fp, args.samplers)
     print(f"(wrote {args.out / 'study.json'} and {args.out / 'study.png'} in {report['seconds']} s)", file=sys.stderr)
-    return 0
 
 
 def print_table(matrix: str, results: list[dict[str, Any]], fp: dict[str, Any], samplers: list[str]) -> None:
