@@ -32,6 +32,8 @@ samples), the rows a matrix marks as main with all of them. Output: the markdown
     OMP_NUM_THREADS=1 python tools/study.py --matrix weights --model /tmp/digits-b --out /tmp/wstudy
     OMP_NUM_THREADS=1 python tools/study.py --matrix ptqd --samplers ddim50:256,ddim50:256:1,ddpm1000:128 --out /tmp/p
     OMP_NUM_THREADS=1 python tools/study.py --matrix accuquant --samplers ddim50:256,ddpm1000:128 --out /tmp/aq
+    python tools/study.py --matrix accuquant --samplers ddim50:256 --merge /tmp/aq_a/study.json /tmp/aq_b/study.json \
+        --out /tmp/aq_ab   # earlier runs' rows in one table and plot
 """
 
 from __future__ import annotations
