@@ -58,6 +58,7 @@ EXPECTED_DEFAULTS = {
     "accuquant.backprop": "recompute",
     "accuquant.gradient": "full",
     "accuquant.objective": "end",
+    "accuquant.start": "fp",
     "accuquant.perstep_iters": 0,
     "layers.keep_fp": "@in,@out",
     "calib.samples": 64,
