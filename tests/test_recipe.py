@@ -57,7 +57,7 @@ EXPECTED_DEFAULTS = {
     "accuquant.init": "rtn",
     "accuquant.backprop": "recompute",
     "accuquant.gradient": "full",
-    "accuquant.objective": "end",
+    "accuquant.objective": "outputs",
     "accuquant.start": "fp",
     "accuquant.perstep_iters": 0,
     "layers.keep_fp": "@in,@out",

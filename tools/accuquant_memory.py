@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", default="1,2,4,8", help="comma-separated window lengths n")
     p.add_argument("--variants", default="recompute,naive")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--objective", default="end", choices=("end", "every"), help="the window's states in the loss")
+    p.add_argument("--objective", default="outputs", choices=("end", "every", "outputs"),
+                   help="the window's loss (accuquant.objective): its end state, every state, or the model outputs")
     p.add_argument("--gradient", default="full", choices=("full", "stop"),
                    help="accuquant.gradient: full (through the model inputs), or stop at them")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where torch has it")

@@ -115,7 +115,7 @@ class AccuQuantSettings:
     backprop: str = "recompute"
     gradient: str = "full"
     perstep_iters: int = 0
-    objective: str = "end"
+    objective: str = "outputs"
     start: str = "fp"
     warmup: float = 0.2
     eta: float = 0.0

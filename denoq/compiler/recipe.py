@@ -190,7 +190,7 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "adaround with a window: full = the exact gradient of the window's loss, also through the quantized "
             "model's inputs; stop = gradients stop at each model input (through the sampler's x-path only)",
             choices=("full", "stop")),
-    KeySpec("accuquant.objective", "end", str,
+    KeySpec("accuquant.objective", "outputs", str,
             "adaround with a window: end = the distance to the FP state after the window's n steps; every = the "
             "distances after each of its steps (the first is the per-step loss); outputs = the quantized model's "
             "ε error at each step along its own simulated window (n = 1: the per-step loss)",
