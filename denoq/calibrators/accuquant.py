@@ -20,9 +20,10 @@ Objectives (`AccuQuantSettings.window`):
   `objective="every"` (ours): every state of the window, w_j = 1 / Σ_{i≤n} Σ_{k≤i} e_k, so its first term is the
   per-step loss of the window's first step and the later ones add the accumulated error, which the end state
   alone lets cancel between steps.
-  `objective="outputs"` (ours, after the paper's "discrepancies between outputs … within a couple of denoising
-  steps"): the quantized model's outputs along its own simulated window against the FP model's along the FP one,
-      L = Σ_k u_k ‖ε_q(x^q_k, t_k) − ε(x^fp_k, t_k)‖²,   u_k = 1 / Σ_k ‖ε(x^fp_k, t_k)‖²                     (5)
+  `objective="outputs"` (ours, the default, after the paper's "discrepancies between outputs … within a couple of
+  denoising steps"): the quantized model's outputs along its own simulated window against the FP model's along
+  the FP one,
+      L = Σ_k u_k ‖ε_q(x^q_k, t_k) − ε(x^fp_k, t_k)‖²,   u_k = 1 / Σ_k ‖ε(x^fp_k, t_k)‖²                     (4)
   so its first term is the per-step loss (1) of the window's first step, n = 1 is (1) exactly (no x-space, so
   no x̂_0 clipping in the loss), and every later term sees the accumulated drift x^q_k − x^fp_k in its input.
   S_k is the sampler's step (`denoq.sampling`: DDIM with η or DDPM, x̂_0 clipping included), sg a stop-gradient on
@@ -35,7 +36,7 @@ O(1) memory (`backprop="recompute"`): S_k is differentiable and cheap. Run the w
 only the latents x^q_k; go back over the steps with λ_{n} = 0 and, at step k, λ_{k+1} += 2 w_{k+1} (x^q_{k+1} −
 x^fp_{k+1}); recompute ε_q,k = ε_q(x^q_k) and S_k(x^q_k, ε_q,k) as one graph and back-propagate λ_{k+1} through
 it: into the quantizers through ε_q,k, and into λ_k = ∂/∂x^q_k (through S_k's x-path; under "full" also through
-ε_q's input); under (5) the graph of step k also holds its output term u_k ‖ε_q,k − ε_k‖², whose gradient
+ε_q's input); under (4) the graph of step k also holds its output term u_k ‖ε_q,k − ε_k‖², whose gradient
 joins λ's. One model graph is alive at a time; the latents are the only thing that grows with n. For the end
 objective, "stop" and an affine step (no clipping) the quantizers receive b_k (Π_{j>k} a_j) · 2r / norm through
 ε_q,k, the "coefficient · r" of the issue.
@@ -53,7 +54,7 @@ recompute gradients are tested against.
 Start (`start`): "fp" starts every step or window at the pool's FP-trajectory state x_s; "quantized" (ours) at
 x̂_s, the state of the quantized sampler's own trajectory from the same initial noise and noise draws
 (`quantized_states`, re-run with the hard rounding every REFRESH_ITERS iterations), where the deployed model
-really is; both models then run from x̂_s, so (1), (3) and (5) are taken on the inputs the quantized model meets.
+really is; both models then run from x̂_s, so (1), (3) and (4) are taken on the inputs the quantized model meets.
 
 Fine-tune (`perstep_iters` = k > 0, ours): the first k iterations use the per-step objective (1), the rest the
 window (3): the window then corrects what single steps cannot see, starting from quantizers that already match
@@ -102,7 +103,8 @@ class AccuQuantSettings:
     trajectories; Adam with `lr` (rounding variables; log-scales × SCALE_LR_FACTOR); `round_lambda` λ; `init` of
     the rounding (`learnable.INITS`); `backprop` recompute (O(1) memory) or naive (O(n)); `perstep_iters` of the
     `iters` use the per-step objective before the window's (0 = the window throughout); `objective` the window's
-    states that count in (3) (`OBJECTIVES`); `gradient` full (through the model inputs) or stop (2) (`GRADIENTS`);
+    loss, (3) over its end or every state or (4) over its outputs (`OBJECTIVES`); `start` fp | quantized
+    (`STARTS`); `gradient` full (through the model inputs) or stop (2) (`GRADIENTS`);
     `warmup` fraction without the regularizer; `eta` of a DDIM pool;
     `seed` of the batches, windows and noise."""
 
@@ -199,7 +201,7 @@ def state_weights(objective: str, energies: list[float]) -> list[float]:
 
 
 def output_weights(objective: str, outs: list[torch.Tensor]) -> list[float]:
-    """u_k of (5) for the model outputs at each of the window's steps, from the FP run's ε_k (none but under
+    """u_k of (4) for the model outputs at each of the window's steps, from the FP run's ε_k (none but under
     "outputs")."""
     if objective != "outputs":
         return [0.0] * len(outs)
@@ -214,7 +216,7 @@ def states_after(end: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor
 @dataclass
 class WindowTargets:
     """What a window's quantized run is held to: the FP states after each step with their weights w_j (3), and the
-    FP model's outputs at each step with their weights u_k (5); a zero weight leaves its term out."""
+    FP model's outputs at each step with their weights u_k (4); a zero weight leaves its term out."""
 
     states: list[torch.Tensor]
     state_weights: list[float]
@@ -222,7 +224,7 @@ class WindowTargets:
     output_weights: list[float]
 
     def value(self, states: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-        """The loss (3) + (5) of a quantized run's states after each step and outputs."""
+        """The loss (3) + (4) of a quantized run's states after each step and outputs."""
         return float(sum(w * (x - ref).pow(2).sum() for w, x, ref in zip(self.state_weights, states, self.states,
                                                                          strict=True) if w)
                      + sum(u * (o - ref).pow(2).sum() for u, o, ref in zip(self.output_weights, outputs,
@@ -239,7 +241,7 @@ def window_targets(fp_eps: EpsFn, window: Window, step: StepFn, objective: str) 
 
 def window_loss(q_eps: EpsFn, window: Window, step: StepFn, targets: WindowTargets,
                 stop_gradient: bool = True) -> torch.Tensor:
-    """(3) + (5) against `targets`, as one autograd graph over the window: with `stop_gradient` the objective (2)
+    """(3) + (4) against `targets`, as one autograd graph over the window: with `stop_gradient` the objective (2)
     (model inputs detached), else the naive one (gradients also through each ε_q's input)."""
     x = window.x
     loss = x.new_zeros(())
@@ -255,7 +257,7 @@ def window_loss(q_eps: EpsFn, window: Window, step: StepFn, targets: WindowTarge
 
 def window_backward_recompute(q_eps: EpsFn, window: Window, step: StepFn, targets: WindowTargets,
                               through_inputs: bool = False) -> float:
-    """Accumulate ∂((3) + (5))/∂θ into the quantizers' .grad in O(1) model graphs; returns the loss. Without
+    """Accumulate ∂((3) + (4))/∂θ into the quantizers' .grad in O(1) model graphs; returns the loss. Without
     `through_inputs` the gradient of the objective (2) (model inputs stopped), with it the exact gradient (the
     adjoint of the whole window, what `window_loss(..., stop_gradient=False)` gives in O(n) graphs)."""
     end, xs, outs = run_window(q_eps, window, step)
@@ -338,9 +340,9 @@ def trajectory_drift(q_states: list[torch.Tensor], pool: CalibrationSet) -> floa
 
 def window_backward(q_eps: EpsFn, fp_eps: EpsFn, window: Window, step: StepFn, objective: str, backprop: str,
                     gradient: str) -> float:
-    """(3) on `window`: the FP run gives the targets and their weights (`objective`), then the quantizers' gradient
-    is accumulated into their .grad by `backprop` (recompute, O(1); naive, one graph) under `gradient` (full |
-    stop). Returns the loss."""
+    """(3) or (4) on `window`: the FP run gives the targets and their weights (`objective`), then the quantizers'
+    gradient is accumulated into their .grad by `backprop` (recompute, O(1); naive, one graph) under `gradient`
+    (full | stop). Returns the loss."""
     targets = window_targets(fp_eps, window, step, objective)
     if backprop == "recompute":
         return window_backward_recompute(q_eps, window, step, targets, through_inputs=gradient == "full")
@@ -353,10 +355,10 @@ def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: 
                        settings: AccuQuantSettings, step: StepFn, prev: dict[int, int], g: torch.Generator,
                        q_states: list[torch.Tensor] | None = None) -> float:
     """One draw of the objective for the pool's trajectories `rows`: a step (n ≤ 1, loss (1)) or a window of n
-    steps (loss (3) with `settings`' objective, gradient and backprop), drawn from `g` (the window's noise too); its
-    gradient is accumulated into the quantizers' .grad. Returns the loss. `prev` maps each timestep to the next.
-    With `q_states` (the quantized trajectories, `quantized_states`) the step or window starts at their state
-    instead of the FP trajectories' (both models run from there)."""
+    steps (loss (3) or (4) with `settings`' objective, gradient and backprop), drawn from `g` (the window's noise
+    too); its gradient is accumulated into the quantizers' .grad. Returns the loss. `prev` maps each timestep to the
+    next. With `q_states` (the quantized trajectories, `quantized_states`) the step or window starts at their
+    state instead of the FP trajectories' (both models run from there)."""
     cond = None if pool.cond is None else pool.cond[rows]
     S = len(pool.t)
     starts = pool.x if q_states is None else q_states
