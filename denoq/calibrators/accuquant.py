@@ -324,13 +324,9 @@ def quantized_states(q_eps: EpsFn, pool: CalibrationSet, step: StepFn, prev: dic
                      zs: list[torch.Tensor]) -> list[torch.Tensor]:
     """x̂_k: the quantized sampler's own trajectories from the pool's initial noise with its noise draws `zs`
     (`pool_noise`): where the deployed model really is at each step, accumulated error included."""
-    xs = [pool.x[0]]
-    with torch.no_grad():
-        for k in range(len(pool.t) - 1):
-            x, t = xs[-1], pool.t[k]
-            out = q_eps(x, torch.full((x.shape[0],), t, dtype=torch.int64), pool.cond)
-            xs.append(step(x, out, t, prev[t], zs[k]))
-    return xs
+    pairs = [(t, prev[t]) for t in pool.t[:-1]]
+    end, xs, _ = run_window(q_eps, Window(pool.x[0], pairs, zs, pool.cond), step)
+    return [*xs, end]  # the latents before each step (x̂_0 = the pool's noise), then the last
 
 
 def trajectory_drift(q_states: list[torch.Tensor], pool: CalibrationSet) -> float:
