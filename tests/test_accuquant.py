@@ -170,6 +170,30 @@ def test_one_step_window_of_outputs_is_the_per_step_loss_and_longer_ones_see_the
         float(window_loss(q_eps, two, step, targets).detach()), rel=1e-5)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_stopped_outputs_gradient_is_each_step_s_own_error_at_the_quantized_run_s_input(tiny, sampler):
+    # the default objective and gradient: λ stays 0, so the gradient is that of Σ_k u_k ‖ε_q(x^q_k) − ε_k‖² with the
+    # quantized run's latents x^q_k held fixed; the drift reaches the loss through the inputs, never the gradient
+    spec, plan, schedule = tiny
+    q = LearnableModel(spec.module, plan, init="fp")
+    q_eps, step = module_eps(q), sampler_step(schedule, sampler)
+    ts, prev = schedule.timesteps(10, sampler).tolist(), schedule.prev_timesteps(10, sampler).tolist()
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(3, 1, 16, 16, generator=g)
+    window = Window(x0, [(ts[k], prev[k]) for k in range(5, 8)], [torch.randn(x0.shape, generator=g)
+                                                                  for _ in range(3)])
+    targets = window_targets(module_eps(spec.module), window, step, "outputs")
+    _, q_xs, _ = run_window(q_eps, window, step)
+    params = [p for p in q.parameters() if p.requires_grad]
+    independent = sum(u * (q_eps(x, window.t(k), None) - ref).pow(2).sum()
+                      for k, (u, x, ref) in enumerate(zip(targets.output_weights, q_xs, targets.outputs, strict=True)))
+    reference = torch.cat([r.flatten() for r in torch.autograd.grad(independent, params)])
+    window_backward_recompute(q_eps, window, step, targets)
+    got = torch.cat([p.grad.flatten() for p in params])
+    assert not torch.equal(q_xs[1], targets.states[0])  # the second step's input drifted
+    assert float((got - reference).norm() / reference.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("window, objective, words", [(0, "end", "per-step"), (3, "end", "window of 3 steps"),
                                                       (3, "every", "window of 3 steps, every state")])
 def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window, objective, words):

@@ -56,7 +56,7 @@ EXPECTED_DEFAULTS = {
     "accuquant.round_lambda": 0.01,
     "accuquant.init": "rtn",
     "accuquant.backprop": "recompute",
-    "accuquant.gradient": "full",
+    "accuquant.gradient": "stop",
     "accuquant.objective": "outputs",
     "accuquant.start": "fp",
     "accuquant.perstep_iters": 0,

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--objective", default="outputs", choices=("end", "every", "outputs"),
                    help="the window's loss (accuquant.objective): its end state, every state, or the model outputs")
-    p.add_argument("--gradient", default="full", choices=("full", "stop"),
-                   help="accuquant.gradient: full (through the model inputs), or stop at them")
+    p.add_argument("--gradient", default="stop", choices=("full", "stop"),
+                   help="accuquant.gradient: stop at the model inputs (the recipe's default), or full (through them)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where torch has it")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

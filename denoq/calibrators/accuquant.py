@@ -41,13 +41,18 @@ joins λ's. One model graph is alive at a time; the latents are the only thing t
 objective, "stop" and an affine step (no clipping) the quantizers receive b_k (Π_{j>k} a_j) · 2r / norm through
 ε_q,k, the "coefficient · r" of the issue.
 
-Gradient (`gradient`): "stop" is (2) as written; "full" (ours, the default) drops the stop-gradient, so λ also
-flows through each ε_q's input, λ_k = (∂S_k/∂x + ∂S_k/∂ε · ∂ε_q/∂x)ᵀ λ_{k+1}: the exact gradient of (3), the
-adjoint of the whole window. It costs the same one recomputed graph of the model and S_k per step (its input now
-requires a gradient), so memory stays O(1). Under "stop" an error of step k reaches the end through the sampler
-alone, as if the later steps' models did not react to their drifted inputs; under "full" the gradient follows the
-real trajectory, reactions included. Measured on `digits` W4A8 (README), a window of 2 ends nearer FP under "full"
-than under "stop" on each of four calibration seeds. `backprop="naive"` builds the whole window as one graph,
+Gradient (`gradient`): "stop" (the default) is (2) as written; "full" (ours) drops the stop-gradient, so λ also
+flows through each ε_q's input, λ_k = (∂S_k/∂x + ∂S_k/∂ε · ∂ε_q/∂x)ᵀ λ_{k+1}: the exact gradient of (3) or (4),
+the adjoint of the whole window. It costs the same one recomputed graph of the model and S_k per step (its input
+now requires a gradient), so memory stays O(1). Under "stop" an error of step k reaches the end through the
+sampler alone, as if the later steps' models did not react to their drifted inputs; under "full" the gradient
+follows the real trajectory, reactions included. Under (4) the loss has no x-space term, so with "stop" λ stays 0:
+each output term trains the quantizers at the input the window's earlier quantized steps left, and no term
+reaches an earlier step. Measured on `digits` W4A8 (README): with (3) a window of 2 ends nearer FP under "full"
+than under "stop" on each of four calibration seeds; with (4) "full" stalls on some seeds (∂ε_q/∂x grows like
+1/σ_t at low noise, so late windows send large, noisy gradients into their first step) and "stop" ends nearer FP
+than per-step reconstruction on each of eight, hence the default.
+`backprop="naive"` builds the whole window as one graph,
 memory O(n), with either gradient: `window_loss(..., stop_gradient=...)` is that graph, the reference the
 recompute gradients are tested against.
 
@@ -115,7 +120,7 @@ class AccuQuantSettings:
     round_lambda: float = 0.01
     init: str = "plan"
     backprop: str = "recompute"
-    gradient: str = "full"
+    gradient: str = "stop"
     perstep_iters: int = 0
     objective: str = "outputs"
     start: str = "fp"

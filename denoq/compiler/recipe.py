@@ -186,9 +186,10 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
     KeySpec("accuquant.backprop", "recompute", str,
             "adaround with a window: recompute = O(1) memory in the window length; naive = backprop through it",
             choices=("recompute", "naive")),
-    KeySpec("accuquant.gradient", "full", str,
-            "adaround with a window: full = the exact gradient of the window's loss, also through the quantized "
-            "model's inputs; stop = gradients stop at each model input (through the sampler's x-path only)",
+    KeySpec("accuquant.gradient", "stop", str,
+            "adaround with a window: stop = gradients stop at each model input (through the sampler's x-path "
+            "only; under outputs each step's term trains that step alone, on the window's drifted input); full = "
+            "the exact gradient of the window's loss, also through the quantized model's inputs",
             choices=("full", "stop")),
     KeySpec("accuquant.objective", "outputs", str,
             "adaround with a window: end = the distance to the FP state after the window's n steps; every = the "
