@@ -3,6 +3,7 @@ gradients against plain autograd, export to an exact plan, bad input (denoq.cali
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -78,6 +79,29 @@ def test_untrained_hard_model_exports_the_plan_and_matches_the_simulation_exactl
     layer = next(iter(soft.learnable.values()))
     w = (layer.w_floor + layer.rounding()) * layer.w_scale
     torch.testing.assert_close(w, layer.source.weight.detach(), rtol=0, atol=1e-4 * float(layer.w_scale.max()))
+
+
+def test_plan_init_starts_at_integers_that_gptq_moved_beyond_the_nearest_two(tiny):
+    spec, plan, _ = tiny
+    modules = dict(spec.module.named_modules())
+    moved = {}
+    for name, lp in sorted(plan.layers.items()):  # ⌊w/s⌋ + 2 and ⌊w/s⌋ − 1 on alternate weights, as GPTQ may leave
+        floor = torch.floor(modules[name].weight.detach() / lp.expanded_weight_scale())
+        shift = torch.where(torch.arange(floor.numel()).reshape(floor.shape) % 2 == 0, 2.0, -1.0)
+        qmax = 2 ** (lp.weight_bits - 1) - 1
+        moved[name] = dataclasses.replace(lp, weight_int=(floor + shift).clamp(-qmax, qmax).to(torch.int8))
+    gptq_like = dataclasses.replace(plan, layers=moved)
+    q = LearnableModel(spec.module, gptq_like, init="plan")
+    for name, lp in moved.items():
+        assert torch.equal(q.export_plan().layers[name].weight_int, lp.weight_int), name
+    x, t = _inputs()
+    with torch.no_grad():
+        assert torch.equal(q.hard()(x, t), simulate(spec.module, gptq_like)(x, t))
+    layer = q.learnable[sorted(moved)[0]]
+    with torch.no_grad():
+        layer.v.neg_()  # the other choice of each pair: one step back towards w
+    back = q.export_plan().layers[sorted(moved)[0]].weight_int.int() - moved[sorted(moved)[0]].weight_int.int()
+    assert set(back.unique().tolist()) <= {-1, 0, 1} and int((back != 0).sum()) > 0
 
 
 def test_export_holds_the_learned_integers_and_scales(tiny):

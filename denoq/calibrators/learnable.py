@@ -13,7 +13,9 @@
   after the optimization the rounding is hard: h = 1 where V ≥ 0 (h(V) ≥ 1/2). Integers are clamped to
   [−qmax, qmax] as every denoq weight is. V starts at the plan's rounding: h = frac(w/s) reproduces w exactly
   (AdaRound's init, `init="fp"`), or h = 0.9 / 0.1 where the plan's integers (e.g. GPTQ's) round up / down
-  (`init="plan"`; an integer outside {⌊w/s⌋, ⌊w/s⌋ + 1} is taken as the nearer of the two).
+  (`init="plan"`). An integer q that GPTQ's error compensation put outside {⌊w/s⌋, ⌊w/s⌋ + 1} (ours) moves that
+  weight's pair of choices to {q − 1, q} above it or {q, q + 1} below it, so the hard rounding starts at the plan
+  exactly and may still move one step towards w.
 - Activations (Esser et al., "Learned Step Size Quantization", ICLR 2020, eq. 1–3): each layer's input scale
   table (length T, one value per timestep group) is learned through `x̂ = (clamp(round(x/s) + z, qmin, qmax) −
   z)·s` with the rounding passed straight through, whose gradient in s is LSQ's; we learn log s (one parameter
@@ -76,12 +78,14 @@ class LearnableLayer(SimulatedLayer):
         scale = plan.expanded_weight_scale().to(device)
         self.register_buffer("w_scale", scale)
         v = module.weight.detach().float() / scale
-        self.register_buffer("w_floor", torch.floor(v))
+        floor = torch.floor(v)
         if init == "fp":
-            h0 = v - torch.floor(v)
+            h0 = v - floor
         else:
-            up = plan.weight_int.to(device).float() > self.w_floor
-            h0 = torch.where(up, torch.full_like(v, INIT_UP), torch.full_like(v, INIT_DOWN))
+            q = plan.weight_int.to(device).float()
+            floor = torch.where(q > floor + 1, q - 1, torch.minimum(floor, q))  # the plan's q is one of the pair
+            h0 = torch.where(q > floor, torch.full_like(v, INIT_UP), torch.full_like(v, INIT_DOWN))
+        self.register_buffer("w_floor", floor)
         self.v = nn.Parameter(inverse_rectified_sigmoid(h0))
         self.qmax = _weight_qmax(plan)
         self.soft = True
