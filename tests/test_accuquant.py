@@ -97,10 +97,10 @@ def test_plan_init_starts_at_integers_that_gptq_moved_beyond_the_nearest_two(tin
     x, t = _inputs()
     with torch.no_grad():
         assert torch.equal(q.hard()(x, t), simulate(spec.module, gptq_like)(x, t))
-    layer = q.learnable[sorted(moved)[0]]
+    first = sorted(moved)[0]
     with torch.no_grad():
-        layer.v.neg_()  # the other choice of each pair: one step back towards w
-    back = q.export_plan().layers[sorted(moved)[0]].weight_int.int() - moved[sorted(moved)[0]].weight_int.int()
+        q.learnable[first].v.neg_()  # the other choice of each pair: one step back towards w
+    back = q.export_plan().layers[first].weight_int.int() - moved[first].weight_int.int()
     assert set(back.unique().tolist()) <= {-1, 0, 1} and int((back != 0).sum()) > 0
 
 
