@@ -97,15 +97,18 @@ def compile_plan(model: str, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from denoq.calibrators.accuquant import GRADIENTS, OBJECTIVES, AccuQuantSettings
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="digits")
     p.add_argument("--windows", default="1,2,4,8", help="comma-separated window lengths n")
     p.add_argument("--variants", default="recompute,naive")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--objective", default="outputs", choices=("end", "every", "outputs"),
+    p.add_argument("--objective", default=AccuQuantSettings.objective, choices=OBJECTIVES,
                    help="the window's loss (accuquant.objective): its end state, every state, or the model outputs")
-    p.add_argument("--gradient", default="stop", choices=("full", "stop"),
-                   help="accuquant.gradient: stop at the model inputs (the recipe's default), or full (through them)")
+    p.add_argument("--gradient", default=AccuQuantSettings.gradient, choices=GRADIENTS,
+                   help="accuquant.gradient: stop at the model inputs, or full (through them); default: the "
+                        "calibrator's")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where torch has it")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
