@@ -63,7 +63,7 @@ def _study_json(folder: Path, seed: int, rows: list[tuple[str, float]]) -> Path:
     folder.mkdir()
     quality = {"fd_digits": 80.0, "fd_ratio": 1.0, "psnr_vs_fp": 30.0}
     report = {"fp": {"ddim50:8": {"fd_digits": 80.0}}, "seconds": 1.0,
-              "settings": {"matrix": "accuquant", "samplers": ["ddim50:8"], "seed": seed},
+              "settings": {"matrix": "accuquant", "model": "digits", "samplers": ["ddim50:8"], "seed": seed},
               "rows": [{"name": name, "series": f"W4A8 {name}", "labels": [["method", name]], "calib_seconds": 1.0,
                         "accuquant": None, "quality": {"ddim50:8": {**quality, "fd_to_fp": fd}},
                         "drift": {"ddim50:8": {"t": [981, 1], "value": [0.01, fd / 100]}}} for name, fd in rows]}
@@ -87,6 +87,39 @@ def test_merge_puts_earlier_studies_in_one_table_and_plot(study, tmp_path, capsy
         study.main([*argv, "--merge", str(a), str(other)])
     with pytest.raises(SystemExit, match=r"no such study\.json"):
         study.main([*argv, "--merge", str(tmp_path / "nowhere" / "study.json")])
+
+
+def test_resample_measures_earlier_artifacts_on_new_noise_against_one_fp_run(study, tiny_artifact_trt, tmp_path,
+                                                                           capsys):
+    import shutil
+
+    from denoq.compiler.artifact import Artifact
+    from denoq.compiler.evaluate import generate
+    from denoq.metrics import fd_between, psnr
+
+    paths = []
+    for folder in ("seedA", "seedB"):  # the same artifact as the per-step row of two studies
+        path = _study_json(tmp_path / folder, 0, [("per-step", 5.4), ("rtn", 20.5)])
+        shutil.copytree(tiny_artifact_trt.path, tmp_path / folder / "artifacts" / "per-step")
+        paths.append(path)
+    argv = ["--matrix", "accuquant", "--samplers", "ddim4:6", "--seed", "3", "--jobs", "1",
+            "--out", str(tmp_path / "r")]
+    assert study.main([*argv, "--resample", *map(str, paths), "--only", "per-step"]) == 0
+    rows = json.loads((tmp_path / "r" / "study.json").read_text())["rows"]
+    assert [r["series"] for r in rows] == ["seedA: W4A8 per-step", "seedB: W4A8 per-step"]
+    art = Artifact.open(tiny_artifact_trt.path)
+    kw = dict(sampler="ddim", steps=4, eta=0.0, seed=3, n=6, threads=1, progress=False)
+    x_q, x_fp = generate(art, "ort", **kw), generate(art, "ort-fp", **kw)
+    for r in rows:  # measured again on the new noise, not copied from the studies (5.4, 30 dB)
+        q = r["quality"]["ddim4:6"]
+        assert q["fd_to_fp"] == pytest.approx(fd_between(x_q, x_fp), rel=1e-6)
+        assert q["psnr_vs_fp"] == pytest.approx(psnr(x_q, x_fp), rel=1e-6) and q["psnr_vs_fp"] != 30.0
+        assert r["samplers"] == ["ddim4:6"] and len(r["drift"]["ddim4:6"]["t"]) == 4
+    assert "| seedA | per-step |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"the artifact .*rtn of row seedA/rtn is gone"):
+        study.main([*argv, "--resample", str(paths[0])])
+    with pytest.raises(SystemExit, match="give one of them"):
+        study.main([*argv, "--resample", str(paths[0]), "--merge", str(paths[1])])
 
 
 def test_gpu_check_says_what_is_missing(tmp_path, capsys):

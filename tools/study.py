@@ -34,6 +34,8 @@ samples), the rows a matrix marks as main with all of them. Output: the markdown
     OMP_NUM_THREADS=1 python tools/study.py --matrix accuquant --samplers ddim50:256,ddpm1000:128 --out /tmp/aq
     python tools/study.py --matrix accuquant --samplers ddim50:256 --merge /tmp/aq_a/study.json /tmp/aq_b/study.json \
         --out /tmp/aq_ab   # earlier runs' rows in one table and plot
+    OMP_NUM_THREADS=1 python tools/study.py --matrix accuquant --samplers ddpm1000:512 --seed 7 \
+        --resample /tmp/aq_a/study.json /tmp/aq_b/study.json --out /tmp/aq_512   # their artifacts on new noise
 """
 
 from __future__ import annotations
@@ -187,6 +189,7 @@ MATRICES = {"timegroups": timegroup_rows, "weights": weight_rows, "ptqd": ptqd_r
 #: Matrices whose rows also record the trajectory, for the accumulated error per step (`drift_png`).
 TRAJECTORY_MATRICES = ("accuquant",)
 TRAJECTORY_POINTS = 50
+STUDY_LISTS = ("merge", "resample")  # arguments holding earlier study.json paths
 
 
 def _one_thread() -> None:
@@ -326,13 +329,19 @@ def main(argv: list[str] | None = None) -> int:
                         "the same samplers and --seed (e.g. one calibration seed's single-row studies), "
                         "relabelling each by its folder (--only matches FOLDER/ROW), and write the table, study.json "
                         "and study.png into --out")
+    p.add_argument("--resample", type=Path, nargs="+", default=[], metavar="STUDY_JSON",
+                   help="compile nothing: sample the artifacts of earlier studies' rows again with --samplers and "
+                        "--seed (e.g. more samples, other noise), the FP graph once, labelled and picked as by "
+                        "--merge; table, study.json and study.png into --out")
     args = p.parse_args(argv)
+    if args.merge and args.resample:
+        raise SystemExit("--merge and --resample: give one of them")
     if args.merge:
         return merge(args)
+    if args.resample:
+        return resample(args)
     for s in args.samplers:
         parse_sampler(s)
-    from denoq.metrics import fd_between, fd_digits, psnr
-
     todo = [dataclasses.replace(r, sets=(*r.sets, *args.set))
             for r in MATRICES[args.matrix](args) if re.search(args.only, r.name)]
     if not todo:
@@ -346,59 +355,124 @@ def main(argv: list[str] | None = None) -> int:
                             strict=True))
         samplers = {r.name: list(r.samplers) if r.samplers else args.samplers if r.main else args.samplers[:1]
                     for r in todo}
-        tasks = [(None, s) for s in args.samplers] + [(r.name, s) for r in todo for s in samplers[r.name]]
-        print(f"sampling {len(tasks)} (graph, sampler) pairs …", file=sys.stderr, flush=True)
-        dirs = [args.out / "artifacts" / (todo[0].name if name is None else name) for name, _ in tasks]
-        backends = ["ort-fp" if name is None else "ort" for name, _ in tasks]
-        keep = args.matrix in TRAJECTORY_MATRICES
-        outs = dict(zip(tasks, pool.map(sample_graph, dirs, backends, [s for _, s in tasks],
-                                        [args.seed] * len(tasks), [keep] * len(tasks)), strict=True))
+        fp, measured = measure(args, [(r.name, args.out / "artifacts" / r.name, samplers[r.name]) for r in todo],
+                               pool)
+    results = [{**asdict(r), **compiled[r.name], **measured[r.name]} for r in todo]
+    write_report(args, fp, results, round(time.perf_counter() - start, 1))
+    return 0
+
+
+def measure(args: argparse.Namespace, rows: list[tuple[str, Path, list[str]]], pool: ProcessPoolExecutor
+            ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Sample the FP graph (the first row's artifact's) once per sampler of `--samplers` and each row (key,
+    artifact folder, its samplers) with its Q/DQ graph, all from the noise of `--seed`, in `pool`. Returns the FP
+    FD-digits per sampler and, per row key, its `quality` per sampler (FD-digits, ×FP, FD to FP samples, PSNR vs
+    FP) and, for TRAJECTORY_MATRICES, its `drift` (accumulated error per step)."""
+    from denoq.metrics import fd_between, fd_digits, psnr
+
+    tasks = [(None, s) for s in args.samplers] + [(key, s) for key, _, samplers in rows for s in samplers]
+    folders = {None: rows[0][1], **{key: folder for key, folder, _ in rows}}
+    print(f"sampling {len(tasks)} (graph, sampler) pairs …", file=sys.stderr, flush=True)
+    keep = args.matrix in TRAJECTORY_MATRICES
+    outs = dict(zip(tasks, pool.map(sample_graph, [folders[key] for key, _ in tasks],
+                                    ["ort-fp" if key is None else "ort" for key, _ in tasks],
+                                    [s for _, s in tasks], [args.seed] * len(tasks), [keep] * len(tasks)),
+                    strict=True))
     samples = {k: v[0] for k, v in outs.items()}
     fp = {s: {"fd_digits": fd_digits(samples[(None, s)])} for s in args.samplers}
-    results = []
-    for r in todo:
+    measured = {}
+    for key, _, samplers in rows:
         quality = {}
-        for s in samplers[r.name]:
-            x = samples[(r.name, s)]
+        for s in samplers:
+            x = samples[(key, s)]
             fd = fd_digits(x)
             quality[s] = {"fd_digits": fd, "fd_ratio": fd / fp[s]["fd_digits"],
                           "fd_to_fp": fd_between(x, samples[(None, s)]), "psnr_vs_fp": psnr(x, samples[(None, s)])}
         drift = {}
-        for s in samplers[r.name] if keep else ():
-            fp_states, q_states = outs[(None, s)][1], outs[(r.name, s)][1]
+        for s in samplers if keep else ():
+            fp_states, q_states = outs[(None, s)][1], outs[(key, s)][1]
             ts = sorted(fp_states, reverse=True)
             drift[s] = {"t": ts, "value": [float((q_states[t] - fp_states[t]).norm() / fp_states[t].norm())
                                            for t in ts]}
-        results.append({**asdict(r), **compiled[r.name], "quality": quality, "drift": drift})
-    write_report(args, fp, results, round(time.perf_counter() - start, 1))
-    return 0
+        measured[key] = {"quality": quality, "drift": drift}
+    return fp, measured
+
+
+def read_studies(args: argparse.Namespace, paths: list[Path], flag: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The earlier study.json files of `paths`, each with its path; refuses a missing file or a study of another
+    matrix."""
+    studies = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"{flag} {path}: no such study.json; give the study.json files an earlier run wrote")
+        study = json.loads(path.read_text())
+        if study["settings"]["matrix"] != args.matrix:
+            raise SystemExit(f"{flag} {path}: a {study['settings']['matrix']} study; give studies of --matrix "
+                             f"{args.matrix}")
+        studies.append((path, study))
+    return studies
+
+
+def relabelled(args: argparse.Namespace, studies: list[tuple[Path, dict[str, Any]]], flag: str
+               ) -> list[tuple[dict[str, Any], Path]]:
+    """The studies' rows whose `FOLDER/ROW` matches `--only`, each labelled with its study's folder (series
+    `FOLDER: …`, a leading `study` label), with that folder."""
+    rows = []
+    for path, study in studies:
+        name = path.parent.name
+        rows += [({**r, "series": f"{name}: {r['series']}",
+                   "labels": [("study", name), *(tuple(label) for label in r["labels"])]}, path.parent)
+                 for r in study["rows"] if re.search(args.only, f"{name}/{r['name']}")]
+    if not rows:
+        raise SystemExit(f"{flag}: no row matches --only {args.only!r}")
+    return rows
 
 
 def merge(args: argparse.Namespace) -> int:
     """`--merge`: the rows of earlier studies in one table and plot; each row's series is labelled with its
     study's folder (e.g. `aq_long_s0: W4A8 per-step`); `--only` picks rows by `folder/name`. Refuses studies of
     another matrix, samplers or seed."""
-    fp, results = None, []
-    for path in args.merge:
-        if not path.is_file():
-            raise SystemExit(f"--merge {path}: no such study.json; give the study.json files an earlier run wrote")
-        study = json.loads(path.read_text())
+    studies = read_studies(args, args.merge, "--merge")
+    for path, study in studies:
         got = study["settings"]
-        if (got["matrix"], got["samplers"], got["seed"]) != (args.matrix, args.samplers, args.seed):
+        if (got["samplers"], got["seed"]) != (args.samplers, args.seed):
             raise SystemExit(f"--merge {path}: measured with --matrix {got['matrix']} --samplers "
                              f"{','.join(got['samplers'])} --seed {got['seed']}; merge only studies run with "
                              f"--matrix {args.matrix} --samplers {','.join(args.samplers)} --seed {args.seed}")
-        fp = fp or study["fp"]
-        name = path.parent.name
-        for r in study["rows"]:
-            if not re.search(args.only, f"{name}/{r['name']}"):
-                continue
-            results.append({**r, "series": f"{name}: {r['series']}",
-                            "labels": [("study", name), *(tuple(label) for label in r["labels"])]})
-    if not results:
-        raise SystemExit(f"--merge: no row matches --only {args.only!r}")
+    results = [row for row, _ in relabelled(args, studies, "--merge")]
     args.out.mkdir(parents=True, exist_ok=True)
-    write_report(args, fp, results, 0.0)
+    write_report(args, studies[0][1]["fp"], results, 0.0)
+    return 0
+
+
+def resample(args: argparse.Namespace) -> int:
+    """`--resample`: the artifacts of earlier studies' rows, as they are, sampled again with this run's
+    `--samplers` and `--seed` (more samples, other noise) beside the FP graph sampled once, so that rows of
+    several studies (e.g. calibration seeds) are measured on one evaluation; labelled and picked as by `--merge`.
+    Refuses studies of another matrix or model and rows whose artifact is gone."""
+    for s in args.samplers:
+        parse_sampler(s)
+    studies = read_studies(args, args.resample, "--resample")
+    models = sorted({study["settings"]["model"] for _, study in studies})
+    if len(models) > 1:
+        raise SystemExit(f"--resample: the studies are of different models ({', '.join(models)}); resample one "
+                         "model's studies at a time")
+    args.model = models[0]
+    rows = relabelled(args, studies, "--resample")
+    keyed = []
+    for i, (row, folder) in enumerate(rows):
+        art = folder / "artifacts" / row["name"]
+        if not (art / "manifest.json").is_file():
+            raise SystemExit(f"--resample: the artifact {art} of row {folder.name}/{row['name']} is gone; resample "
+                             "studies whose artifacts folder is still there")
+        keyed.append((str(i), art, list(args.samplers)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
+        fp, measured = measure(args, keyed, pool)
+    results = [{**row, "samplers": list(args.samplers), **measured[key]}
+               for (row, _), (key, _, _) in zip(rows, keyed, strict=True)]
+    write_report(args, fp, results, round(time.perf_counter() - start, 1))
     return 0
 
 
@@ -406,7 +480,7 @@ def write_report(args: argparse.Namespace, fp: dict[str, Any], results: list[dic
                  ) -> None:
     """OUT/study.json, OUT/study.png and the markdown table on stdout."""
     report = {"fp": fp, "rows": results, "seconds": seconds,
-              "settings": {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "merge" else v)
+              "settings": {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k in STUDY_LISTS else v)
                            for k, v in vars(args).items()}}
     (args.out / "study.json").write_text(json.dumps(report, indent=2) + "\n")
     xlabel = {"timegroups": "timestep groups G", "weights": "weight group size (1 = per output channel)",
