@@ -115,7 +115,9 @@ def test_resample_measures_earlier_artifacts_on_new_noise_against_one_fp_run(stu
         assert q["fd_to_fp"] == pytest.approx(fd_between(x_q, x_fp), rel=1e-6)
         assert q["psnr_vs_fp"] == pytest.approx(psnr(x_q, x_fp), rel=1e-6) and q["psnr_vs_fp"] != 30.0
         assert r["samplers"] == ["ddim4:6"] and len(r["drift"]["ddim4:6"]["t"]) == 4
-    assert "| seedA | per-step |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| seedA | per-step |" in captured.out
+    assert "sampling (graph, sampler) pairs: 100%" in captured.err and "3/3" in captured.err  # FP + two rows
     with pytest.raises(SystemExit, match=r"the artifact .*rtn of row seedA/rtn is gone"):
         study.main([*argv, "--resample", str(paths[0])])
     with pytest.raises(SystemExit, match="give one of them"):

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -349,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-        print(f"compiling {len(todo)} variants with {args.jobs} jobs …", file=sys.stderr, flush=True)
         compiled = dict(zip([r.name for r in todo],
-                            pool.map(compile_row, todo, [args.model] * len(todo), [args.out] * len(todo)),
+                            tqdm(pool.map(compile_row, todo, [args.model] * len(todo), [args.out] * len(todo)),
+                                 total=len(todo), desc=f"compiling variants ({args.jobs} jobs)", unit="variant"),
                             strict=True))
         samplers = {r.name: list(r.samplers) if r.samplers else args.samplers if r.main else args.samplers[:1]
                     for r in todo}
@@ -372,11 +373,11 @@ def measure(args: argparse.Namespace, rows: list[tuple[str, Path, list[str]]], p
 
     tasks = [(None, s) for s in args.samplers] + [(key, s) for key, _, samplers in rows for s in samplers]
     folders = {None: rows[0][1], **{key: folder for key, folder, _ in rows}}
-    print(f"sampling {len(tasks)} (graph, sampler) pairs …", file=sys.stderr, flush=True)
     keep = args.matrix in TRAJECTORY_MATRICES
-    outs = dict(zip(tasks, pool.map(sample_graph, [folders[key] for key, _ in tasks],
-                                    ["ort-fp" if key is None else "ort" for key, _ in tasks],
-                                    [s for _, s in tasks], [args.seed] * len(tasks), [keep] * len(tasks)),
+    outs = dict(zip(tasks, tqdm(pool.map(sample_graph, [folders[key] for key, _ in tasks],
+                                         ["ort-fp" if key is None else "ort" for key, _ in tasks],
+                                         [s for _, s in tasks], [args.seed] * len(tasks), [keep] * len(tasks)),
+                                total=len(tasks), desc="sampling (graph, sampler) pairs", unit="pair"),
                     strict=True))
     samples = {k: v[0] for k, v in outs.items()}
     fp = {s: {"fd_digits": fd_digits(samples[(None, s)])} for s in args.samplers}
