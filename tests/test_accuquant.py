@@ -372,3 +372,16 @@ def test_cli_refuses_bad_windows_and_writes_nothing(tiny_pipeline, tmp_path, cap
         argv += ["--set", item]
     assert message in run_error(capsys, argv)
     assert_nothing_written(tmp_path, "a")
+
+
+def test_recipe_defaults_are_the_reconstruction_settings_defaults():
+    """The recipe's accuquant.* defaults and AccuQuantSettings' own (which tools/accuquant_memory.py uses) are one
+    choice: a default changed in one place only fails here."""
+    from denoq.compiler.pipeline import accuquant_settings
+    from denoq.compiler.recipe import load_recipe
+
+    recipe = load_recipe("w4a8", ["weights.method=adaround", "seed=3"])
+    assert accuquant_settings(recipe) == AccuQuantSettings(window=0, seed=3)
+    picked = accuquant_settings(load_recipe("w4a8", ["weights.method=adaround", "accuquant.window=4",
+                                                      "accuquant.init=fp", "accuquant.gradient=full"]))
+    assert (picked.window, picked.init, picked.gradient) == (4, "fp", "full")

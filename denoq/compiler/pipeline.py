@@ -126,6 +126,18 @@ def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module
     return pool.take(steps), info, pool
 
 
+def accuquant_settings(recipe: Recipe) -> AccuQuantSettings:
+    """The reconstruction settings of `recipe`'s `accuquant.*` keys and `seed`. `accuquant.init` rtn and gptq
+    both start the learned rounding at the plan's integers (the weights were rounded by that method)."""
+    return AccuQuantSettings(
+        window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
+        lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
+        init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
+        gradient=recipe["accuquant.gradient"], start=recipe["accuquant.start"],
+        perstep_iters=recipe["accuquant.perstep_iters"], objective=recipe["accuquant.objective"],
+        seed=recipe["seed"])
+
+
 def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
               ) -> tuple[QuantPlan, CalibrationSet, dict, PtqdStats | None]:
     """Record the calibration set, build the QuantPlan the recipe asks for and, with `ptqd.enabled`, PTQD's
@@ -148,13 +160,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
                          "supported with it yet: leave calib.guidance empty or choose another weights.method")
     if adaround:
         check_window(recipe["accuquant.window"], recipe["calib.steps"])
-        settings_aq = AccuQuantSettings(
-            window=recipe["accuquant.window"], iters=recipe["accuquant.iters"], batch=recipe["accuquant.batch"],
-            lr=recipe["accuquant.lr"], round_lambda=recipe["accuquant.round_lambda"],
-            init="fp" if recipe["accuquant.init"] == "fp" else "plan", backprop=recipe["accuquant.backprop"],
-            gradient=recipe["accuquant.gradient"], start=recipe["accuquant.start"],
-            perstep_iters=recipe["accuquant.perstep_iters"], objective=recipe["accuquant.objective"],
-            seed=recipe["seed"])
+        settings_aq = accuquant_settings(recipe)
     layers, kept_fp = select_layers(quantizable_layers(spec.module), spec.layer_patterns(recipe["layers.keep_fp"]))
     fp = torch_eps(spec.module)
     start = time.perf_counter()
