@@ -15,8 +15,19 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import load_external_data_for_model
 
+from denoq.errors import DenoqError
+
 #: Graphs whose initializer bytes exceed this are written with external data (2 GB less room for the graph).
 EXTERNAL_ABOVE = 2**31 - 2**24
+
+
+def load_model(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """`onnx.load` that turns an unreadable file (truncated, not ONNX, protobuf DecodeError) into one DenoqError."""
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # google.protobuf's DecodeError, OSError, onnx's own errors: all mean the same here
+        raise DenoqError(f"{path} is not a readable ONNX model ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); recompile the artifact with denoq compile") from None
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

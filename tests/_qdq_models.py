@@ -21,7 +21,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from denoq.calibrators.quantizer import fake_quantize, symmetric_weight_quant
-from denoq.engines.ort import disabled_optimizers
+from denoq.engines.ort import disabled_optimizers, session_options
 from denoq.layermap import LAYER_MAP_KEY
 from denoq.plan import ActQuant, LayerPlan, QuantPlan
 
@@ -285,12 +285,7 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = "
             config: dict[str, str] | None = None) -> list[np.ndarray]:
     """ONNX Runtime CPU, one thread; `all` optimizations (QDQ → integer kernels) or `disable`; the engine's
     workarounds (`disabled_optimizers`) and extra session `config` entries."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so = session_options(threads=1, level=level)
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],

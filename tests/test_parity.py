@@ -19,7 +19,7 @@ from onnx.reference import ReferenceEvaluator
 from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.backends import artifact_model, artifact_plan, make_backend
 from denoq.compiler.evaluate import generate
-from denoq.engines.ort import OrtBackend, fusion_report
+from denoq.engines.ort import OrtBackend, fusion_report, session_options
 from denoq.metrics import psnr
 
 # Float32 convolutions accumulate in different orders in torch, ORT and numpy: relative error ~ sqrt(K)·2^-24 for
@@ -77,8 +77,8 @@ def test_every_layer_agrees_across_three_executors(fixture, request):
         expected = outs[name].numpy()
         if entry["op_type"] == "MatMul":  # the graph adds a MatMul's bias in a separate node
             expected = expected - sim.get_submodule("model." + name).bias.detach().numpy()
-        got_ort = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, {x_name: x})[0]
+        got_ort = ort.InferenceSession(sub.SerializeToString(), session_options(1),
+                                       providers=["CPUExecutionProvider"]).run(None, {x_name: x})[0]
         got_ref = ReferenceEvaluator(sub).run(None, {x_name: x})[0]
         scale = float(np.abs(expected).max())
         for got in (got_ort, got_ref):

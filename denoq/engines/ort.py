@@ -21,8 +21,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from denoq.errors import DenoqError
+from denoq.cpu import u8s8_saturates
+from denoq.errors import DenoqError, install_hint
 from denoq.layermap import read_layer_map
+from denoq.onnxio import load_model
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -41,18 +43,23 @@ LAYER_OPS = ("Conv", "Gemm", "MatMul")
 COND_INPUTS = ("encoder_hidden_states", "class_labels")
 GUIDANCE_INPUT = "guidance_scale"  # the guided graph's per-sample classifier-free guidance scale
 
+#: ORT's session config entry for exact integer kernels on CPUs without VNNI (`kOrtSessionOptionsAvx2PrecisionMode`).
+AVX2_PRECISION = "session.x64quantprecision"
+
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def session_options(threads: int | None = 2, spinning: bool = False, level: str = "all",
-                    optimized_model_path: str | Path | None = None) -> ort.SessionOptions:
+                    optimized_model_path: str | Path | None = None, exact_integers: bool = True) -> ort.SessionOptions:
     """Options for one inference session.
 
     `threads`: intra-op threads (None: ORT's default, one per physical core); inter-op is 1 (sequential).
     `spinning`: let idle intra-op threads spin (`session.intra_op.allow_spinning`); off by default.
     `level`: graph optimization, one of `disable`, `basic`, `extended`, `all` (default).
     `optimized_model_path`: where ORT writes the graph it optimized (for inspection).
+    `exact_integers`: on CPUs without VNNI (`denoq.cpu.u8s8_saturates`), ORT's `session.x64quantprecision`, which
+    keeps the integer kernels exact there; on by default, off only to measure what it saves (`tools/bench.py`).
     """
     if level not in LEVELS:
         raise DenoqError(f"unknown ORT optimization level {level!r}; use one of {', '.join(LEVELS)}")
@@ -67,6 +74,10 @@ def session_options(threads: int | None = 2, spinning: bool = False, level: str 
     # weight-only int4/int8 MatMuls fuse into MatMulNBits, whose default accuracy level 4 quantizes the activations
     # to int8 on the fly: a graph without activation Q/DQ would not compute what it says; level 1 = fp32 compute
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    # without VNNI, ORT's u8×s8 kernels saturate 16-bit pair sums (denoq.cpu): this entry has ORT convert the
+    # constant s8 weights to u8 and run its exact u8×u8 kernels. It converts on VNNI CPUs too, where u8×s8 is
+    # exact already, so it is set only where the kernels saturate.
+    so.add_session_config_entry(AVX2_PRECISION, "1" if exact_integers and u8s8_saturates() else "0")
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
     return so
@@ -122,8 +133,8 @@ def gpu_providers(kind: str, cache_dir: Path | None = None) -> list[Any]:
     name = GPU_PROVIDERS[kind]
     available = ort.get_available_providers()
     if name not in available:
-        raise DenoqError(f"onnxruntime {ort.__version__} has no {name} (it has {', '.join(available)}); pip install "
-                         "'denoq[gpu]' (onnxruntime-gpu replaces onnxruntime) on a machine with an NVIDIA GPU")
+        raise DenoqError(f"onnxruntime {ort.__version__} has no {name} (it has {', '.join(available)}); "
+                         f"{install_hint('onnxruntime-gpu')}")
     if kind == "cuda":
         return [name]
     options: dict[str, Any] = {"trt_fp16_enable": True, "trt_int8_enable": True}
@@ -139,13 +150,14 @@ def _provider_name(p: Any) -> str:
 
 def create_session(path: str | Path, threads: int | None = 2, execution_providers: Sequence[Any] | None = None,
                    spinning: bool = False, level: str = "all",
-                   optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
+                   optimized_model_path: str | Path | None = None,
+                   exact_integers: bool = True) -> ort.InferenceSession:
     """An InferenceSession for the ONNX file at `path` with `session_options` and the ORT workarounds."""
     path = Path(path)
     if not path.is_file():
         raise DenoqError(f"ONNX model {path} does not exist; compile the artifact first")
-    header = onnx.load(str(path), load_external_data=False)
-    so = session_options(threads, spinning, level, optimized_model_path)
+    header = load_model(path, load_external_data=False)
+    so = session_options(threads, spinning, level, optimized_model_path, exact_integers)
     wanted = list(execution_providers or providers())
     try:
         session = ort.InferenceSession(str(path), so, providers=wanted,
@@ -169,9 +181,9 @@ class OrtBackend:
     """
 
     def __init__(self, path: str | Path, threads: int | None = 2, providers: Sequence[Any] | None = None,
-                 spinning: bool = False, level: str = "all") -> None:
+                 spinning: bool = False, level: str = "all", exact_integers: bool = True) -> None:
         self.path = Path(path)
-        self.session = create_session(self.path, threads, providers, spinning, level)
+        self.session = create_session(self.path, threads, providers, spinning, level, exact_integers=exact_integers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         for required in ("sample", "timestep"):
             if required not in self.inputs:
@@ -249,7 +261,7 @@ def _integer_layers(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
             and n.input[INTEGER_OPS[n.op_type]] in inits]
 
 
-def fusion_report(onnx_path: str | Path, threads: int | None = 1) -> dict[str, Any]:
+def fusion_report(onnx_path: str | Path, threads: int | None = 1, exact_integers: bool = True) -> dict[str, Any]:
     """What ORT's CPU EP made of the quantized layers of a Q/DQ model, read from the graph it optimized.
 
     ORT writes its optimized graph at the `extended` level (QDQ fusions done, no hardware-specific NCHWc
@@ -260,10 +272,10 @@ def fusion_report(onnx_path: str | Path, threads: int | None = 1) -> dict[str, A
     ORT's Fused* variants whose weight is still a DequantizeLinear), `fused` / `unfused` (their totals),
     `fraction_fused` (= fused / layers), `by_layer` (module name, or node name without a layer map → the op
     it runs as; ORT keeps the node name or extends it with `/<fusion>`), `quantize_nodes` /
-    `dequantize_nodes` left standing.
+    `dequantize_nodes` left standing. `exact_integers`: as `session_options`.
     """
     path = Path(onnx_path)
-    src = onnx.load(str(path))
+    src = load_model(path)
     layers = _float_layers(src.graph, LAYER_OPS)
     try:
         lmap = {ref.node: module for module, ref in read_layer_map(src).items()}
@@ -271,7 +283,8 @@ def fusion_report(onnx_path: str | Path, threads: int | None = 1) -> dict[str, A
         lmap = {}
     with tempfile.TemporaryDirectory() as tmp:
         opt_path = Path(tmp) / "optimized.onnx"
-        create_session(path, threads, ["CPUExecutionProvider"], level="extended", optimized_model_path=opt_path)
+        create_session(path, threads, ["CPUExecutionProvider"], level="extended", optimized_model_path=opt_path,
+                       exact_integers=exact_integers)
         opt = onnx.load(str(opt_path))
     integer = Counter(n.op_type for n in _integer_layers(opt.graph))
     floating = Counter(n.op_type for n in _float_layers(opt.graph, FLOAT_OPS))
