@@ -5,10 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ART    ?= artifacts/digits-w8a8
-# torch is pinned to the CPU build in constraints.txt (a looser requirement pulls GBs of CUDA packages)
+# constraints.txt locks the whole tested dependency set (torch the CPU build: a looser requirement pulls GBs of CUDA
+# packages); demo, test and CI install exactly it
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
+LATEST ?= .venv-latest
 
-.PHONY: install install-dev demo test lint bench
+.PHONY: install install-dev demo test lint bench try-latest lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +36,20 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python tools/bench.py
+
+# the newest releases of every dependency (torch stays the CPU build) in $(LATEST): prints what differs from the lock,
+# then runs the whole suite there; `make lock` afterwards writes the versions of .venv into constraints.txt
+try-latest:
+	$(PYTHON) -m venv $(LATEST)
+	echo "torch==$$(sed -n 's/^torch==//p' constraints.txt)" > $(LATEST)/torch-only.txt
+	$(LATEST)/bin/python -m pip install -q --upgrade -c $(LATEST)/torch-only.txt -e ".[dev]"
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/+cpu$$//' | sort -f \
+	  > $(LATEST)/freeze.txt
+	@echo "== versions that differ from constraints.txt (< locked, > newest) =="
+	@grep -v '^#' constraints.txt | sort -f | diff - $(LATEST)/freeze.txt | grep '^[<>]' || echo "none"
+	$(LATEST)/bin/python -m pytest -q -m "slow or not slow" -p no:cacheprovider
+
+lock: install-dev
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --all --exclude-editable | grep -v '^pip==' \
+	  | sed 's/+cpu$$//' | sort -f; } > constraints.tmp
+	mv constraints.tmp constraints.txt

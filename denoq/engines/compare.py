@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from denoq.errors import DenoqError
-
 REFERENCE, FP = "ort", "ort-fp"
 DIFF_LIMIT = 2 ** 0.5  # RMS(backend − reference) ≤ √2 · e: equally good executions with independent roundings
 ERROR_LIMIT = 1.25  # RMS(backend − FP) ≤ 1.25 · e: the backend adds at most 25 % to the quantization error
@@ -22,12 +20,9 @@ ERROR_LIMIT = 1.25  # RMS(backend − FP) ≤ 1.25 · e: the backend adds at mos
 
 def run_comparison(runners: Sequence[Any], feeds: Iterable[Mapping[str, np.ndarray]]) -> Any:
     """polygraphy's `Comparator.run` of every runner over the same feeds (its INFO logging silenced)."""
-    try:
-        from polygraphy.comparator import Comparator
-        from polygraphy.logger import G_LOGGER
-    except ImportError as exc:
-        raise DenoqError(f"the comparison needs the Python package 'polygraphy' ({exc}); pip install polygraphy "
-                         "(or 'denoq[gpu]')") from None
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-runner INFO lines would bury the report
     return Comparator.run(list(runners), data_loader=list(feeds))
 

@@ -33,18 +33,16 @@ from typing import Any
 import torch
 
 from denoq.engines.ort import COND_INPUTS
-from denoq.errors import DenoqError
-
-GPU_EXTRA = "pip install 'denoq[gpu]' (tensorrt, polygraphy, onnxruntime-gpu) on a machine with an NVIDIA GPU"
+from denoq.errors import DenoqError, install_hint
 
 
 def require(module: str, what: str) -> ModuleType:
-    """Import `module` or raise a DenoqError saying what needs it and how to install it."""
+    """Import `module` or raise a DenoqError saying what needs it and which install provides it here."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise DenoqError(f"{what} needs the Python package {module!r}, which is not installed ({exc}); "
-                         f"{GPU_EXTRA}") from None
+                         f"{install_hint(module)}") from None
 
 
 def require_cuda(what: str) -> torch.device:
