@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import denoq
+import denoq.compiler.artifact as artifact_module
 from denoq.compiler.artifact import (
     SCHEMA_VERSION,
+    TIMINGS,
     Artifact,
     ArtifactWriter,
     check_output_dir,
     library_versions,
     sha256_file,
+    split_timings,
 )
 from denoq.errors import DenoqError
 
@@ -288,3 +295,76 @@ def test_output_appearing_during_write_is_not_clobbered(tmp_path):
         w.commit({})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_add_files_is_all_or_nothing_on_a_full_disk(tmp_path, monkeypatch):
+    """The disk fills while the second of three files is staged: the artifact stays exactly as it was."""
+    out = tmp_path / "art"
+    write_artifact(out)
+    art = Artifact.open(out)
+    art.add_files({"layer_error.png": b"old picture"})
+    before = _snapshot(out)
+    real_stage, calls = artifact_module._stage, []
+
+    def full_disk(path, data):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_stage(path, data)
+
+    monkeypatch.setattr(artifact_module, "_stage", full_disk)
+    with pytest.raises(OSError):
+        art.add_files({"layer_error.png": b"new picture", "report.json": b"{}", "report.html": b"<html>"},
+                      {"eval_runs": [1]})
+    assert calls[:2] == ["layer_error.png", "report.html"]
+    assert _snapshot(out) == before and leftovers(out) == []
+    Artifact.open(out).file("layer_error.png")  # its hash still matches
+
+
+def test_a_missing_or_changed_report_never_blocks_the_compiled_model(tmp_path):
+    out = tmp_path / "art"
+    write_artifact(out).add_files({"report.json": b'{"fd": 1}', "eval.png": b"png"})
+    (out / "report.json").unlink()
+    (out / "eval.png").write_bytes(b"other")
+    art = Artifact.open(out)  # the core files still verify
+    assert art.file("model.qdq.onnx").read_bytes() == b"onnx bytes"
+    assert art.stale() == ["eval.png", "report.json"]
+    msg = error_of(art.file, "report.json")
+    assert "missing" in msg and "rerun the denoq command" in msg
+    assert "modified or corrupted" in error_of(art.file, "eval.png")
+    (out / "model.qdq.onnx").write_bytes(b"tampered")
+    assert "recompile" in error_of(Artifact.open, out)
+
+
+def test_timings_are_split_off_so_same_inputs_give_the_same_manifest(tmp_path):
+    manifest = {"recipe": {"seed": 0}, "calibration": {"inputs": 8, "seconds": 1.5, "weights": {"seconds": 0.2}},
+                "passes": ["insert_qdq"], "pass_seconds": [0.01]}
+    kept, timings = split_timings(manifest)
+    assert kept == {"recipe": {"seed": 0}, "calibration": {"inputs": 8, "weights": {}}, "passes": ["insert_qdq"]}
+    assert timings == {"calibration": {"seconds": 1.5, "weights": {"seconds": 0.2}}, "pass_seconds": [0.01]}
+    texts = []
+    for i, seconds in enumerate((1.5, 9.25)):
+        with ArtifactWriter(tmp_path / f"a{i}") as w:
+            w.write_bytes("model.qdq.onnx", b"graph")
+            art = w.commit({**manifest, "calibration": {"inputs": 8, "seconds": seconds}})
+        texts.append((art.path / "manifest.json").read_bytes())
+        assert TIMINGS not in art.files and json.loads((art.path / TIMINGS).read_text())["calibration"] == {
+            "seconds": seconds}
+    assert texts[0] == texts[1]
+
+
+def test_a_killed_writers_work_folder_is_removed_by_the_next_writer(tmp_path):
+    """SIGKILL leaves `.NAME.tmp-PID-…`; the next writer into that parent removes it once PID is gone, and keeps
+    the work folders of live processes."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f".art.tmp-{dead.stdout.strip()}-abc123"
+    live = tmp_path / f".other.tmp-{os.getpid()}-def456"
+    for d in (stale, live):
+        (d / "sub").mkdir(parents=True)
+    write_artifact(tmp_path / "art")
+    assert not stale.exists() and live.is_dir()

@@ -36,7 +36,7 @@ def compile_once(model: str, preset: str, sets: list[str], out: Path) -> tuple[A
     """The artifact at `out` (compiled now, or reused when a previous run left it), and its compile seconds."""
     if (out / "manifest.json").exists():
         art = Artifact.open(out)
-        return art, float(art.manifest["calibration"]["seconds"])
+        return art, float(art.timings["calibration"]["seconds"])
     start = time.perf_counter()
     art = compile_model(model, load_recipe(preset, sets), out, progress=False, quiet=True)
     return art, round(time.perf_counter() - start, 1)

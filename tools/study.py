@@ -145,7 +145,7 @@ def ptqd_rows(args: argparse.Namespace) -> list[Row]:
     is evaluated with the samplers of its own sampler and step count (e.g. DDIM 50 at η = 0 and η = 1)."""
     out = []
     for (kind, steps), samplers in samplers_by_schedule(args.samplers).items():
-        calib = (f"calib.sampler={kind}", f"calib.steps={steps}", "calib.timesteps=25")
+        calib = (f"calib.sampler={kind}", f"calib.steps={steps}", f"calib.timesteps={min(25, steps)}")
         for preset in ("w8a8", "w4a8"):
             for i, (variant, sets) in enumerate(PTQD_VARIANTS):
                 out.append(Row(f"{kind}{steps}-{preset}-ptqd-{i}", preset, (*calib, *sets),
@@ -164,7 +164,7 @@ def accuquant_rows(args: argparse.Namespace) -> list[Row]:
     budget); every row calibrates on that sampler's trajectories and is evaluated with its samplers."""
     out = []
     for (kind, steps), samplers in samplers_by_schedule(args.samplers).items():
-        calib = (f"calib.sampler={kind}", f"calib.steps={steps}", "calib.timesteps=25",
+        calib = (f"calib.sampler={kind}", f"calib.steps={steps}", f"calib.timesteps={min(25, steps)}",
                  f"accuquant.iters={args.iters}")
         for preset in ("w8a8", "w4a8"):
             variants = [("rtn", ("weights.method=rtn",)), ("per-step", ("weights.method=adaround",
@@ -206,17 +206,18 @@ def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
                         progress=False, quiet=True)
     if "mixed" in art.manifest:
         mixed = art.manifest["mixed"]
-        return {"calib_seconds": sum(m.manifest["calibration"]["seconds"] for m in members(art).values())
-                + mixed["seconds"], "bops_per_image": mixed["bops_per_image"]["mixed"],
+        return {"calib_seconds": sum(m.timings["calibration"]["seconds"] for m in members(art).values())
+                + art.timings["mixed"]["seconds"], "bops_per_image": mixed["bops_per_image"]["mixed"],
                 "steps_per_member": mixed["steps_per_member"]}
     cal = art.manifest["calibration"]
     weights = cal.get("weights", {})
-    return {"calib_seconds": cal["seconds"], "timesteps": cal["timesteps"],
+    timed = art.timings["calibration"]
+    return {"calib_seconds": timed["seconds"], "timesteps": cal["timesteps"],
             "bops_per_image": art.manifest["cost"]["bops_per_call"] * art.manifest["recipe"]["values"]["calib.steps"],
             "accuquant": cal.get("accuquant"),
             "selection": cal.get("timestep_selection", {}), "search_terms": cal.get("group_search", {}),
             "weight_error_vs_rtn": weights.get("output_error_vs_rtn_median"),
-            "weight_seconds": weights.get("seconds"),
+            "weight_seconds": timed.get("weights", {}).get("seconds"),
             "weight_bytes": art.manifest["weights"]["qdq_bytes"],
             "fp_weight_bytes": art.manifest["weights"]["fp32_bytes"]}
 

@@ -4,15 +4,21 @@ An artifact is a folder whose `manifest.json` holds
 
 - `schema_version` (this module's SCHEMA_VERSION when written), `denoq_version`, and `versions`: the versions of
   torch, onnx, onnxruntime, diffusers, numpy and tensorrt (null when not installed);
-- `files`: `{relative posix path: sha256 hex}` for every file of the folder except manifest.json itself;
+- `files`: `{relative posix path: sha256 hex}` for every file of the folder except manifest.json and timings.json;
+- `derived`: the names among `files` that are derived outputs, not the compiled model: what `denoq eval`,
+  `validate` and `build` add (reports, pictures, the engine);
 - whatever sections the writer adds (the recipe, the plan, …).
 
-No timestamp is stored: the same inputs give the same artifact, byte for byte.
+The same inputs and seed give the same artifact byte for byte, except `timings.json` (unlisted, unhashed): every
+`seconds` or `*_seconds` key of the manifest the writer hands over goes there instead (`split_timings`), and no
+timestamp is stored.
 
-Writing (`ArtifactWriter`) happens in a hidden temporary folder beside the output, which is renamed into place
-only when `commit` has written every file and the manifest last; an exception leaves the output untouched and no
-temporary folder behind. Reading (`Artifact.open`) checks the schema version and, unless told not to, every hash,
-and says in one line what does not match and what to do.
+Writing (`ArtifactWriter`) happens in a hidden temporary folder beside the output (`.NAME.tmp-PID-XXXX`), which is
+renamed into place only when `commit` has written every file and the manifest last; an exception leaves the
+output untouched and no temporary folder behind; a folder left by a process that was killed is removed by the
+next writer into the same parent. Reading (`Artifact.open`) checks the schema version and, unless told not to,
+the hash of every core file (graphs, plan), and says in one line what does not match and what to do. A derived
+file is checked only when it is used (`file`): a missing or changed report never stops sampling.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -36,8 +44,12 @@ from denoq.errors import DenoqError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+TIMINGS = "timings.json"
 #: Manifest keys the artifact code owns; callers may not set them.
-RESERVED_KEYS = ("schema_version", "denoq_version", "versions", "files")
+RESERVED_KEYS = ("schema_version", "denoq_version", "versions", "files", "derived")
+#: Hidden work folders of ArtifactWriter: `.NAME.tmp-PID-XXXX` (being written) and `.NAME.old-PID-XXXX` (replaced).
+_WORK_DIR = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-[^.]+$")
+log = logging.getLogger(__name__)
 #: Library → (module name, distribution names to ask importlib.metadata), recorded in `versions`.
 _LIBRARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "torch": ("torch", ("torch",)),
@@ -105,9 +117,9 @@ def readable(path: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace (readers never see a
-    partial file)."""
+def _stage(path: Path, data: bytes) -> Path:
+    """Write `data` to a hidden temporary file beside `path` (flushed to disk) and return it; nothing is left
+    behind when that fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -116,30 +128,104 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         readable(Path(tmp))
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace (readers never see a
+    partial file)."""
+    os.replace(_stage(path, data), path)
+
+
+def split_timings(obj: Any) -> tuple[Any, Any]:
+    """`obj` without its timing keys (`seconds`, `*_seconds`, at any depth), and those keys in the same tree
+    (None when there are none): what varies between two runs of the same compile."""
+    if isinstance(obj, Mapping):
+        kept, timed = {}, {}
+        for key, value in obj.items():
+            if key == "seconds" or str(key).endswith("_seconds"):
+                timed[key] = value
+                continue
+            kept[key], sub = split_timings(value)
+            if sub is not None:
+                timed[key] = sub
+        return kept, timed or None
+    if isinstance(obj, list):
+        pairs = [split_timings(v) for v in obj]
+        subs = [sub for _, sub in pairs]
+        return [v for v, _ in pairs], subs if any(sub is not None for sub in subs) else None
+    return obj, None
+
+
+def remove_stale_work_dirs(parent: Path) -> list[Path]:
+    """Remove the work folders an ArtifactWriter left in `parent` when its process was killed (SIGKILL, power
+    loss); the folders of live processes stay. Returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in sorted(parent.iterdir()):
+            match = _WORK_DIR.match(p.name)
+            if match is None or not p.is_dir() or p.is_symlink() or _alive(int(match.group(1))):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted denoq run (process %s is gone)", p, match.group(1))
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def check_writable(path: Path, fix: str = "choose a writable --out") -> None:
+    """Refuse a path that cannot be written, before any work: its nearest existing ancestor must be a folder that
+    takes new entries. Tried for real (a temporary folder is made there and removed), because `os.access` says yes
+    to root even on a read-only file system.
+
+    Raises DenoqError naming `path`, that ancestor and the OS error, then `fix`, when the ancestor is not a folder
+    (e.g. `--out somefile/art`) or creating in it fails (EACCES, EROFS, ENOSPC, …).
+    """
+    path = Path(path).absolute()
+    folder = path.parent
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DenoqError(f"cannot write {path}: {folder} is not a folder; {fix}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".denoq-write-check-", dir=folder))
+    except OSError as exc:
+        raise DenoqError(f"cannot write {path}: creating a file in {folder} fails ({exc.strerror or exc}); "
+                         f"{fix}") from None
 
 
 def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an output path that exists unless `force`; callers run this before any work.
+    """Refuse an output path that exists unless `force`, or that cannot be written; callers run this before any
+    work.
 
     Raises DenoqError when `out` exists and `force` is false, when `out` is a file (never replaced), and, even with
     `force`, when `out` is a non-empty folder that is not a denoq artifact (no manifest.json): --force replaces
-    artifacts, it does not delete arbitrary folders.
+    artifacts, it does not delete arbitrary folders; and when the folder `out` would be created in is not a
+    writable folder (`check_writable`).
     """
     out = Path(out)
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise DenoqError(f"output path {out} exists and is not a folder; choose another --out")
-    if not force:
-        raise DenoqError(f"output folder {out} exists; pass --force to replace it or choose another --out")
-    if not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise DenoqError(f"output folder {out} exists and is not a denoq artifact (no {MANIFEST}); refusing to "
-                         "replace it even with --force; delete it yourself or choose another --out")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise DenoqError(f"output path {out} exists and is not a folder; choose another --out")
+        if not force:
+            raise DenoqError(f"output folder {out} exists; pass --force to replace it or choose another --out")
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise DenoqError(f"output folder {out} exists and is not a denoq artifact (no {MANIFEST}); refusing to "
+                             "replace it even with --force; delete it yourself or choose another --out")
+    check_writable(out)
 
 
 class ArtifactWriter:
@@ -166,7 +252,8 @@ class ArtifactWriter:
     def __enter__(self) -> ArtifactWriter:
         check_output_dir(self.out, self.force)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        remove_stale_work_dirs(self.out.parent)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -203,22 +290,26 @@ class ArtifactWriter:
     def commit(self, manifest: Mapping[str, Any]) -> Artifact:
         """Hash every file, write manifest.json (`manifest` plus the reserved keys) and move the folder into place.
 
-        `manifest` must be JSON-serializable and may not set RESERVED_KEYS. Returns the committed Artifact.
+        `manifest` must be JSON-serializable and may not set RESERVED_KEYS; its timing keys go to timings.json
+        (`split_timings`). Returns the committed Artifact.
         """
         tmp = self.tmp_dir
         clash = sorted(set(manifest) & set(RESERVED_KEYS))
         if clash:
             raise ValueError(f"manifest keys {clash} are set by commit() itself")
+        manifest, timings = split_timings(manifest)
         files = {}
         for p in sorted(tmp.rglob("*"), key=lambda q: q.relative_to(tmp).as_posix()):
             if p.is_symlink() or (not p.is_file() and not p.is_dir()):
                 raise ValueError(f"artifact file {p.relative_to(tmp)} is not a plain file")
-            if p.is_file():
+            if p.is_file() and p.name != TIMINGS:  # the one file that differs between runs (a mixed one's members')
                 files[p.relative_to(tmp).as_posix()] = sha256_file(p)
         if MANIFEST in files:
             raise ValueError(f"{MANIFEST} is written by commit() itself")
+        if timings is not None:
+            self.write_json(TIMINGS, timings)
         full = {**manifest, "schema_version": SCHEMA_VERSION, "denoq_version": DENOQ_VERSION,
-                "versions": library_versions(), "files": files}
+                "versions": library_versions(), "files": files, "derived": []}
         data = _dump_json(full)  # serialize before touching anything, so a bad manifest fails early
         with (tmp / MANIFEST).open("wb") as f:
             f.write(data)
@@ -236,7 +327,7 @@ class ArtifactWriter:
         if not out.exists():
             os.rename(tmp, out)
             return
-        aside = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        aside = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(out, aside)
         try:
             os.rename(tmp, out)
@@ -305,45 +396,85 @@ class Artifact:
         """`{relative path: sha256}` of every file the manifest lists."""
         return self.manifest["files"]
 
+    @property
+    def timings(self) -> dict[str, Any]:
+        """timings.json: the manifest's timing keys (`split_timings`) as the compile wrote them; {} without it."""
+        p = self.path / TIMINGS
+        try:
+            return json.loads(p.read_bytes()) if p.is_file() else {}
+        except (ValueError, OSError):
+            return {}
+
+    @property
+    def derived(self) -> frozenset[str]:
+        """Names of the derived files (timings, reports, pictures, the engine): checked only when used."""
+        return frozenset(self.manifest.get("derived", ()))
+
     def verify(self) -> None:
-        """Check every listed file exists and matches its sha256; DenoqError naming the first that does not."""
-        for name in sorted(self.files):
-            p = self.path / name
-            if not p.is_file():
-                raise DenoqError(f"artifact file {p} is missing (listed in {MANIFEST}); recompile with denoq compile")
-            if sha256_file(p) != self.files[name]:
-                raise DenoqError(f"artifact file {p} was modified or corrupted after compile (sha256 mismatch); "
-                                 "recompile with denoq compile")
+        """Check every core file (not the derived ones) exists and matches its sha256; DenoqError naming the first
+        that does not."""
+        for name in sorted(set(self.files) - self.derived):
+            self._check(name)
+
+    def _check(self, name: str) -> None:
+        p = self.path / name
+        derived = name in self.derived
+        when, fix = (("it was written", "rerun the denoq command that wrote it (eval, validate, build)") if derived
+                     else ("compile", "recompile with denoq compile"))
+        if not p.is_file():
+            raise DenoqError(f"artifact file {p} is missing (listed in {MANIFEST}); {fix}")
+        if sha256_file(p) != self.files[name]:
+            raise DenoqError(f"artifact file {p} was modified or corrupted after {when} (sha256 mismatch); {fix}")
+
+    def stale(self) -> list[str]:
+        """The derived files that are missing or no longer match their recorded hash."""
+        return [name for name in sorted(self.derived & set(self.files))
+                if not (self.path / name).is_file() or sha256_file(self.path / name) != self.files[name]]
 
     def has(self, name: str) -> bool:
         """True when the manifest lists the file `name`."""
         return name in self.files
 
     def file(self, name: str) -> Path:
-        """The path of the listed artifact file `name`; DenoqError when the artifact has no such file."""
+        """The path of the listed artifact file `name`, a derived one checked against its hash first; DenoqError
+        when the artifact has no such file or a derived one is missing or changed."""
         if name not in self.files:
             raise DenoqError(f"artifact {self.path} has no file {name!r} (it has: {', '.join(sorted(self.files))}); "
                              "recompile with denoq compile")
+        if name in self.derived:
+            self._check(name)
         return self.path / name
 
     def add_files(self, files: Mapping[str, bytes], manifest_updates: Mapping[str, Any] | None = None) -> None:
-        """Add or replace files of this artifact (e.g. `denoq eval`'s report.json) and update the manifest.
+        """Add or replace derived files of this artifact (e.g. `denoq eval`'s report.json; a name written here is
+        derived from then on) and update the manifest, all or nothing.
 
-        Each file is written to a temporary name and os.replace'd into place; then manifest.json is rewritten the
-        same way with the new hashes merged into `files` and `manifest_updates` merged shallowly (top-level keys
-        replaced; RESERVED_KEYS may not be set). Readers never see a partial file; a crash between the two steps
-        can leave a replaced file whose hash the manifest does not yet record, which `open` then reports.
+        Every file and the new manifest (hashes merged into `files`, names into `derived`, `manifest_updates`
+        merged shallowly: top-level keys replaced, RESERVED_KEYS refused) are first written to hidden temporary
+        files and flushed; a failure there (a full disk) removes them and leaves the artifact as it was. Only then
+        are they renamed into place, the manifest last. A process killed during those renames can leave a derived
+        file the manifest does not describe yet: `stale` lists it, and it never blocks the core files.
         """
         updates = dict(manifest_updates or {})
         clash = sorted(set(updates) & set(RESERVED_KEYS))
         if clash:
             raise ValueError(f"manifest keys {clash} are managed by the artifact code")
         names = {_check_name(name): bytes(data) for name, data in files.items()}
-        manifest = {**self.manifest, **updates, "files": dict(self.files)}
+        manifest = {**self.manifest, **updates, "files": dict(self.files),
+                    "derived": sorted(self.derived | set(names))}
         _dump_json(manifest)  # fail on unserializable updates before writing anything
-        for name, data in sorted(names.items()):
-            atomic_write(self.path / name, data)
-            manifest["files"][name] = hashlib.sha256(data).hexdigest()
-        new_manifest = _dump_json(manifest)
-        atomic_write(self.path / MANIFEST, new_manifest)
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for name, data in sorted(names.items()):
+                staged.append((_stage(self.path / name, data), self.path / name))
+                manifest["files"][name] = hashlib.sha256(data).hexdigest()
+            new_manifest = _dump_json(manifest)
+            staged.append((_stage(self.path / MANIFEST, new_manifest), self.path / MANIFEST))
+        except BaseException:
+            for tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        for tmp, target in staged:
+            os.replace(tmp, target)
         self.manifest = json.loads(new_manifest)

@@ -46,9 +46,12 @@ def describe(art: Artifact, layers: bool = False) -> str:
         lines.append("checks   " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(m["checks"].items())))
     lines.extend(_deployment_lines(m))
     lines.append("files")
+    stale = set(art.stale())
     for name, digest in sorted(m["files"].items()):
-        size = art.file(name).stat().st_size
-        lines.append(f"           {name:28s} {size / 1e6:8.2f} MB  sha256 {digest[:16]}…")
+        path = art.path / name
+        size = f"{path.stat().st_size / 1e6:8.2f} MB" if path.is_file() else "  missing"
+        note = "  (derived: missing or changed since written)" if name in stale else ""
+        lines.append(f"           {name:28s} {size}  sha256 {digest[:16]}…{note}")
     lines.append("versions " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()) if v))
     return "\n".join(lines)
 
@@ -98,7 +101,7 @@ def _layer_lines(art: Artifact) -> list[str]:
         return f"{kind} s={float(scale[0]):.4g} z={q['zero_point']}" + (f" ({groups} scales)" if groups > 1 else "")
 
     out = [f"           {'layer':52s} {'op':6s} {'W':>2s}  {'input':28s} output"]
-    with safe_open(str(art.file("plan.safetensors")), framework="pt") as f:
+    with safe_open(str(art.file("plan.safetensors")), framework="numpy") as f:  # numpy: no torch import
         for name, lm in sorted(art.manifest["plan"]["layers"].items()):
             a_in = act(lm["input"], f"{name}.input_scale", f)
             a_out = act(lm["output"], f"{name}.output_scale", f)

@@ -34,12 +34,14 @@ class PassRecord:
     initializers_added: int
     initializers_removed: int
 
-    def summary(self) -> str:
+    def summary(self, timed: bool = True) -> str:
+        """One line: the node and initializer counts, and (`timed`) the time it took."""
         def fmt(d: dict[str, int]) -> str:
             return ", ".join(f"{k}×{v}" for k, v in sorted(d.items())) or "none"
 
         return (f"{self.name}: +[{fmt(self.nodes_added)}] -[{fmt(self.nodes_removed)}] initializers "
-                f"+{self.initializers_added}/-{self.initializers_removed} in {self.seconds:.2f}s")
+                f"+{self.initializers_added}/-{self.initializers_removed}"
+                + (f" in {self.seconds:.2f}s" if timed else ""))
 
 
 def _record(name: str, seconds: float, before: onnx.ModelProto, after: onnx.ModelProto) -> PassRecord:
