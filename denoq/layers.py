@@ -5,7 +5,7 @@ Shared by calibrators (which quantize them) and export (which maps each to its O
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -34,14 +34,29 @@ def layer_op(module: nn.Module) -> str:
     return QUANTIZABLE_TYPES[type(module)]
 
 
-def select_layers(layers: dict[str, nn.Module], patterns: Sequence[str]) -> tuple[dict[str, nn.Module], list[str]]:
-    """Split `layers` into (quantized, kept in floating point) by the fnmatch `patterns`.
+def match_layers(names: Iterable[str], patterns: Sequence[str], key: str) -> list[str]:
+    """The `names` (module names) that match any of the fnmatch `patterns` of the recipe key `key`, in order.
 
-    A pattern that matches no layer is an error: a typo would otherwise silently quantize the layer.
+    A pattern that matches no name is a DenoqError naming `key`: a typo would otherwise silently select nothing.
     """
+    names = list(names)
     for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in layers):
-            raise DenoqError(f"layers.keep_fp pattern {pattern!r} matches no Conv2d/Linear of this model; use module "
-                             "names such as conv_in or up_blocks.*.conv_shortcut (denoq inspect lists the layers)")
-    kept = [name for name in layers if any(fnmatchcase(name, p) for p in patterns)]
-    return {name: m for name, m in layers.items() if name not in kept}, kept
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise DenoqError(f"{key} pattern {pattern!r} matches no Conv2d/Linear of this model; use module names "
+                             "such as conv_in or up_blocks.*.conv_shortcut (denoq inspect lists the layers)")
+    return [name for name in names if any(fnmatchcase(name, p) for p in patterns)]
+
+
+def select_layers(layers: dict[str, nn.Module], patterns: Sequence[str]) -> tuple[dict[str, nn.Module], list[str]]:
+    """Split `layers` into (quantized, kept in floating point) by the `layers.keep_fp` fnmatch `patterns`.
+
+    A pattern that matches no layer is an error (`match_layers`), and so are patterns that keep every layer: an
+    artifact with nothing quantized would only pretend to be quantized.
+    """
+    kept = match_layers(layers, patterns, "layers.keep_fp")
+    quantized = {name: m for name, m in layers.items() if name not in kept}
+    if not quantized:
+        raise DenoqError(f"layers.keep_fp={','.join(patterns)} keeps all {len(layers)} Conv2d/Linear layers in "
+                         "floating point, leaving nothing to quantize; keep fewer layers, e.g. --set "
+                         "layers.keep_fp=@in,@out (the default)")
+    return quantized, kept

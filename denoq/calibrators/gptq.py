@@ -49,7 +49,7 @@ from denoq.errors import DenoqError
 from denoq.layers import layer_op
 from denoq.plan import LayerPlan
 
-SUPPORTED_BITS = (8, 6, 4, 3)
+SUPPORTED_BITS = (8, 7, 6, 4, 3)
 
 
 # -- the layer as a matrix -----------------------------------------------------------------------------------

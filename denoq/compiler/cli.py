@@ -6,10 +6,16 @@ Every user error is one line `error: <problem>; <fix>` on stderr with exit statu
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from denoq.errors import DenoqError
 
@@ -19,7 +25,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from denoq.compiler.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set, args.config)
-    compile_model(args.model, recipe, args.out, force=args.force, progress=not args.quiet, quiet=args.quiet)
+    compile_model(args.model, recipe, args.out, force=args.force, progress=not args.quiet, quiet=args.quiet,
+                  allow_parity_failure=args.allow_parity_failure)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -32,9 +39,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from denoq.compiler.load import check_label
     from denoq.compiler.pictures import grid_png
 
-    for target in (args.out, args.save_tensor):
-        if target is not None and target.exists() and not args.force:
-            raise DenoqError(f"{target} exists; pass --force to overwrite it or choose another path")
+    check_output_file(args.out, "--out", ".png", args.force)
+    check_output_file(args.save_tensor, "--save-tensor", ".npy", args.force)
     art = Artifact.open(args.art)
     check_label(art.manifest["model"], args.label, args.guidance)
     x = generate(art, args.backend, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
@@ -48,11 +54,34 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"[denoq] wrote {args.save_tensor} {tuple(x.shape)}")
 
 
+def check_output_file(path: Path | None, option: str, suffix: str, force: bool) -> None:
+    """Refuse the file target of `option` before any work: a folder (never replaced), an existing file without
+    `force`, or a place that cannot be written (`check_writable`). None (option not given) passes."""
+    from denoq.compiler.artifact import check_writable
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise DenoqError(f"{option} {path} is a folder; give a {suffix} file path, e.g. {option} "
+                         f"{path / ('samples' + suffix)}")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise DenoqError(f"{path} exists; pass --force to overwrite it or choose another path")
+    check_writable(path, f"choose a writable {option}")
+
+
+def check_artifact_writable(folder: Path) -> None:
+    """Refuse, before any work, an artifact folder that a command cannot add its report files to."""
+    from denoq.compiler.artifact import check_writable
+
+    check_writable(folder / "report.json", f"copy {folder} to a writable folder and run the command on the copy")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.evaluate import EvalSettings, evaluate
 
     art = Artifact.open(args.art)
+    check_artifact_writable(art.path)
     settings = EvalSettings(backend=args.backend, fp_backend=args.fp_backend, sampler=args.sampler, steps=args.steps,
                             eta=args.eta, seed=args.seed, n=args.n, threads=args.threads, guidance=args.guidance)
     report = evaluate(art, settings)
@@ -118,7 +147,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.validate import ValidateSettings, validate
 
-    report = validate(Artifact.open(args.art), ValidateSettings(n=args.n, steps=args.steps, seed=args.seed))
+    art = Artifact.open(args.art)
+    check_artifact_writable(art.path)
+    report = validate(art, ValidateSettings(n=args.n, steps=args.steps, seed=args.seed))
     for name, v in sorted(report["tensors"].items()):
         if name != "reference":
             print(f"{name:14s} per tensor (÷ quantization error): vs reference ≤ "
@@ -143,21 +174,49 @@ def cmd_recipes(args: argparse.Namespace) -> None:
     print(describe_recipes())
 
 
-def _sampling_args(p: argparse.ArgumentParser, n: int, backend: str) -> None:
-    from denoq.compiler.backends import BACKENDS
+def at_least(lo: int, fix: str, kind: type[int] | type[float] = int, why: str = "") -> Callable[[str], int | float]:
+    """An argparse `type=`: the argument as `kind` (int, or a finite float) ≥ `lo`; anything else is an
+    `argparse.ArgumentTypeError` saying what is expected (`why`: the reason, e.g. " (…)") and `fix`."""
+    expected = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < lo:
+            raise argparse.ArgumentTypeError(f"expects {expected} ≥ {lo}{why}, got {text!r}; {fix}")
+        return value
+
+    return parse
+
+
+def _sampling_args(p: argparse.ArgumentParser, n: int, backend: str, min_n: int = 1, why_n: str = "") -> None:
+    from denoq.compiler.backend_names import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default=backend, help=f"eps backend (default {backend})")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--steps", type=at_least(1, "pass e.g. --steps 50"), default=50, help="sampler steps (default 50)")
+    p.add_argument("--eta", type=at_least(0, "pass e.g. --eta 0 (deterministic DDIM) or --eta 1", float), default=0.0,
+                   help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=n, help=f"number of samples (default {n})")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--n", type=at_least(min_n, f"pass e.g. --n {n}", why=why_n), default=n,
+                   help=f"number of samples (default {n})")
+    p.add_argument("--threads", type=at_least(1, "pass e.g. --threads 4, or omit --threads to use all cores"),
+                   default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: a usage error is a DenoqError (one line `error: <problem>; <fix>`,
+    exit status 2, from `main`), not a usage block and SystemExit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise DenoqError(message if ";" in message else f"{message}; see {self.prog} --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="denoq", description="Post-training quantization compiler for diffusion "
-                                     "models: calibrate in PyTorch, Q/DQ ONNX, ONNX Runtime / TensorRT.")
+    parser = Parser(prog="denoq", description="Post-training quantization compiler for diffusion models: calibrate "
+                    "in PyTorch, Q/DQ ONNX, ONNX Runtime / TensorRT.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="calibrate, export and quantize a model into an artifact folder")
@@ -169,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--allow-parity-failure", action="store_true",
+                   help="keep an artifact whose Q/DQ graph in ONNX Runtime disagrees with the PyTorch simulation "
+                        "beyond the parity bound (recorded in the manifest's parity_gate); default: refuse it")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("sample", help="sample a grid of images from an artifact's backend")
@@ -177,17 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="grid PNG to write")
     p.add_argument("--save-tensor", type=Path, default=None, help="also save the raw samples [N,C,H,W] (.npy)")
     p.add_argument("--label", type=int, default=None, help="class-conditional models: the class to sample")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=at_least(0, "pass e.g. --guidance 4", float), default=None,
                    help="classifier-free guidance scale (with --label; 1 = conditional, 0 = unconditional)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="quality (FD-digits, PSNR vs FP), latency and pictures into the artifact")
     p.add_argument("art", type=Path, help="artifact folder")
-    _sampling_args(p, n=512, backend="ort")
+    _sampling_args(p, n=512, backend="ort", min_n=2, why_n=" (a Fréchet distance needs at least 2 samples)")
     p.add_argument("--fp-backend", choices=("ort-fp", "torch-fp"), default="ort-fp",
                    help="FP reference (default ort-fp: the exported FP graph, checked against PyTorch at compile)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=at_least(0, "pass e.g. --guidance 4", float), default=None,
                    help="class-conditional models: classifier-free guidance scale (labels cycle through the classes)")
     p.set_defaults(func=cmd_eval)
 
@@ -206,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="compare every available backend with ORT CPU (per tensor and per image)")
     p.add_argument("art", type=Path, help="artifact folder")
-    p.add_argument("--n", type=int, default=16, help="samples per backend for the image comparison (default 16)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the image comparison (default 20)")
+    p.add_argument("--n", type=at_least(1, "pass e.g. --n 16"), default=16,
+                   help="samples per backend for the image comparison (default 16)")
+    p.add_argument("--steps", type=at_least(1, "pass e.g. --steps 20"), default=20,
+                   help="DDIM steps of the image comparison (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_validate)
 
@@ -216,17 +280,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The fix `main` prints for an OSError, by errno.
+OS_ERROR_FIXES: dict[int, str] = {
+    errno.ENOSPC: "free space on the disk (or write to another disk) and run again",
+    errno.EDQUOT: "free space within your disk quota (or write to another disk) and run again",
+    errno.EACCES: "choose a writable --out (or a folder you may write to)",
+    errno.EPERM: "choose a writable --out (or a folder you may write to)",
+    errno.EROFS: "the file system is read-only: choose a writable --out",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "the path is a folder: give a file path",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """What `main` prints after `error: ` for an OSError (a full disk, a read-only folder, …): the path, the
+    operating system's words and the fix (OS_ERROR_FIXES), on one line."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    what = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    return f"{where}{what}; {OS_ERROR_FIXES.get(exc.errno, 'check the path and the disk, then run again')}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command of `argv` (default: sys.argv). Returns the exit status: 0, 2 after one line `error: …` on
+    stderr for a user error (a DenoqError, a usage error, or an OSError such as a full disk), 130 on Ctrl-C."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except DenoqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`denoq inspect ART | head`): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every `with` (an ArtifactWriter's temporary folder) unwinds."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

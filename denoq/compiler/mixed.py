@@ -108,7 +108,7 @@ def mixed_variance(art: Artifact, backend: str, sampler: str, steps: int) -> tor
 
 
 def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
-                  quiet: bool = False) -> Artifact:
+                  quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
     """Compile every candidate of `precision.mixed` and the per-step choice into the artifact folder `out`."""
     from denoq.compiler.pipeline import compile_model, log, record_pool  # pipeline compiles the members
 
@@ -120,7 +120,7 @@ def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         for name, member in candidates.items():
             log(f"mixed precision: compiling member {name}", quiet)
             arts[name] = compile_model(model, member, writer.path(f"{MEMBERS_DIR}/{name}"), progress=progress,
-                                       quiet=quiet)
+                                       quiet=quiet, allow_parity_failure=allow_parity_failure)
         start = time.perf_counter()
         pool = record_pool(spec, recipe, progress)
         fp = torch_eps(spec.module)

@@ -34,14 +34,15 @@ from denoq.calibrators.stats import collect_stats
 from denoq.calibrators.timegroups import search_groups
 from denoq.calibrators.weights import WeightSettings, round_weights
 from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
-from denoq.compiler.backends import PTQD_FILE, torch_eps, with_ptqd_head
+from denoq.compiler.backends import PTQD_FILE, torch_eps
 from denoq.compiler.build import TRT_GRAPH
 from denoq.compiler.load import ModelSpec, load_model
+from denoq.compiler.parity import CHECK_BATCH, check_gate, check_scales, first_disagreeing_layer, guided_parity, parity
 from denoq.compiler.recipe import Recipe
-from denoq.engines.ort import OrtBackend
+from denoq.cpu import cpu_record
 from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs, export_fp
-from denoq.layers import quantizable_layers, select_layers
+from denoq.layers import match_layers, quantizable_layers, select_layers
 from denoq.onnxio import save_model
 from denoq.passes.fp16 import ConvertFp16
 from denoq.passes.guidance import GUIDED_GRAPH, GuideClassFree
@@ -51,9 +52,6 @@ from denoq.passes.qdq import InsertQDQ
 from denoq.passes.trt_rules import summarize, trt_violations
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule
-from denoq.sampling.guidance import classifier_free
-
-CHECK_BATCH = 8
 
 
 def log(msg: str, quiet: bool = False) -> None:
@@ -161,7 +159,9 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
     if adaround:
         check_window(recipe["accuquant.window"], recipe["calib.steps"])
         settings_aq = accuquant_settings(recipe)
-    layers, kept_fp = select_layers(quantizable_layers(spec.module), spec.layer_patterns(recipe["layers.keep_fp"]))
+    every_layer = quantizable_layers(spec.module)
+    layers, kept_fp = select_layers(every_layer, spec.layer_patterns(recipe["layers.keep_fp"]))
+    match_layers(every_layer, spec.layer_patterns(recipe["trt.fp32_layers"]), "trt.fp32_layers")  # typos, early
     fp = torch_eps(spec.module)
     start = time.perf_counter()
     calib, step_info, pool = calibration_set(spec, recipe, layers, progress)
@@ -259,65 +259,6 @@ def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
     return GraphInputs(x, t, cond, spec.cond_input or "encoder_hidden_states")
 
 
-def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
-
-
-def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean().sqrt())
-
-
-def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path, qdq_path: Path,
-           ptqd: PtqdStats | None = None, half_path: Path | None = None) -> dict[str, Any]:
-    """FP export vs PyTorch, and Q/DQ graph vs PyTorch simulation, on real inputs with mixed timesteps; with
-    `half_path`, the float16 TensorRT graph vs the float32 Q/DQ graph, both in ORT.
-
-    The Q/DQ graph and the simulation cannot agree bit-exactly end to end (a 1e-7 float difference flips a
-    rounding that propagates), so the check is relative to the quantization error itself (DESIGN.md). Float16
-    moves roundings too; what matters there is that it adds no error: its RMS error to the FP graph over the
-    float32 Q/DQ graph's (≈ 1).
-    """
-    args = (inputs.sample, inputs.timestep, inputs.cond)
-    fp_torch = torch_eps(spec.module)(*args)
-    sim = with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd)(*args)
-    fp_ort = OrtBackend(fp_path)(*args)
-    q_ort = OrtBackend(qdq_path)(*args)
-    quant_err = _max_abs(sim, fp_torch)
-    checks = {"fp_onnx_vs_torch_max_abs": _max_abs(fp_ort, fp_torch),
-              "qdq_ort_vs_sim_max_abs": _max_abs(q_ort, sim),
-              "sim_vs_fp_max_abs": quant_err,
-              "qdq_ort_vs_sim_over_quant_error": _max_abs(q_ort, sim) / max(quant_err, 1e-12)}
-    if half_path is not None:
-        q_half = OrtBackend(half_path)(*args)
-        checks.update({"fp16_vs_qdq_rms": _rms(q_half, q_ort),
-                       "fp16_error_over_fp32_error": _rms(q_half, fp_ort) / max(_rms(q_ort, fp_ort), 1e-12)})
-    return checks
-
-
-def check_scales(scales: list[float]) -> torch.Tensor:
-    """Guidance scales for the parity batch (`check_inputs`, CHECK_BATCH rows): the calibration's scales in turn,
-    or 1, 2, 4 in turn when the calibration was unguided."""
-    pool = scales or [1.0, 2.0, 4.0]
-    return torch.tensor([pool[j % len(pool)] for j in range(CHECK_BATCH)], dtype=torch.float32)
-
-
-def guided_parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, scales: torch.Tensor, qdq_path: Path,
-                  guided_path: Path, ptqd: PtqdStats | None) -> dict[str, Any]:
-    """The guided graph (ORT) against (a) the plain Q/DQ graph driven by `classifier_free` then PTQD's head in
-    Python (same float32 ops: agree to rounding) and (b) the simulation guided the same way, relative to the guided
-    quantization error; `ptqd`: the head after the combination (statistics on guided outputs), else none."""
-    null = torch.tensor(int(spec.num_classes))
-    args = (inputs.sample, inputs.timestep, inputs.cond)
-    guided = OrtBackend(guided_path)(*args, guidance=scales)
-    plain = with_ptqd_head(classifier_free(OrtBackend(qdq_path), null, scales), ptqd)(*args)
-    sim = with_ptqd_head(classifier_free(torch_eps(simulate(spec.module, plan)), null, scales), ptqd)(*args)
-    fp = classifier_free(torch_eps(spec.module), null, scales)(*args)
-    quant_err = _max_abs(sim, fp)
-    return {"guided_vs_plain_guided_max_abs": _max_abs(guided, plain),
-            "guided_vs_sim_max_abs": _max_abs(guided, sim), "guided_sim_vs_fp_max_abs": quant_err,
-            "guided_vs_sim_over_quant_error": _max_abs(guided, sim) / max(quant_err, 1e-12)}
-
-
 def onnx_weight_bytes(path: Path) -> int:
     """Bytes of a graph's weight tensors: its initializers of rank ≥ 2 (float, int8, packed int4)."""
     model = onnx.load(str(path))
@@ -344,13 +285,17 @@ def model_cost(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs) -> dict[st
 
 
 def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
-                  quiet: bool = False) -> Artifact:
+                  quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
     """Compile `model` with `recipe` into the artifact folder `out` (see module docstring); with
-    `precision.mixed`, a mixed artifact of one compiled member per candidate (`denoq.compiler.mixed`)."""
+    `precision.mixed`, a mixed artifact of one compiled member per candidate (`denoq.compiler.mixed`).
+
+    DenoqError when the Q/DQ graph in ONNX Runtime disagrees with the simulation beyond the parity bound
+    (`denoq.compiler.parity`), unless `allow_parity_failure`, which the manifest then records."""
     if recipe["precision.mixed"]:
         from denoq.compiler.mixed import compile_mixed  # it compiles each member with this function
 
-        return compile_mixed(model, recipe, out, force=force, progress=progress, quiet=quiet)
+        return compile_mixed(model, recipe, out, force=force, progress=progress, quiet=quiet,
+                             allow_parity_failure=allow_parity_failure)
     check_output_dir(out, force)
     spec = load_model(model)
     log(f"model {spec.name}: {spec.model_class}, sample {spec.sample_shape}, "
@@ -399,6 +344,11 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             checks.update(guided_parity(spec, plan, inputs, check_scales(scales), qdq_path, guided_path,
                                         ptqd if scales else None))
         log("parity: " + json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}), quiet)
+        gate = check_gate(checks, allow_parity_failure,
+                          lambda: first_disagreeing_layer(spec, plan, inputs, qdq_path, layer_map))
+        if not gate["passed"]:
+            log(f"parity gate failed (allowed): ratio {gate['ratio']:.2f} > {gate['bound']}, first layer "
+                f"{gate['first_layer']}", quiet)
         plan_meta = plan.save(writer.path("plan.safetensors"))
         if ptqd is not None:
             save_file(ptqd.to_tensors(), str(writer.path(PTQD_FILE)))
@@ -422,9 +372,12 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             "layer_map": layer_map,
             "calibration": calib_info,
             "checks": checks,
+            "parity_gate": gate,
+            "cpu": cpu_record(),
             **({} if rules is None else {"trt": {"graph": trt_graph, "fp16": recipe["trt.fp16"]},
                                          "trt_rules": {"count": len(rules), "violations": [str(v) for v in rules]}}),
-            "passes": [rec.summary() for rec in records],
+            "passes": [rec.summary(timed=False) for rec in records],
+            "pass_seconds": [round(rec.seconds, 3) for rec in records],
         }
         art = writer.commit(manifest)
     log(f"wrote {out}", quiet)

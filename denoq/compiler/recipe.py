@@ -4,6 +4,7 @@ A recipe is a flat mapping `key -> value` over the keys of `RECIPE_KEYS`. `load_
 `RECIPES`, applies an optional TOML file, then the command line's `--set KEY=VALUE` items; later wins. Every value
 is checked against its key's spec: an unknown key, a value of the wrong type or a value that is not allowed is a
 `DenoqError` whose one-line message names the key and value, what is allowed, and the fix. Nothing is ignored.
+Rules between keys (`CROSS_KEY_RULES`, e.g. calib.timesteps ≤ calib.steps) are checked once every value is in.
 
 Some keys name features that later versions of denoq add (GPTQ, timestep groups, PTQD, …). In this version they
 accept only their default; any other well-formed value says "is not available in this version of denoq".
@@ -95,8 +96,9 @@ RECIPE_KEYS: dict[str, KeySpec] = _specs(
             "input / output layer: conv_in / conv_out of a UNet, pos_embed.proj / proj_out_2 of a DiT) computed in "
             "float32 with everything after them up to the next quantized layer (the output head)"),
     KeySpec("weights.bits", 8, int,
-            "weight bits (symmetric; 6 in the int8 container, 4 as ONNX int4 on MatMul / Gemm; 3 is for experiments)",
-            choices=(8, 6, 4, 3), planned=lambda v: v == 2),
+            "weight bits (symmetric; 7 and 6 in the int8 container, 7 = reduce_range: no u8×s8 saturation on CPUs "
+            "without VNNI; 4 as ONNX int4 on MatMul / Gemm; 3 is for experiments)",
+            choices=(8, 7, 6, 4, 3), planned=lambda v: v == 2),
     KeySpec("weights.method", "rtn", str,
             "weight rounding: rtn = round to nearest; gptq = GPTQ (lazy blocks); obq = Optimal Brain Quantizer "
             "(greedy, slow on wide layers); adaround = learned rounding and activation scales (accuquant.*)",
@@ -370,8 +372,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise DenoqError(f"recipe file {path} does not exist; check the path") from None
     except IsADirectoryError:
         raise DenoqError(f"recipe file {path} is a folder; pass a .toml file") from None
+    except UnicodeDecodeError as exc:
+        raise DenoqError(f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a TOML "
+                         "text file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise DenoqError(f"recipe file {path} is not valid TOML ({exc}); fix the file") from None
+        raise DenoqError(f"recipe file {path} is not valid TOML ({' '.join(str(exc).split())}); fix the "
+                         "file") from None
+    except OSError as exc:
+        raise DenoqError(f"cannot read recipe file {path} ({exc.strerror or exc}); check the path and its "
+                         "permissions") from None
     origin = f"in {path}"
     return {k: validate(k, v, origin) for k, v in _flatten(data)}
 
@@ -379,7 +388,8 @@ def read_toml(path: Path) -> dict[str, Any]:
 def load_recipe(name: str, sets: Iterable[str] = (), toml_path: Path | None = None) -> Recipe:
     """The recipe `name` (a preset of RECIPES), then the TOML file's values, then the `--set` items; later wins.
 
-    Raises DenoqError for an unknown preset (listing the presets) or any key or value refused by `validate`.
+    Raises DenoqError for an unknown preset (listing the presets), any key or value refused by `validate`, or
+    values that break a rule between keys (`check_rules`).
     """
     preset = RECIPES.get(name)
     if preset is None:
@@ -396,7 +406,32 @@ def load_recipe(name: str, sets: Iterable[str] = (), toml_path: Path | None = No
     for item in sets:
         key, value = parse_set(item)
         values[key] = value
+    check_rules(values)
     return Recipe(name=name, values=values)
+
+
+def _calib_timesteps_within_steps(values: Mapping[str, Any]) -> str | None:
+    k, steps = values["calib.timesteps"], values["calib.steps"]
+    if k <= steps:
+        return None
+    return (f"calib.timesteps={k} asks for more calibration timesteps than the calib.steps={steps} recorded steps "
+            f"(only {steps} would be used); set calib.timesteps ≤ {steps} (0 = every recorded step) or "
+            f"calib.steps ≥ {k}")
+
+
+#: Rules between keys, which each key's own check cannot see: each returns the one-line problem and fix, or None.
+CROSS_KEY_RULES: tuple[Callable[[Mapping[str, Any]], str | None], ...] = (_calib_timesteps_within_steps,)
+
+
+def check_rules(values: Mapping[str, Any]) -> None:
+    """Apply CROSS_KEY_RULES to a complete set of recipe values; DenoqError with the first rule's message.
+
+    `load_recipe` applies them to what the user asks for; a recipe read back from an artifact is not re-checked
+    (it describes what was compiled)."""
+    for rule in CROSS_KEY_RULES:
+        problem = rule(values)
+        if problem is not None:
+            raise DenoqError(problem)
 
 
 #: Keys that say how precise a model is: a candidate of `precision.mixed` takes them from its own preset.
