@@ -92,7 +92,8 @@ def test_selector_and_fusion_tables(bench):
     assert len(lines) == 2 + 2 * 2 and all(line.count("|") == 10 for line in lines)
     assert lines[2] == "| m | 1 | denoq trt | 3 | 2.00 | 2.10 | 1.050 (1.010–1.200) | 50% | 50% |"
     fusion = bench.fusion_table(results, 4).splitlines()
-    assert len(fusion) == 2 + 6 and any("| denoq ort-cpu G=4 |" in line for line in fusion)
+    assert len(fusion) == 2 + len(bench.VARIANTS) - 1 + len(bench.SELECTORS)
+    assert any("| denoq ort-cpu G=4 |" in line for line in fusion)
     latency = bench.latency_table(results, 2, 7).split("\n\n")[0].splitlines()
     assert all(line.count("|") == 2 + len(bench.VARIANTS) + 1 for line in latency) and "G=4" not in latency[0]
 
@@ -105,18 +106,23 @@ def test_tiny_end_to_end(bench, tiny_pipeline, tmp_path, capsys):
                 "--set", "calib.steps=2", "--groups", "2", "--json", str(out), "--out-dir", str(tmp_path / "work")])
     report = json.loads(out.read_text())
     model = report["models"][tiny_pipeline.name]
-    assert set(model["latency"]["batch1"]) == {"fp32", "trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel",
-                                               "trt-head"}
-    assert set(model["fusion"]) == {"trt", "ort-cpu", "peer", "peer-t", "trt-sel", "ort-cpu-sel", "trt-head"}
+    assert set(model["latency"]["batch1"]) == {"fp32", "trt", "ort-cpu", "ort-cpu-raw", "ort-cpu-w7", "peer", "peer-t",
+                                               "trt-sel", "ort-cpu-sel", "trt-head"}
+    assert set(model["fusion"]) == {"trt", "ort-cpu", "ort-cpu-w7", "peer", "peer-t", "trt-sel", "ort-cpu-sel",
+                                    "trt-head"}
+    assert model["info"]["recipe_trt"]["weights.bits"] == 8
+    assert onnx.load(model["paths"]["ort-cpu-w7"]) is not None and report["environment"]["cpu"]["isa"]
     assert model["latency"]["batch1"]["trt-sel"]["overhead"] > 0
     assert model["latency"]["batch1"]["trt-head"]["overhead"] > 0
     head = onnx.load(model["paths"]["trt-head"])
     assert [n.op_type for n in head.graph.node if n.output[0] == "out_sample"] == ["Mul"]
-    assert set(report["quality"]["rows"]) == {"torch-fp", "fp32", "trt", "ort-cpu", "peer", "peer-t"}
+    assert set(report["quality"]["rows"]) == {"torch-fp", "fp32", "trt", "ort-cpu", "ort-cpu-raw", "ort-cpu-w7", "peer",
+                                              "peer-t"}
     assert model["info"]["peer"]["sin_input_scale"] is not None
     assert model["info"]["peer-t"]["sin_input_scale"] is None
     printed = capsys.readouterr().out
     assert "## Latency per model call" in printed and "ORT quantize_static" in printed
+    assert "instruction set seen by ONNX Runtime" in printed and "7-bit weights" in printed
     assert "## Timestep selector overhead" in printed and "denoq ort-cpu G=2" in printed
     assert "## PTQD head overhead" in printed and "denoq trt + PTQD head" in printed
 

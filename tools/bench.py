@@ -75,6 +75,7 @@ from denoq.compiler.backends import EpsFn, torch_eps
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.pipeline import calibration_set, compile_model
 from denoq.compiler.recipe import Recipe, load_recipe
+from denoq.cpu import cpu_record
 from denoq.engines.ort import OrtBackend, fusion_report, latency
 from denoq.layers import quantizable_layers, select_layers
 from denoq.metrics import fd_between, fd_digits, psnr
@@ -85,11 +86,21 @@ VARIANTS: dict[str, str] = {
     "fp32": "FP32",
     "trt": "denoq trt",
     "ort-cpu": "denoq ort-cpu",
+    "ort-cpu-raw": "denoq ort-cpu, ORT's default kernels",
+    "ort-cpu-w7": "denoq ort-cpu, 7-bit weights, ORT's default kernels",
     "peer": "ORT quantize_static",
     "peer-t": "ORT quantize_static, t-emb. + keep_fp FP",
 }
-#: Our compiles: variant key → recipe preset.
-OUR_RECIPES: dict[str, str] = {"trt": "w8a8", "ort-cpu": "w8a8-ort"}
+#: Our compiles: variant key → recipe preset and its overrides.
+OUR_RECIPES: dict[str, tuple[str, list[str]]] = {"trt": ("w8a8", []), "ort-cpu": ("w8a8-ort", []),
+                                                 "ort-cpu-w7": ("w8a8-ort", ["weights.bits=7"])}
+#: Variants that run a graph of another variant in sessions with ORT's default integer kernels (no
+#: `session.x64quantprecision`, which denoq sets everywhere else): saturating u8×s8 pair sums on CPUs without VNNI,
+#: what the remedies cost and save. The peer's graphs run so too: that is how a user of ORT's quantizer runs them,
+#: and onnxruntime 1.32's s8→u8 weight conversion fails on their shared zero-point initializers ("Attempt to
+#: replace the existing tensor") on such CPUs.
+DEFAULT_KERNELS: dict[str, str] = {"ort-cpu-raw": "ort-cpu", "ort-cpu-w7": "ort-cpu-w7", "peer": "peer",
+                                   "peer-t": "peer-t"}
 #: Timestep-selector variants (`--groups G` > 1): variant key → the G=1 variant of the same profile.
 SELECTORS: dict[str, str] = {"trt-sel": "trt", "ort-cpu-sel": "ort-cpu"}
 #: PTQD head variants (`--ptqd-head`): variant key → the graph it extends, and its label.
@@ -337,8 +348,8 @@ def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, 
     prep = Prepared(label, source, spec, {}, {})
     prep.info["parameters"] = sum(p.numel() for p in spec.module.parameters())
     prep.info["sample_shape"] = list(spec.sample_shape)
-    for key, preset in OUR_RECIPES.items():
-        recipe = recipe_for(name, preset, sets)
+    for key, (preset, extra) in OUR_RECIPES.items():
+        recipe = recipe_for(name, preset, [*extra, *sets])
         log(f"{label}: compiling {preset} (target {recipe['target']}, calib.samples={recipe['calib.samples']}, "
             f"calib.steps={recipe['calib.steps']})")
         start = time.perf_counter()
@@ -348,8 +359,8 @@ def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, 
         prep.paths[key] = art.file("model.qdq.onnx")
     if groups > 1:
         for key, base in SELECTORS.items():
-            recipe = recipe_for(name, OUR_RECIPES[base], [*sets, f"activations.timestep_groups={groups}"])
-            log(f"{label}: compiling {OUR_RECIPES[base]} with activations.timestep_groups={groups} "
+            recipe = recipe_for(name, OUR_RECIPES[base][0], [*sets, f"activations.timestep_groups={groups}"])
+            log(f"{label}: compiling {OUR_RECIPES[base][0]} with activations.timestep_groups={groups} "
                 f"(calib.steps={recipe['calib.steps']})")
             start = time.perf_counter()
             art = compile_ours(source, recipe, folder / f"{base}-g{groups}", reuse)
@@ -362,11 +373,11 @@ def prepare(name: str, work: Path, sets: Sequence[str], seed: int, reuse: bool, 
         for key, (base, _) in HEADS.items():
             prep.paths[key] = with_head(prep.paths[base], folder / f"{key}.onnx",
                                         trt.manifest["plan"]["num_train_timesteps"], seed)
-    prep.paths = {"fp32": trt.file("model.fp.onnx"), **prep.paths}
+    prep.paths = {"fp32": trt.file("model.fp.onnx"), **prep.paths, "ort-cpu-raw": prep.paths["ort-cpu"]}
     prep.info["recipe_trt"] = trt.manifest["recipe"]["values"]
 
     log(f"{label}: recomputing the calibration inputs for the peer")
-    calib = calibration_inputs(spec, recipe_for(name, OUR_RECIPES["trt"], sets))
+    calib = calibration_inputs(spec, recipe_for(name, OUR_RECIPES["trt"][0], sets))
     for art in prep.artifacts.values():
         check_same_calibration(calib, art)
     prep.info["calibration_inputs"] = len(calib)
@@ -433,6 +444,11 @@ def overheads(base_ms: Sequence[float], selector_ms: Sequence[float]) -> dict[st
     return {"overhead": statistics.median(ratios), "overhead_min": min(ratios), "overhead_max": max(ratios)}
 
 
+def ort_backend(prep: Prepared, key: str, threads: int) -> OrtBackend:
+    """The session of variant `key`: ORT's default integer kernels for DEFAULT_KERNELS, denoq's otherwise."""
+    return OrtBackend(prep.paths[key], threads=threads, exact_integers=key not in DEFAULT_KERNELS)
+
+
 def timed_keys(prep: Prepared) -> list[str]:
     """The variants of `prep` to time and fuse: VARIANTS, then the selector and head variants it has."""
     return [*VARIANTS, *(k for k in [*SELECTORS, *HEADS] if k in prep.paths)]
@@ -442,7 +458,7 @@ def bench_latency(prep: Prepared, batches: Sequence[int], rounds: int, iters: in
                   target_s: float, groups: int = 1) -> dict[str, Any]:
     """Latency of every variant of `prep` at every batch size, with speed-ups FP32 / variant and, for the
     selector variants, the overhead selector / G=1 graph of the same profile."""
-    backends = {k: OrtBackend(prep.paths[k], threads=threads) for k in timed_keys(prep)}
+    backends = {k: ort_backend(prep, k, threads) for k in timed_keys(prep)}
     out: dict[str, Any] = {}
     for batch in batches:
         log(f"{prep.name}: timing batch {batch} ({rounds} rounds × {len(backends)} variants)")
@@ -461,7 +477,8 @@ def bench_latency(prep: Prepared, batches: Sequence[int], rounds: int, iters: in
 
 def bench_fusion(prep: Prepared) -> dict[str, Any]:
     """`fusion_report` of every quantized graph of `prep` (what ORT's CPU EP made of the quantized layers)."""
-    return {k: fusion_report(prep.paths[k], threads=1) for k in timed_keys(prep) if k != "fp32"}
+    return {k: fusion_report(prep.paths[k], threads=1, exact_integers=k not in DEFAULT_KERNELS)
+            for k in timed_keys(prep) if k not in ("fp32", "ort-cpu-raw")}
 
 
 # -- quality -----------------------------------------------------------------------------------------------
@@ -485,7 +502,7 @@ def bench_quality(prep: Prepared, *, steps: int, seed: int, n: int, threads: int
     shape = prep.spec.sample_shape
     digits = tuple(shape) == DIGITS_SHAPE
     eps: dict[str, EpsFn] = {"torch-fp": torch_eps(prep.spec.module)}
-    eps.update({k: OrtBackend(prep.paths[k], threads=threads) for k in VARIANTS})
+    eps.update({k: ort_backend(prep, k, threads) for k in VARIANTS})
     samples: dict[str, torch.Tensor] = {}
     rows: dict[str, Any] = {}
     for k, fn in eps.items():
@@ -673,7 +690,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def environment() -> dict[str, Any]:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "versions": library_versions(), "loadavg_start": list(os.getloadavg())}
+            "versions": library_versions(), "loadavg_start": list(os.getloadavg()), "cpu": cpu_record()}
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -779,6 +796,9 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     if "gptq" in report:
         parts += ["\n## GPTQ / OBQ time vs layer width\n", gptq_table(report["gptq"])]
     env = report["environment"]
+    cpu = env["cpu"]
+    parts.append(f"\nCPU: {cpu['model']}, instruction set seen by ONNX Runtime: {cpu['isa']} (u8×s8 kernels "
+                 f"{'saturate' if cpu['u8s8_saturates'] else 'exact'} without session.x64quantprecision).")
     parts.append(f"\nRun: {report['seconds']:.0f} s on {env['cpu_count']} CPUs (load average "
                  f"{env['loadavg_start'][0]:.1f} → {env['loadavg_end'][0]:.1f}), onnxruntime "
                  f"{env['versions']['onnxruntime']}, torch {env['versions']['torch']}.")

@@ -18,13 +18,13 @@ import torch
 from denoq.calibrators.ptqd import PtqdStats
 from denoq.calibrators.simulate import simulate
 from denoq.compiler.artifact import Artifact
+from denoq.compiler.backend_names import BACKENDS, QUANTIZED_BACKENDS
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.errors import DenoqError
 from denoq.plan import QuantPlan
 from denoq.sampling import module_eps
 from denoq.sampling.guidance import classifier_free
 
-BACKENDS = ("torch-fp", "torch-sim", "ort", "ort-fp", "ort-fp16", "trt", "ort-cuda", "ort-trt")
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
@@ -65,7 +65,6 @@ def artifact_plan(art: Artifact) -> QuantPlan:
 
 
 PTQD_FILE = "ptqd.safetensors"
-QUANTIZED_BACKENDS = ("ort", "torch-sim", "ort-fp16", "trt", "ort-cuda", "ort-trt")
 
 
 def artifact_ptqd(art: Artifact) -> PtqdStats | None:
