@@ -83,7 +83,7 @@ def test_sample_with_label_and_guidance(class_artifact, tmp_path):
     (["--label", "3"], "label 3 is outside model .* classes 0–2"),
     (["--label", "-1"], "outside"),
     ([], "class-conditional: pass --label"),
-    (["--label", "1", "--guidance", "-1"], "guidance scale -1.0 must be ≥ 0"),
+    (["--label", "1", "--guidance", "-1"], "--guidance: expects a finite number ≥ 0"),
 ])
 def test_bad_labels_are_refused(class_artifact, tmp_path, capsys, extra, message):
     assert main(["sample", str(class_artifact.path), "--steps", "2", "--n", "2", "--out", str(tmp_path / "g.png"),

@@ -49,7 +49,11 @@ def art(tmp_path, tiny_artifact_trt) -> Path:
 
 @pytest.fixture
 def no_sampling(monkeypatch):
-    """Sampling, evaluation and validation fail the test if they start."""
+    """Sampling, evaluation and validation fail the test if they start. The modules are imported first, so that
+    their own `from … import generate` bindings stay the real ones for the tests after this one."""
+    import denoq.compiler.evaluate
+    import denoq.compiler.validate  # noqa: F401
+
     monkeypatch.setattr("denoq.compiler.evaluate.generate", _not_reached)
     monkeypatch.setattr("denoq.compiler.evaluate.evaluate", _not_reached)
     monkeypatch.setattr("denoq.compiler.validate.validate", _not_reached)

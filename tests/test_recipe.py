@@ -186,7 +186,7 @@ def test_bad_type(item, key):
     ("activations.timestep_groups=0", "1..64"),
     ("activations.timestep_groups=65", "1..64"),
     ("seed=-1", "0..4294967295"),
-    ("weights.bits=5", "8, 6, 4, 3"),
+    ("weights.bits=5", "8, 7, 6, 4, 3"),
     ("weights.group_size=-1", "≥ 0"),
     ("weights.damp=0", "(0, 1]"),
     ("activations.bits=3", "4, 6, 8, 16"),
@@ -199,7 +199,7 @@ def test_disallowed_value(item, allowed):
 
 
 @pytest.mark.parametrize("item, allowed", [
-    ("weights.bits=2", "8, 6, 4, 3"),
+    ("weights.bits=2", "8, 7, 6, 4, 3"),
 ])
 def test_feature_not_available_yet(item, allowed):
     key = item.partition("=")[0]
@@ -211,7 +211,7 @@ def test_feature_not_available_yet(item, allowed):
 
 def test_exact_not_available_message():
     assert error_of(parse_set, "weights.bits=2") == (
-        "weights.bits=2 is not available in this version of denoq (allowed: 8, 6, 4, 3)")
+        "weights.bits=2 is not available in this version of denoq (allowed: 8, 7, 6, 4, 3)")
 
 
 def test_learned_quantizer_keys_accepted():
