@@ -308,7 +308,7 @@ def test_add_files_is_all_or_nothing_on_a_full_disk(tmp_path, monkeypatch):
     art = Artifact.open(out)
     art.add_files({"layer_error.png": b"old picture"})
     before = _snapshot(out)
-    real_stage, calls = artifact_module._stage, []
+    real_stage, calls = artifact_module.stage, []
 
     def full_disk(path, data):
         calls.append(path.name)
@@ -316,7 +316,7 @@ def test_add_files_is_all_or_nothing_on_a_full_disk(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_stage(path, data)
 
-    monkeypatch.setattr(artifact_module, "_stage", full_disk)
+    monkeypatch.setattr(artifact_module, "stage", full_disk)
     with pytest.raises(OSError):
         art.add_files({"layer_error.png": b"new picture", "report.json": b"{}", "report.html": b"<html>"},
                       {"eval_runs": [1]})

@@ -208,7 +208,7 @@ def _disk_full(path, *args, **kwargs):
 
 
 def test_sample_disk_full_while_writing(capsys, monkeypatch, tmp_path, art):
-    monkeypatch.setattr("denoq.compiler.artifact.atomic_write", _disk_full)
+    monkeypatch.setattr("denoq.compiler.files.atomic_write", _disk_full)
     out = tmp_path / "g.png"
     err = refused(capsys, ["sample", str(art), "--n", "1", "--steps", "1", "--out", str(out)])
     assert str(out) in err and "No space left on device" in err and "free space" in err
@@ -232,7 +232,7 @@ def test_eval_disk_full_while_writing(capsys, monkeypatch, tmp_path, art):
 def test_garbage_graph_with_a_matching_hash(capsys, tmp_path, art, argv):
     import json
 
-    from denoq.compiler.artifact import sha256_file
+    from denoq.compiler.files import sha256_file
 
     (art / "model.qdq.onnx").write_bytes(b"\x08\x07garbage, not a protobuf \xff\xff\xff")
     manifest = json.loads((art / "manifest.json").read_text())

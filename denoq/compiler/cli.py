@@ -34,8 +34,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from denoq.compiler.artifact import Artifact, atomic_write
+    from denoq.compiler.artifact import Artifact
     from denoq.compiler.evaluate import generate
+    from denoq.compiler.files import atomic_write
     from denoq.compiler.load import check_label
     from denoq.compiler.pictures import grid_png
 
@@ -57,7 +58,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def check_output_file(path: Path | None, option: str, suffix: str, force: bool) -> None:
     """Refuse the file target of `option` before any work: a folder (never replaced), an existing file without
     `force`, or a place that cannot be written (`check_writable`). None (option not given) passes."""
-    from denoq.compiler.artifact import check_writable
+    from denoq.compiler.files import check_writable
 
     if path is None:
         return
@@ -71,7 +72,7 @@ def check_output_file(path: Path | None, option: str, suffix: str, force: bool) 
 
 def check_artifact_writable(folder: Path) -> None:
     """Refuse, before any work, an artifact folder that a command cannot add its report files to."""
-    from denoq.compiler.artifact import check_writable
+    from denoq.compiler.files import check_writable
 
     check_writable(folder / "report.json", f"copy {folder} to a writable folder and run the command on the copy")
 
