@@ -80,7 +80,9 @@ class ModelSpec:
                 "cond_shape": None if self.cond_shape is None else list(self.cond_shape),
                 "cond_input": self.cond_input, "num_classes": self.num_classes,
                 "num_train_timesteps": self.num_train_timesteps, "weights_sha256": self.weights_sha256,
-                "parameters": sum(p.numel() for p in self.module.parameters())}
+                "parameters": sum(p.numel() for p in self.module.parameters()),
+                "config": json.loads(json.dumps({k: v for k, v in self.module.config.items()  # denoq.load's
+                                                 if not k.startswith("_")}))}  # (no _name_or_path: a local path)
 
 
 def check_label(model: dict[str, Any], label: int | None, guidance: float | None) -> None:

@@ -1,0 +1,150 @@
+"""The Python API: `denoq.quantize` compiles a model into an artifact, `denoq.load` gives its quantized denoiser
+back as a drop-in `torch.nn.Module` for a diffusers pipeline (DESIGN.md, The drop-in). The CLI's compile is the
+same call.
+
+    art = denoq.quantize("my-pipeline-folder", "w8a8", out="art", weights__method="gptq")
+    pipe = DDIMPipeline(unet=denoq.load("art", backend="ort"), scheduler=DDIMScheduler.from_config(...))
+    images = pipe(batch_size=4, num_inference_steps=50).images
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from denoq.compiler.artifact import Artifact, check_output_dir
+from denoq.compiler.backend_names import BACKENDS
+from denoq.compiler.pipeline import compile_model
+from denoq.compiler.recipe import load_recipe
+from denoq.errors import DenoqError
+
+#: The diffusers output class each denoiser class returns (module, class name).
+OUTPUT_CLASSES = {
+    "UNet2DModel": ("diffusers.models.unets.unet_2d", "UNet2DOutput"),
+    "UNet2DConditionModel": ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionOutput"),
+    "DiTTransformer2DModel": ("diffusers.models.modeling_outputs", "Transformer2DModelOutput"),
+}
+CUDA_BACKENDS = ("trt", "ort-cuda", "ort-trt")
+
+
+def _set_items(keys: Mapping[str, Any]) -> list[str]:
+    """`--set` items of Python keyword arguments: `weights__bits=4` → `weights.bits=4`, booleans as true/false."""
+    items = []
+    for key, value in keys.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        items.append(f"{key.replace('__', '.')}={text}")
+    return items
+
+
+def _source_folder(model: Any, scheduler: Any, out: Path) -> str | None:
+    """The pipeline folder or embedded name to compile: `model` itself when it is one, else a diffusers pipeline
+    or model object saved with `save_pretrained` beside the artifact as `OUT-model/` (the FP reference that the
+    torch backends and denoq eval reload)."""
+    if model is None or isinstance(model, str | Path):
+        if scheduler is not None:
+            raise DenoqError("scheduler= goes with a model object; a pipeline folder brings its own scheduler/ "
+                             "(save the scheduler you want into it)")
+        return None if model is None else str(model)
+    if not hasattr(model, "save_pretrained"):
+        raise DenoqError(f"model must be a diffusers pipeline or model (save_pretrained), a pipeline folder or an "
+                         f"embedded model name, not {type(model).__name__}")
+    folder = out.with_name(out.name + "-model")
+    components = getattr(model, "components", None)
+    if components is not None:  # a DiffusionPipeline
+        model.save_pretrained(folder)
+        if scheduler is not None:
+            scheduler.save_pretrained(folder / "scheduler")
+        return str(folder)
+    if scheduler is None:
+        raise DenoqError(f"a bare {type(model).__name__} needs its noise schedule: pass scheduler= (e.g. the "
+                         "pipeline's DDPMScheduler)")
+    component = "transformer" if "Transformer" in type(model).__name__ else "unet"
+    model.save_pretrained(folder / component)
+    scheduler.save_pretrained(folder / "scheduler")
+    index = {"_class_name": "DiffusionPipeline", component: ["diffusers", type(model).__name__],
+             "scheduler": ["diffusers", type(scheduler).__name__]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return str(folder)
+
+
+def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, scheduler: Any = None,
+             calib: Any = None, config: str | Path | None = None, force: bool = False, progress: bool = True,
+             allow_parity_failure: bool = False, **keys: Any) -> Artifact:
+    """Calibrate, export and quantize `model` with the recipe preset `recipe` into the artifact folder `out`.
+
+    `model`: a diffusers pipeline folder (`DiffusionPipeline.save_pretrained`), an embedded model name (`digits`,
+    `digits-cond`, `digits-dit`; None = `digits`), or a diffusers pipeline or denoiser object (saved beside the
+    artifact as `OUT-model/`; a bare denoiser needs `scheduler`). `recipe` and `config` (a TOML file) as on the
+    command line; `**keys` override recipe keys, with `__` for the dot: `weights__method="gptq"`,
+    `activations__timestep_groups=4` (`denoq recipes` lists them). `calib`: None calibrates on denoq's own seeded
+    FP trajectories of the model's scheduler, the only source this version has. Returns the committed Artifact;
+    every user error is a DenoqError (one line: the problem and the fix), and nothing is written then.
+    """
+    if calib is not None:
+        raise DenoqError("calib= takes only None in this version: calibration runs on denoq's own FP sampling "
+                         "trajectories (set calib.samples / calib.steps / calib.sampler to shape them)")
+    out = Path(out)
+    rec = load_recipe(recipe, _set_items(keys), None if config is None else Path(config))
+    check_output_dir(out, force)  # before a model object is saved beside it
+    source = _source_folder(model, scheduler, out)
+    return compile_model(source, rec, out, force=force, progress=progress, quiet=not progress,
+                         allow_parity_failure=allow_parity_failure)
+
+
+class QuantizedDenoiser(torch.nn.Module):
+    """An artifact's quantized denoiser as a drop-in for the diffusers model it was compiled from: the same
+    `config`, `dtype`, `device`, `forward(sample, timestep, encoder_hidden_states | class_labels, return_dict)`
+    and output class. `forward` runs the artifact's graph on the backend it was loaded with (`denoq sample
+    --backend` names); timesteps must be the scheduler's integer timesteps (the per-timestep tables are indexed by
+    them)."""
+
+    def __init__(self, art: Artifact, backend: str, threads: int | None = None) -> None:
+        super().__init__()
+        from denoq.compiler.backends import make_backend
+
+        model = art.manifest["model"]
+        if "config" not in model:
+            raise DenoqError(f"{art.path} records no model config (compiled by an older denoq); recompile it")
+        from diffusers.configuration_utils import FrozenDict
+
+        self.artifact, self.backend = art, backend
+        self.config = FrozenDict(model["config"])
+        self.cond_input = model.get("cond_input")
+        module, name = OUTPUT_CLASSES[model["class"]]
+        self._output = getattr(__import__(module, fromlist=[name]), name)
+        self._eps = make_backend(art, backend, threads=threads)
+        self._device = torch.device("cuda" if backend in CUDA_BACKENDS else "cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
+                encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True, **unused: Any) -> Any:
+        """ε (or the model's output) for `sample` at `timestep`, as the original model's forward returns it."""
+        if unused:
+            raise DenoqError(f"the quantized denoiser takes no {', '.join(sorted(unused))}; it was compiled for "
+                             f"{self.cond_input or 'no conditioning'}")
+        cond = class_labels if self.cond_input == "class_labels" else encoder_hidden_states
+        t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0]) if torch.as_tensor(timestep).numel() == 1 \
+            else torch.as_tensor(timestep)
+        out = self._eps(sample.float(), t, cond)
+        return self._output(sample=out) if return_dict else (out,)
+
+
+def load(art: str | Path | Artifact, backend: str = "ort", *, threads: int | None = None) -> QuantizedDenoiser:
+    """The quantized denoiser of artifact `art` as a drop-in `torch.nn.Module` (`QuantizedDenoiser`) running on
+    `backend` (one of `denoq sample --backend`'s names: ort, torch-sim, ort-fp, ort-fp16, trt, ort-cuda, ort-trt,
+    torch-fp), e.g. `pipe.unet = denoq.load("art")`."""
+    if backend not in BACKENDS:
+        raise DenoqError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return QuantizedDenoiser(art if isinstance(art, Artifact) else Artifact.open(Path(art)), backend, threads)
