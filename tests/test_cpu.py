@@ -24,15 +24,15 @@ from onnx import helper as oh
 from onnx.reference import ReferenceEvaluator
 
 from denoq.cpu import SATURATES, cpu_record, isa_level
-from denoq.engines.ort import session_options
+from denoq.engines.ort import PAIR_SAFE_WEIGHT, create_session, session_options, weights_fit_pair_sums
 
 K, N = 64, 8
 EXACT = 255 * 127 * K  # every output of the all-255 input against all-127 weights
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def overflowing_matmul() -> onnx.ModelProto:
-    """x → Q(u8) → DQ → MatMul(DQ(int8 weights of 127)): ORT fuses it into MatMulIntegerToFloat (u8×s8)."""
+def overflowing_matmul(weight: int = 127) -> onnx.ModelProto:
+    """x → Q(u8) → DQ → MatMul(DQ(int8 weights of `weight`)): ORT fuses it into MatMulIntegerToFloat (u8×s8)."""
     graph = oh.make_graph(
         [oh.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
          oh.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
@@ -41,7 +41,7 @@ def overflowing_matmul() -> onnx.ModelProto:
         [oh.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
         [oh.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
         [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "zp"),
-         numpy_helper.from_array(np.full((K, N), 127, np.int8), "w"),
+         numpy_helper.from_array(np.full((K, N), weight, np.int8), "w"),
          numpy_helper.from_array(np.array(1.0, np.float32), "ws")])
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
 
@@ -62,6 +62,19 @@ def test_integer_kernels_are_exact_on_this_cpu():
     assert np.all(run(exact_integers=True) == EXACT), cpu_record()
 
 
+def run_file(path: Path, weight: int) -> np.ndarray:
+    """The graph with weights `weight`, saved to `path` and run through denoq's own `create_session`."""
+    onnx.save(overflowing_matmul(weight), str(path))
+    return create_session(path, threads=1).run(None, {"x": np.full((4, K), 255.0, np.float32)})[0]
+
+
+def test_seven_bit_weights_fit_the_pair_sums():
+    """|q| ≤ 64 (7-bit weights) cannot saturate: 2·255·64 ≤ 32767; such graphs need no slower exact kernels."""
+    assert weights_fit_pair_sums(overflowing_matmul(PAIR_SAFE_WEIGHT))
+    assert not weights_fit_pair_sums(overflowing_matmul(PAIR_SAFE_WEIGHT + 1))
+    assert 2 * 255 * PAIR_SAFE_WEIGHT <= 2**15 - 1 < 2 * 255 * (PAIR_SAFE_WEIGHT + 1)
+
+
 def test_isa_level_is_one_ort_knows():
     assert isa_level() in SATURATES or not isa_level().startswith("x86")
     assert set(cpu_record()) == {"model", "isa", "u8s8_saturates"}
@@ -75,10 +88,14 @@ def _cpu_as():
 
 
 CHILD = """
-import json
-from test_cpu import run
+import json, sys, tempfile
+from pathlib import Path
+from test_cpu import run, run_file
 from denoq.cpu import isa_level
-print(json.dumps({"isa": isa_level(), "default": run(False).tolist(), "denoq": run(True).tolist()}))
+folder = Path(tempfile.mkdtemp())
+print(json.dumps({"isa": isa_level(), "default": run(False).tolist(), "denoq": run(True).tolist(),
+                  "file127": run_file(folder / "w127.onnx", 127).tolist(),
+                  "file64": run_file(folder / "w64.onnx", 64).tolist()}))
 """
 
 
@@ -98,3 +115,5 @@ def test_saturation_without_vnni_and_the_remedy(level):
     assert got["isa"] == level
     assert np.all(np.array(got["denoq"]) == EXACT)
     assert np.all(np.array(got["default"]) < 0.6 * EXACT)  # 32 saturated pairs of 32767 each: about half
+    assert np.all(np.array(got["file127"]) == EXACT)  # create_session sets the exact kernels for 8-bit weights
+    assert np.all(np.array(got["file64"]) == 255 * 64 * K)  # and 7-bit weights are exact without them

@@ -87,20 +87,20 @@ VARIANTS: dict[str, str] = {
     "trt": "denoq trt",
     "ort-cpu": "denoq ort-cpu",
     "ort-cpu-raw": "denoq ort-cpu, ORT's default kernels",
-    "ort-cpu-w7": "denoq ort-cpu, 7-bit weights, ORT's default kernels",
+    "ort-cpu-w7": "denoq ort-cpu, 7-bit weights",
     "peer": "ORT quantize_static",
     "peer-t": "ORT quantize_static, t-emb. + keep_fp FP",
 }
 #: Our compiles: variant key → recipe preset and its overrides.
 OUR_RECIPES: dict[str, tuple[str, list[str]]] = {"trt": ("w8a8", []), "ort-cpu": ("w8a8-ort", []),
                                                  "ort-cpu-w7": ("w8a8-ort", ["weights.bits=7"])}
-#: Variants that run a graph of another variant in sessions with ORT's default integer kernels (no
-#: `session.x64quantprecision`, which denoq sets everywhere else): saturating u8×s8 pair sums on CPUs without VNNI,
-#: what the remedies cost and save. The peer's graphs run so too: that is how a user of ORT's quantizer runs them,
-#: and onnxruntime 1.32's s8→u8 weight conversion fails on their shared zero-point initializers ("Attempt to
-#: replace the existing tensor") on such CPUs.
-DEFAULT_KERNELS: dict[str, str] = {"ort-cpu-raw": "ort-cpu", "ort-cpu-w7": "ort-cpu-w7", "peer": "peer",
-                                   "peer-t": "peer-t"}
+#: Variants run in sessions with ORT's default integer kernels, without the `session.x64quantprecision` that
+#: denoq's sessions set on CPUs without VNNI for graphs whose weights exceed 7 bits (denoq.engines.ort): what the
+#: remedies cost and save (`ort-cpu-raw` is the `ort-cpu` graph so run; `ort-cpu-w7`'s 7-bit weights never need
+#: it). The peer's graphs run so too: that is how a user of ORT's quantizer runs them, and onnxruntime 1.32's
+#: s8→u8 weight conversion fails on their shared zero-point initializers ("Attempt to replace the existing
+#: tensor") on such CPUs.
+DEFAULT_KERNELS: tuple[str, ...] = ("ort-cpu-raw", "peer", "peer-t")
 #: Timestep-selector variants (`--groups G` > 1): variant key → the G=1 variant of the same profile.
 SELECTORS: dict[str, str] = {"trt-sel": "trt", "ort-cpu-sel": "ort-cpu"}
 #: PTQD head variants (`--ptqd-head`): variant key → the graph it extends, and its label.

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 
@@ -75,8 +77,9 @@ def session_options(threads: int | None = 2, spinning: bool = False, level: str 
     # to int8 on the fly: a graph without activation Q/DQ would not compute what it says; level 1 = fp32 compute
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     # without VNNI, ORT's u8×s8 kernels saturate 16-bit pair sums (denoq.cpu): this entry has ORT convert the
-    # constant s8 weights to u8 and run its exact u8×u8 kernels. It converts on VNNI CPUs too, where u8×s8 is
-    # exact already, so it is set only where the kernels saturate.
+    # constant s8 weights to u8 and run its exact but slower u8×u8 kernels. It converts on VNNI CPUs too, where
+    # u8×s8 is exact already, so it is set only where the kernels saturate (and create_session leaves it off for
+    # graphs whose weights fit, `weights_fit_pair_sums`).
     so.add_session_config_entry(AVX2_PRECISION, "1" if exact_integers and u8s8_saturates() else "0")
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
@@ -121,6 +124,27 @@ def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     return disabled
 
 
+#: The largest |integer weight| whose u8×s8 pair sums cannot saturate: 2 · 255 · 64 = 32640 ≤ 32767.
+PAIR_SAFE_WEIGHT = 64
+
+
+def weights_fit_pair_sums(model: onnx.ModelProto) -> bool:
+    """True when every integer weight of `model` (an int8 initializer a DequantizeLinear reads) has |q| ≤
+    PAIR_SAFE_WEIGHT, as 7-bit weights (`weights.bits=7`) do: ORT's u8×s8 kernels are exact on them even without
+    VNNI, so `session.x64quantprecision`, which makes them slower, is not needed. False when a weight is larger,
+    unsigned, or stored as external data (not read here)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        weight = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if weight is None or weight.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            continue
+        if weight.data_type == onnx.TensorProto.UINT8 or onnx.external_data_helper.uses_external_data(weight):
+            return False
+        if np.abs(onnx.numpy_helper.to_array(weight).astype(np.int16)).max(initial=0) > PAIR_SAFE_WEIGHT:
+            return False
+    return True
+
+
 GPU_PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -157,7 +181,8 @@ def create_session(path: str | Path, threads: int | None = 2, execution_provider
     if not path.is_file():
         raise DenoqError(f"ONNX model {path} does not exist; compile the artifact first")
     header = load_model(path, load_external_data=False)
-    so = session_options(threads, spinning, level, optimized_model_path, exact_integers)
+    so = session_options(threads, spinning, level, optimized_model_path,
+                         exact_integers and not weights_fit_pair_sums(header))
     wanted = list(execution_providers or providers())
     try:
         session = ort.InferenceSession(str(path), so, providers=wanted,
