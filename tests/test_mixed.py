@@ -12,12 +12,12 @@ import torch
 from test_cli import assert_nothing_written, run_error
 
 from denoq.calibrators.stepprec import choose_precision
+from denoq.compiler.api import compile_artifact
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import artifact_ptqd, make_backend
 from denoq.compiler.cli import main
 from denoq.compiler.evaluate import generate
 from denoq.compiler.mixed import members, mixed_backend, mixed_variance
-from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import load_recipe, mixed_members
 from denoq.errors import DenoqError
 from denoq.sampling import NoiseSchedule, sample
@@ -28,7 +28,7 @@ SETS = ["calib.samples=8", "calib.steps=10", "calib.sampler=ddpm", "ptqd.enabled
 
 @pytest.fixture(scope="module")
 def mixed_artifact(tiny_pipeline, tmp_path_factory):
-    return compile_model(str(tiny_pipeline), load_recipe("w4a8", SETS), tmp_path_factory.mktemp("mixed") / "art",
+    return compile_artifact(str(tiny_pipeline), load_recipe("w4a8", SETS), tmp_path_factory.mktemp("mixed") / "art",
                          progress=False, quiet=True)
 
 

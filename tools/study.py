@@ -198,11 +198,11 @@ def _one_thread() -> None:
 
 
 def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
+    from denoq.compiler.api import compile_artifact
     from denoq.compiler.mixed import members
-    from denoq.compiler.pipeline import compile_model
     from denoq.compiler.recipe import load_recipe
 
-    art = compile_model(model, load_recipe(row.preset, row.sets), out / "artifacts" / row.name, force=True,
+    art = compile_artifact(model, load_recipe(row.preset, row.sets), out / "artifacts" / row.name, force=True,
                         progress=False, quiet=True)
     if "mixed" in art.manifest:
         mixed = art.manifest["mixed"]

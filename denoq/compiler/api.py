@@ -18,8 +18,9 @@ import torch
 
 from denoq.compiler.artifact import Artifact, check_output_dir
 from denoq.compiler.backend_names import BACKENDS
+from denoq.compiler.mixed_compile import compile_mixed
 from denoq.compiler.pipeline import compile_model
-from denoq.compiler.recipe import load_recipe
+from denoq.compiler.recipe import Recipe, load_recipe
 from denoq.errors import DenoqError
 
 #: The diffusers output class each denoiser class returns (module, class name).
@@ -91,8 +92,16 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     rec = load_recipe(recipe, _set_items(keys), None if config is None else Path(config))
     check_output_dir(out, force)  # before a model object is saved beside it
     source = _source_folder(model, scheduler, out)
-    return compile_model(source, rec, out, force=force, progress=progress, quiet=not progress,
-                         allow_parity_failure=allow_parity_failure)
+    return compile_artifact(source, rec, out, force=force, progress=progress, quiet=not progress,
+                            allow_parity_failure=allow_parity_failure)
+
+
+def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
+                     quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
+    """`compile_model` for one plan, `compile_mixed` for a `precision.mixed` recipe (one member per candidate)."""
+    compile_fn = compile_mixed if recipe["precision.mixed"] else compile_model
+    return compile_fn(model, recipe, out, force=force, progress=progress, quiet=quiet,
+                      allow_parity_failure=allow_parity_failure)
 
 
 class QuantizedDenoiser(torch.nn.Module):

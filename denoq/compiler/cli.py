@@ -21,12 +21,12 @@ from denoq.errors import DenoqError
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from denoq.compiler.pipeline import compile_model
+    from denoq.compiler.api import compile_artifact
     from denoq.compiler.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set, args.config)
-    compile_model(args.model, recipe, args.out, force=args.force, progress=not args.quiet, quiet=args.quiet,
-                  allow_parity_failure=args.allow_parity_failure)
+    compile_artifact(args.model, recipe, args.out, force=args.force, progress=not args.quiet, quiet=args.quiet,
+                     allow_parity_failure=args.allow_parity_failure)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

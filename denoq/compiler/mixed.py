@@ -11,19 +11,14 @@ step to its member's backend (`mixed_backend`); another sampler or step count is
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from denoq.calibrators.stepprec import choose_precision, diffusion_snr, precision_png, quantization_snr
-from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
-from denoq.compiler.backends import EpsFn, make_backend, sampling_variance, torch_eps
-from denoq.compiler.load import ModelSpec, load_model
-from denoq.compiler.recipe import Recipe, mixed_members
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.backends import EpsFn, make_backend, sampling_variance
+from denoq.compiler.load import ModelSpec
 from denoq.errors import DenoqError
-from denoq.sampling import NoiseSchedule
 
 MEMBERS_DIR = "members"
 SNR_BATCH = 64
@@ -105,55 +100,3 @@ def mixed_variance(art: Artifact, backend: str, sampler: str, steps: int) -> tor
         if v is not None:
             out[table == i] = v[table == i]
     return out
-
-
-def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
-                  quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
-    """Compile every candidate of `precision.mixed` and the per-step choice into the artifact folder `out`."""
-    from denoq.compiler.pipeline import compile_model, log, record_pool  # pipeline compiles the members
-
-    check_output_dir(out, force)
-    candidates = mixed_members(recipe)
-    spec = load_model(model)
-    with ArtifactWriter(out, force) as writer:
-        arts: dict[str, Artifact] = {}
-        for name, member in candidates.items():
-            log(f"mixed precision: compiling member {name}", quiet)
-            arts[name] = compile_model(model, member, writer.path(f"{MEMBERS_DIR}/{name}"), progress=progress,
-                                       quiet=quiet, allow_parity_failure=allow_parity_failure)
-        start = time.perf_counter()
-        pool = record_pool(spec, recipe, progress)
-        fp = torch_eps(spec.module)
-        graphs = {name: make_backend(a, "ort") for name, a in arts.items()}
-        snr_q = quantization_snr(fp, graphs, pool, SNR_BATCH, progress=progress)
-        schedule = NoiseSchedule.from_config(spec.scheduler_config)
-        snr_f = {t: diffusion_snr(schedule, t) for t in sorted(set(pool.t))}
-        bops = {name: int(a.manifest["cost"]["bops_per_call"]) for name, a in arts.items()}
-        choice = choose_precision(snr_q, snr_f, bops)
-        names = list(candidates)
-        per_image = {name: bops[name] * len(pool.t) for name in names}
-        per_image["mixed"] = sum(bops[choice[t]] for t in pool.t)
-        runs = {name: sum(1 for t in pool.t if choice[t] == name) for name in names}
-        top = max(names, key=lambda n: (bops[n], n))
-        log("mixed precision: " + ", ".join(f"{n} runs {runs[n]} steps" for n in names)
-            + f"; BOPs per image ×{per_image['mixed'] / per_image[top]:.3f} of all-{top}", quiet)
-        title = (f"step-aware precision ({recipe['calib.sampler']} {recipe['calib.steps']}): "
-                 + ", ".join(f"{n} {runs[n]} steps" for n in names))
-        writer.path("precision.png").write_bytes(precision_png(snr_q, snr_f, choice, title))
-        first = arts[names[0]].manifest
-        manifest = {
-            "recipe": recipe.to_dict(),
-            "model": first["model"],
-            "scheduler": first["scheduler"],
-            "mixed": {
-                "members": names, "criterion": CRITERION,
-                "sampler": recipe["calib.sampler"], "num_steps": recipe["calib.steps"],
-                "steps": [{"t": t, "member": choice[t], "snr_f": snr_f[t],
-                           "snr_q": {n: snr_q[n][t] for n in names}} for t in sorted(choice, reverse=True)],
-                "steps_per_member": runs, "bops_per_call": bops, "bops_per_image": per_image,
-                "seconds": round(time.perf_counter() - start, 2),
-            },
-        }
-        art = writer.commit(manifest)
-    log(f"wrote {out}", quiet)
-    return art

@@ -286,16 +286,14 @@ def model_cost(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs) -> dict[st
 
 def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
                   quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
-    """Compile `model` with `recipe` into the artifact folder `out` (see module docstring); with
-    `precision.mixed`, a mixed artifact of one compiled member per candidate (`denoq.compiler.mixed`).
+    """Compile `model` with `recipe` into the artifact folder `out` (see module docstring): one model, one plan.
+    `denoq.compiler.api.compile_artifact` also compiles `precision.mixed` recipes (`denoq.compiler.mixed_compile`).
 
     DenoqError when the Q/DQ graph in ONNX Runtime disagrees with the simulation beyond the parity bound
     (`denoq.compiler.parity`), unless `allow_parity_failure`, which the manifest then records."""
     if recipe["precision.mixed"]:
-        from denoq.compiler.mixed import compile_mixed  # it compiles each member with this function
-
-        return compile_mixed(model, recipe, out, force=force, progress=progress, quiet=quiet,
-                             allow_parity_failure=allow_parity_failure)
+        raise DenoqError(f"precision.mixed={recipe['precision.mixed']} compiles one member per candidate; use "
+                         "denoq.quantize or denoq.compiler.api.compile_artifact (the CLI does)")
     check_output_dir(out, force)
     spec = load_model(model)
     log(f"model {spec.name}: {spec.model_class}, sample {spec.sample_shape}, "
