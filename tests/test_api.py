@@ -48,7 +48,7 @@ def test_quantize_a_pipeline_object_saves_it_beside_the_artifact(tiny_pipeline, 
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda p, o: denoq.quantize(p, out=o, calib=lambda model: None), "calib= takes only None"),
+    (lambda p, o: denoq.quantize(p, out=o, calib=["a cat"]), "prompt calibration is not implemented"),
     (lambda p, o: denoq.quantize(p, out=o, weights__bits=5), "weights.bits=5 is not allowed"),
     (lambda p, o: denoq.quantize(object(), out=o), "diffusers pipeline or model"),
     (lambda p, o: denoq.load(o, backend="cuda"), "unknown backend"),
@@ -65,3 +65,29 @@ def test_a_bare_denoiser_needs_its_scheduler(tmp_path):
 
     with pytest.raises(DenoqError, match="pass scheduler="):
         denoq.quantize(tiny_unet(), out=tmp_path / "art")
+
+
+def test_forward_loop_calibrates_on_the_users_own_sampling_loop(tiny_pipeline, tmp_path):
+    """Model Optimizer's form: calib=forward_loop(model) runs the user's pipeline; every denoiser call it makes is a
+    calibration input, grouped by the timesteps the user's scheduler chose."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(tiny_pipeline)
+    ddim = DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    ddim.set_progress_bar_config(disable=True)
+    seen = []
+
+    def forward_loop(model):
+        seen.append(model)
+        ddim(batch_size=4, num_inference_steps=6, generator=torch.Generator().manual_seed(1), output_type="np")
+
+    art = denoq.quantize(pipe, out=tmp_path / "art", calib=forward_loop, progress=False, calib__timesteps=0)
+    assert seen == [pipe.unet]
+    calibration = art.manifest["calibration"]
+    assert calibration["source"] == "forward_loop" and calibration["inputs"] == 4 * 6
+    assert calibration["timesteps"] == [int(t) for t in ddim.scheduler.timesteps]
+    with pytest.raises(DenoqError, match="forward_loop never called the model"):
+        denoq.quantize(pipe, out=tmp_path / "b", calib=lambda model: None)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b-model").exists()
+    with pytest.raises(DenoqError, match="PTQD"):
+        denoq.quantize(pipe, out=tmp_path / "c", calib=forward_loop, ptqd__enabled=True, calib__timesteps=0)

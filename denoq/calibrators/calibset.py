@@ -121,3 +121,41 @@ def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, st
         sample(eps, schedule, sampler=sampler, steps=steps, shape=(n_samples, *sample_shape), generator=generator,
                cond=cond, callback=record, progress=progress)
     return CalibrationSet(xs, ts, cond, guidance, null_cond)
+
+
+def record_calls(module: torch.nn.Module, run: Callable[[torch.nn.Module], object],
+                 cond_input: str | None) -> CalibrationSet:
+    """The model inputs of every call `run(module)` makes to `module` (a user's own sampling loop: Model
+    Optimizer's `forward_loop`), as a CalibrationSet grouped by timestep in the order they first appear.
+
+    Each call must carry one integral timestep for its whole batch; calls at the same timestep are concatenated in
+    call order, and every timestep must then hold the same rows' conditioning (`cond_input`'s keyword), as a
+    sampling loop that runs each batch through every step gives. DenoqError otherwise, or when `run` never calls
+    the model."""
+    calls: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
+
+    def hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        t = torch.as_tensor(args[1] if len(args) > 1 else kwargs.get("timestep")).detach().cpu().reshape(-1)
+        if not torch.all(t == t[0]) or not torch.equal(t.float(), t.float().round()):
+            raise DenoqError(f"forward_loop called the model at timesteps {t.tolist()}: calibration needs one "
+                             "integral timestep per call (the scheduler's integer timesteps)")
+        cond = kwargs.get(cond_input) if cond_input else None
+        calls.append((x.detach().float().cpu(), int(t[0]), None if cond is None else cond.detach().cpu()))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run(module)
+    finally:
+        handle.remove()
+    if not calls:
+        raise DenoqError("forward_loop never called the model; run the pipeline or the model inside it")
+    order = list(dict.fromkeys(t for _, t, _ in calls))
+    xs = [torch.cat([x for x, t, _ in calls if t == step]) for step in order]
+    conds = [None if cond_input is None else torch.cat([c for _, t, c in calls if t == step]) for step in order]
+    if len({x.shape[0] for x in xs}) > 1 or any(
+            (c is None) != (conds[0] is None) or (c is not None and not torch.equal(c, conds[0])) for c in conds):
+        raise DenoqError("forward_loop's calls hold different rows or conditioning at different timesteps; run every "
+                         "batch through all steps with the same conditioning (one sampling loop per batch)")
+    return CalibrationSet(x=xs, t=order, cond=conds[0])

@@ -10,14 +10,17 @@ same call.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from denoq.calibrators.calibset import CalibrationSet, record_calls
 from denoq.compiler.artifact import Artifact, check_output_dir
 from denoq.compiler.backend_names import BACKENDS
+from denoq.compiler.load import load_model
 from denoq.compiler.mixed_compile import compile_mixed
 from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import Recipe, load_recipe
@@ -53,7 +56,7 @@ def _source_folder(model: Any, scheduler: Any, out: Path) -> str | None:
     if not hasattr(model, "save_pretrained"):
         raise DenoqError(f"model must be a diffusers pipeline or model (save_pretrained), a pipeline folder or an "
                          f"embedded model name, not {type(model).__name__}")
-    folder = out.with_name(out.name + "-model")
+    folder = out.with_name(out.name + "-model")  # quantize removes it again when the compile fails
     components = getattr(model, "components", None)
     if components is not None:  # a DiffusionPipeline
         model.save_pretrained(folder)
@@ -73,7 +76,8 @@ def _source_folder(model: Any, scheduler: Any, out: Path) -> str | None:
 
 
 def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, scheduler: Any = None,
-             calib: Any = None, config: str | Path | None = None, force: bool = False, progress: bool = True,
+             calib: Callable[[torch.nn.Module], Any] | None = None, config: str | Path | None = None,
+             force: bool = False, progress: bool = True,
              allow_parity_failure: bool = False, **keys: Any) -> Artifact:
     """Calibrate, export and quantize `model` with the recipe preset `recipe` into the artifact folder `out`.
 
@@ -82,26 +86,54 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     artifact as `OUT-model/`; a bare denoiser needs `scheduler`). `recipe` and `config` (a TOML file) as on the
     command line; `**keys` override recipe keys, with `__` for the dot: `weights__method="gptq"`,
     `activations__timestep_groups=4` (`denoq recipes` lists them). `calib`: None calibrates on denoq's own seeded
-    FP trajectories of the model's scheduler, the only source this version has. Returns the committed Artifact;
+    FP trajectories of the model's scheduler; a callable is Model Optimizer's `forward_loop(model)`: it runs the
+    user's own sampling loop (e.g. the pipeline on the user's prompts or labels) and every call it makes to the
+    denoiser is recorded as calibration input (`record_calls`: one integral timestep per call, the same rows and
+    conditioning at every step). Returns the committed Artifact;
     every user error is a DenoqError (one line: the problem and the fix), and nothing is written then.
     """
-    if calib is not None:
-        raise DenoqError("calib= takes only None in this version: calibration runs on denoq's own FP sampling "
-                         "trajectories (set calib.samples / calib.steps / calib.sampler to shape them)")
+    if calib is not None and not callable(calib):
+        raise DenoqError(f"calib= takes None (denoq's own FP sampling trajectories) or a forward_loop(model) "
+                         f"callable, not {type(calib).__name__}; prompt calibration is not implemented yet")
     out = Path(out)
     rec = load_recipe(recipe, _set_items(keys), None if config is None else Path(config))
     check_output_dir(out, force)  # before a model object is saved beside it
+    saved = out.with_name(out.name + "-model")
+    fresh = not saved.exists()
     source = _source_folder(model, scheduler, out)
-    return compile_artifact(source, rec, out, force=force, progress=progress, quiet=not progress,
-                            allow_parity_failure=allow_parity_failure)
+    try:
+        pool = None if calib is None else _forward_loop_inputs(model, source, calib)
+        return compile_artifact(source, rec, out, force=force, progress=progress, quiet=not progress,
+                                allow_parity_failure=allow_parity_failure, pool=pool)
+    except BaseException:
+        if fresh and source == str(saved):  # nothing half-written: the saved model goes with the failed artifact
+            shutil.rmtree(saved, ignore_errors=True)
+        raise
+
+
+def _forward_loop_inputs(model: Any, source: str | None, forward_loop: Callable[[torch.nn.Module], Any]
+                         ) -> CalibrationSet:
+    """The inputs `forward_loop(denoiser)` feeds the FP denoiser: the user's own object's (`pipe.unet` /
+    `pipe.transformer` of a pipeline, or the model itself), or, for a folder or name, the model loaded from it."""
+    spec = load_model(source)
+    denoiser = spec.module
+    if model is not None and not isinstance(model, str | Path):
+        denoiser = next((getattr(model, c) for c in ("unet", "transformer") if hasattr(model, c)), model)
+    return record_calls(denoiser, forward_loop, spec.cond_input)
 
 
 def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
-                     quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
-    """`compile_model` for one plan, `compile_mixed` for a `precision.mixed` recipe (one member per candidate)."""
-    compile_fn = compile_mixed if recipe["precision.mixed"] else compile_model
-    return compile_fn(model, recipe, out, force=force, progress=progress, quiet=quiet,
-                      allow_parity_failure=allow_parity_failure)
+                     quiet: bool = False, allow_parity_failure: bool = False,
+                     pool: CalibrationSet | None = None) -> Artifact:
+    """`compile_model` for one plan, `compile_mixed` for a `precision.mixed` recipe (one member per candidate);
+    `pool`: calibration inputs from a user's loop (one plan only)."""
+    if recipe["precision.mixed"]:
+        if pool is not None:
+            raise DenoqError("precision.mixed chooses its members on denoq's own trajectories; pass calib=None")
+        return compile_mixed(model, recipe, out, force=force, progress=progress, quiet=quiet,
+                             allow_parity_failure=allow_parity_failure)
+    return compile_model(model, recipe, out, force=force, progress=progress, quiet=quiet,
+                         allow_parity_failure=allow_parity_failure, pool=pool)
 
 
 class QuantizedDenoiser(torch.nn.Module):

@@ -99,15 +99,16 @@ def record_pool(spec: ModelSpec, recipe: Recipe, progress: bool = True) -> Calib
                                null_cond=torch.tensor(spec.num_classes) if scales else None, progress=progress)
 
 
-def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module],
-                    progress: bool = True) -> tuple[CalibrationSet, dict[str, Any], CalibrationSet]:
-    """Record the FP trajectories and keep the steps `activations.calib_timesteps` picks (`calibtimes`).
+def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module], progress: bool = True,
+                    pool: CalibrationSet | None = None) -> tuple[CalibrationSet, dict[str, Any], CalibrationSet]:
+    """Record the FP trajectories (or take `pool`, the inputs of a user's own loop) and keep the steps
+    `activations.calib_timesteps` picks (`calibtimes`).
 
     Returns the calibration set, what the rule reports (for the manifest) and every recorded step (PTQD's
     statistics need each step of the sampler)."""
     fp = torch_eps(spec.module)
-    n = recipe["calib.samples"]
-    pool = record_pool(spec, recipe, progress)
+    pool = record_pool(spec, recipe, progress) if pool is None else pool
+    n = pool.x[0].shape[0]
     strategy, k = recipe["activations.calib_timesteps"], recipe["calib.timesteps"]
     calibtimes.check_count(strategy, len(pool.t), k)
     info: dict[str, Any] = {"strategy": strategy}
@@ -136,10 +137,15 @@ def accuquant_settings(recipe: Recipe) -> AccuQuantSettings:
         seed=recipe["seed"])
 
 
-def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
+def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True, pool: CalibrationSet | None = None
               ) -> tuple[QuantPlan, CalibrationSet, dict, PtqdStats | None]:
-    """Record the calibration set, build the QuantPlan the recipe asks for and, with `ptqd.enabled`, PTQD's
-    statistics of the quantized model on every recorded step."""
+    """Record the calibration set (or take `pool`: `record_calls` of a user's loop), build the QuantPlan the
+    recipe asks for and, with `ptqd.enabled`, PTQD's statistics of the quantized model on every recorded step."""
+    if pool is not None and (recipe["ptqd.enabled"] or recipe["weights.method"] == "adaround"
+                             or guidance_scales(spec, recipe)):
+        raise DenoqError("PTQD, AdaRound/AccuQuant and calib.guidance calibrate on denoq's own trajectories of "
+                         "calib.sampler; with a forward_loop set ptqd.enabled=false, another weights.method and no "
+                         "calib.guidance, or pass calib=None")
     if recipe["activations.bits"] > 8 and recipe["activations.timestep_groups"] > 1:
         raise DenoqError(f"activations.timestep_groups = {recipe['activations.timestep_groups']} needs quantized "
                          "activations, but activations.bits = 16 keeps them in floating point; set "
@@ -164,7 +170,8 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
     match_layers(every_layer, spec.layer_patterns(recipe["trt.fp32_layers"]), "trt.fp32_layers")  # typos, early
     fp = torch_eps(spec.module)
     start = time.perf_counter()
-    calib, step_info, pool = calibration_set(spec, recipe, layers, progress)
+    source = "trajectories" if pool is None else "forward_loop"
+    calib, step_info, pool = calibration_set(spec, recipe, layers, progress, pool)
     target = recipe["target"]
     rounding = GptqSettings(bits=recipe["weights.bits"], group_size=recipe["weights.group_size"],
                             damp=recipe["weights.damp"], act_order=recipe["weights.act_order"])
@@ -209,7 +216,8 @@ def calibrate(spec: ModelSpec, recipe: Recipe, progress: bool = True
         pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64, progress=progress)
         ptqd = fit_ptqd(pairs, spec.num_train_timesteps, recipe["calib.sampler"], recipe["calib.steps"],
                         correlated=recipe["ptqd.correlation"])
-    info = {"inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info, "kept_fp": kept_fp,
+    info = {"source": source, "inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info,
+            "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
             "group_search": search, "weights": weight_info, **({} if learned is None else {"accuquant": learned}),
             **({} if igq_info is None else {"igq": igq_info}),
@@ -285,12 +293,14 @@ def model_cost(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs) -> dict[st
 
 
 def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
-                  quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
+                  quiet: bool = False, allow_parity_failure: bool = False,
+                  pool: CalibrationSet | None = None) -> Artifact:
     """Compile `model` with `recipe` into the artifact folder `out` (see module docstring): one model, one plan.
     `denoq.compiler.api.compile_artifact` also compiles `precision.mixed` recipes (`denoq.compiler.mixed_compile`).
 
     DenoqError when the Q/DQ graph in ONNX Runtime disagrees with the simulation beyond the parity bound
-    (`denoq.compiler.parity`), unless `allow_parity_failure`, which the manifest then records."""
+    (`denoq.compiler.parity`), unless `allow_parity_failure`, which the manifest then records. `pool`: the
+    calibration inputs of a user's own loop (`record_calls`) instead of denoq's trajectories."""
     if recipe["precision.mixed"]:
         raise DenoqError(f"precision.mixed={recipe['precision.mixed']} compiles one member per candidate; use "
                          "denoq.quantize or denoq.compiler.api.compile_artifact (the CLI does)")
@@ -301,7 +311,7 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
     torch.manual_seed(recipe["seed"])
     if recipe["ptqd.vsc"] and not recipe["ptqd.enabled"]:
         raise DenoqError("ptqd.vsc=true needs the PTQD statistics: set ptqd.enabled=true as well")
-    plan, calib, calib_info, ptqd = calibrate(spec, recipe, progress)
+    plan, calib, calib_info, ptqd = calibrate(spec, recipe, progress, pool)
     log(f"calibrated {len(plan.layers)} layers on {calib_info['inputs']} inputs in {calib_info['seconds']} s", quiet)
     inputs = check_inputs(spec, calib)
     with ArtifactWriter(out, force) as writer:
