@@ -12,6 +12,7 @@ u8×s8 kernels saturate without VNNI unless `session.x64quantprecision` is set, 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import onnx
 import onnx.utils
 import torch
 
+from denoq.calibrators.ptqd import PtqdStats
 from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.backends import torch_eps, with_ptqd_head
 from denoq.compiler.load import ModelSpec
@@ -49,7 +51,7 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path, qdq_path: Path,
-           ptqd: Any = None, half_path: Path | None = None) -> dict[str, Any]:
+           ptqd: PtqdStats | None = None, half_path: Path | None = None) -> dict[str, Any]:
     """FP export vs PyTorch, and Q/DQ graph vs PyTorch simulation, on real inputs with mixed timesteps; with
     `half_path`, the float16 TensorRT graph vs the float32 Q/DQ graph, both in ORT.
 
@@ -82,7 +84,7 @@ def check_scales(scales: list[float]) -> torch.Tensor:
 
 
 def guided_parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, scales: torch.Tensor, qdq_path: Path,
-                  guided_path: Path, ptqd: Any) -> dict[str, Any]:
+                  guided_path: Path, ptqd: PtqdStats | None) -> dict[str, Any]:
     """The guided graph (ORT) against (a) the plain Q/DQ graph driven by `classifier_free` then PTQD's head in
     Python (same float32 ops: agree to rounding) and (b) the simulation guided the same way, relative to the guided
     quantization error; `ptqd`: the head after the combination (statistics on guided outputs), else none."""
@@ -170,7 +172,7 @@ def first_disagreeing_layer(spec: ModelSpec, plan: QuantPlan, inputs: GraphInput
     return None
 
 
-def check_gate(checks: dict[str, Any], allow_failure: bool, locate: Any) -> dict[str, Any]:
+def check_gate(checks: dict[str, Any], allow_failure: bool, locate: Callable[[], str | None]) -> dict[str, Any]:
     """The gate's record for the manifest: bound, ratio, passed, and (when it failed) the first disagreeing layer
     from `locate()`. DenoqError when it failed and `allow_failure` is false."""
     ratio = float(checks["qdq_ort_vs_sim_rms_over_quant_error"])
