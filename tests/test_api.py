@@ -91,3 +91,15 @@ def test_forward_loop_calibrates_on_the_users_own_sampling_loop(tiny_pipeline, t
     assert not (tmp_path / "b").exists() and not (tmp_path / "b-model").exists()
     with pytest.raises(DenoqError, match="PTQD"):
         denoq.quantize(pipe, out=tmp_path / "c", calib=forward_loop, ptqd__enabled=True, calib__timesteps=0)
+
+
+def test_the_artifact_methods_run_the_commands(tiny_artifact_trt, tmp_path):
+    import shutil
+
+    art = denoq.open(shutil.copytree(tiny_artifact_trt.path, tmp_path / "art"))
+    x = art.sample(3, steps=2, backend="torch-sim")
+    assert x.shape == (3, 1, 16, 16)
+    assert torch.equal(x, generate(art, "torch-sim", sampler="ddim", steps=2, eta=0.0, seed=0, n=3, progress=False))
+    report = art.evaluate(n=4, steps=2, threads=1)
+    assert "psnr_vs_fp" in report and (art.path / "report.json").is_file()
+    assert type(art.load("ort")).__name__ == "QuantizedDenoiser"

@@ -78,7 +78,7 @@ def _source_folder(model: Any, scheduler: Any, out: Path) -> str | None:
 def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, scheduler: Any = None,
              calib: Callable[[torch.nn.Module], Any] | None = None, config: str | Path | None = None,
              force: bool = False, progress: bool = True,
-             allow_parity_failure: bool = False, **keys: Any) -> Artifact:
+             allow_parity_failure: bool = False, **keys: Any) -> CompiledArtifact:
     """Calibrate, export and quantize `model` with the recipe preset `recipe` into the artifact folder `out`.
 
     `model`: a diffusers pipeline folder (`DiffusionPipeline.save_pretrained`), an embedded model name (`digits`,
@@ -89,7 +89,8 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     FP trajectories of the model's scheduler; a callable is Model Optimizer's `forward_loop(model)`: it runs the
     user's own sampling loop (e.g. the pipeline on the user's prompts or labels) and every call it makes to the
     denoiser is recorded as calibration input (`record_calls`: one integral timestep per call, the same rows and
-    conditioning at every step). Returns the committed Artifact;
+    conditioning at every step). Returns the committed artifact (`CompiledArtifact`: `.sample`, `.evaluate`,
+    `.build`, `.load`);
     every user error is a DenoqError (one line: the problem and the fix), and nothing is written then.
     """
     if calib is not None and not callable(calib):
@@ -103,8 +104,9 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     source = _source_folder(model, scheduler, out)
     try:
         pool = None if calib is None else _forward_loop_inputs(model, source, calib)
-        return compile_artifact(source, rec, out, force=force, progress=progress, quiet=not progress,
-                                allow_parity_failure=allow_parity_failure, pool=pool)
+        return CompiledArtifact.of(compile_artifact(source, rec, out, force=force, progress=progress,
+                                                    quiet=not progress, allow_parity_failure=allow_parity_failure,
+                                                    pool=pool))
     except BaseException:
         if fresh and source == str(saved):  # nothing half-written: the saved model goes with the failed artifact
             shutil.rmtree(saved, ignore_errors=True)
@@ -180,6 +182,45 @@ class QuantizedDenoiser(torch.nn.Module):
             else torch.as_tensor(timestep)
         out = self._eps(sample.float(), t, cond)
         return self._output(sample=out) if return_dict else (out,)
+
+
+class CompiledArtifact(Artifact):
+    """An artifact with the commands that use it as methods (what `denoq.quantize` and `denoq.open` return)."""
+
+    @classmethod
+    def of(cls, art: Artifact) -> CompiledArtifact:
+        return cls(art.path, art.manifest)
+
+    def sample(self, n: int = 16, *, backend: str = "ort", sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+               seed: int = 0, threads: int | None = None, label: int | None = None,
+               guidance: float | None = None) -> torch.Tensor:
+        """`n` samples `[N, C, H, W]` (model range) from `backend`, as `denoq sample` draws them."""
+        from denoq.compiler.evaluate import generate
+
+        return generate(self, backend, sampler=sampler, steps=steps, eta=eta, seed=seed, n=n, threads=threads,
+                        label=label, guidance=guidance)
+
+    def evaluate(self, **settings: Any) -> dict[str, Any]:
+        """`denoq eval`: FP vs quantized from the same noise; writes report.json / report.html into the artifact
+        and returns the report. `settings`: the fields of `denoq.compiler.evaluate.EvalSettings`."""
+        from denoq.compiler.evaluate import EvalSettings, evaluate
+
+        return evaluate(self, EvalSettings(**settings))
+
+    def build(self, profile: str = "", optimization_level: int = 3) -> CompiledArtifact:
+        """`denoq build`: the TensorRT engine (an NVIDIA GPU and `denoq[gpu]`)."""
+        from denoq.compiler.build import build
+
+        return CompiledArtifact.of(build(self.path, profile, optimization_level))
+
+    def load(self, backend: str = "ort", *, threads: int | None = None) -> QuantizedDenoiser:
+        """The drop-in denoiser (`denoq.load`)."""
+        return load(self, backend, threads=threads)
+
+
+def open_artifact(path: str | Path) -> CompiledArtifact:
+    """The artifact folder at `path`, checked (`Artifact.open`), with its commands as methods."""
+    return CompiledArtifact.of(Artifact.open(Path(path)))
 
 
 def load(art: str | Path | Artifact, backend: str = "ort", *, threads: int | None = None) -> QuantizedDenoiser:
