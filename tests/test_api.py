@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import denoq
-from denoq.compiler.evaluate import generate
+from denoq.compiler.generate import generate
 from denoq.errors import DenoqError
 
 

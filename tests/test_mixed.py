@@ -16,7 +16,7 @@ from denoq.compiler.api import compile_artifact
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import artifact_ptqd, make_backend
 from denoq.compiler.cli import main
-from denoq.compiler.evaluate import generate
+from denoq.compiler.generate import generate
 from denoq.compiler.mixed import members, mixed_backend, mixed_variance
 from denoq.compiler.recipe import load_recipe, mixed_members
 from denoq.errors import DenoqError

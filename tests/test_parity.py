@@ -18,7 +18,7 @@ from onnx.reference import ReferenceEvaluator
 
 from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.backends import artifact_model, artifact_plan, make_backend
-from denoq.compiler.evaluate import generate
+from denoq.compiler.generate import generate
 from denoq.engines.ort import OrtBackend, fusion_report, session_options
 from denoq.metrics import psnr
 

@@ -54,7 +54,7 @@ def no_sampling(monkeypatch):
     import denoq.compiler.evaluate
     import denoq.compiler.validate  # noqa: F401
 
-    monkeypatch.setattr("denoq.compiler.evaluate.generate", _not_reached)
+    monkeypatch.setattr("denoq.compiler.generate.generate", _not_reached)
     monkeypatch.setattr("denoq.compiler.evaluate.evaluate", _not_reached)
     monkeypatch.setattr("denoq.compiler.validate.validate", _not_reached)
 

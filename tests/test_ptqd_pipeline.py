@@ -14,7 +14,7 @@ from test_parity import end_to_end_rms
 
 from denoq.compiler.backends import artifact_ptqd, sampling_variance
 from denoq.compiler.cli import main
-from denoq.compiler.evaluate import generate
+from denoq.compiler.generate import generate
 from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import load_recipe
 from denoq.errors import DenoqError

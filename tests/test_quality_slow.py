@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from denoq.compiler.evaluate import generate
+from denoq.compiler.generate import generate
 from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import load_recipe
 from denoq.metrics import fd_digits, psnr

@@ -94,7 +94,7 @@ def test_resample_measures_earlier_artifacts_on_new_noise_against_one_fp_run(stu
     import shutil
 
     from denoq.compiler.artifact import Artifact
-    from denoq.compiler.evaluate import generate
+    from denoq.compiler.generate import generate
     from denoq.metrics import fd_between, psnr
 
     paths = []

@@ -485,7 +485,7 @@ def bench_fusion(prep: Prepared) -> dict[str, Any]:
 
 def sample_from(eps: EpsFn, scheduler_config: dict[str, Any], shape: Sequence[int], *, steps: int, seed: int,
                 n: int) -> torch.Tensor:
-    """`n` DDIM (η = 0) samples driven by `eps`, from the noise of `seed` (as `denoq.compiler.evaluate.generate`)."""
+    """`n` DDIM (η = 0) samples driven by `eps`, from the noise of `seed` (as `denoq.compiler.generate.generate`)."""
     return sample(eps, NoiseSchedule.from_config(scheduler_config), sampler="ddim", steps=steps, eta=0.0,
                   shape=(n, *shape), generator=torch.Generator().manual_seed(seed), cond=None, progress=False)
 

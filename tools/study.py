@@ -228,7 +228,7 @@ def sample_graph(art_dir: Path, backend: str, sampler: str, seed: int, trajector
     `ort-fp`: the FP graph) in ONNX Runtime, one thread; with `trajectory`, x_t at up to TRAJECTORY_POINTS evenly
     spaced steps, by timestep."""
     from denoq.compiler.artifact import Artifact
-    from denoq.compiler.evaluate import generate
+    from denoq.compiler.generate import generate
 
     kind, steps, n, eta = parse_sampler(sampler)
     every = max(1, steps // TRAJECTORY_POINTS)

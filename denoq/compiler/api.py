@@ -195,7 +195,7 @@ class CompiledArtifact(Artifact):
                seed: int = 0, threads: int | None = None, label: int | None = None,
                guidance: float | None = None) -> torch.Tensor:
         """`n` samples `[N, C, H, W]` (model range) from `backend`, as `denoq sample` draws them."""
-        from denoq.compiler.evaluate import generate
+        from denoq.compiler.generate import generate
 
         return generate(self, backend, sampler=sampler, steps=steps, eta=eta, seed=seed, n=n, threads=threads,
                         label=label, guidance=guidance)

@@ -35,8 +35,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
     from denoq.compiler.artifact import Artifact
-    from denoq.compiler.evaluate import generate
     from denoq.compiler.files import atomic_write
+    from denoq.compiler.generate import generate
     from denoq.compiler.load import check_label
     from denoq.compiler.pictures import grid_png
 

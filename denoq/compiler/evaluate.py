@@ -10,8 +10,6 @@ call FP32 vs the Q/DQ graph, and which quantized layers ORT fused into integer k
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -20,38 +18,27 @@ from typing import Any
 import torch
 
 from denoq.calibrators.ptqd import PtqdStats, ptqd_pictures
-from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import (
-    EpsFn,
     artifact_model,
-    artifact_plan,
     artifact_ptqd,
-    guide,
-    guided_backend,
-    sampling_variance,
-    torch_eps,
 )
+from denoq.compiler.generate import eval_cond, sample_artifact, sampling_backend
 from denoq.compiler.load import ModelSpec, check_label
-from denoq.compiler.mixed import is_mixed, mixed_backend, mixed_variance
+from denoq.compiler.mixed import is_mixed
 from denoq.compiler.pictures import (
-    GroupPanel,
     layer_error_png,
     side_by_side_png,
     timestep_error_png,
-    timestep_groups_png,
 )
+from denoq.compiler.probes import RANGE_PROBE, layer_sqnr, timestep_groups_picture
+from denoq.compiler.report_html import render_html
 from denoq.engines.ort import OrtBackend, fusion_report, latency
-from denoq.layers import quantizable_layers
 from denoq.metrics import class_accuracy, fd_between, fd_digits, psnr
-from denoq.plan import ActQuant
-from denoq.sampling import NoiseSchedule, sample
 
 DIGITS_SHAPE = (1, 16, 16)
 LATENCY_BATCHES = (1, 8)
 EPS_PROBE = 64  # samples whose ε error on the FP trajectory is measured each step (an extra backend call)
-RANGE_PROBE = 64  # samples of the FP trajectory whose activation ranges timestep_groups.png plots
-GROUP_PLOT_LAYERS = 4  # layers in timestep_groups.png
 
 
 @dataclass(frozen=True)
@@ -76,143 +63,8 @@ class EvalSettings:
         return f"{self.sampler}{self.steps}-eta{self.eta:g}-{self.backend}-n{self.n}-seed{self.seed}{cfg}"
 
 
-def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
-    """The conditioning of evaluation samples: a stream apart from calibration's (10 000 + seed); for a
-    class-conditional model every class in turn (0, 1, …, 0, 1, …), so that the samples cover the digits."""
-    if spec.cond_input == "class_labels":
-        return torch.arange(n) % int(spec.num_classes)
-    return spec.random_cond(n, 10_000 + seed)
-
-
-def _sample(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int, eta: float,
-            seed: int, n: int, cond: torch.Tensor | None, callback=None,
-            residual_var: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
-    schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
-    return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
-                  generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
-                  residual_var=residual_var, progress=progress)
-
-
-def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, threads: int | None = None,
-                     spec: ModelSpec | None = None, guidance: float | None = None
-                     ) -> tuple[EpsFn, torch.Tensor | None]:
-    """The eps callable of `backend` (guided at `guidance` when given, `guided_backend`) and the VSC variance table
-    for sampling `art` with `sampler` / `steps`; both refuse a sampler other than the one PTQD statistics or a
-    mixed artifact's per-step choice were made for."""
-    if is_mixed(art):
-        return (guide(art, backend, mixed_backend(art, backend, sampler, steps, threads=threads, spec=spec),
-                      guidance), mixed_variance(art, backend, sampler, steps))
-    variance = sampling_variance(art, backend, sampler, steps)  # PTQD: refuses other samplers; VSC table
-    return guided_backend(art, backend, guidance, threads=threads, spec=spec), variance
-
-
-def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
-             threads: int | None = None, progress: bool = True, callback=None, label: int | None = None,
-             guidance: float | None = None) -> torch.Tensor:
-    """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend.
-    `callback(step, t, x_t, out)` sees every step (`denoq.sampling.sample`). A class-conditional model samples
-    `label` (every class in turn when None), with classifier-free guidance of scale `guidance` when given."""
-    meta = art.manifest["model"]
-    if label is not None or guidance is not None:
-        check_label(meta, label, guidance)
-    spec = artifact_model(art) if backend.startswith("torch") or meta["cond_shape"] is not None else None
-    eps, variance = sampling_backend(art, backend, sampler, steps, threads=threads, spec=spec, guidance=guidance)
-    cond = eval_cond(spec, n, seed) if spec is not None else None
-    if label is not None:
-        cond = torch.full((n,), label, dtype=torch.int64)
-    return _sample(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps, eta=eta,
-                   seed=seed, n=n, cond=cond, residual_var=variance, progress=progress, callback=callback)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-def layer_sqnr(spec: ModelSpec, art: Artifact, x: torch.Tensor, t: torch.Tensor,
-               cond: torch.Tensor | None) -> dict[str, float]:
-    """Output SQNR (dB) of every quantized layer, simulation vs FP, on the same model inputs (errors accumulate
-    through the network as they do in deployment)."""
-    fp_out: dict[str, torch.Tensor] = {}
-    q_out: dict[str, torch.Tensor] = {}
-    sim = simulate(spec.module, artifact_plan(art))
-    handles = [m.register_forward_hook(lambda mod, a, o, n=name: fp_out.__setitem__(n, o.detach()))
-               for name, m in quantizable_layers(spec.module).items()]
-    handles += [m.register_forward_hook(lambda mod, a, o: q_out.__setitem__(mod.plan.name, o))
-                for m in sim.modules() if isinstance(m, SimulatedLayer)]
-    try:
-        torch_eps(spec.module)(x, t, cond)
-        torch_eps(sim)(x, t, cond)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name in (n for n in fp_out if n in q_out):  # network order; layers kept in FP have no error
-        err = (q_out[name] - fp_out[name]).pow(2).sum()
-        out[name] = float(10 * torch.log10(fp_out[name].pow(2).sum() / err.clamp_min(1e-30)))
-    return out
-
-
-def activation_ranges(spec: ModelSpec, layer_names: list[str], traj: list[torch.Tensor], ts: list[int],
-                      cond: torch.Tensor | None, limit: int = RANGE_PROBE) -> dict[str, list[float]]:
-    """max|x| of each named layer's input per step of a recorded trajectory (`traj[i]` at timestep `ts[i]`), from
-    the FP torch model with forward pre-hooks on its first `limit` samples; lists aligned with `ts`."""
-    layers = quantizable_layers(spec.module)
-    ranges: dict[str, list[float]] = {name: [] for name in layer_names}
-    handles = [layers[name].register_forward_pre_hook(
-        lambda mod, args, n=name: ranges[n].append(float(args[0].detach().abs().max())))
-        for name in layer_names]
-    eps = torch_eps(spec.module)
-    try:
-        for x_t, t in zip(traj, ts, strict=True):
-            x = x_t[:limit]
-            eps(x, torch.full((x.shape[0],), t, dtype=torch.int64), None if cond is None else cond[:x.shape[0]])
-    finally:
-        for h in handles:
-            h.remove()
-    return ranges
-
-
-def clip_level(q: ActQuant) -> torch.Tensor:
-    """The largest representable input of an activation quantizer per timestep: (qmax − zero point)·scale[t]
-    (= 127·scale[t] for signed int8)."""
-    return (q.qrange[1] - q.zero_point) * q.scale.to(torch.float32)
-
-
-def timestep_groups_picture(spec: ModelSpec, art: Artifact, traj: list[torch.Tensor], ts: list[int],
-                            cond: torch.Tensor | None, title: str) -> tuple[bytes | None, dict[str, Any]]:
-    """`timestep_groups.png` and its summary for the report; no picture when no layer has more than one group.
-
-    Plots the (up to) GROUP_PLOT_LAYERS grouped layers whose input range varies most over the trajectory (ratio of
-    largest to smallest per-timestep max|x|; ties by name), each with its quantizer's clipping level and the group
-    boundaries of the manifest's `calibration.timestep_groups`.
-    """
-    groups: dict[str, list[list[int]]] = art.manifest.get("calibration", {}).get("timestep_groups") or {}
-    plan = artifact_plan(art) if groups else None
-    grouped = sorted(name for name, segs in groups.items() if len(segs) > 1 and plan is not None
-                     and name in plan.layers and plan.layers[name].input is not None)
-    summary: dict[str, Any] = {"layers_with_groups": len(grouped),
-                               "max_groups": max((len(groups[n]) for n in grouped), default=1), "plotted": []}
-    if not grouped:
-        return None, summary
-    ranges = activation_ranges(spec, grouped, traj, ts, cond)
-
-    def spread(name: str) -> float:
-        r = ranges[name]
-        return max(r) / max(min(r), 1e-12)
-
-    picked = sorted(grouped, key=lambda n: (-spread(n), n))[:GROUP_PLOT_LAYERS]
-    summary["plotted"] = picked
-    panels = []
-    for name in picked:
-        segs = groups[name]
-        lo, hi = min(min(ts), segs[0][0]), max(max(ts), segs[-1][1])
-        grid = list(range(lo, hi + 1))
-        level = clip_level(plan.layers[name].input)
-        # the table switches after ⌊(a + b) / 2⌋ between groups ending at a and starting at b (segment_of_timestep)
-        bounds = [(segs[g][1] + segs[g + 1][0]) // 2 + 0.5 for g in range(len(segs) - 1)]
-        panels.append(GroupPanel(name=name, observed=ranges[name], clip_t=grid, clip=level[lo:hi + 1].tolist(),
-                                 boundaries=bounds))
-    return timestep_groups_png(ts, panels, title), summary
 
 
 def ptqd_summary(stats: PtqdStats, vsc: bool) -> dict[str, Any]:
@@ -297,8 +149,8 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
         eps_err.append(_rel(q(x_t[:k], t[:k], cond_k), eps_fp[:k]))
 
     q_traj: list[torch.Tensor] = []
-    x_fp = _sample(fp, art, shape, callback=on_fp, **kw)
-    x_q = _sample(q, art, shape, callback=lambda s, t, x_t, e: q_traj.append(x_t), residual_var=variance, **kw)
+    x_fp = sample_artifact(fp, art, shape, callback=on_fp, **kw)
+    x_q = sample_artifact(q, art, shape, callback=lambda s, t, x_t, e: q_traj.append(x_t), residual_var=variance, **kw)
     drift = [_rel(a, b) for a, b in zip(q_traj, fp_traj, strict=True)]
 
     digits = tuple(shape) == DIGITS_SHAPE
@@ -401,53 +253,3 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
-
-
-def _details_html(report: dict[str, Any]) -> str:
-    """The report's sections after quality: the per-step precision of a mixed artifact, or a single artifact's
-    latency, timestep groups, calibration and fusion."""
-    if "mixed" in report:
-        mixed = report["mixed"]
-        steps = " ".join(f"{t}:{m}" for t, m in zip(mixed["t"], mixed["member"], strict=True))
-        return (f"<h2>Step-aware mixed precision</h2><p>{html.escape(mixed['text'])}</p>"
-                f"<p>member per step (timestep:member, in sampling order): {html.escape(steps)}</p>"
-                "<p>Latency, layers and calibration: see each member's own report "
-                "(<code>denoq eval ART/members/NAME</code>).</p>")
-    lat = report["latency_ms"]
-    lat_rows = "".join(f"<tr><td>{k}</td><td>{v['fp32']:.2f}</td><td>{v['qdq']:.2f}</td><td>{v['speedup']:.2f}×</td>"
-                       "</tr>" for k, v in lat.items() if k.startswith("batch"))
-    fusion = html.escape(json.dumps(report["fusion"], sort_keys=True))
-    return f"""<h2>ONNX Runtime latency per model call ({lat['threads']} threads)</h2><table><tr><th></th>
-<th>FP32 ms</th><th>Q/DQ ms</th><th>speed-up</th></tr>{lat_rows}</table>
-<h2>Timestep groups</h2><p>{html.escape(report.get("timestep_groups", {}).get("text", "1 group"))}</p>
-<p>{html.escape(report["calibration"]["text"])}: {html.escape(str(report["calibration"]["timesteps"]))}</p>
-<h2>Integer-kernel fusion in ORT</h2><pre>{fusion}</pre>"""
-
-
-def render_html(art: Artifact, report: dict[str, Any], pictures: dict[str, bytes]) -> str:
-    """A self-contained page (pictures inlined as base64) a person can read instead of the JSON."""
-    m = art.manifest
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(report.get(k))}</td></tr>"
-                   for k in ("fd_digits_fp", "fd_digits", "fd_ratio", "fd_to_fp", "psnr_vs_fp", "bops_per_image"))
-    runs = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(r[k])}</td>" for k in
-                   ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp")) + "</tr>"
-                   for name, r in sorted(report["runs"].items()))
-    imgs = "".join(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
-                   for name, data in pictures.items())
-    title = html.escape(str(art.path))
-    target = m["plan"]["target"] if "plan" in m else m["recipe"]["values"]["target"]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>denoq report: {title}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:3px 8px}}
-table{{border-collapse:collapse;margin:1em 0}}img{{max-width:100%}}</style></head><body>
-<h1>denoq report</h1><p>model <b>{html.escape(m['model']['name'])}</b> ({m['model']['class']}), recipe
-<b>{html.escape(m['recipe']['name'])}</b>, target <b>{target}</b>, backend {report['sampler']['backend']},
-sampler {report['sampler']['sampler']} {report['sampler']['steps']} steps, η={report['sampler']['eta']},
-{report['sampler']['n']} samples, seed {report['sampler']['seed']}.</p>
-<h2>Quality (this run)</h2><table>{rows}</table>
-<h2>All evaluation runs of this artifact</h2><table><tr><th>run</th><th>FD-digits FP</th><th>FD-digits quant</th>
-<th>FD to FP</th><th>PSNR vs FP (dB)</th></tr>{runs}</table>
-{_details_html(report)}
-<h2>Pictures</h2>{imgs}</body></html>
-"""

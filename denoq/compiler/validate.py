@@ -37,7 +37,7 @@ import torch
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import artifact_model, torch_eps
 from denoq.compiler.build import TRT_GRAPH, beside, engine_bytes, trt_graph
-from denoq.compiler.evaluate import generate
+from denoq.compiler.generate import generate
 from denoq.compiler.pictures import grid_image
 from denoq.engines.compare import DIFF_LIMIT, ERROR_LIMIT, FP, REFERENCE, run_comparison, tensor_checks
 from denoq.engines.ort import create_session, gpu_providers
