@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -297,3 +298,41 @@ def test_describe_lists_presets_and_keys():
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(key + " "))
         assert spec.doc in line and spec.allowed_text() in line
     assert "large_magnitude" in text and "1..4096" in text
+
+
+# -- the typed tree and the rules between keys ------------------------------------------------------------------
+def test_typed_config_reads_the_same_values_as_the_flat_keys():
+    recipe = load_recipe("w4a8", ["activations.timestep_groups=4", "seed=3", "trt.fp16=false"])
+    config = recipe.config
+    assert (config.weights.bits, config.weights.method, config.weights.group_size) == (4, "gptq", 64)
+    assert config.activations.timestep_groups == 4 and config.seed == 3 and config.trt.fp16 is False
+    for key in RECIPE_KEYS:  # every flat key is one field of the tree, with the same value
+        node = config
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == recipe[key], key
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["activations.bits=16", "activations.timestep_groups=4"], "activations.timestep_groups=1"),
+    (["accuquant.window=2"], "weights.method=adaround"),
+    (["weights.method=adaround", "activations.igq_groups=4"], "activations.igq_groups=0"),
+    (["weights.method=adaround", "calib.guidance=1,2"], "leave calib.guidance empty"),
+    (["weights.method=adaround", "accuquant.window=8", "calib.steps=4"], "raise calib.steps"),
+    (["weights.method=adaround", "accuquant.window=2", "accuquant.iters=5", "accuquant.perstep_iters=5"],
+     "perstep_iters < iters"),
+    (["attention.softmax_grid=log2"], "attention.quantize=true"),
+    (["attention.quantize=true", "activations.bits=16"], "activations.bits to 8"),
+    (["activations.igq_groups=4", "activations.timestep_groups=2"], "activations.timestep_groups=1"),
+    (["ptqd.vsc=true"], "ptqd.enabled=true"),
+])
+def test_rules_between_keys_refuse_at_load(sets, words):
+    with pytest.raises(DenoqError, match=re.escape(words)) as exc:
+        load_recipe("w8a8", sets)
+    assert "\n" not in str(exc.value)
+
+
+def test_every_rule_is_reached_by_a_test():
+    from denoq.compiler.recipe_rules import CROSS_KEY_RULES
+
+    assert len(CROSS_KEY_RULES) == 7  # a new rule needs a case in test_rules_between_keys_refuse_at_load

@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from denoq.compiler.recipe import RECIPE_KEYS, RECIPES, KeySpec, format_value
+from denoq.compiler.recipe import RECIPES
+from denoq.compiler.recipe_keys import RECIPE_KEYS, KeySpec, format_value
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 

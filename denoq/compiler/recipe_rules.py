@@ -1,0 +1,94 @@
+"""The rules between recipe keys, which each key's own check cannot see.
+
+Each rule reads the typed recipe (`RecipeConfig`) and returns the one-line problem with its fix, or None.
+`load_recipe` applies them all to what the user asks for, before any model is loaded; a recipe read back from an
+artifact is not re-checked (it describes what was compiled). Rules that need the model (e.g. `calib.guidance`
+needs a class-conditional one) live with the stage that has it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from denoq.compiler.recipe_keys import RecipeConfig
+from denoq.errors import DenoqError
+
+
+def _timesteps_within_steps(c: RecipeConfig) -> str | None:
+    k, steps = c.calib.timesteps, c.calib.steps
+    if k <= steps:
+        return None
+    return (f"calib.timesteps={k} asks for more calibration timesteps than the calib.steps={steps} recorded steps "
+            f"(only {steps} would be used); set calib.timesteps ≤ {steps} (0 = every recorded step) or "
+            f"calib.steps ≥ {k}")
+
+
+def _groups_need_quantized_activations(c: RecipeConfig) -> str | None:
+    if c.activations.bits > 8 and c.activations.timestep_groups > 1:
+        return (f"activations.timestep_groups = {c.activations.timestep_groups} needs quantized activations, but "
+                "activations.bits = 16 keeps them in floating point; set activations.timestep_groups=1 or "
+                "activations.bits=8")
+    return None
+
+
+def _window_needs_adaround(c: RecipeConfig) -> str | None:
+    if c.accuquant.window > 0 and c.weights.method != "adaround":
+        return (f"accuquant.window={c.accuquant.window} sets the objective of the learned quantizers, but "
+                f"weights.method={c.weights.method}; add --set weights.method=adaround")
+    return None
+
+
+def _adaround_alone(c: RecipeConfig) -> str | None:
+    if c.weights.method != "adaround":
+        return None
+    if c.activations.igq_groups > 0:
+        return ("weights.method=adaround learns one activation step size per layer; activations.igq_groups is not "
+                "supported with it: set activations.igq_groups=0 or choose another weights.method")
+    if c.calib.guidance.strip():
+        return ("weights.method=adaround reconstructs on unguided sampler steps; calib.guidance is not supported "
+                "with it yet: leave calib.guidance empty or choose another weights.method")
+    if c.accuquant.window > c.calib.steps:
+        return (f"accuquant.window={c.accuquant.window} needs {c.accuquant.window} consecutive sampler steps but "
+                f"the calibration records calib.steps={c.calib.steps}; lower accuquant.window or raise calib.steps")
+    if c.accuquant.window >= 2 and c.accuquant.perstep_iters >= c.accuquant.iters:
+        return (f"accuquant.perstep_iters={c.accuquant.perstep_iters} leaves no iteration of the "
+                f"{c.accuquant.window}-step window out of accuquant.iters={c.accuquant.iters}; choose "
+                "0 ≤ perstep_iters < iters")
+    return None
+
+
+def _attention_needs_quantized_activations(c: RecipeConfig) -> str | None:
+    if c.attention.softmax_grid != "uniform" and not c.attention.quantize:
+        return (f"attention.softmax_grid={c.attention.softmax_grid} sets how quantized attention rounds its softmax, "
+                "but attention.quantize=false; add --set attention.quantize=true")
+    if c.attention.quantize and c.activations.bits > 8:
+        return ("attention.quantize=true quantizes activations, but activations.bits = 16; set activations.bits to "
+                "8 (or 6, 4)")
+    return None
+
+
+def _igq_needs_one_quantizer_set(c: RecipeConfig) -> str | None:
+    if c.activations.igq_groups > 0 and (c.activations.bits > 8 or c.activations.timestep_groups > 1):
+        return ("activations.igq_groups groups quantized activations with one set of quantizers: set "
+                "activations.bits ≤ 8 and activations.timestep_groups=1")
+    return None
+
+
+def _vsc_needs_ptqd(c: RecipeConfig) -> str | None:
+    if c.ptqd.vsc and not c.ptqd.enabled:
+        return "ptqd.vsc=true needs the PTQD statistics: set ptqd.enabled=true as well"
+    return None
+
+
+#: Every rule, in the order they are checked (the first problem found is reported).
+CROSS_KEY_RULES: tuple[Callable[[RecipeConfig], str | None], ...] = (
+    _timesteps_within_steps, _groups_need_quantized_activations, _window_needs_adaround, _adaround_alone,
+    _attention_needs_quantized_activations, _igq_needs_one_quantizer_set, _vsc_needs_ptqd)
+
+
+def check_rules(config: RecipeConfig) -> None:
+    """DenoqError with the first broken rule's message."""
+    for rule in CROSS_KEY_RULES:
+        problem = rule(config)
+        if problem is not None:
+            raise DenoqError(problem)
