@@ -5,7 +5,7 @@ Every module logs through `logging.getLogger(__name__)` (all under the `denoq` l
 message, so one switch governs both: the command line's `--quiet`, `denoq.quantize(progress=False)`, or the
 user's own logging configuration (`logging.getLogger("denoq").setLevel(logging.WARNING)`). As a library with no
 configuration of its own, denoq follows Python's default (warnings only, no bars); `verbose()` is what the command
-line and `denoq.quantize` use to show INFO messages and bars on stderr.
+line and `denoq.quantize` use to show INFO messages (stdout) and bars (stderr).
 """
 
 from __future__ import annotations
@@ -34,22 +34,23 @@ def bar(iterable: Iterable[T] | None = None, *, desc: str, total: int | None = N
 
 
 class _Handler(logging.StreamHandler):
-    """Writes `[denoq] message` lines to stderr through tqdm, so a message does not tear a bar in two."""
+    """Writes `[denoq] message` lines through tqdm, so that a message does not tear a bar in two: what denoq
+    reports on stdout, warnings on stderr (where the bars and a failed command's one `error:` line go)."""
 
     def __init__(self) -> None:
-        super().__init__(sys.stderr)
+        super().__init__(sys.stdout)
         self.setFormatter(logging.Formatter("[denoq] %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
         except Exception:  # logging's contract: a failing handler reports, never raises
             self.handleError(record)
 
 
 @contextlib.contextmanager
 def verbose(on: bool = True) -> Iterator[None]:
-    """Within the block, denoq's INFO messages and bars go to stderr (`on`) or are silenced (`not on`). A handler
+    """Within the block, denoq's INFO messages and bars are shown (`on`) or are silenced (`not on`). A handler
     the user configured on the `denoq` logger stays; ours is added only when there is none, and the logger's
     level and handlers are restored afterwards."""
     logger = logging.getLogger(ROOT)

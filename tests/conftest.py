@@ -65,7 +65,7 @@ def _compile(pipeline: Path, out: Path, target: str, groups: int = 1):
 
     recipe = load_recipe("w8a8", [f"target={target}", "calib.samples=8", "calib.steps=10",
                                   f"activations.timestep_groups={groups}"])
-    return compile_model(str(pipeline), recipe, out, progress=False, quiet=True)
+    return compile_model(str(pipeline), recipe, out)
 
 
 @pytest.fixture(scope="session")

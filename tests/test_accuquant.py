@@ -161,7 +161,7 @@ def test_recompute_gradients_equal_autograd_through_the_stopped_and_the_full_obj
 def pool(tiny):
     spec, _, schedule = tiny
     return record_trajectories(module_eps(spec.module), schedule, sampler="ddim", steps=8, n_samples=8,
-                               sample_shape=spec.sample_shape, seed=0, progress=False)
+                               sample_shape=spec.sample_shape, seed=0)
 
 
 def test_weights_of_the_end_every_and_outputs_objectives():
@@ -223,7 +223,7 @@ def test_stopped_outputs_gradient_is_each_step_s_own_error_at_the_quantized_run_
 def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window, objective, words):
     spec, plan, schedule = tiny
     settings = AccuQuantSettings(window=window, iters=6, batch=4, lr=0.05, warmup=0.5, init="fp", objective=objective)
-    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings, progress=False)
+    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings)
     assert info["iters"] == 6 and info["stopped"] is None and len(info["loss_curve"]) == 6
     assert info["objective"] == words
     changed = sum(int((learned.layers[n].weight_int != lp.weight_int).sum()) for n, lp in plan.layers.items())
@@ -238,10 +238,9 @@ def test_reconstruction_returns_a_hard_plan_and_reports(tiny, pool, window, obje
 def test_window_fine_tune_starts_with_the_per_step_objective(tiny, pool):
     spec, plan, schedule = tiny
     common = {"iters": 6, "batch": 4, "lr": 0.05, "warmup": 0.5, "init": "fp"}
-    _, per_step = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(window=0, **common),
-                              progress=False)
+    _, per_step = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(window=0, **common))
     _, tuned = reconstruct(spec.module, plan, pool, schedule, "ddim", 8,
-                           AccuQuantSettings(window=3, perstep_iters=3, **common), progress=False)
+                           AccuQuantSettings(window=3, perstep_iters=3, **common))
     assert tuned["objective"] == "per-step for 3 iterations, then window of 3 steps, model outputs"
     assert tuned["loss_curve"][:3] == per_step["loss_curve"][:3]  # same draws, same objective
     assert tuned["loss_curve"][3] != per_step["loss_curve"][3]  # the window takes over
@@ -254,7 +253,7 @@ def test_full_gradient_trains_alike_in_o1_and_in_one_graph_and_unlike_the_stoppe
     # ~1e-7 differences (tested against autograd above) can move a rounding variable across its clamp
     common = {"window": 3, "iters": 4, "batch": 4, "lr": 0.05, "warmup": 0.5, "init": "fp", "objective": "end"}
     runs = {(backprop, gradient): reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(
-        backprop=backprop, gradient=gradient, **common), progress=False)[1]
+        backprop=backprop, gradient=gradient, **common))[1]
         for backprop in ("recompute", "naive") for gradient in ("stop", "full")}
     assert runs["recompute", "full"]["gradient"] == "full"
     for gradient in ("stop", "full"):  # the same gradients, so the same optimizer path
@@ -269,7 +268,7 @@ def test_quantized_trajectories_rerun_the_pool_with_its_own_noise(tiny, sampler)
     spec, plan, schedule = tiny
     fp = module_eps(spec.module)
     pool = record_trajectories(fp, schedule, sampler=sampler, steps=8, n_samples=4, sample_shape=spec.sample_shape,
-                               seed=1, progress=False)
+                               seed=1)
     prev = dict(zip(schedule.timesteps(8, sampler).tolist(), schedule.prev_timesteps(8, sampler).tolist(),
                     strict=True))
     step = sampler_step(schedule, sampler)
@@ -287,10 +286,9 @@ def test_quantized_trajectories_rerun_the_pool_with_its_own_noise(tiny, sampler)
 def test_reconstruction_from_the_quantized_trajectories(tiny, pool, window):
     spec, plan, schedule = tiny
     common = {"window": window, "iters": 6, "batch": 4, "lr": 0.05, "warmup": 0.5}
-    _, fp_start = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(**common),
-                              progress=False)
+    _, fp_start = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, AccuQuantSettings(**common))
     learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8,
-                                AccuQuantSettings(start="quantized", **common), progress=False)
+                                AccuQuantSettings(start="quantized", **common))
     assert info["start"] == "quantized" and info["objective"].endswith(", from the quantized trajectories")
     drift = info["trajectory_drift"]  # at the start (the plan) and after the hard rounding
     assert len(drift) == 2 and drift[0] > 0 and all(d >= 0 for d in drift)
@@ -304,7 +302,7 @@ def test_reconstruction_from_the_quantized_trajectories(tiny, pool, window):
 def test_divergence_stops_and_keeps_the_last_good_quantizers(tiny, pool):
     spec, plan, schedule = tiny
     settings = AccuQuantSettings(window=2, iters=20, batch=4, lr=1e12)
-    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings, progress=False)
+    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings)
     assert info["stopped"] is not None and "non-finite" in info["stopped"] and "lower accuquant.lr" in info["stopped"]
     assert info["iters"] < 20
     for lp in learned.layers.values():
@@ -321,8 +319,7 @@ def test_bad_windows_and_settings_are_refused(tiny, pool):
                                          r"calibration records calib\.steps=8"):
         check_window(9, 8)
     with pytest.raises(DenoqError, match="needs every step of ddim 10"):
-        reconstruct(spec.module, plan, pool, schedule, "ddim", 10, AccuQuantSettings(window=2, iters=1),
-                    progress=False)
+        reconstruct(spec.module, plan, pool, schedule, "ddim", 10, AccuQuantSettings(window=2, iters=1))
     with pytest.raises(DenoqError, match="out of range"):
         AccuQuantSettings(window=2, iters=0)
     with pytest.raises(DenoqError, match=r"perstep_iters=5 leaves no iteration of the 2-step window"):
@@ -345,7 +342,7 @@ def test_compile_with_an_accuquant_window(tiny_pipeline, tmp_path):
     recipe = load_recipe("w4a8", ["calib.samples=8", "calib.steps=6", "weights.method=adaround",
                                   "accuquant.window=2", "accuquant.iters=4", "accuquant.batch=4",
                                   "accuquant.init=gptq"])
-    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a", progress=False, quiet=True)
+    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a")
     info = art.manifest["calibration"]["accuquant"]
     assert info["objective"] == "window of 2 steps, model outputs" and info["init"] == "plan" and info["iters"] == 4
     assert art.manifest["calibration"]["weights"]["method"] == "gptq"  # the rounding it started from
@@ -377,7 +374,7 @@ def test_cli_refuses_bad_windows_and_writes_nothing(tiny_pipeline, tmp_path, cap
 def test_recipe_defaults_are_the_reconstruction_settings_defaults():
     """The recipe's accuquant.* defaults and AccuQuantSettings' own (which tools/accuquant_memory.py uses) are one
     choice: a default changed in one place only fails here."""
-    from denoq.compiler.pipeline import accuquant_settings
+    from denoq.compiler.calibrate import accuquant_settings
     from denoq.compiler.recipe import load_recipe
 
     recipe = load_recipe("w4a8", ["weights.method=adaround", "seed=3"])

@@ -261,20 +261,19 @@ def _compile(pipeline, out, sets: list[str]):
     from denoq.compiler.pipeline import compile_model
     from denoq.compiler.recipe import load_recipe
 
-    return compile_model(str(pipeline), load_recipe("w8a8", [*SMALL, *sets]), out, progress=False, quiet=True)
+    return compile_model(str(pipeline), load_recipe("w8a8", [*SMALL, *sets]), out)
 
 
 @pytest.fixture(scope="module")
 def recorded_pool(tiny_pipeline):
     """All 10 recorded steps (uniform, calib.timesteps = 0) and the model they were recorded with."""
     from denoq.compiler.load import load_model
-    from denoq.compiler.pipeline import calibration_set
+    from denoq.compiler.calibrate import calibration_set
     from denoq.compiler.recipe import load_recipe
 
     spec = load_model(str(tiny_pipeline))
     layers, _ = select_layers(quantizable_layers(spec.module), ())
-    pool, info, recorded = calibration_set(spec, load_recipe("w8a8", [*SMALL, "calib.timesteps=0"]), layers,
-                                           progress=False)
+    pool, info, recorded = calibration_set(spec, load_recipe("w8a8", [*SMALL, "calib.timesteps=0"]), layers)
     assert recorded.t == pool.t
     assert info == {"strategy": "uniform"}
     return spec, layers, pool
@@ -303,12 +302,12 @@ def test_srm_calibration_set_is_the_pool_at_the_chosen_steps(recorded_pool):
     from denoq.calibrators.calibtimes import PROBE_SAMPLES
     from denoq.calibrators.stats import collect_stats
     from denoq.compiler.backends import torch_eps
-    from denoq.compiler.pipeline import calibration_set
+    from denoq.compiler.calibrate import calibration_set
     from denoq.compiler.recipe import load_recipe
 
     spec, layers, pool = recorded_pool
     recipe = load_recipe("w8a8", [*SMALL, "activations.calib_timesteps=srm", "calib.timesteps=4"])
-    calib, info, recorded = calibration_set(spec, recipe, layers, progress=False)
+    calib, info, recorded = calibration_set(spec, recipe, layers)
     assert recorded.t == pool.t
     idx = [pool.t.index(t) for t in calib.t]
     assert idx == sorted(idx) and len(idx) == 4
@@ -316,7 +315,7 @@ def test_srm_calibration_set_is_the_pool_at_the_chosen_steps(recorded_pool):
         assert torch.equal(xi, pool.x[i])  # all 8 trajectories at the chosen steps
     # the rule saw probe statistics of every pool step and chose what srm_steps chooses on them
     probe = collect_stats(torch_eps(spec.module), layers, pool.take(list(range(10)), PROBE_SAMPLES), outputs=False,
-                          seed=recipe["seed"], progress=False)
+                          seed=recipe["seed"])
     expected, terms = srm_steps(probe, pool.t, 4, recipe["activations.bits"], activation_signed(recipe["target"]),
                                 recipe["activations.srm_lambda"])
     assert expected == idx

@@ -71,7 +71,7 @@ def test_one_label_on_two_segments_shares_the_union_scale(settings: ObserverSett
 def _dp_inputs(pipeline, target: str) -> dict:
     """What `calibrate` hands `search_groups` (the DP plan, its groups, the statistics, the calibration set), caught
     by running `calibrate` with `activations.group_search = differentiable` and a spy in place of the search."""
-    from denoq.compiler import pipeline as pipeline_module
+    from denoq.compiler import calibrate as calibrate_module
     from denoq.compiler.load import load_model
     from denoq.compiler.recipe import load_recipe
 
@@ -84,8 +84,8 @@ def _dp_inputs(pipeline, target: str) -> dict:
 
     recipe = load_recipe("w8a8", [*SETS, f"target={target}", "activations.group_search=differentiable"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline_module, "search_groups", spy)
-        pipeline_module.calibrate(load_model(str(pipeline)), recipe, progress=False)
+        mp.setattr(calibrate_module, "search_groups", spy)
+        calibrate_module.calibrate(load_model(str(pipeline)), recipe)
     assert caught, "calibrate did not call the search"
     return caught
 
@@ -168,7 +168,7 @@ def searched_ort_artifact(tiny_pipeline, tmp_path_factory):
 
     recipe = load_recipe("w8a8", [*SETS, "target=ort-cpu", "activations.group_search=differentiable"])
     out = tmp_path_factory.mktemp("art") / "ort-search"
-    return compile_model(str(tiny_pipeline), recipe, out, progress=False, quiet=True)
+    return compile_model(str(tiny_pipeline), recipe, out)
 
 
 def test_compile_records_the_search(searched_ort_artifact):

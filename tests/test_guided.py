@@ -51,7 +51,7 @@ def test_guided_trajectories_are_the_guided_sampler_and_calibrate_both_halves(cl
     recorded = []
     with torch.no_grad():
         pool = record_trajectories(eps, schedule, sampler="ddim", steps=4, n_samples=4, sample_shape=(1, 16, 16),
-                                   seed=7, cond=labels, guidance=scales, null_cond=NULL, progress=False)
+                                   seed=7, cond=labels, guidance=scales, null_cond=NULL)
         for i, s in enumerate(scales.tolist()):  # each trajectory alone, guided at its own scale
             sample(classifier_free(eps, NULL, s), schedule, sampler="ddim", steps=4, shape=(4, 1, 16, 16),
                    generator=torch.Generator().manual_seed(7), cond=labels, progress=False,
@@ -69,9 +69,9 @@ def test_ptqd_pairs_on_guided_trajectories_are_guidance_combined(class_pipeline)
     eps = module_eps(spec.module)
     pool = record_trajectories(eps, NoiseSchedule.from_config(spec.scheduler_config), sampler="ddim", steps=2,
                                n_samples=3, sample_shape=(1, 16, 16), seed=0, cond=torch.tensor([0, 1, 2]),
-                               guidance=torch.tensor([1.0, 2.0, 4.0]), null_cond=NULL, progress=False)
+                               guidance=torch.tensor([1.0, 2.0, 4.0]), null_cond=NULL)
     shifted = lambda x, t, c: eps(x, t, c) * 1.1  # noqa: E731 - a "quantized" model with a known error
-    t, eps_fp, eps_q = next(collect_pairs(eps, shifted, pool, batch_size=8, progress=False))
+    t, eps_fp, eps_q = next(collect_pairs(eps, shifted, pool, batch_size=8))
     x, c = pool.x[0], pool.cond
     with torch.no_grad():
         u, k = eps(x, torch.full((3,), t), NULL.expand(3)), eps(x, torch.full((3,), t), c)

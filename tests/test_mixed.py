@@ -28,8 +28,7 @@ SETS = ["calib.samples=8", "calib.steps=10", "calib.sampler=ddpm", "ptqd.enabled
 
 @pytest.fixture(scope="module")
 def mixed_artifact(tiny_pipeline, tmp_path_factory):
-    return compile_artifact(str(tiny_pipeline), load_recipe("w4a8", SETS), tmp_path_factory.mktemp("mixed") / "art",
-                         progress=False, quiet=True)
+    return compile_artifact(str(tiny_pipeline), load_recipe("w4a8", SETS), tmp_path_factory.mktemp("mixed") / "art")
 
 
 def alternating(art: Artifact) -> Artifact:

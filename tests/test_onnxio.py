@@ -15,9 +15,9 @@ def test_external_data_path_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     from denoq.compiler.recipe import load_recipe
 
     recipe = load_recipe("w8a8", ["calib.samples=4", "calib.steps=4"])
-    small = compile_model(str(tiny_pipeline), recipe, tmp_path / "small", progress=False, quiet=True)
+    small = compile_model(str(tiny_pipeline), recipe, tmp_path / "small")
     monkeypatch.setattr(onnxio, "EXTERNAL_ABOVE", 0)
-    large = compile_model(str(tiny_pipeline), recipe, tmp_path / "large", progress=False, quiet=True)
+    large = compile_model(str(tiny_pipeline), recipe, tmp_path / "large")
     for name in ("model.fp.onnx", "model.qdq.onnx", "model.trt.onnx"):
         assert f"{name}.data" in large.files and f"{name}.data" not in small.files
         graph = onnx.load(str(large.file(name)), load_external_data=False)

@@ -16,6 +16,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+import denoq.compiler.graphs as graphs
 import denoq.compiler.pipeline as pipeline
 from denoq.compiler.cli import main
 
@@ -42,7 +43,7 @@ def _corrupting_save(real_save):
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
 def test_a_graph_that_disagrees_fails_the_compile_naming_the_layer(tiny_pipeline, tmp_path, capsys, monkeypatch,
                                                                    target):
-    monkeypatch.setattr(pipeline, "save_model", _corrupting_save(pipeline.save_model))
+    monkeypatch.setattr(graphs, "save_model", _corrupting_save(graphs.save_model))
     out = tmp_path / "art"
     assert main(["compile", str(tiny_pipeline), "--out", str(out), "--quiet", *SETS, "--set", f"target={target}"]) == 2
     err = capsys.readouterr().err

@@ -118,7 +118,7 @@ def test_compile_out_in_read_only_folder(capsys, monkeypatch, tmp_path, tiny_pip
     (("calib.steps=5", "calib.timesteps=50"), ("calib.timesteps=50", "calib.steps=5", "≤ 5")),
 ])
 def test_recipe_refused_before_calibration(capsys, monkeypatch, tmp_path, tiny_pipeline, sets, words):
-    monkeypatch.setattr("denoq.compiler.pipeline.calibration_set", _not_reached)
+    monkeypatch.setattr("denoq.compiler.calibrate.calibration_set", _not_reached)
     err = compile_refused(capsys, tiny_pipeline, tmp_path / "a", sets=sets)
     assert all(w in err for w in words), err
     no_leftovers(tmp_path, "a")
@@ -135,7 +135,7 @@ def test_compile_disk_full_while_writing(capsys, monkeypatch, tmp_path, tiny_pip
     def full(model, path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr("denoq.compiler.pipeline.save_model", full)
+    monkeypatch.setattr("denoq.compiler.graphs.save_model", full)
     err = compile_refused(capsys, tiny_pipeline, tmp_path / "a", "--quiet", sets=FAST)
     assert "model.qdq.onnx" in err and "No space left on device" in err and "free space" in err
     no_leftovers(tmp_path, "a")

@@ -24,8 +24,7 @@ SETS = ["calib.samples=8", "calib.steps=10", "calib.sampler=ddpm", "ptqd.enabled
 
 @pytest.fixture(scope="module")
 def ptqd_artifact(tiny_pipeline, tmp_path_factory):
-    return compile_model(str(tiny_pipeline), load_recipe("w8a8", SETS), tmp_path_factory.mktemp("ptqd") / "art",
-                         progress=False, quiet=True)
+    return compile_model(str(tiny_pipeline), load_recipe("w8a8", SETS), tmp_path_factory.mktemp("ptqd") / "art")
 
 
 def test_statistics_cover_every_recorded_step_and_ship_in_the_artifact(ptqd_artifact):
@@ -71,8 +70,7 @@ def test_sampling_refuses_another_sampler_and_uses_vsc_with_the_right_one(ptqd_a
 
 def test_vsc_needs_the_statistics(tiny_pipeline, tmp_path):
     with pytest.raises(DenoqError, match=r"ptqd\.vsc=true needs the PTQD statistics"):
-        compile_model(str(tiny_pipeline), load_recipe("w8a8", ["ptqd.vsc=true"]), tmp_path / "a", progress=False,
-                      quiet=True)
+        compile_model(str(tiny_pipeline), load_recipe("w8a8", ["ptqd.vsc=true"]), tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 
@@ -91,7 +89,7 @@ def test_cli_eval_of_a_ptqd_artifact(ptqd_artifact, tmp_path):
 
 def test_bias_only_correction_ships_k_zero(tiny_pipeline, tmp_path):
     art = compile_model(str(tiny_pipeline), load_recipe("w8a8", [*SETS[:4], "ptqd.correlation=false"]),
-                        tmp_path / "a", progress=False, quiet=True)
+                        tmp_path / "a")
     stats = artifact_ptqd(art)
     assert art.manifest["ptqd"]["correlation"] is False
     assert float(stats.k.abs().max()) == 0.0 and float(stats.bias.abs().max()) > 0

@@ -243,14 +243,14 @@ def test_collect_pairs_runs_both_backends_on_the_same_inputs_in_step_order():
     def quant(x, t, cond):
         return 3 * x - cond[:, None, None, None]
 
-    got = list(collect_pairs(fp, quant, calib, batch_size=3, progress=False))
+    got = list(collect_pairs(fp, quant, calib, batch_size=3))
     assert [(t, e.shape[0]) for t, e, _ in got] == [(900, 3), (900, 1), (500, 3), (500, 1)]
     for (t, e, q), (x, cond) in zip(got, [(calib.x[0][:3], calib.cond[:3]), (calib.x[0][3:], calib.cond[3:]),
                                           (calib.x[1][:3], calib.cond[:3]), (calib.x[1][3:], calib.cond[3:])],
                                     strict=True):
         torch.testing.assert_close(e, 2 * x + t + cond[:, None, None, None])
         torch.testing.assert_close(q, 3 * x - cond[:, None, None, None])
-    stats = fit(collect_pairs(fp, quant, calib, batch_size=3, progress=False), 1000, "ddim", 2)
+    stats = fit(collect_pairs(fp, quant, calib, batch_size=3), 1000, "ddim", 2)
     assert stats.steps == [500, 900]
 
 

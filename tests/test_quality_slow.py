@@ -17,8 +17,7 @@ from denoq.metrics import fd_digits, psnr
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["trt", "ort-cpu"])
 def test_w8a8_digits_quality_vs_fp(tmp_path, target):
-    art = compile_model("digits", load_recipe("w8a8", [f"target={target}"]), tmp_path / "art", progress=False,
-                        quiet=True)
+    art = compile_model("digits", load_recipe("w8a8", [f"target={target}"]), tmp_path / "art")
     kw = dict(sampler="ddim", steps=50, eta=0.0, seed=0, n=256, threads=2)
     fp = generate(art, "ort-fp", **kw)
     q = generate(art, "ort", **kw)

@@ -33,7 +33,7 @@ def test_quantization_snr_is_the_energy_ratio_per_step_over_all_batches():
     def q(x, t, cond=None):  # error = noise[t] · x: SNR_Q = 4 / noise²
         return 2 * x + noise[int(t[0])] * x
 
-    snr = quantization_snr(fp, {"low": q, "same": fp}, traj, batch_size=3, progress=False)
+    snr = quantization_snr(fp, {"low": q, "same": fp}, traj, batch_size=3)
     assert snr["low"] == pytest.approx({900: 4 / 0.01, 100: 4 / 0.25})
     assert all(v > 1e100 for v in snr["same"].values())  # no error: effectively infinite SNR
 

@@ -124,7 +124,7 @@ def test_w4a8_keeps_the_rules_unless_convs_are_blocked(tiny_pipeline, tmp_path, 
 
     recipe = load_recipe("w4a8", ["calib.samples=4", "calib.steps=4", "weights.group_size=16",
                                   "weights.method=rtn", f"weights.conv_blocks={str(conv_blocks).lower()}"])
-    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a", progress=False, quiet=True)
+    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a")
     rules = {v.split(":")[0] for v in art.manifest["trt_rules"]["violations"]}
     per_channel = art.manifest["calibration"]["weights"]["per_channel_layers"]
     if conv_blocks:
@@ -218,7 +218,7 @@ def test_validate_compares_the_backends_it_has(tiny_pipeline, tmp_path, capsys, 
     from denoq.engines import compare
 
     recipe = load_recipe("w8a8", ["calib.samples=4", "calib.steps=4"])
-    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a", progress=False, quiet=True)
+    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a")
     assert main(["validate", str(art.path), "--n", "4", "--steps", "4"]) == 0
     art = Artifact.open(art.path)
     report = json.loads(art.file("validate.json").read_text())

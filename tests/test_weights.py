@@ -20,8 +20,7 @@ def model_and_calib():
     unet = tiny_unet(0).eval()
     size = unet.config.sample_size
     calib = record_trajectories(torch_eps(unet), NoiseSchedule.from_config({"num_train_timesteps": 1000}),
-                                sampler="ddim", steps=4, n_samples=6, sample_shape=(1, size, size), seed=0,
-                                progress=False)
+                                sampler="ddim", steps=4, n_samples=6, sample_shape=(1, size, size), seed=0)
     return unet, quantizable_layers(unet), calib
 
 
@@ -112,8 +111,7 @@ def w4_artifacts(tiny_pipeline, tmp_path_factory):
     for preset in ("w4a8", "w4a16"):
         recipe = load_recipe(preset, ["calib.samples=8", "calib.steps=6", "weights.group_size=32",
                                       "weights.hessian_samples=4"])
-        out[preset] = compile_model(str(tiny_pipeline), recipe, tmp_path_factory.mktemp(preset) / "art",
-                                    progress=False, quiet=True)
+        out[preset] = compile_model(str(tiny_pipeline), recipe, tmp_path_factory.mktemp(preset) / "art")
     return out
 
 
@@ -151,7 +149,7 @@ def test_timestep_groups_need_quantized_activations(tiny_pipeline, tmp_path):
 
     recipe = load_recipe("w4a16", ["calib.samples=2", "calib.steps=4", "activations.timestep_groups=2"])
     with pytest.raises(DenoqError, match="needs quantized activations"):
-        compile_model(str(tiny_pipeline), recipe, tmp_path / "art", progress=False, quiet=True)
+        compile_model(str(tiny_pipeline), recipe, tmp_path / "art")
     assert not (tmp_path / "art").exists()
 
 

@@ -92,7 +92,7 @@ def compile_plan(model: str, out: Path) -> Path:
     from denoq.compiler.recipe import load_recipe
 
     recipe = load_recipe("w4a8", ["weights.method=rtn", "calib.samples=8", "calib.steps=10"])
-    compile_model(model, recipe, out, force=True, progress=False, quiet=True)
+    compile_model(model, recipe, out, force=True)
     return out
 
 

@@ -122,7 +122,7 @@ def check_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for variant, sets in (("w8a8", []), ("w8a8-selector", ["activations.timestep_groups=4"])):
         path = args.out / name / variant
         start = time.perf_counter()
-        compile_model(model, load_recipe("w8a8", [*CALIB, *sets]), path, force=True, progress=False, quiet=True)
+        compile_model(model, load_recipe("w8a8", [*CALIB, *sets]), path, force=True)
         arts[variant] = build(path, f"batch={batches}")
         out[variant] = {"compile_and_build_seconds": round(time.perf_counter() - start, 1),
                         "build_seconds": arts[variant].manifest["engine"]["seconds"],

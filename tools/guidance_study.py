@@ -38,7 +38,7 @@ def compile_once(model: str, preset: str, sets: list[str], out: Path) -> tuple[A
         art = Artifact.open(out)
         return art, float(art.timings["calibration"]["seconds"])
     start = time.perf_counter()
-    art = compile_model(model, load_recipe(preset, sets), out, progress=False, quiet=True)
+    art = compile_model(model, load_recipe(preset, sets), out)
     return art, round(time.perf_counter() - start, 1)
 
 

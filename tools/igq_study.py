@@ -61,8 +61,7 @@ def run_row(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if (out / "manifest.json").exists():
         art = Artifact.open(out)
     else:
-        art = compile_model(args.model, load_recipe(preset, [*sets, *row["sets"], *args.sets]), out, progress=False,
-                            quiet=True)
+        art = compile_model(args.model, load_recipe(preset, [*sets, *row["sets"], *args.sets]), out)
     seconds = round(time.perf_counter() - start, 1)
     report = evaluate(art, EvalSettings(sampler="ddim", steps=args.steps, n=args.n, threads=1,
                                         guidance=args.guidance), progress=False)

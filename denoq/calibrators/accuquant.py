@@ -79,11 +79,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.learnable import INITS, LearnableModel
 from denoq.errors import DenoqError
+from denoq.log import bar
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule, module_eps
 from denoq.sampling.ddim import ddim_step
@@ -378,7 +378,7 @@ def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: 
 
 
 def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedule: NoiseSchedule, sampler: str,
-                num_steps: int, settings: AccuQuantSettings, progress: bool = True
+                num_steps: int, settings: AccuQuantSettings
                 ) -> tuple[QuantPlan, dict[str, Any]]:
     """Learn the plan's weight rounding and input scales with the objective of `settings.window` on `pool` (every
     step of `sampler` with `num_steps` steps, FP trajectories in sampling order). Returns the plan with hard
@@ -409,8 +409,8 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     params = [*rounding, *scales]
     zs = pool_noise(fp_eps, pool, step, prev) if settings.start == "quantized" else None
     q_states, drift = None, []
-    for it in tqdm(range(settings.iters), desc=f"accuquant window {n}" if n > 1 else "per-step reconstruction",
-                   unit="iter", disable=not progress):
+    for it in bar(range(settings.iters), desc=f"accuquant window {n}" if n > 1 else "per-step reconstruction",
+                  unit="iter"):
         if zs is not None and it % REFRESH_ITERS == 0:
             q_states = quantized_states(module_eps(q.hard()), pool, step, prev, zs)
             q.hard(False)

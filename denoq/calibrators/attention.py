@@ -109,7 +109,7 @@ def install(modules: dict[str, nn.Module], make_quant: Callable[[str], Quant]) -
 
 
 def collect_attention_stats(model: nn.Module, forward: Callable, calib: CalibrationSet, *, batch_size: int = 64,
-                            seed: int = 0, progress: bool = True) -> dict[str, dict[str, TensorStats]]:
+                            seed: int = 0) -> dict[str, dict[str, TensorStats]]:
     """Statistics of the four matmul inputs of every attention module of `model` over the calibration set (the FP
     model computes with the explicit attention while it is observed, and gets its processors back after)."""
     modules = attention_modules(model)
@@ -130,7 +130,7 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
     install(modules, recorder)
     try:
         with torch.no_grad():
-            for x, t, cond in calib.progress_batches(batch_size, "attention statistics", progress):
+            for x, t, cond in calib.progress_batches(batch_size, "attention statistics"):
                 current_t[0] = int(t[0])
                 forward(x, t, cond)
     finally:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from denoq.calibrators.observers import ObserverSettings, observe_qparams
 from denoq.calibrators.stats import LayerStats, TensorStats
 from denoq.calibrators.timegroups import Segment, grouped_act_quant
 from denoq.layers import layer_op
+from denoq.log import bar
 from denoq.plan import ActQuant, LayerPlan, QuantPlan
 
 
@@ -49,7 +49,7 @@ def _act_quant(stats: TensorStats, settings: ObserverSettings, num_train_timeste
 
 
 def build_baseline_plan(layers: dict[str, nn.Module], stats: dict[str, LayerStats], settings: BaselineSettings,
-                        num_train_timesteps: int, weights: dict[str, LayerPlan], progress: bool = False
+                        num_train_timesteps: int, weights: dict[str, LayerPlan]
                         ) -> tuple[QuantPlan, dict[str, list[Segment]]]:
     """A QuantPlan for `layers`: the rounded `weights` (`weights.round_weights`, weight-only plans) plus activation
     quantizers from the statistics (see module docstring; none with 16-bit activations, i.e. W4A16), and each
@@ -58,7 +58,7 @@ def build_baseline_plan(layers: dict[str, nn.Module], stats: dict[str, LayerStat
     groups: dict[str, list[Segment]] = {}
     quantize_acts = settings.activations.bits <= 8
     desc = f"activation ranges ({settings.timestep_groups} timestep group(s))"
-    for name, module in tqdm(layers.items(), desc=desc, unit="layer", disable=not progress or not quantize_acts):
+    for name, module in bar(layers.items(), desc=desc, unit="layer", total=len(layers) if quantize_acts else 0):
         st = stats.get(name)
         in_q = out_q = None
         groups[name] = []

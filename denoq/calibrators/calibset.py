@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from denoq.errors import DenoqError
+from denoq.log import bar, shown
 from denoq.sampling import NoiseSchedule, sample
 from denoq.sampling.guidance import classifier_free
 
@@ -70,11 +70,10 @@ class CalibrationSet:
         states = batch_size if self.guidance is None else max(1, batch_size // 2)
         return sum(-(-xi.shape[0] // states) for xi in self.x)
 
-    def progress_batches(self, batch_size: int, desc: str, progress: bool = True
+    def progress_batches(self, batch_size: int, desc: str
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """`batches(batch_size)` under a progress bar named `desc` (none when `progress` is false)."""
-        return tqdm(self.batches(batch_size), total=self.num_batches(batch_size), desc=desc, unit="batch",
-                    disable=not progress)
+        """`batches(batch_size)` under a progress bar named `desc` (`denoq.log.bar`)."""
+        return bar(self.batches(batch_size), total=self.num_batches(batch_size), desc=desc, unit="batch")
 
     def take(self, steps: list[int], samples: int | None = None) -> CalibrationSet:
         """The recorded steps at indices `steps` (in that order), of the first `samples` trajectories (all: None)."""
@@ -94,8 +93,7 @@ class CalibrationSet:
 
 def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, steps: int, n_samples: int,
                         sample_shape: tuple[int, ...], seed: int, cond: torch.Tensor | None = None,
-                        guidance: torch.Tensor | None = None, null_cond: torch.Tensor | None = None,
-                        progress: bool = True) -> CalibrationSet:
+                        guidance: torch.Tensor | None = None, null_cond: torch.Tensor | None = None) -> CalibrationSet:
     """Run the FP sampler from seeded noise and record the model input at every step; with `guidance` (one
     classifier-free guidance scale per trajectory, [n_samples]) and `null_cond`, each trajectory is sampled with
     guidance at its scale (`denoq.sampling.guidance`), as the deployed sampler runs it.
@@ -119,7 +117,7 @@ def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, st
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sample(eps, schedule, sampler=sampler, steps=steps, shape=(n_samples, *sample_shape), generator=generator,
-               cond=cond, callback=record, progress=progress)
+               cond=cond, callback=record, progress=shown())
     return CalibrationSet(xs, ts, cond, guidance, null_cond)
 
 

@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from denoq.bops import group_bops
 from denoq.calibrators.calibset import CalibrationSet
@@ -50,6 +49,7 @@ from denoq.calibrators.gptq import GptqSettings, layer_plan, rtn
 from denoq.calibrators.observers import qparams
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
+from denoq.log import bar
 from denoq.plan import GroupQuant, QuantPlan
 
 KMEANS_ITERS = 20
@@ -150,7 +150,7 @@ class InstanceRanges:
 
 
 def collect_ranges(forward: Callable, layers: dict[str, nn.Module], calib: CalibrationSet, *,
-                   batch_size: int = 64, progress: bool = True) -> dict[str, InstanceRanges]:
+                   batch_size: int = 64) -> dict[str, InstanceRanges]:
     """Per-instance channel ranges of the token inputs ([B, L, C]) of `layers` over the calibration set."""
     found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
 
@@ -163,7 +163,7 @@ def collect_ranges(forward: Callable, layers: dict[str, nn.Module], calib: Calib
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     try:
         with torch.no_grad():
-            for x, t, cond in calib.progress_batches(batch_size, "IGQ channel ranges", progress):
+            for x, t, cond in calib.progress_batches(batch_size, "IGQ channel ranges"):
                 forward(x, t, cond)
     finally:
         for h in handles:
@@ -250,18 +250,17 @@ class IgqSettings:
 
 
 def group_layers(plan: QuantPlan, forward: Callable, layers: dict[str, nn.Module], calib: CalibrationSet,
-                 macs: dict[str, int], settings: IgqSettings, progress: bool = True
+                 macs: dict[str, int], settings: IgqSettings
                  ) -> tuple[QuantPlan, dict[str, Any]]:
     """`plan` with IGQ-ViT groups on the token inputs of its linear layers (those calibrated on [B, L, C] inputs
     with a quantized input), their counts allocated under the budget; and what was chosen, for the manifest."""
-    ranges = collect_ranges(forward, layers, calib, progress=progress)
+    ranges = collect_ranges(forward, layers, calib)
     token_layers = {n: r for n, r in ranges.items() if n in plan.layers and plan.layers[n].input is not None}
     if settings.mode == "static":
         return static_groups(plan, layers, token_layers, settings)
     counts = candidate_groups(settings.groups) if settings.budget > 0 else [settings.groups]
     fitted = {name: {g: fit_groups(r.m, r.big_m, g, settings.bits, settings.signed, name) for g in counts}
-              for name, r in tqdm(sorted(token_layers.items()), desc="IGQ groups", unit="layer",
-                                  disable=not progress)}
+              for name, r in bar(sorted(token_layers.items()), desc="IGQ groups", unit="layer")}
     info: dict[str, Any] = {"groups": settings.groups, "budget": settings.budget}
     if settings.budget > 0:
         errors = output_errors(forward, layers, fitted, calib)

@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import stats as scipy_stats
-from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.errors import DenoqError
 from denoq.figures import figure_png
+from denoq.log import bar
 from denoq.sampling.schedule import SAMPLERS
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -294,15 +294,15 @@ def check_matches(meta: dict[str, Any], sampler: str, num_steps: int) -> None:
 
 
 # -- measuring -----------------------------------------------------------------------------------------------------
-def collect_pairs(fp_eps: EpsFn, q_eps: EpsFn, trajectory: CalibrationSet, batch_size: int,
-                  progress: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def collect_pairs(fp_eps: EpsFn, q_eps: EpsFn, trajectory: CalibrationSet, batch_size: int
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(t, ε, ε_q) per batch of the FP trajectory inputs, in the set's step order: both backends (`eps(x, t, cond)`)
     on the same (x_t, t, cond). On guided trajectories both are guided at each trajectory's scale (one doubled
     model call each), so the statistics are taken on the guidance-combined output, as PTQD does."""
     total = sum(-(-xi.shape[0] // batch_size) for xi in trajectory.x)
     with torch.no_grad():
-        for x, t, cond, scales in tqdm(trajectory.guided_batches(batch_size), total=total, desc="PTQD statistics",
-                                       unit="batch", disable=not progress):
+        for x, t, cond, scales in bar(trajectory.guided_batches(batch_size), total=total, desc="PTQD statistics",
+                                      unit="batch"):
             yield (int(t[0]), trajectory.guided_eps(fp_eps, scales)(x, t, cond),
                    trajectory.guided_eps(q_eps, scales)(x, t, cond))
 

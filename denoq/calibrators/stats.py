@@ -69,7 +69,7 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Te
 
 
 def collect_stats(forward: ForwardFn, layers: dict[str, nn.Module], calib: CalibrationSet, *, outputs: bool,
-                  batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict[str, LayerStats]:
+                  batch_size: int = 64, seed: int = 0) -> dict[str, LayerStats]:
     """Run `forward(x, t, cond)` over the calibration set with hooks on `layers` and gather their statistics."""
     stats = {name: LayerStats() for name in layers}
     generator = torch.Generator().manual_seed(seed)
@@ -90,7 +90,7 @@ def collect_stats(forward: ForwardFn, layers: dict[str, nn.Module], calib: Calib
         handles.append(module.register_forward_hook(post))
     try:
         with torch.no_grad():
-            for x, t, cond in calib.progress_batches(batch_size, "activation statistics", progress):
+            for x, t, cond in calib.progress_batches(batch_size, "activation statistics"):
                 current_t[0] = int(t[0])
                 result = forward(x, t, cond)
                 for name, out in last_out.items():

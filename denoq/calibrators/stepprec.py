@@ -39,8 +39,8 @@ def diffusion_snr(schedule: NoiseSchedule, t: int) -> float:
     return a / max(1.0 - a, 1e-300)
 
 
-def quantization_snr(fp_eps: EpsFn, candidates: dict[str, EpsFn], trajectory: CalibrationSet, batch_size: int,
-                     progress: bool = True) -> dict[str, dict[int, float]]:
+def quantization_snr(fp_eps: EpsFn, candidates: dict[str, EpsFn], trajectory: CalibrationSet, batch_size: int
+                     ) -> dict[str, dict[int, float]]:
     """SNR_Q(t) of (1) for every candidate at every step of `trajectory` (the FP trajectories' inputs), all
     candidates on the same (x_t, t, cond) as the FP model."""
     if not candidates:
@@ -48,7 +48,7 @@ def quantization_snr(fp_eps: EpsFn, candidates: dict[str, EpsFn], trajectory: Ca
     signal: dict[int, float] = {}
     noise: dict[str, dict[int, float]] = {name: {} for name in candidates}
     with torch.no_grad():
-        for x, t, cond in trajectory.progress_batches(batch_size, "SNR per step", progress):
+        for x, t, cond in trajectory.progress_batches(batch_size, "SNR per step"):
             step = int(t[0])
             ref = fp_eps(x, t, cond).double()
             signal[step] = signal.get(step, 0.0) + float(ref.pow(2).sum())

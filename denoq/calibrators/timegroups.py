@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.observers import MIN_RANGE, MSE_GRID, ObserverSettings, clip_range, observe_qparams, qparams
@@ -40,6 +39,7 @@ from denoq.calibrators.quantizer import fake_quantize, straight_through
 from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, fake_quant_at
 from denoq.calibrators.stats import TensorStats, strided
 from denoq.errors import DenoqError
+from denoq.log import bar
 from denoq.plan import ActQuant, QuantPlan, qrange
 
 SAMPLES_PER_TIMESTEP = 256
@@ -312,7 +312,7 @@ class _SearchLayer(SimulatedLayer):
 
 def search_groups(model: torch.nn.Module, plan: QuantPlan, stats: dict[str, TensorStats],
                   segments: dict[str, list[Segment]], calib: CalibrationSet, settings: ObserverSettings, *,
-                  seed: int, iters: int = SEARCH_ITERS, progress: bool = False
+                  seed: int, iters: int = SEARCH_ITERS
                   ) -> tuple[QuantPlan, dict[str, list[Segment]], dict[str, float]]:
     """Eq. (3)–(4) on `plan` (the exact partition's plan, `segments` its groups per layer; `stats` the layers' input
     statistics). Returns the plan with the searched input tables, each layer's segments (runs of calibrated
@@ -346,7 +346,7 @@ def search_groups(model: torch.nn.Module, plan: QuantPlan, stats: dict[str, Tens
     with torch.no_grad():
         reference = [max(error(step, probe).item(), 1e-30) for step in range(len(calib.t))]
     entropy = torch.zeros(())
-    for _ in tqdm(range(iters), desc="timestep-group search", unit="iter", disable=not progress):
+    for _ in bar(range(iters), desc="timestep-group search", unit="iter"):
         step = int(torch.randint(len(calib.t), (1,), generator=generator))
         rows = torch.randperm(n, generator=generator)[:SEARCH_BATCH]
         pis = [torch.softmax(p, dim=1) for p in params]

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.gptq import (
@@ -47,6 +46,7 @@ from denoq.calibrators.gptq import (
     rtn,
     weight_matrix,
 )
+from denoq.log import bar
 from denoq.plan import LayerPlan
 
 DAMP_RETRIES = (10.0, 100.0)  # dampening multipliers tried when the Cholesky factorization fails
@@ -146,8 +146,8 @@ def _per_channel(layers: dict[str, nn.Module], settings: WeightSettings) -> list
                   and layer_rounding(m, settings).group_size == 0)
 
 
-def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, settings: WeightSettings,
-                  progress: bool = False) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
+def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, settings: WeightSettings
+                  ) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
     """Weight-only LayerPlans (activation quantizers unset) for `layers` of `model`, and a report: seconds, mode,
     and per layer the output error proxy ½tr(ΔW H ΔWᵀ) against FP inputs relative to RTN's (obq / gptq only)."""
     start = time.perf_counter()
@@ -167,7 +167,7 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     plans: dict[str, LayerPlan] = {}
     error_vs_rtn: dict[str, float] = {}
     fallbacks: dict[str, str] = {}
-    bar = tqdm(total=len(layers), desc=f"{settings.method} weights", unit="layer", disable=not progress)
+    done = bar(total=len(layers), desc=f"{settings.method} weights", unit="layer")
     for names in blocks.values():
         hs = fp_h if work is model else _hessians(work, {n: work_layers[n] for n in names}, data)
         for name in names:
@@ -184,8 +184,8 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
             if work is not model:
                 with torch.no_grad():
                     work_layers[name].weight.copy_(plans[name].dequantized_weight())
-            bar.update()
-    bar.close()
+            done.update()
+    done.close()
     ratios = sorted(error_vs_rtn.values()) or [1.0]
     return plans, {"method": settings.method, "sequential": settings.sequential,
                    "hessian_inputs": len(data), "seconds": round(time.perf_counter() - start, 2),

@@ -25,6 +25,7 @@ from denoq.compiler.mixed_compile import compile_mixed
 from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import Recipe, load_recipe
 from denoq.errors import DenoqError
+from denoq.log import verbose
 
 #: The diffusers output class each denoiser class returns (module, class name).
 OUTPUT_CLASSES = {
@@ -90,8 +91,9 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     user's own sampling loop (e.g. the pipeline on the user's prompts or labels) and every call it makes to the
     denoiser is recorded as calibration input (`record_calls`: one integral timestep per call, the same rows and
     conditioning at every step). Returns the committed artifact (`CompiledArtifact`: `.sample`, `.evaluate`,
-    `.build`, `.load`);
-    every user error is a DenoqError (one line: the problem and the fix), and nothing is written then.
+    `.build`, `.load`). `progress`: denoq's messages and progress bars on stderr while it works (`denoq.log`;
+    False leaves the user's own logging configuration in charge). Every user error is a DenoqError (one line: the
+    problem and the fix), and nothing is written then.
     """
     if calib is not None and not callable(calib):
         raise DenoqError(f"calib= takes None (denoq's own FP sampling trajectories) or a forward_loop(model) "
@@ -103,10 +105,10 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     fresh = not saved.exists()
     source = _source_folder(model, scheduler, out)
     try:
-        pool = None if calib is None else _forward_loop_inputs(model, source, calib)
-        return CompiledArtifact.of(compile_artifact(source, rec, out, force=force, progress=progress,
-                                                    quiet=not progress, allow_parity_failure=allow_parity_failure,
-                                                    pool=pool))
+        with verbose(progress):
+            pool = None if calib is None else _forward_loop_inputs(model, source, calib)
+            return CompiledArtifact.of(compile_artifact(source, rec, out, force=force,
+                                                        allow_parity_failure=allow_parity_failure, pool=pool))
     except BaseException:
         if fresh and source == str(saved):  # nothing half-written: the saved model goes with the failed artifact
             shutil.rmtree(saved, ignore_errors=True)
@@ -124,17 +126,17 @@ def _forward_loop_inputs(model: Any, source: str | None, forward_loop: Callable[
     return record_calls(denoiser, forward_loop, spec.cond_input)
 
 
-def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
-                     quiet: bool = False, allow_parity_failure: bool = False,
+def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: bool = False,
+                     allow_parity_failure: bool = False,
                      pool: CalibrationSet | None = None) -> Artifact:
     """`compile_model` for one plan, `compile_mixed` for a `precision.mixed` recipe (one member per candidate);
     `pool`: calibration inputs from a user's loop (one plan only)."""
     if recipe["precision.mixed"]:
         if pool is not None:
             raise DenoqError("precision.mixed chooses its members on denoq's own trajectories; pass calib=None")
-        return compile_mixed(model, recipe, out, force=force, progress=progress, quiet=quiet,
+        return compile_mixed(model, recipe, out, force=force,
                              allow_parity_failure=allow_parity_failure)
-    return compile_model(model, recipe, out, force=force, progress=progress, quiet=quiet,
+    return compile_model(model, recipe, out, force=force,
                          allow_parity_failure=allow_parity_failure, pool=pool)
 
 

@@ -25,7 +25,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from denoq.compiler.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set, args.config)
-    compile_artifact(args.model, recipe, args.out, force=args.force, progress=not args.quiet, quiet=args.quiet,
+    compile_artifact(args.model, recipe, args.out, force=args.force,
                      allow_parity_failure=args.allow_parity_failure)
 
 
@@ -309,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
-        args.func(args)
+        from denoq.log import verbose
+
+        with verbose(not getattr(args, "quiet", False)):
+            args.func(args)
     except DenoqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

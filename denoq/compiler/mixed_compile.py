@@ -4,21 +4,25 @@ over the members' quantization SNR on the FP trajectories. `denoq.compiler.mixed
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from denoq.calibrators.stepprec import choose_precision, diffusion_snr, precision_png, quantization_snr
 from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
 from denoq.compiler.backends import make_backend, torch_eps
+from denoq.compiler.calibrate import record_pool
 from denoq.compiler.load import load_model
 from denoq.compiler.mixed import CRITERION, MEMBERS_DIR, SNR_BATCH
-from denoq.compiler.pipeline import compile_model, log, record_pool
+from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import Recipe, mixed_members
 from denoq.sampling import NoiseSchedule
 
+log = logging.getLogger(__name__)
 
-def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool = False, progress: bool = True,
-                  quiet: bool = False, allow_parity_failure: bool = False) -> Artifact:
+
+def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool = False,
+                  allow_parity_failure: bool = False) -> Artifact:
     """Compile every candidate of `precision.mixed` and the per-step choice into the artifact folder `out`."""
     check_output_dir(out, force)
     candidates = mixed_members(recipe)
@@ -26,14 +30,14 @@ def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool =
     with ArtifactWriter(out, force) as writer:
         arts: dict[str, Artifact] = {}
         for name, member in candidates.items():
-            log(f"mixed precision: compiling member {name}", quiet)
-            arts[name] = compile_model(model, member, writer.path(f"{MEMBERS_DIR}/{name}"), progress=progress,
-                                       quiet=quiet, allow_parity_failure=allow_parity_failure)
+            log.info("mixed precision: compiling member %s", name)
+            arts[name] = compile_model(model, member, writer.path(f"{MEMBERS_DIR}/{name}"),
+                                       allow_parity_failure=allow_parity_failure)
         start = time.perf_counter()
-        pool = record_pool(spec, recipe, progress)
+        pool = record_pool(spec, recipe)
         fp = torch_eps(spec.module)
         graphs = {name: make_backend(a, "ort") for name, a in arts.items()}
-        snr_q = quantization_snr(fp, graphs, pool, SNR_BATCH, progress=progress)
+        snr_q = quantization_snr(fp, graphs, pool, SNR_BATCH)
         schedule = NoiseSchedule.from_config(spec.scheduler_config)
         snr_f = {t: diffusion_snr(schedule, t) for t in sorted(set(pool.t))}
         bops = {name: int(a.manifest["cost"]["bops_per_call"]) for name, a in arts.items()}
@@ -43,8 +47,8 @@ def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         per_image["mixed"] = sum(bops[choice[t]] for t in pool.t)
         runs = {name: sum(1 for t in pool.t if choice[t] == name) for name in names}
         top = max(names, key=lambda n: (bops[n], n))
-        log("mixed precision: " + ", ".join(f"{n} runs {runs[n]} steps" for n in names)
-            + f"; BOPs per image ×{per_image['mixed'] / per_image[top]:.3f} of all-{top}", quiet)
+        log.info("mixed precision: %s; BOPs per image ×%.3f of all-%s",
+                 ", ".join(f"{n} runs {runs[n]} steps" for n in names), per_image["mixed"] / per_image[top], top)
         title = (f"step-aware precision ({recipe['calib.sampler']} {recipe['calib.steps']}): "
                  + ", ".join(f"{n} {runs[n]} steps" for n in names))
         writer.path("precision.png").write_bytes(precision_png(snr_q, snr_f, choice, title))
@@ -63,5 +67,5 @@ def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             },
         }
         art = writer.commit(manifest)
-    log(f"wrote {out}", quiet)
+    log.info("wrote %s", out)
     return art

@@ -1,0 +1,249 @@
+"""The calibrate stage: model + recipe → `Calibration` (the QuantPlan and what produced it).
+
+Steps, each a calibrator of its own (docs/architecture.md, Flow): record FP sampling trajectories (or take the
+inputs of a user's own loop) → pick the calibration timesteps → round the weights (RTN / GPTQ / OBQ) → activation
+statistics → activation quantizers with timestep groups (ADP-DM) → attention quantizers → IGQ-ViT groups →
+learned rounding and step sizes (AdaRound / AccuQuant) → PTQD's statistics of the quantized model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from denoq.bops import layer_macs
+from denoq.calibrators import calibtimes
+from denoq.calibrators.accuquant import AccuQuantSettings, reconstruct
+from denoq.calibrators.attention import attention_plans, collect_attention_stats
+from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
+from denoq.calibrators.calibset import CalibrationSet, record_trajectories
+from denoq.calibrators.gptq import GptqSettings
+from denoq.calibrators.igq import IgqSettings, group_layers
+from denoq.calibrators.observers import ObserverSettings
+from denoq.calibrators.ptqd import PtqdStats, collect_pairs
+from denoq.calibrators.ptqd import fit as fit_ptqd
+from denoq.calibrators.simulate import simulate
+from denoq.calibrators.stats import collect_stats
+from denoq.calibrators.timegroups import search_groups
+from denoq.calibrators.weights import WeightSettings, round_weights
+from denoq.compiler.backends import torch_eps
+from denoq.compiler.load import ModelSpec
+from denoq.compiler.parity import CHECK_BATCH
+from denoq.compiler.recipe import Recipe
+from denoq.errors import DenoqError
+from denoq.export.onnx_export import GraphInputs
+from denoq.layers import match_layers, quantizable_layers, select_layers
+from denoq.plan import QuantPlan
+from denoq.sampling import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the calibrate stage hands on: the `plan`; the calibration set `calib` (the chosen steps); `pool`, every
+    recorded step; `info`, the manifest's `calibration` section; and PTQD's statistics (None without ptqd)."""
+
+    plan: QuantPlan
+    calib: CalibrationSet
+    pool: CalibrationSet
+    info: dict[str, Any]
+    ptqd: PtqdStats | None
+
+
+def guidance_scales(spec: ModelSpec, recipe: Recipe) -> list[float]:
+    """The classifier-free guidance scales of the calibration trajectories (`calib.guidance`), [] = unguided;
+    DenoqError for text that is not a list of numbers ≥ 0, or guidance on a model without classes."""
+    text = recipe.config.calib.guidance.strip()
+    if not text:
+        return []
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        scales = []
+    if not scales or not all(np.isfinite(s) and s >= 0 for s in scales):
+        raise DenoqError(f"calib.guidance={text!r} is not a comma-separated list of guidance scales ≥ 0; write e.g. "
+                         "--set calib.guidance=1,2,4 (or leave it empty for unguided trajectories)")
+    if spec.cond_input != "class_labels":
+        raise DenoqError(f"calib.guidance={text} needs a class-conditional model with a null label; {spec.name} is "
+                         "not one, leave calib.guidance empty")
+    return scales
+
+
+def calibration_cond(spec: ModelSpec, n: int, seed: int, guided: bool = False) -> torch.Tensor | None:
+    """The conditioning of the calibration trajectories (its own stream: the recipe seed + 1); guided trajectories
+    request a real class (the null label enters through the guidance's unconditional half)."""
+    if guided:
+        return torch.randint(0, int(spec.num_classes), (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return spec.random_cond(n, seed + 1)
+
+
+def record_pool(spec: ModelSpec, recipe: Recipe) -> CalibrationSet:
+    """The FP sampling trajectories the recipe asks for (`calib.*`, `seed`), every step recorded; with
+    `calib.guidance`, trajectory i guided at scale i mod the number of scales."""
+    c = recipe.config
+    n = c.calib.samples
+    scales = guidance_scales(spec, recipe)
+    guidance = torch.tensor([scales[i % len(scales)] for i in range(n)]) if scales else None
+    return record_trajectories(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config),
+                               sampler=c.calib.sampler, steps=c.calib.steps, n_samples=n,
+                               sample_shape=spec.sample_shape, seed=c.seed,
+                               cond=calibration_cond(spec, n, c.seed, bool(scales)), guidance=guidance,
+                               null_cond=torch.tensor(spec.num_classes) if scales else None)
+
+
+def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module],
+                    pool: CalibrationSet | None = None) -> tuple[CalibrationSet, dict[str, Any], CalibrationSet]:
+    """Record the FP trajectories (or take `pool`, the inputs of a user's own loop) and keep the steps
+    `activations.calib_timesteps` picks (`calibtimes`).
+
+    Returns the calibration set, what the rule reports (for the manifest) and every recorded step (PTQD's
+    statistics need each step of the sampler)."""
+    c = recipe.config
+    pool = record_pool(spec, recipe) if pool is None else pool
+    n = pool.x[0].shape[0]
+    strategy, k = c.activations.calib_timesteps, c.calib.timesteps
+    calibtimes.check_count(strategy, len(pool.t), k)
+    info: dict[str, Any] = {"strategy": strategy}
+    if strategy == "uniform":
+        steps = calibtimes.uniform_steps(len(pool.t), k)
+    elif strategy == "normal":
+        steps = calibtimes.normal_steps(pool.t, k, spec.num_train_timesteps)
+    else:
+        probe = pool.take(list(range(len(pool.t))), min(calibtimes.PROBE_SAMPLES, n))
+        probe_stats = collect_stats(torch_eps(spec.module), layers, probe, outputs=False, seed=c.seed)
+        steps, terms = calibtimes.srm_steps(probe_stats, pool.t, k, c.activations.bits,
+                                            activation_signed(c.target), c.activations.srm_lambda)
+        info.update({key: round(v, 6) for key, v in terms.items()})
+    return pool.take(steps), info, pool
+
+
+def accuquant_settings(recipe: Recipe) -> AccuQuantSettings:
+    """The reconstruction settings of `recipe`'s `accuquant.*` keys and `seed`. `accuquant.init` rtn and gptq
+    both start the learned rounding at the plan's integers (the weights were rounded by that method)."""
+    a = recipe.config.accuquant
+    return AccuQuantSettings(
+        window=a.window, iters=a.iters, batch=a.batch, lr=a.lr, round_lambda=a.round_lambda,
+        init="fp" if a.init == "fp" else "plan", backprop=a.backprop, gradient=a.gradient, start=a.start,
+        perstep_iters=a.perstep_iters, objective=a.objective, seed=recipe.config.seed)
+
+
+def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
+    """A small batch of real calibration inputs with mixed timesteps (export example and parity checks)."""
+    steps = np.linspace(0, len(calib.t) - 1, CHECK_BATCH).round().astype(int)
+    rows = [j % calib.x[0].shape[0] for j in range(CHECK_BATCH)]
+    x = torch.stack([calib.x[i][r] for i, r in zip(steps, rows, strict=True)])
+    t = torch.tensor([calib.t[i] for i in steps], dtype=torch.int64)
+    cond = None if calib.cond is None else calib.cond[rows]
+    return GraphInputs(x, t, cond, spec.cond_input or "encoder_hidden_states")
+
+
+def _check_user_loop(spec: ModelSpec, recipe: Recipe) -> None:
+    c = recipe.config
+    if c.ptqd.enabled or c.weights.method == "adaround" or guidance_scales(spec, recipe):
+        raise DenoqError("PTQD, AdaRound/AccuQuant and calib.guidance calibrate on denoq's own trajectories of "
+                         "calib.sampler; with a forward_loop set ptqd.enabled=false, another weights.method and no "
+                         "calib.guidance, or pass calib=None")
+
+
+def _weights(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module], calib: CalibrationSet
+             ) -> tuple[dict, dict[str, Any]]:
+    """Round the weights: `weights.method` (adaround starts from `accuquant.init`'s rounding)."""
+    w = recipe.config.weights
+    adaround = w.method == "adaround"
+    method = ("gptq" if recipe.config.accuquant.init == "gptq" else "rtn") if adaround else w.method
+    rounding = GptqSettings(bits=w.bits, group_size=w.group_size, damp=w.damp, act_order=w.act_order)
+    weights, info = round_weights(spec.module, layers, calib, WeightSettings(
+        method, rounding, w.sequential, w.hessian_samples, conv_blocks=w.conv_blocks))
+    if info["per_channel_layers"]:
+        log.info("weights.group_size=%d: %d layer(s) use per-output-channel scales (convolutions without "
+                 "weights.conv_blocks, or input channels the group size does not divide; manifest "
+                 "calibration.weights.per_channel_layers)", w.group_size, len(info["per_channel_layers"]))
+    for name, why in info.get("fallbacks", {}).items():
+        log.info("weights of %s: %s", name, why)
+    return weights, info
+
+
+def _attention(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, calib: CalibrationSet,
+               observer: ObserverSettings) -> None:
+    """`attention.quantize`: add the attention matmuls' quantizers to `plan` (with `activations.igq_groups`, the
+    softmax's token-wise groups too)."""
+    c = recipe.config
+    stats = collect_attention_stats(spec.module, torch_eps(spec.module), calib, seed=c.seed)
+    if not stats:
+        raise DenoqError(f"attention.quantize=true but {spec.name} has no diffusers Attention module; set "
+                         "attention.quantize=false")
+    for ap in attention_plans(stats, observer, spec.num_train_timesteps, c.activations.igq_groups,
+                              c.attention.softmax_grid == "log2"):
+        plan.add_attention(ap)
+
+
+def _instance_groups(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, layers: dict[str, nn.Module],
+                     calib: CalibrationSet) -> tuple[QuantPlan, dict[str, Any]]:
+    """`activations.igq_groups`: the plan with IGQ-ViT groups on its token layers, and what was chosen."""
+    a = recipe.config.activations
+    fp = torch_eps(spec.module)
+    inputs = check_inputs(spec, calib)
+    macs = layer_macs(spec.module, lambda: fp(inputs.sample[:1], inputs.timestep[:1],
+                                              None if inputs.cond is None else inputs.cond[:1]))
+    return group_layers(plan, fp, layers, calib, macs, IgqSettings(
+        a.igq_groups, a.igq_budget, a.bits, activation_signed(recipe.config.target), a.igq_mode))
+
+
+def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = None) -> Calibration:
+    """Record the calibration set (or take `pool`: `record_calls` of a user's loop), build the QuantPlan the
+    recipe asks for and, with `ptqd.enabled`, PTQD's statistics of the quantized model on every recorded step.
+    The recipe's own rules were checked when it was loaded; what needs the model is checked here."""
+    c = recipe.config
+    if pool is not None:
+        _check_user_loop(spec, recipe)
+    every_layer = quantizable_layers(spec.module)
+    layers, kept_fp = select_layers(every_layer, spec.layer_patterns(c.layers.keep_fp))
+    match_layers(every_layer, spec.layer_patterns(c.trt.fp32_layers), "trt.fp32_layers")  # typos, early
+    guidance_scales(spec, recipe)
+    fp = torch_eps(spec.module)
+    start = time.perf_counter()
+    source = "trajectories" if pool is None else "forward_loop"
+    calib, step_info, pool = calibration_set(spec, recipe, layers, pool)
+    weights, weight_info = _weights(spec, recipe, layers, calib)
+    stats = {} if c.activations.bits > 8 else collect_stats(fp, layers, calib, outputs=c.target == "ort-cpu",
+                                                            seed=c.seed)
+    a = c.activations
+    observer = ObserverSettings(method=a.observer, bits=a.bits, signed=activation_signed(c.target),
+                                percentile=a.percentile, lm_rho=a.lm_rho)
+    settings = BaselineSettings(c.target, observer, a.timestep_groups)
+    plan, groups = build_baseline_plan(layers, stats, settings, spec.num_train_timesteps, weights)
+    search: dict[str, Any] = {"method": a.group_search}
+    if search["method"] == "differentiable" and settings.timestep_groups > 1:
+        plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
+                                            calib, observer, seed=c.seed)
+        search.update({key: round(v, 6) for key, v in terms.items()})
+    if c.attention.quantize:
+        _attention(spec, recipe, plan, calib, observer)
+    igq_info = None
+    if a.igq_groups > 0:
+        plan, igq_info = _instance_groups(spec, recipe, plan, layers, calib)
+    learned: dict[str, Any] | None = None
+    if c.weights.method == "adaround":
+        plan, learned = reconstruct(spec.module, plan, pool, NoiseSchedule.from_config(spec.scheduler_config),
+                                    c.calib.sampler, c.calib.steps, accuquant_settings(recipe))
+        if learned["stopped"]:
+            log.info("adaround stopped early: %s", learned["stopped"])
+    ptqd = None
+    if c.ptqd.enabled:
+        pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64)
+        ptqd = fit_ptqd(pairs, spec.num_train_timesteps, c.calib.sampler, c.calib.steps,
+                        correlated=c.ptqd.correlation)
+    info = {"source": source, "inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info,
+            "kept_fp": kept_fp,
+            "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
+            "group_search": search, "weights": weight_info, **({} if learned is None else {"accuquant": learned}),
+            **({} if igq_info is None else {"igq": igq_info}),
+            "seconds": round(time.perf_counter() - start, 2)}
+    return Calibration(plan, calib, pool, info, ptqd)
