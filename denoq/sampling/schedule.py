@@ -2,14 +2,13 @@
 
 The forward process (Ho et al. 2020, eq. 2 and 4) is fixed by the betas:
 `q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 − ᾱ_t) I)` with `α_t = 1 − β_t` and `ᾱ_t = ∏_{s≤t} α_s`.
-Everything here is computed exactly as diffusers' `DDPMScheduler` / `DDIMScheduler` compute it (float32, same op
-order), so that our samplers reproduce diffusers' to float rounding. Only the numbers live here; the update rules are in
-`ddpm.py` and `ddim.py`.
+The betas, ᾱ and the timestep spacing are read from diffusers' own `DDPMScheduler` built from the config (DDIM's
+`DDIMScheduler` computes them identically), so our samplers reproduce diffusers' to float rounding. Only the numbers
+live here; the update rules are in `ddpm.py` and `ddim.py`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,30 +32,15 @@ def check_sampler(sampler: str) -> str:
     return sampler
 
 
-def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """The cosine schedule (Nichol & Dhariwal 2021, eq. 17), `squaredcos_cap_v2` in diffusers, computed as they do."""
+def _diffusers_scheduler(cfg: Mapping[str, Any]) -> Any:
+    """diffusers' own `DDPMScheduler` of the config (the betas, ᾱ and timestep spacing come from it; the DDPM and
+    DDIM steps in `ddpm.py` / `ddim.py` read them). Keys that DDPM does not take (DDIM's `set_alpha_to_one`) are
+    read by `NoiseSchedule` itself."""
+    from diffusers import DDPMScheduler
 
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = []
-    for i in range(num_train_timesteps):
-        t1 = i / num_train_timesteps
-        t2 = (i + 1) / num_train_timesteps
-        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. 2024, Algorithm 1 (diffusers' `rescale_zero_terminal_snr`): shift and scale sqrt(ᾱ) so ᾱ_T = 0."""
-    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    s0 = alphas_bar_sqrt[0].clone()
-    s_last = alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt -= s_last
-    alphas_bar_sqrt *= s0 / (s0 - s_last)
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return 1 - alphas
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
+    return DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg})
 
 
 def _choice(cfg: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -107,27 +91,15 @@ class NoiseSchedule:
         spacing = _choice(cfg, "timestep_spacing", "leading", TIMESTEP_SPACINGS)
 
         trained = cfg.get("trained_betas")
-        if trained is not None:
-            betas = torch.tensor(trained, dtype=torch.float32)
-            if betas.shape != (T,):
-                raise DenoqError(f"scheduler config: trained_betas has {betas.numel()} values, expected {T}")
-        else:
-            schedule = _choice(cfg, "beta_schedule", "linear", BETA_SCHEDULES)
-            beta_start = float(cfg.get("beta_start", 0.0001))
-            beta_end = float(cfg.get("beta_end", 0.02))
-            if schedule == "linear":
-                betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
-            elif schedule == "scaled_linear":
-                betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
-            else:
-                betas = _betas_for_alpha_bar(T)
-        if cfg.get("rescale_betas_zero_snr", False):
-            betas = _rescale_zero_terminal_snr(betas)
-        alphas = 1.0 - betas
+        if trained is not None and len(trained) != T:
+            raise DenoqError(f"scheduler config: trained_betas has {len(trained)} values, expected {T}")
+        if trained is None:
+            _choice(cfg, "beta_schedule", "linear", BETA_SCHEDULES)
+        scheduler = _diffusers_scheduler(cfg)
         return cls(
-            betas=betas,
-            alphas=alphas,
-            alphas_cumprod=torch.cumprod(alphas, dim=0),
+            betas=scheduler.betas,
+            alphas=scheduler.alphas,
+            alphas_cumprod=scheduler.alphas_cumprod,
             num_train_timesteps=T,
             prediction_type=prediction_type,
             variance_type=variance_type,
@@ -161,17 +133,10 @@ class NoiseSchedule:
         check_sampler(sampler)
         n = self.check_steps(num_steps)
         T = self.num_train_timesteps
-        if self.timestep_spacing == "linspace":
-            ts = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            step_ratio = T // n
-            ts = (np.arange(0, n) * step_ratio).round()[::-1].copy().astype(np.int64)
-            ts += self.steps_offset
-        else:  # trailing
-            step_ratio = T / n
-            ts = np.round(np.arange(T, 0, -step_ratio)).astype(np.int64)
-            ts -= 1
-            ts = ts[:n]
+        scheduler = _diffusers_scheduler({"num_train_timesteps": T, "timestep_spacing": self.timestep_spacing,
+                                          "steps_offset": self.steps_offset})
+        scheduler.set_timesteps(n)
+        ts = scheduler.timesteps.numpy().astype(np.int64)[:n]
         if ts.min() < 0 or ts.max() >= T:
             raise DenoqError(
                 f"timesteps {ts.min()}..{ts.max()} fall outside [0, {T - 1}] "
