@@ -18,12 +18,11 @@ from denoq.compiler.artifact import (
     SCHEMA_VERSION,
     TIMINGS,
     Artifact,
-    ArtifactWriter,
-    check_output_dir,
     library_versions,
-    sha256_file,
     split_timings,
 )
+from denoq.compiler.artifact_writer import ArtifactWriter, check_output_dir
+from denoq.compiler.files import sha256_file
 from denoq.errors import DenoqError
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet, record_calls
-from denoq.compiler.artifact import Artifact, check_output_dir
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.artifact_writer import check_output_dir
 from denoq.compiler.backend_names import BACKENDS
 from denoq.compiler.load import load_model
 from denoq.compiler.mixed_compile import compile_mixed

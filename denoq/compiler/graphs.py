@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from denoq.calibrators.ptqd import PtqdStats
-from denoq.compiler.artifact import ArtifactWriter
+from denoq.compiler.artifact_writer import ArtifactWriter
 from denoq.compiler.build import TRT_GRAPH
 from denoq.compiler.load import ModelSpec
 from denoq.compiler.recipe import Recipe

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from denoq.calibrators.stepprec import choose_precision, diffusion_snr, precision_png, quantization_snr
-from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.artifact_writer import ArtifactWriter, check_output_dir
 from denoq.compiler.backends import make_backend, torch_eps
 from denoq.compiler.calibrate import record_pool
 from denoq.compiler.load import load_model

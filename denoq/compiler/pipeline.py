@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.compiler.artifact import Artifact, ArtifactWriter, check_output_dir
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.artifact_writer import ArtifactWriter, check_output_dir
 from denoq.compiler.calibrate import Calibration, calibrate, check_inputs, guidance_scales
 from denoq.compiler.graphs import Graphs, write_graphs
 from denoq.compiler.load import ModelSpec, load_model

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from denoq.bops import FLOAT_BITS, layer_macs, plan_bops
 from denoq.calibrators.ptqd import ptqd_pictures
-from denoq.compiler.artifact import Artifact, ArtifactWriter
+from denoq.compiler.artifact import Artifact
+from denoq.compiler.artifact_writer import ArtifactWriter
 from denoq.compiler.backends import PTQD_FILE, torch_eps
 from denoq.compiler.calibrate import Calibration
 from denoq.compiler.graphs import Graphs
