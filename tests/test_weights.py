@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_unet
 
 from denoq.calibrators.calibset import record_trajectories
-from denoq.calibrators.gptq import GptqSettings, HessianAccumulator, layer_output_error, weight_matrix
+from denoq.calibrators.gptq import GptqSettings, layer_output_error
+from denoq.calibrators.layer_matrix import HessianAccumulator, weight_matrix
 from denoq.calibrators.quantizer import symmetric_weight_quant
 from denoq.calibrators.weights import WeightSettings, _block, round_weights
 from denoq.compiler.backends import torch_eps
@@ -147,9 +148,9 @@ def test_timestep_groups_need_quantized_activations(tiny_pipeline, tmp_path):
     from denoq.compiler.recipe import load_recipe
     from denoq.errors import DenoqError
 
-    recipe = load_recipe("w4a16", ["calib.samples=2", "calib.steps=4", "activations.timestep_groups=2"])
     with pytest.raises(DenoqError, match="needs quantized activations"):
-        compile_model(str(tiny_pipeline), recipe, tmp_path / "art")
+        compile_model(str(tiny_pipeline), load_recipe("w4a16", ["calib.samples=2", "calib.steps=4",
+                                                                "activations.timestep_groups=2"]), tmp_path / "art")
     assert not (tmp_path / "art").exists()
 
 
