@@ -149,8 +149,10 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
         eps_err.append(_rel(q(x_t[:k], t[:k], cond_k), eps_fp[:k]))
 
     q_traj: list[torch.Tensor] = []
-    x_fp = sample_artifact(fp, art, shape, callback=on_fp, **kw)
-    x_q = sample_artifact(q, art, shape, callback=lambda s, t, x_t, e: q_traj.append(x_t), residual_var=variance, **kw)
+    run = f"{settings.sampler} {settings.steps}"
+    x_fp = sample_artifact(fp, art, shape, callback=on_fp, desc=f"FP ({settings.fp_backend}) {run}", **kw)
+    x_q = sample_artifact(q, art, shape, callback=lambda s, t, x_t, e: q_traj.append(x_t), residual_var=variance,
+                          desc=f"quantized ({settings.backend}) {run}", **kw)
     drift = [_rel(a, b) for a, b in zip(q_traj, fp_traj, strict=True)]
 
     digits = tuple(shape) == DIGITS_SHAPE
@@ -175,7 +177,8 @@ def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> di
     runs[settings.run_name] = {k: report[k] for k in ("fd_digits_fp", "fd_digits", "fd_to_fp", "psnr_vs_fp",
                                                       "class_accuracy", "class_accuracy_fp") if k in report}
     pictures = {
-        "samples_fp_vs_quant.png": side_by_side_png(x_fp[:64], x_q[:64], ("FP32", f"quantized ({settings.backend})")),
+        "samples_fp_vs_quant.png": side_by_side_png(x_fp[:64], x_q[:64], (f"FP ({settings.fp_backend})",
+                                                                       f"quantized ({settings.backend})")),
         "timestep_error.png": timestep_error_png(ts, {"‖ε_q − ε_fp‖ / ‖ε_fp‖ on the FP trajectory": eps_err,
                                                       "‖x_t^q − x_t^fp‖ / ‖x_t^fp‖ (trajectory drift)": drift},
                                                  "relative error", f"quantized vs FP per timestep "
@@ -202,11 +205,12 @@ def mixed_summary(art: Artifact) -> dict[str, Any]:
     meta = art.manifest["mixed"]
     per_image = meta["bops_per_image"]
     top = max(meta["members"], key=lambda n: (meta["bops_per_call"][n], n))
+    steps = meta["steps_per_member"]
     return {"members": meta["members"], "steps_per_member": meta["steps_per_member"],
             "t": [row["t"] for row in meta["steps"]], "member": [row["member"] for row in meta["steps"]],
             "bops_per_image": per_image,
             "bops_vs_all": {n: per_image["mixed"] / per_image[n] for n in meta["members"]},
-            "text": (", ".join(f"{n} runs {meta['steps_per_member'][n]} steps" for n in meta["members"])
+            "text": (", ".join(f"{n} runs {steps[n]} step{'' if steps[n] == 1 else 's'}" for n in meta["members"])
                      + f"; BOPs per image ×{per_image['mixed'] / per_image[top]:.3f} of all-{top}")}
 
 
@@ -238,7 +242,7 @@ def _single_artifact_report(art: Artifact, spec: ModelSpec, settings: EvalSettin
     stats = artifact_ptqd(art)
     if stats is not None:
         report["ptqd"] = ptqd_summary(stats, art.manifest["ptqd"].get("vsc", False))
-        pictures["ptqd.png"] = ptqd_pictures(stats, f"PTQD statistics per step ({stats.sampler} {stats.num_steps})")
+        pictures["ptqd.png"] = ptqd_pictures(stats)  # its title names the sampler and steps
     return report
 
 

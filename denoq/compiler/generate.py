@@ -22,13 +22,14 @@ def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
 
 def sample_artifact(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int,
                     eta: float, seed: int, n: int, cond: torch.Tensor | None, callback=None,
-                    residual_var: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+                    residual_var: torch.Tensor | None = None, progress: bool = True,
+                    desc: str | None = None) -> torch.Tensor:
     """`n` samples of shape `spec_shape` driven by `eps` with the artifact's noise schedule, from the noise of
-    `seed`."""
+    `seed`; `desc` labels the progress bar (default: the sampler's name)."""
     schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
     return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
                   generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
-                  residual_var=residual_var, progress=progress)
+                  residual_var=residual_var, progress=progress, desc=desc)
 
 
 def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, threads: int | None = None,
