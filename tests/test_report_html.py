@@ -18,7 +18,9 @@ from PIL import Image, ImageStat
 import denoq.sampling.loop
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.evaluate import EvalSettings, evaluate
-from denoq.compiler.report_html import QUALITY, num, render_html, si
+from denoq.compiler.html_parts import num, si
+from denoq.compiler.report_html import render_html
+from denoq.compiler.report_words import QUALITY
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 WIDTH = 1000
