@@ -11,17 +11,19 @@ import torch
 
 from denoq.calibrators.accuquant import (
     AccuQuantSettings,
-    Window,
     check_window,
-    output_weights,
     pool_noise,
     quantized_states,
     reconstruct,
+    trajectory_drift,
+)
+from denoq.calibrators.accuquant_window import (
+    Window,
+    output_weights,
     run_window,
     sampler_step,
     state_weights,
     states_after,
-    trajectory_drift,
     window_backward_recompute,
     window_loss,
     window_targets,

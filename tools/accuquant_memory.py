@@ -41,7 +41,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement (runs in its own process)."""
     import torch
 
-    from denoq.calibrators.accuquant import Window, sampler_step, window_backward
+    from denoq.calibrators.accuquant_window import Window, sampler_step, window_backward
     from denoq.calibrators.learnable import LearnableModel
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.backends import artifact_model, artifact_plan
@@ -97,7 +97,8 @@ def compile_plan(model: str, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from denoq.calibrators.accuquant import GRADIENTS, OBJECTIVES, AccuQuantSettings
+    from denoq.calibrators.accuquant import AccuQuantSettings
+    from denoq.calibrators.choices import GRADIENTS, OBJECTIVES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="digits")

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from denoq.calibrators.choices import BACKPROPS, GRADIENTS, OBJECTIVES, STARTS, WEIGHT_BITS
+
 
 @dataclass(frozen=True)
 class KeySpec:
@@ -99,7 +101,7 @@ class WeightKeys:
     bits: int = key(8,
             "weight bits (symmetric; 7 and 6 in the int8 container, 7 = reduce_range: no u8×s8 saturation on "
             "CPUs without VNNI; 4 as ONNX int4 on MatMul / Gemm; 3 is for experiments)",
-            choices=(8, 7, 6, 4, 3), planned=_two_bits)
+            choices=WEIGHT_BITS, planned=_two_bits)
     method: str = key("rtn",
             "weight rounding: rtn = round to nearest; gptq = GPTQ (lazy blocks); obq = Optimal Brain Quantizer "
             "(greedy, slow on wide layers); adaround = learned rounding and activation scales (accuquant.*)",
@@ -218,21 +220,21 @@ class AccuQuantKeys:
             "own init (soft rounding = the FP weights)", choices=("rtn", "gptq", "fp"))
     backprop: str = key("recompute",
             "adaround with a window: recompute = O(1) memory in the window length; naive = backprop through it",
-            choices=("recompute", "naive"))
+            choices=BACKPROPS)
     gradient: str = key("stop",
             "adaround with a window: stop = gradients stop at each model input (through the sampler's x-path "
             "only; under outputs each step's term trains that step alone, on the window's drifted input); full "
             "= the exact gradient of the window's loss, also through the quantized model's inputs",
-            choices=("full", "stop"))
+            choices=GRADIENTS)
     objective: str = key("outputs",
             "adaround with a window: end = the distance to the FP state after the window's n steps; every = the "
             "distances after each of its steps (the first is the per-step loss); outputs = the quantized "
             "model's ε error at each step along its own simulated window (n = 1: the per-step loss)",
-            choices=("end", "every", "outputs"))
+            choices=OBJECTIVES)
     start: str = key("fp",
             "adaround: where the quantized model's steps start: fp = the FP trajectories' states (the targets' "
             "own start); quantized = the quantized model's own trajectories from the same noise (their "
-            "accumulated error included), re-run every 100 iterations", choices=("fp", "quantized"))
+            "accumulated error included), re-run every 100 iterations", choices=STARTS)
     perstep_iters: int = key(0,
             "adaround with a window: the first iterations use the per-step objective, the window fine-tunes "
             "after them (0 = the window throughout)", lo=0, hi=100_000)
