@@ -7,19 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denoq.calibrators.gptq import (
-    GptqSettings,
-    HessianAccumulator,
-    from_matrix,
-    gptq,
-    group_columns,
-    layer_inputs,
-    layer_output_error,
-    layer_plan,
-    obq,
-    rtn,
-    weight_matrix,
-)
+from denoq.calibrators.gptq import GptqSettings, gptq, group_columns, layer_output_error, layer_plan, obq, rtn
+from denoq.calibrators.layer_matrix import HessianAccumulator, from_matrix, layer_inputs, weight_matrix
 from denoq.calibrators.quantizer import symmetric_weight_quant
 from denoq.errors import DenoqError
 

@@ -2,7 +2,8 @@
 Frantar et al., "GPTQ" (ICLR 2023). Our own implementation from the papers' equations.
 
 A layer with weights W `[rows = out, cols]` and calibration inputs X `[cols, N]` (one column per input vector; a
-Conv2d's input is unfolded into its kernel patches, `layer_inputs`) is rounded to minimize the output error
+Conv2d's input is unfolded into its kernel patches: the layer as a matrix, `layer_matrix.py`) is rounded to
+minimize the output error
 
     E(Ŵ) = ‖WX − ŴX‖²_F / N = ½ tr(ΔW H ΔWᵀ),   ΔW = W − Ŵ,   H = 2XXᵀ / N                     (GPTQ eq. 1)
 
@@ -40,106 +41,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from denoq.calibrators.choices import WEIGHT_BITS
+from denoq.calibrators.layer_matrix import check_module, from_matrix
 from denoq.calibrators.quantizer import quantize
 from denoq.errors import DenoqError
 from denoq.layers import layer_op
 from denoq.plan import LayerPlan
-
-SUPPORTED_BITS = (8, 7, 6, 4, 3)
-
-
-# -- the layer as a matrix -----------------------------------------------------------------------------------
-def _check_module(module: nn.Module) -> None:
-    if type(module) not in (nn.Linear, nn.Conv2d):
-        raise DenoqError(f"GPTQ/OBQ rounds Linear and Conv2d weights, not {type(module).__name__}; "
-                         "quantize this layer with weights.method=rtn or keep it in FP (layers.keep_fp)")
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise DenoqError(f"GPTQ/OBQ does not support grouped convolutions (groups={module.groups}); use "
-                         "weights.method=rtn for this model or keep the layer in FP (layers.keep_fp)")
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """W as `[out, cols]`: Linear `[out, in]`; Conv2d `[out, in·kh·kw]`, in-channel major then kh, kw, which is the
-    row order of `F.unfold`'s patches, so that `weight_matrix(conv) @ layer_inputs(conv, x).T` is the conv."""
-    _check_module(module)
-    return module.weight.detach().flatten(1)
-
-
-def from_matrix(module: nn.Module, w2d: torch.Tensor) -> torch.Tensor:
-    """The inverse of `weight_matrix`: `w2d` (any dtype, e.g. the int8 integers) in the module's weight layout."""
-    _check_module(module)
-    if w2d.numel() != module.weight.numel() or w2d.shape[0] != module.weight.shape[0]:
-        raise DenoqError(f"a weight matrix of shape {tuple(w2d.shape)} does not fit a layer with weights "
-                         f"{tuple(module.weight.shape)}; pass the matrix computed for this layer")
-    return w2d.reshape(module.weight.shape)
-
-
-def _conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding of `conv`, as F.pad takes it; 'same' puts the odd pixel right/bottom."""
-    if conv.padding == "valid":
-        return (0, 0, 0, 0)
-    if conv.padding == "same":
-        th, tw = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
-        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input vectors as rows of a `[N, cols]` matrix (Xᵀ): Linear `[..., in]` → `[N, in]`;
-    Conv2d NCHW → its unfolded patches (padding, dilation, stride of the module) `[B·L, in·kh·kw]`."""
-    _check_module(module)
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if x.dim() != 4:
-        raise DenoqError(f"Conv2d input must be NCHW, got shape {tuple(x.shape)}; record the layer's batched input")
-    pads = _conv_pads(module)
-    if any(pads):
-        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)  # [B, cols, L]
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
-class HessianAccumulator:
-    """H = 2XXᵀ/N over every input batch `add`ed, as a running mean in float64:
-
-        H ← H · N/(N + n) + (2/(N + n)) · X_b X_bᵀ,   N ← N + n
-
-    where X_b `[cols, n]` are the n input vectors of the batch (`layer_inputs`)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        _check_module(module)
-        self.module = module
-        self.count = 0
-        self._h: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate one batch of the layer's *input* activations (Linear `[..., in]`, Conv2d NCHW)."""
-        xt = layer_inputs(self.module, x.detach()).to(torch.float64)
-        n = xt.shape[0]
-        if n == 0:
-            return
-        if self._h is None:
-            self._h = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=xt.device)
-        total = self.count + n
-        self._h.mul_(self.count / total).addmm_(xt.T, xt, alpha=2.0 / total)
-        self.count = total
-
-    def attach(self) -> RemovableHandle:
-        """Accumulate every forward input of the module from now on; `.remove()` the handle when done."""
-        return self.module.register_forward_pre_hook(lambda _m, args: self.add(args[0]))
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """H = 2XXᵀ/N, float64 `[cols, cols]` (a copy)."""
-        if self._h is None:
-            raise DenoqError("no calibration inputs reached this layer, so it has no Hessian; check that the "
-                             "calibration run executes the layer (or quantize it with weights.method=rtn)")
-        return self._h.clone()
 
 
 # -- settings and result ---------------------------------------------------------------------------------------
@@ -163,7 +72,7 @@ class GptqSettings:
     static_groups: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
+        if self.bits not in WEIGHT_BITS:
             raise DenoqError(f"weights.bits={self.bits} is not supported by GPTQ/OBQ rounding; use 8, 4 or 3")
         if self.group_size < 0:
             raise DenoqError(f"weights.group_size={self.group_size} is negative; use 0 (per output channel) or a "
@@ -202,7 +111,7 @@ class WeightQuant:
 
 def group_columns(module: nn.Module, group_size: int) -> int:
     """Columns of `weight_matrix(module)` in one group of `group_size` input channels (0 stays 0)."""
-    _check_module(module)
+    check_module(module)
     if group_size == 0:
         return 0
     cin = module.weight.shape[1]

@@ -35,7 +35,6 @@ from torch import nn
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.gptq import (
     GptqSettings,
-    HessianAccumulator,
     HessianNotPositiveDefinite,
     WeightQuant,
     gptq,
@@ -44,8 +43,8 @@ from denoq.calibrators.gptq import (
     layer_plan,
     obq,
     rtn,
-    weight_matrix,
 )
+from denoq.calibrators.layer_matrix import HessianAccumulator, weight_matrix
 from denoq.log import bar
 from denoq.plan import LayerPlan
 
