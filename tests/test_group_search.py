@@ -11,14 +11,8 @@ from test_parity import end_to_end_rms
 from test_timegroups import SETTINGS, T, calib_ts, make_stats
 
 from denoq.calibrators.observers import ObserverSettings, clip_range
-from denoq.calibrators.timegroups import (
-    _runs,
-    group_scale,
-    layer_zero_point,
-    scale_table,
-    search_groups,
-    segment_of_timestep,
-)
+from denoq.calibrators.timegroups import group_scale, layer_zero_point, scale_table, segment_of_timestep
+from denoq.calibrators.timegroups_search import _runs, search_groups
 
 GROUPS = 3
 SETS = ["calib.samples=8", "calib.steps=10", f"activations.timestep_groups={GROUPS}"]

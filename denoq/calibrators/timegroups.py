@@ -4,7 +4,7 @@ Wang et al., "Towards Accurate Post-training Quantization for Diffusion Models" 
 arXiv 2305.18723) observe that a layer's activation range drifts with the denoising timestep, so one quantizer
 for all timesteps wastes levels; they give each layer G *group-wise* activation quantizers, one per contiguous
 group of timesteps. This module chooses the groups per layer, exactly, by dynamic programming (the fast default;
-no gradient search):
+ADP-DM's own differentiable search is `timegroups_search.py`):
 
 Let t_1 < … < t_K be the layer's calibrated timesteps and X_k its sampled activations at t_k. For a segment
 S = {t_i, …, t_j} the observer picks qparams (s_S, z) on the pooled values X_S = X_i ∪ … ∪ X_j and
@@ -29,18 +29,13 @@ plan's constant table exactly.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.observers import MIN_RANGE, MSE_GRID, ObserverSettings, clip_range, observe_qparams, qparams
-from denoq.calibrators.quantizer import fake_quantize, straight_through
-from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, fake_quant_at
+from denoq.calibrators.quantizer import fake_quantize
 from denoq.calibrators.stats import TensorStats, strided
 from denoq.errors import DenoqError
-from denoq.log import bar
-from denoq.plan import ActQuant, QuantPlan, qrange
+from denoq.plan import ActQuant, qrange
 
 SAMPLES_PER_TIMESTEP = 256
 
@@ -259,124 +254,3 @@ def grouped_act_quant(stats: TensorStats, groups: int, settings: ObserverSetting
     _check_timesteps(stats, num_train_timesteps)
     segments = partition_timesteps(stats, groups, settings, samples_per_timestep)
     return scale_table(stats, segments, settings, num_train_timesteps), segments
-
-
-# -- ADP-DM's differentiable group search (the option) -------------------------------------------------------------
-# ADP-DM (§3.2) learns, for every layer l and calibrated timestep t_k, importance weights over the layer's G group
-# quantizers Q_{l,1..G}, π_{l,k} = softmax(α_{l,k}); the layer's input at t_k becomes
-#
-#     x̂ = Σ_g π_{l,k,g} · Q_{l,g}(x)                                                                          (3)
-#
-# and α is optimized on the model's output error, entropy-regularized so that every π_{l,k} ends one-hot:
-#
-#     L(α) = E‖ε̂_α(x_t, t) − ε(x_t, t)‖² / E‖ε̂_DP(x_t, t) − ε(x_t, t)‖² + β · mean_{l,k} H(π_{l,k})           (4)
-#
-# with the denominator measured per calibrated step at the start on a fixed probe batch (so every step weighs the
-# same); the reported `output_error_ratio` is the same ratio at the end, averaged over the steps.
-# Rounding passes gradients straight through (Q(x) → x + sg(Q(x) − x)), so a layer's α also learns from the error
-# it causes downstream. The G quantizers start as the exact partition's groups (their scales; α favours each
-# timestep's DP group by SEARCH_INIT); at the end every timestep takes its arg-max group and the groups, no longer
-# necessarily contiguous, have their scales re-observed on their own timesteps (`scale_table`). For the ort-cpu
-# profile the search quantizes each layer's output (bias included) with its constant table, which is what a layer
-# without a selector does; the deployed selector layer quantizes its bias-free, r_t-scaled output instead
-# (`simulate.py`), so the search sees that layer's output error only approximately.
-
-SEARCH_ITERS = 200
-SEARCH_BATCH = 16
-SEARCH_LR = 0.05
-SEARCH_BETA = 0.5
-SEARCH_INIT = 2.0
-
-
-class _SearchLayer(SimulatedLayer):
-    """A simulated layer whose input is eq. (3) at the batch's (single) timestep; outputs pass straight through
-    their constant-table quantizer. `arm` sets its group scales and logits."""
-
-    def arm(self, scales: torch.Tensor, logits: torch.Tensor, step_of: dict[int, int]) -> None:
-        self.group_scales = scales
-        self.logits = logits
-        self.step_of = step_of
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.clock.t
-        assert t is not None and self.plan.input is not None
-        qmin, qmax = self.plan.input.qrange
-        pi = torch.softmax(self.logits[self.step_of[int(t[0])]], dim=0)
-        x = sum(pi[g] * straight_through(fake_quantize(x, s, self.plan.input.zero_point, qmin, qmax), x)
-                for g, s in enumerate(self.group_scales))
-        y = self._layer(x, self.bias)
-        if self.plan.output is not None:
-            y = straight_through(fake_quant_at(y, self.plan.output, t), y)
-        return y
-
-
-def search_groups(model: torch.nn.Module, plan: QuantPlan, stats: dict[str, TensorStats],
-                  segments: dict[str, list[Segment]], calib: CalibrationSet, settings: ObserverSettings, *,
-                  seed: int, iters: int = SEARCH_ITERS
-                  ) -> tuple[QuantPlan, dict[str, list[Segment]], dict[str, float]]:
-    """Eq. (3)–(4) on `plan` (the exact partition's plan, `segments` its groups per layer; `stats` the layers' input
-    statistics). Returns the plan with the searched input tables, each layer's segments (runs of calibrated
-    timesteps with one group; runs of a group share its scale) and the search's loss terms."""
-    generator = torch.Generator().manual_seed(seed)
-    searched = SimulatedModel(model, plan, layer=_SearchLayer).train()
-    for p in searched.parameters():
-        p.requires_grad_(False)
-    layers = {name: m for name, m in searched.model.named_modules() if isinstance(m, _SearchLayer)}
-    step_index = {t: k for k, t in enumerate(sorted(calib.t))}
-    params = []
-    for name, layer in sorted(layers.items()):
-        segs, table = segments[name], plan.layers[name].input.scale
-        logits = torch.zeros(len(step_index), len(segs))
-        for t, k in step_index.items():
-            logits[k, next(g for g, (a, b) in enumerate(segs) if a <= t <= b)] = SEARCH_INIT
-        logits.requires_grad_(True)
-        layer.arm(torch.stack([table[a] for a, _ in segs]), logits, step_index)
-        params.append(logits)
-    optimizer = torch.optim.Adam(params, lr=SEARCH_LR)
-    n = calib.x[0].shape[0]
-
-    def error(step: int, rows: torch.Tensor) -> torch.Tensor:
-        x, t = calib.x[step][rows], torch.full((len(rows),), calib.t[step], dtype=torch.int64)
-        cond = None if calib.cond is None else calib.cond[rows]
-        with torch.no_grad():
-            target = model(x, t).sample if cond is None else model(x, t, cond).sample
-        return (searched(x, t, cond) - target).pow(2).mean()
-
-    probe = torch.arange(min(n, SEARCH_BATCH))  # E‖ε̂ − ε‖² per calibrated step at the start (the DP groups)
-    with torch.no_grad():
-        reference = [max(error(step, probe).item(), 1e-30) for step in range(len(calib.t))]
-    entropy = torch.zeros(())
-    for _ in bar(range(iters), desc="timestep-group search", unit="iter"):
-        step = int(torch.randint(len(calib.t), (1,), generator=generator))
-        rows = torch.randperm(n, generator=generator)[:SEARCH_BATCH]
-        pis = [torch.softmax(p, dim=1) for p in params]
-        entropy = torch.stack([-(pi * pi.clamp_min(1e-12).log()).sum(dim=1).mean() for pi in pis]).mean()
-        loss = error(step, rows) / reference[step] + SEARCH_BETA * entropy
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        final = [error(step, probe).item() / reference[step] for step in range(len(calib.t))]
-    terms = {"output_error_ratio": sum(final) / len(final), "entropy": entropy.item()}
-    new_plan = QuantPlan(num_train_timesteps=plan.num_train_timesteps, target=plan.target)
-    new_segments = {}
-    for name, lp in sorted(plan.layers.items()):
-        chosen = layers[name].logits.detach().argmax(dim=1).tolist()
-        groups = [chosen[step_index[t]] for t in sorted(step_index)]
-        runs, labels = _runs(sorted(step_index), groups)
-        act = scale_table(stats[name], runs, settings, plan.num_train_timesteps, labels)
-        new_plan.add(dataclasses.replace(lp, input=act))
-        new_segments[name] = runs
-    return new_plan, new_segments, terms
-
-
-def _runs(ts: list[int], groups: list[int]) -> tuple[list[Segment], list[int]]:
-    """Maximal runs of consecutive calibrated timesteps with one group: ([(first, last), …], [group, …])."""
-    runs, labels = [], []
-    for t, g in zip(ts, groups, strict=True):
-        if labels and labels[-1] == g:
-            runs[-1] = (runs[-1][0], t)
-        else:
-            runs.append((t, t))
-            labels.append(g)
-    return runs, labels

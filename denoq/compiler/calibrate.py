@@ -30,7 +30,7 @@ from denoq.calibrators.ptqd import PtqdStats, collect_pairs
 from denoq.calibrators.ptqd import fit as fit_ptqd
 from denoq.calibrators.simulate import simulate
 from denoq.calibrators.stats import collect_stats
-from denoq.calibrators.timegroups import search_groups
+from denoq.calibrators.timegroups_search import search_groups
 from denoq.calibrators.weights import WeightSettings, round_weights
 from denoq.compiler.backends import torch_eps
 from denoq.compiler.load import ModelSpec
