@@ -11,16 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.calibrators.ptqd import (
-    PtqdStats,
-    StepFit,
-    check_matches,
-    collect_pairs,
-    fit,
-    fit_step,
-    nearest_measured,
-    ptqd_pictures,
-)
+from denoq.calibrators.ptqd import PtqdStats, StepFit, check_matches, collect_pairs, fit, fit_step, nearest_measured
+from denoq.calibrators.ptqd_plot import ptqd_pictures
 from denoq.calibrators.timegroups import segment_of_timestep
 from denoq.errors import DenoqError
 

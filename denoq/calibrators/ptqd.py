@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,17 +49,13 @@ from scipy import stats as scipy_stats
 
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.errors import DenoqError
-from denoq.figures import figure_png
 from denoq.log import bar
+from denoq.sampling import EpsFn
 from denoq.sampling.schedule import SAMPLERS
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 #: At most this many residual values per step go to the normality test (D'Agostino–Pearson wants ≥ 20).
 NORMALITY_SAMPLES = 4096
 MIN_NORMALITY_SAMPLES = 20
-#: p below this marks a step's residual as not Gaussian in the pictures.
-NORMALITY_ALPHA = 0.01
 _HASH_MULT = 2654435761  # Knuth's multiplicative hash: spreads consecutive element indices over [0, 2^32)
 _TENSOR_KEYS = ("ptqd.k", "ptqd.bias", "ptqd.residual_var", "ptqd.normality_p")
 
@@ -325,46 +321,3 @@ def fit(pairs: Iterable[tuple[int, torch.Tensor, torch.Tensor]], num_train_times
                          "every pair must come from the same two models")
     fits = {t: s.finish(where=f" at timestep {t}", correlated=correlated) for t, s in sums.items()}
     return PtqdStats.from_fits(fits, num_train_timesteps, sampler, num_steps)
-
-
-# -- the picture ---------------------------------------------------------------------------------------------------
-def ptqd_pictures(stats: PtqdStats, title: str = "PTQD statistics per step") -> bytes:
-    """Three panels over the measured steps (x axis: timestep, descending as sampling runs): k_t; mean and max over
-    channels of |b_c|; the residual std σ with the normality p-values on a log axis (steps with p < 0.01 marked)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = stats.steps
-    absb = stats.bias[t].abs()
-    p = stats.normality_p.numpy()
-    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
-    axes[0].plot(t, stats.k[t].numpy(), marker=".", color="#4477aa")
-    axes[0].set_ylabel("k_t (ε_q = (1+k)ε + Δ′)")
-    axes[1].plot(t, absb.mean(1).numpy(), marker=".", color="#228833", label="mean over channels")
-    axes[1].plot(t, absb.amax(1).numpy(), marker=".", color="#ccbb44", label="max over channels")
-    axes[1].set_ylabel("|bias| of Δ′")
-    axes[1].legend(fontsize=7)
-    std = stats.residual_std.numpy()
-    axes[2].plot(t, std, marker=".", color="#cc6677", label="residual std σ")
-    bad = [i for i, v in enumerate(p) if v < NORMALITY_ALPHA]
-    if bad:
-        axes[2].scatter([t[i] for i in bad], std[bad], marker="x", color="black", zorder=3,
-                        label=f"not Gaussian (p < {NORMALITY_ALPHA:g})")
-    axes[2].set_ylabel("residual std")
-    twin = axes[2].twinx()
-    ok = [i for i, v in enumerate(p) if not math.isnan(v)]
-    twin.semilogy([t[i] for i in ok], np.maximum(p[ok], 1e-300), linestyle="none", marker="o", markersize=3,
-                  color="#999999", label="normality p (D'Agostino–Pearson)")
-    twin.axhline(NORMALITY_ALPHA, color="#999999", linestyle="--", linewidth=0.8)
-    twin.set_ylim(top=2.0)
-    twin.set_ylabel("normality p", color="#666666")
-    lines, twin_lines = axes[2].get_legend_handles_labels(), twin.get_legend_handles_labels()
-    twin.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize=7, framealpha=0.9)  # on top of both
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].invert_xaxis()  # shared x: inverting once inverts every panel
-    axes[2].set_xlabel("timestep t")
-    fig.suptitle(f"{title} ({stats.sampler}, {stats.num_steps} steps)")
-    return figure_png(fig)

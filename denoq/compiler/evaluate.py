@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from denoq.calibrators.ptqd import PtqdStats, ptqd_pictures
+from denoq.calibrators.ptqd import PtqdStats
+from denoq.calibrators.ptqd_plot import ptqd_pictures
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import (
     artifact_model,

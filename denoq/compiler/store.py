@@ -12,7 +12,7 @@ import onnx
 from safetensors.torch import save_file
 
 from denoq.bops import FLOAT_BITS, layer_macs, plan_bops
-from denoq.calibrators.ptqd import ptqd_pictures
+from denoq.calibrators.ptqd_plot import ptqd_pictures
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.artifact_writer import ArtifactWriter
 from denoq.compiler.backends import PTQD_FILE, torch_eps
