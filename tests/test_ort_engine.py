@@ -13,6 +13,7 @@ from _qdq_models import conv_stack, dyadic_plan, make_plan, run_torch, tiny
 from onnx import TensorProto, helper
 
 from denoq.engines import ort as eng
+from denoq.engines.ort_report import fusion_report, latency
 from denoq.errors import DenoqError
 from denoq.passes import InsertQDQ
 
@@ -147,7 +148,7 @@ def test_int8_matmul_add_workaround(tmp_path: Path) -> None:
 def test_fusion_report_ort_cpu_convs_all_fuse(tmp_path: Path) -> None:
     module, fp = conv_stack()
     x = torch.randn(1, 3, 8, 8)
-    report = eng.fusion_report(_save(InsertQDQ(make_plan(module, (x, torch.zeros(1)), "ort-cpu"))(fp),
+    report = fusion_report(_save(InsertQDQ(make_plan(module, (x, torch.zeros(1)), "ort-cpu"))(fp),
                                      tmp_path / "q.onnx"))
     assert report["layers"] == 3
     assert report["integer_ops"] == {"QLinearConv": 3} and report["float_ops"] == {}
@@ -160,7 +161,7 @@ def test_fusion_report_trt_profile_on_ort_cpu(tmp_path: Path) -> None:
     here conv3's input quantizer after conv2; conv1 (→ SiLU) and conv3 (→ graph output) stay float Conv."""
     module, fp = conv_stack()
     x = torch.randn(1, 3, 8, 8)
-    report = eng.fusion_report(_save(InsertQDQ(make_plan(module, (x, torch.zeros(1)), "trt"))(fp),
+    report = fusion_report(_save(InsertQDQ(make_plan(module, (x, torch.zeros(1)), "trt"))(fp),
                                      tmp_path / "q.onnx"))
     assert report["by_layer"] == {"conv1": "Conv", "conv2": "QLinearConv", "conv3": "Conv"}
     assert report["integer_ops"] == {"QLinearConv": 1} and report["float_ops"] == {"Conv": 2}
@@ -170,13 +171,13 @@ def test_fusion_report_trt_profile_on_ort_cpu(tmp_path: Path) -> None:
 def test_fusion_report_attention_and_gemm(tmp_path: Path) -> None:
     """What ORT 1.31 makes of Tiny (3 convs, MatMul projections with and without bias, a Gemm head)."""
     module, fp = tiny()
-    cpu = eng.fusion_report(_save(InsertQDQ(dyadic_plan(module, "ort-cpu"))(fp), tmp_path / "cpu.onnx"))
+    cpu = fusion_report(_save(InsertQDQ(dyadic_plan(module, "ort-cpu"))(fp), tmp_path / "cpu.onnx"))
     assert cpu["fraction_fused"] == 1.0 and cpu["float_ops"] == {}
     assert cpu["by_layer"] == {"attn.to_k": "QLinearMatMul",  # MatMul → Q
                                "attn.to_q": "QGemm", "attn.to_v": "QGemm",  # MatMul + bias Add → Q (3-D, reshaped)
                                "conv_in": "QLinearConv", "conv_mid": "QLinearConv", "conv_out": "QLinearConv",
                                "head": "QGemm"}
-    trt = eng.fusion_report(_save(InsertQDQ(dyadic_plan(module, "trt"))(fp), tmp_path / "trt.onnx"))
+    trt = fusion_report(_save(InsertQDQ(dyadic_plan(module, "trt"))(fp), tmp_path / "trt.onnx"))
     # no layer output goes straight into a Q, and int8 MatMuls reading a shared, propagated Q/DQ stay float
     assert trt["layers"] == 7 and trt["fused"] == 0 and trt["fraction_fused"] == 0.0
     assert trt["float_ops"] == {"Conv": 3, "Gemm": 1, "MatMul": 3}
@@ -187,10 +188,10 @@ def test_fusion_report_attention_and_gemm(tmp_path: Path) -> None:
 def test_latency(tmp_path: Path) -> None:
     backend = eng.OrtBackend(_save(toy_graph(), tmp_path / "toy.onnx"), threads=1)
     feeds = backend.feeds(torch.randn(2, 2, 3, 3), 5)
-    for timed in (eng.latency(backend, feeds, warmup=1, iters=5),
-                  eng.latency(backend.session, feeds, warmup=0, iters=3),
-                  eng.latency(backend, (torch.randn(2, 2, 3, 3), 5), warmup=1, iters=3)):
+    for timed in (latency(backend, feeds, warmup=1, iters=5),
+                  latency(backend.session, feeds, warmup=0, iters=3),
+                  latency(backend, (torch.randn(2, 2, 3, 3), 5), warmup=1, iters=3)):
         assert 0 < timed["min_ms"] <= timed["median_ms"] <= timed["p90_ms"]
         assert {"mean_ms", "stdev_ms", "iters"} <= set(timed)
     with pytest.raises(DenoqError, match="iters"):
-        eng.latency(backend, feeds, iters=0)
+        latency(backend, feeds, iters=0)

@@ -19,7 +19,8 @@ from onnx.reference import ReferenceEvaluator
 from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.backends import artifact_model, artifact_plan, make_backend
 from denoq.compiler.generate import generate
-from denoq.engines.ort import OrtBackend, fusion_report, session_options
+from denoq.engines.ort import OrtBackend, session_options
+from denoq.engines.ort_report import fusion_report
 from denoq.metrics import psnr
 
 # Float32 convolutions accumulate in different orders in torch, ORT and numpy: relative error ~ sqrt(K)·2^-24 for

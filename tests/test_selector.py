@@ -29,7 +29,7 @@ from _qdq_models import (
 )
 
 from denoq.calibrators.simulate import SimulatedLayer, TimestepClock, simulate
-from denoq.engines.ort import fusion_report
+from denoq.engines.ort_report import fusion_report
 from denoq.errors import DenoqError
 from denoq.passes import InsertQDQ, PassManager
 from denoq.plan import ActQuant, selector_tables

@@ -76,7 +76,8 @@ from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.pipeline import calibration_set, compile_model
 from denoq.compiler.recipe import Recipe, load_recipe
 from denoq.cpu import cpu_record
-from denoq.engines.ort import OrtBackend, fusion_report, latency
+from denoq.engines.ort import OrtBackend
+from denoq.engines.ort_report import fusion_report, latency
 from denoq.layers import quantizable_layers, select_layers
 from denoq.metrics import fd_between, fd_digits, psnr
 from denoq.sampling import NoiseSchedule, sample

@@ -34,7 +34,8 @@ from denoq.compiler.pictures import (
 )
 from denoq.compiler.probes import RANGE_PROBE, layer_sqnr, timestep_groups_picture
 from denoq.compiler.report_html import render_html
-from denoq.engines.ort import OrtBackend, fusion_report, latency
+from denoq.engines.ort import OrtBackend
+from denoq.engines.ort_report import fusion_report, latency
 from denoq.metrics import class_accuracy, fd_between, fd_digits, psnr
 
 DIGITS_SHAPE = (1, 16, 16)
