@@ -26,6 +26,7 @@ import pathlib
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from _qdq_models import (
@@ -40,9 +41,11 @@ from _qdq_models import (
     tiny,
     without_outputs,
 )
+from onnx_ir.passes import PassResult
 
 from denoq.errors import DenoqError
 from denoq.passes import LAYER_MAP_KEY, InsertQDQ, PassManager, read_layer_map
+from denoq.passes.infra import InPlace
 from denoq.plan import ActQuant, QuantPlan
 
 KINDS = ("conv", "gemm", "matmul")
@@ -336,34 +339,41 @@ def test_running_twice_is_an_error() -> None:
 
 # -- pass manager ------------------------------------------------------------------------------------------
 
-def break_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+class BreakGraph(InPlace):
     """A deliberately broken pass: drops the first DequantizeLinear, leaving its reader without an input."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    dq = next(i for i, n in enumerate(out.graph.node) if n.op_type == "DequantizeLinear")
-    del out.graph.node[dq]
-    return out
+
+    name = "break_graph"
+
+    def call(self, model: ir.Model) -> PassResult:
+        model.graph.remove(next(n for n in model.graph if n.op_type == "DequantizeLinear"))
+        return PassResult(model, True)
 
 
 def test_pass_manager_records_what_each_pass_did() -> None:
     module, fp = tiny()
     model, records = PassManager([InsertQDQ(dyadic_plan(module, "ort-cpu"))], verify=True)(fp)
-    (rec,) = records
-    assert rec.name == "insert_qdq"
-    # 7 weight DQs; 5 input pairs (to_q, to_k, to_v share one); 7 output pairs
-    assert rec.nodes_added == {"QuantizeLinear": 12, "DequantizeLinear": 19}
-    assert rec.nodes_removed == {} and rec.initializers_removed == 7
-    assert "insert_qdq" in rec.summary() and len(model.graph.node) == len(fp.graph.node) + 31
+    weights, outputs, inputs = records  # InsertQDQ is a Sequential: each of its passes is recorded
+    assert [r.name for r in records] == ["qdq_weights", "qdq_outputs", "qdq_inputs"]
+    assert weights.nodes_added == {"DequantizeLinear": 7} and weights.initializers_removed == 7
+    assert outputs.nodes_added == {"QuantizeLinear": 7, "DequantizeLinear": 7}  # 7 output pairs
+    assert inputs.nodes_added == {"QuantizeLinear": 5, "DequantizeLinear": 5}  # to_q, to_k, to_v share one
+    assert all(r.nodes_removed == {} for r in records)
+    assert "qdq_weights" in weights.summary() and len(model.graph.node) == len(fp.graph.node) + 31
 
 
 def test_pass_manager_names_the_pass_that_broke_the_graph() -> None:
     module, fp = tiny()
-    passes = [InsertQDQ(dyadic_plan(module, "trt")), break_graph]
+    passes = [InsertQDQ(dyadic_plan(module, "trt")), BreakGraph()]
     with pytest.raises(DenoqError, match="pass 'break_graph' produced an invalid ONNX graph"):
         PassManager(passes, verify=True)(fp)
     _, records = PassManager(passes, verify=False)(fp)  # without verify the broken graph goes through
-    assert [r.name for r in records] == ["insert_qdq", "break_graph"]
-    assert records[1].nodes_removed == {"DequantizeLinear": 1}
+    assert [r.name for r in records] == ["qdq_weights", "qdq_inputs", "break_graph"]
+    assert records[-1].nodes_removed == {"DequantizeLinear": 1}
+
+
+def test_pass_manager_takes_onnx_ir_passes_only() -> None:
+    with pytest.raises(TypeError, match="not an onnx-ir pass"):
+        PassManager([lambda model: model])(tiny()[1])
 
 
 def test_passes_do_not_import_torch() -> None:

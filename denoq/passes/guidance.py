@@ -16,13 +16,11 @@ No torch here (passes are ONNX only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import onnx
 import onnx_ir as ir
+from onnx_ir.passes import PassResult, PostconditionError, PreconditionError
 
-from denoq.errors import DenoqError
+from denoq.passes.infra import InPlace
 from denoq.passes.ptqd_head import HEAD_OUTPUT
 from denoq.passes.selector import TIMESTEP_INPUT
 
@@ -32,8 +30,7 @@ SCALE_INPUT = "guidance_scale"  # engines.ort.GUIDANCE_INPUT reads it (passes an
 GUIDED_GRAPH = "model.guided.qdq.onnx"
 
 
-@dataclass(frozen=True)
-class GuideClassFree:
+class GuideClassFree(InPlace):
     """Pass: wrap a class-conditional denoiser `(sample, timestep, class_labels) → out_sample` into its guided form
     `(sample, timestep, class_labels, guidance_scale) → out_sample`.
 
@@ -45,19 +42,19 @@ class GuideClassFree:
     [B] and `guidance_scale` float32 [B] (each sample its own scale); the original graph runs once on
     `Concat(sample, sample)`, `Concat(timestep, timestep)`, `Concat(null, class_labels)` (every former reader of an
     input, the timestep selectors' Gathers included, reads the doubled value); `out_sample` [B, C, H, W] is
-    `Add(u, Mul(Sub(c, u), Unsqueeze(guidance_scale)))` with `u, c = Split(inner out_sample, 2)`. A graph without
-    the three inputs or the rank-4 float32 output, or one already guided, raises a one-line DenoqError. The input
-    model is not modified.
+    `Add(u, Mul(Sub(c, u), Unsqueeze(guidance_scale)))` with `u, c = Split(inner out_sample, 2)` (Ho & Salimans,
+    eq. 6). `requires` refuses a graph without the three inputs or the rank-4 float32 output, or one already
+    guided (PreconditionError).
     """
 
-    null_label: int
-    name: str = "cfg"
+    def __init__(self, null_label: int, name: str = "cfg") -> None:
+        self.null_label, self.name = null_label, name
 
-    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        m = ir.from_proto(copy)
-        g = m.graph
+    def requires(self, model: ir.Model) -> None:
+        self._check(model.graph)
+
+    def call(self, model: ir.Model) -> PassResult:
+        g = model.graph
         x, t, labels, y = self._check(g)
         n = self.name
         new_inputs = {}
@@ -97,22 +94,34 @@ class GuideClassFree:
         g.outputs[list(g.outputs).index(y)] = out.outputs[0]
         g.extend([label_shape, nulls, *doubled, halves, s4, diff, scaled, out])
         g.sort()
-        return ir.to_proto(m)
+        return PassResult(model, True)
+
+    def ensures(self, model: ir.Model) -> None:
+        g = model.graph
+        names = [v.name for v in g.inputs]
+        out = next((v for v in g.outputs if v.name == HEAD_OUTPUT), None)
+        add = None if out is None else out.producer()
+        readers = {u.node.op_type for v in g.inputs[:3] for u in v.uses()}  # the doubling Concats, the labels' Shape
+        if (names != [SAMPLE_INPUT, TIMESTEP_INPUT, LABEL_INPUT, SCALE_INPUT] or add is None
+                or add.name != f"{self.name}/Add" or not readers <= {"Concat", "Shape"}):
+            raise PostconditionError("the graph is not the guided form (sample, timestep, class_labels, "
+                                     "guidance_scale) → Add(u, s·(c − u)) over one doubled batch")
 
     def _check(self, g: ir.Graph) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
         inputs = {v.name: v for v in g.inputs}
         if SCALE_INPUT in inputs:
-            raise DenoqError(f"guided graph: the graph already has a {SCALE_INPUT!r} input; guide the plain graph once")
+            raise PreconditionError(f"the graph already has a {SCALE_INPUT!r} input; guide the plain graph once")
         missing = [k for k in (SAMPLE_INPUT, TIMESTEP_INPUT, LABEL_INPUT) if k not in inputs]
         if missing:
-            raise DenoqError(f"guided graph: the graph has no {', '.join(repr(k) for k in missing)} input (it has "
-                             f"{', '.join(sorted(inputs))}); classifier-free guidance is built for class-conditional "
-                             "models exported with class_labels")
+            raise PreconditionError(f"the graph has no {', '.join(repr(k) for k in missing)} input (it has "
+                                    f"{', '.join(sorted(inputs))}); classifier-free guidance is built for "
+                                    "class-conditional models exported with class_labels")
         y = next((v for v in g.outputs if v.name == HEAD_OUTPUT), None)
         if y is None or y.shape is None or len(y.shape) != 4 or y.dtype != ir.DataType.FLOAT:
-            raise DenoqError(f"guided graph: needs a float32 rank-4 {HEAD_OUTPUT!r} output; export the float32 model "
-                             "with its noise prediction named out_sample")
+            raise PreconditionError(f"needs a float32 rank-4 {HEAD_OUTPUT!r} output; export the float32 model with "
+                                    "its noise prediction named out_sample")
         x = inputs[SAMPLE_INPUT]
         if x.shape is None or len(x.shape) != 4:
-            raise DenoqError(f"guided graph: input {SAMPLE_INPUT!r} must be rank 4 [B, C, H, W]")
+            raise PreconditionError(f"input {SAMPLE_INPUT!r} must be rank 4 [B, C, H, W]; export the model with "
+                                    "shape information")
         return x, inputs[TIMESTEP_INPUT], inputs[LABEL_INPUT], y

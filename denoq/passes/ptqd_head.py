@@ -34,14 +34,14 @@ written with operators both support, so the simulation calls it on torch tensors
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
+from onnx_ir.passes import PassResult, PostconditionError, PreconditionError
 
 from denoq.errors import DenoqError
+from denoq.passes.infra import InPlace
 from denoq.passes.selector import TIMESTEP_INPUT
 
 HEAD_OUTPUT = "out_sample"
@@ -75,9 +75,10 @@ def _float32(table: Any, what: str) -> np.ndarray:
     return arr
 
 
-@dataclass(frozen=True, eq=False)
-class AppendPtqdHead:
-    """Pass: append PTQD's correction head `ε = (ε_q − Gather(bias, t)) · Gather(inv_one_plus_k, t)` to `out_sample`.
+class AppendPtqdHead(InPlace):
+    """Pass: append PTQD's correction head `ε = (ε_q − Gather(bias, t)) · Gather(inv_one_plus_k, t)` to `out_sample`
+    (module docstring: PTQD's correlated-noise correction, division by 1 + k_t, and bias correction, subtraction of
+    the residual's mean μ_t).
 
     Args:
         bias: `[T, C]`, the residual's mean per training timestep and output channel (ε_q's units).
@@ -89,19 +90,14 @@ class AppendPtqdHead:
     previous `out_sample` value (renamed `<name>.eps_q`), `<name>.bias` float32 `[T, C, 1, 1]`,
     `<name>.inv_one_plus_k` float32 `[T, 1, 1, 1]`; both Gathers read the graph input `timestep` (axis 0). Every
     other value, reader of `y` and graph output is unchanged. Tables are checked when the pass is built (shapes,
-    equal lengths, finite), the graph before anything is changed (a `timestep` input, a float32 rank-4
-    `out_sample` with C channels, no head yet); either raises a one-line DenoqError. The input model is not modified.
+    equal lengths, finite; DenoqError), the graph by `requires` (a `timestep` input, a float32 rank-4
+    `out_sample` with C channels, no head yet; PreconditionError).
     """
 
-    bias: Any
-    inv_one_plus_k: Any
-    name: str = "ptqd_head"
-    _bias: np.ndarray = field(init=False, repr=False)
-    _inv: np.ndarray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        bias = _float32(self.bias, "bias")
-        inv = _float32(self.inv_one_plus_k, "1/(1+k)")
+    def __init__(self, bias: Any, inv_one_plus_k: Any, name: str = "ptqd_head") -> None:
+        self.bias, self.inv_one_plus_k, self.name = bias, inv_one_plus_k, name
+        bias = _float32(bias, "bias")
+        inv = _float32(inv_one_plus_k, "1/(1+k)")
         if bias.ndim != 2:
             raise DenoqError(f"ptqd head: the bias table has shape {bias.shape}, expected [T, C] (per training "
                              "timestep and output channel); recompute the PTQD statistics")
@@ -116,18 +112,17 @@ class AppendPtqdHead:
                 bad = int(np.argwhere(~np.isfinite(arr))[0][0])
                 raise DenoqError(f"ptqd head: the {what} table is not finite in float32 (first at timestep {bad}); "
                                  "recompute the PTQD statistics")
-        object.__setattr__(self, "_bias", bias)
-        object.__setattr__(self, "_inv", inv)
+        self._bias, self._inv = bias, inv
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """The float32 tables the graph holds, as `apply_head` takes them: bias `[T, C]`, 1/(1+k) `[T]`."""
         return self._bias.copy(), self._inv.copy()
 
-    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # onnx-ir wraps the proto's tensors: work on a copy, leave the input as it is
-        m = ir.from_proto(copy)
-        g = m.graph
+    def requires(self, model: ir.Model) -> None:
+        self._check(model.graph)
+
+    def call(self, model: ir.Model) -> PassResult:
+        g = model.graph
         t, y, channels = self._check(g)
         T = self._bias.shape[0]
         bias_name, inv_name = f"{self.name}.bias", f"{self.name}.inv_one_plus_k"
@@ -157,38 +152,53 @@ class AppendPtqdHead:
         y.name = f"{self.name}.eps_q"
         out.name = HEAD_OUTPUT
         g.sort()
-        return ir.to_proto(m)
+        return PassResult(model, True)
+
+    def ensures(self, model: ir.Model) -> None:
+        g = model.graph
+        t = next((v for v in g.inputs if v.name == TIMESTEP_INPUT), None)
+        out = next((v for v in g.outputs if v.name == HEAD_OUTPUT), None)
+        mul = None if out is None else out.producer()
+        sub = None if mul is None or mul.inputs[0] is None else mul.inputs[0].producer()
+        ok = mul is not None and mul.name == f"{self.name}/Mul" and sub is not None and sub.name == f"{self.name}/Sub"
+        for table in (mul.inputs[1], sub.inputs[1]) if ok else ():  # type: ignore[union-attr]
+            gather = None if table is None else table.producer()
+            ok = ok and gather is not None and gather.op_type == "Gather" and gather.inputs[1] is t
+        if not ok:
+            raise PostconditionError(f"{HEAD_OUTPUT!r} is not Mul(Sub(ε_q, Gather(bias, timestep)), "
+                                     "Gather(1/(1+k), timestep))")
 
     def _check(self, g: ir.Graph) -> tuple[ir.Value, ir.Value, int]:
-        """The `timestep` input, the `out_sample` output and its channel count; DenoqError on any mismatch."""
+        """The `timestep` input, the `out_sample` output and its channel count; PreconditionError on any mismatch."""
         t = next((v for v in g.inputs if v.name == TIMESTEP_INPUT), None)
         if t is None:
-            raise DenoqError(f"ptqd head: the graph has no {TIMESTEP_INPUT!r} input to gather the per-timestep "
-                             "tables with; export the model with its timestep input")
+            raise PreconditionError(f"the graph has no {TIMESTEP_INPUT!r} input to gather the per-timestep tables "
+                                    "with; export the model with its timestep input")
         if t.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
-            raise DenoqError(f"ptqd head: graph input {TIMESTEP_INPUT!r} is {t.dtype}, the head gathers with an "
-                             "integer timestep; re-export with an int64 timestep [B]")
+            raise PreconditionError(f"graph input {TIMESTEP_INPUT!r} is {t.dtype}, the head gathers with an "
+                                    "integer timestep; re-export with an int64 timestep [B]")
         y = next((v for v in g.outputs if v.name == HEAD_OUTPUT), None)
         if y is None:
             names = ", ".join(v.name or "?" for v in g.outputs)
-            raise DenoqError(f"ptqd head: the graph has no {HEAD_OUTPUT!r} output (it has {names}); export the "
-                             f"model with its noise prediction named {HEAD_OUTPUT!r}")
+            raise PreconditionError(f"the graph has no {HEAD_OUTPUT!r} output (it has {names}); export the model "
+                                    f"with its noise prediction named {HEAD_OUTPUT!r}")
         if y.shape is None or len(y.shape) != 4:
             got = "unknown" if y.shape is None else f"{len(y.shape)} ({list(y.shape)})"
-            raise DenoqError(f"ptqd head: output {HEAD_OUTPUT!r} has rank {got}, the head needs an NCHW noise "
-                             "prediction of rank 4; apply it to image models exported with shape information")
+            raise PreconditionError(f"output {HEAD_OUTPUT!r} has rank {got}, the head needs an NCHW noise "
+                                    "prediction of rank 4; apply it to image models exported with shape information")
         if y.dtype != ir.DataType.FLOAT:
-            raise DenoqError(f"ptqd head: output {HEAD_OUTPUT!r} is {y.dtype}, the head is built for float32 "
-                             "graphs; append it to the float32 graph, convert to FP16 afterwards")
+            raise PreconditionError(f"output {HEAD_OUTPUT!r} is {y.dtype}, the head is built for float32 graphs; "
+                                    "append it to the float32 graph, convert to FP16 afterwards")
         channels = y.shape[1]
         if not isinstance(channels, int) or channels != self._bias.shape[1]:
-            raise DenoqError(f"ptqd head: output {HEAD_OUTPUT!r} has {channels} channels but the bias table has "
-                             f"{self._bias.shape[1]}; the statistics come from a different model, recompute them")
+            raise PreconditionError(f"output {HEAD_OUTPUT!r} has {channels} channels but the bias table has "
+                                    f"{self._bias.shape[1]}; the statistics come from a different model, recompute "
+                                    "them")
         taken = {v.name for v in g.inputs} | set(g.initializers)
         taken |= {o.name for node in g for o in node.outputs}
         mine = {f"{self.name}.{s}" for s in ("bias", "inv_one_plus_k", "bias_b", "inv_one_plus_k_b", "debiased",
                                              "corrected", "eps_q")}
         if taken & mine:
-            raise DenoqError(f"ptqd head: the graph already has values named {sorted(taken & mine)[0]!r} (a "
-                             f"PTQD head named {self.name!r} is already there?); append the head once")
+            raise PreconditionError(f"the graph already has values named {sorted(taken & mine)[0]!r} (a PTQD head "
+                                    f"named {self.name!r} is already there?); append the head once")
         return t, y, channels

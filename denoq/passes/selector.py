@@ -41,12 +41,13 @@ constant-scale `InsertQDQ` graph.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import PostconditionError, PreconditionError
 
 from denoq.errors import DenoqError
+from denoq.passes.binding import Binding
+from denoq.passes.qdq_base import PlanPass
 from denoq.passes.rewire import redirect
 
 TIMESTEP_INPUT = "timestep"
@@ -109,22 +110,6 @@ def layer_rank(node: ir.Node, layer: str) -> int:
     return rank
 
 
-def check_selector_layer(node: ir.Node, layer: str, ftype: ir.DataType) -> None:
-    """The layer forms the selector supports: float32, Gemm without alpha/beta scaling, constant bias."""
-    if ftype != ir.DataType.FLOAT:
-        raise DenoqError(f"layer {layer}: timestep selectors are built for float32 graphs, this one is {ftype}; "
-                         "insert Q/DQ on the float32 export, convert to FP16 afterwards")
-    if node.op_type == "Gemm" and (not math.isclose(node.attributes.get_float("alpha", 1.0), 1.0)
-                                   or not math.isclose(node.attributes.get_float("beta", 1.0), 1.0)
-                                   or node.attributes.get_int("transA", 0)):
-        raise DenoqError(f"layer {layer}: Gemm with alpha/beta != 1 or transA is not a Linear; re-export the model")
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        b = node.inputs[2]
-        if b.const_value is None or not b.is_initializer():
-            raise DenoqError(f"layer {layer}: its bias {b.name!r} is not a constant initializer, the timestep "
-                             "selector adds it after the Div; re-export the model with constant biases")
-
-
 def insert_division(g: ir.Graph, node: ir.Node, ratio_b: ir.Value, module: str) -> None:
     """`node → Div(R) [→ Add(bias)]`: strips a Conv/Gemm bias, divides by R, adds the bias back; every reader
     of the node's output (graph output included, under its name) now reads the result."""
@@ -152,3 +137,74 @@ def insert_division(g: ir.Graph, node: ir.Node, ratio_b: ir.Value, module: str) 
     out.shape = y.shape
     redirect(g, y, out, skip=div, old_name=f"{module}.output_unbiased")
     g.insert_after(node, chain)
+
+
+# -- the pass ----------------------------------------------------------------------------------------------
+
+def ratio_div(node: ir.Node, module: str) -> ir.Node | None:
+    """The selector's `Div(R)` after `node` (named `<module>/timestep_ratio/Div`), None when there is none."""
+    y = node.outputs[0]
+    return next((u.node for u in y.uses() if u.node.op_type == "Div"
+                 and u.node.name == f"{module}/timestep_ratio/Div"), None)
+
+
+class InsertTimestepSelectors(PlanPass):
+    """Pass: the timestep selector (module docstring; ADP-DM, arXiv 2305.18723) around every planned layer whose
+    input scale table varies with the timestep.
+
+    Invariant established: such a layer reads `Mul(x, R)` (node `<module>/timestep_ratio/Mul`, value
+    `<module>.input_scaled`), has no bias input, and its output is read only by `Div(·, R)`
+    (`<module>/timestep_ratio/Div`, then `Add(bias)`), with one and the same `R = Gather(r, timestep)` (r_t =
+    s0 / s_t, shaped `[T, 1, …]`) on both sides; every former reader of the output (graph output included, under
+    its name) reads the Div / Add. The input and output Q/DQ (`QuantizeInputs`, `QuantizeOutputs`, which run after
+    this pass) go between the Mul and the layer, and between the layer and the Div. Layers with constant tables
+    get no selector nodes (a plan with one group gives the constant-scale graph byte for byte). Requires the
+    graph's int64 `timestep` input and no selector yet.
+    """
+
+    name = "timestep_selectors"
+
+    def check(self, b: Binding, g: ir.Graph) -> None:
+        for layer in b.layers:
+            if layer.ratio is not None:
+                timestep_input(g, layer.module)  # DenoqError (with its fix) without one
+                layer_rank(layer.node, layer.module)
+                if ratio_div(layer.node, layer.module) is not None:
+                    raise PreconditionError(f"layer {layer.module} already has its timestep selector; run "
+                                            f"{self.name} once")
+
+    def rewrite(self, b: Binding, g: ir.Graph) -> bool:
+        ratios = RatioCache(g)
+        selected = [layer for layer in b.layers if layer.ratio is not None]
+        for layer in selected:  # node → Div(R) → Add(bias)
+            rank = layer_rank(layer.node, layer.module)
+            insert_division(g, layer.node, ratios.broadcast(layer.ratio, rank, layer.module, layer.node),
+                            layer.module)
+        scaled: dict[tuple, ir.Value] = {}
+        for layer in selected:  # x → Mul(R); layers reading one x with one quantizer and table share it
+            x = layer.node.inputs[0]
+            assert x is not None and layer.ratio is not None  # checked in bind
+            key = (id(x), layer.input, layer.ratio.tobytes())
+            if key not in scaled:
+                r_b = ratios.broadcast(layer.ratio, layer_rank(layer.node, layer.module), layer.module, layer.node)
+                mul = ir.node("Mul", [x, r_b], name=f"{layer.module}/timestep_ratio/Mul",
+                              outputs=[ir.val(f"{layer.module}.input_scaled", layer.ftype, x.shape)])
+                g.insert_before(layer.node, [mul])
+                scaled[key] = mul.outputs[0]
+            layer.node.replace_input_with(0, scaled[key])
+        return bool(selected)
+
+    def ensures(self, model: ir.Model) -> None:
+        t = next((v for v in model.graph.inputs if v.name == TIMESTEP_INPUT), None)
+        for layer in self.bound(model).layers:
+            if layer.ratio is None:
+                continue
+            x, div = layer.node.inputs[0], ratio_div(layer.node, layer.module)
+            mul = None if x is None else x.producer()
+            r = None if div is None else div.inputs[1]
+            gather = None if r is None else r.producer()
+            if (mul is None or mul.op_type != "Mul" or div is None or mul.inputs[1] is not r or gather is None
+                    or gather.op_type != "Gather" or gather.inputs[1] is not t
+                    or len(list(layer.node.outputs[0].uses())) != 1 or len(layer.node.inputs) > 2):
+                raise PostconditionError(f"layer {layer.module} is not x·R → layer (no bias) → ÷R with one "
+                                         "R = Gather(r, timestep)")

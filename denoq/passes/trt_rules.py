@@ -21,21 +21,27 @@ reads Q/DQ nodes as follows, and this check enforces each point on the ONNX grap
   reads a QuantizeLinear, and every activation Q/DQ pair feeds a Conv / ConvTranspose / MatMul / Gemm directly
   (a pair in front of anything else is not fused and only costs time).
 
-`trt_violations(model)` lists what breaks the rules; `CheckTrtRules` is the pass form (the graph unchanged, or a
-one-line DenoqError naming the rules broken and the first offending nodes).
+`trt_violations(model)` lists what breaks the rules; `CheckTrtRules` is the pass form: an onnx-ir pass that changes
+nothing and whose `requires` refuses a graph breaking a rule (in a pipeline, a one-line DenoqError naming the
+rules broken and the first offending nodes). The rules read ONNX's type inference, so the pass checks a protobuf
+snapshot of the `ir.Model`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, numpy_helper
+from onnx_ir.passes import PassResult, PreconditionError
 
 from denoq.errors import DenoqError
 from denoq.onnxio import check_and_infer
+from denoq.passes.infra import DenoqPass
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -212,15 +218,25 @@ def summarize(violations: list[Violation]) -> str:
         str(v) for v in violations[:SHOWN])
 
 
-@dataclass(frozen=True)
-class CheckTrtRules:
-    """Pass: the graph unchanged if it keeps every TensorRT rule (module docstring), else a one-line DenoqError."""
+class CheckTrtRules(DenoqPass):
+    """Check pass: the graph unchanged if it keeps every TensorRT rule (module docstring); `requires` raises a
+    PreconditionError naming the rules broken and the first offending nodes otherwise."""
 
-    name: str = "trt_rules"
+    name = "trt_rules"
 
-    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        violations = trt_violations(model)
+    @property
+    def in_place(self) -> Literal[True]:
+        return True
+
+    @property
+    def changes_input(self) -> Literal[False]:
+        return False
+
+    def requires(self, model: ir.Model) -> None:
+        violations = trt_violations(ir.to_proto(model))
         if violations:
-            raise DenoqError(summarize(violations) + "; compile with --set target=trt and 8-bit activations, "
-                             "or fix the graph")
-        return model
+            raise PreconditionError(summarize(violations) + "; compile with --set target=trt and 8-bit activations, "
+                                    "or fix the graph")
+
+    def call(self, model: ir.Model) -> PassResult:
+        return PassResult(model, False)
