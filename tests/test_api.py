@@ -25,13 +25,13 @@ def _pipeline_images(unet, scheduler_config, n: int, steps: int) -> np.ndarray:
 
 @pytest.mark.parametrize("backend", ["ort", "torch-sim"])
 def test_drop_in_in_diffusers_ddim_pipeline_equals_denoqs_sampler(tiny_pipeline, tmp_path, backend):
-    art = denoq.quantize(str(tiny_pipeline), "w8a8", out=tmp_path / "art", progress=False, calib__samples=4,
+    art = denoq.quantize(str(tiny_pipeline), "w8a8", out=tmp_path / "art", calib__samples=4,
                          calib__steps=4, activations__timestep_groups=2)
     assert art.manifest["recipe"]["values"]["activations.timestep_groups"] == 2
     unet = denoq.load(art.path, backend=backend)
     assert unet.config.sample_size == 16 and unet.dtype == torch.float32 and unet.device.type == "cpu"
     images = _pipeline_images(unet, art.manifest["scheduler"], n=3, steps=5)
-    ours = generate(art, backend, sampler="ddim", steps=5, eta=0.0, seed=0, n=3, progress=False)
+    ours = generate(art, backend, sampler="ddim", steps=5, eta=0.0, seed=0, n=3)
     np.testing.assert_allclose(images, (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), atol=1e-6)
     assert type(unet(torch.zeros(1, 1, 16, 16), 10)).__name__ == "UNet2DOutput"
     assert unet(torch.zeros(1, 1, 16, 16), 10, return_dict=False)[0].shape == (1, 1, 16, 16)
@@ -41,7 +41,7 @@ def test_quantize_a_pipeline_object_saves_it_beside_the_artifact(tiny_pipeline, 
     from diffusers import DDPMPipeline
 
     pipe = DDPMPipeline.from_pretrained(tiny_pipeline)
-    art = denoq.quantize(pipe, out=tmp_path / "art", progress=False, calib__samples=2, calib__steps=2)
+    art = denoq.quantize(pipe, out=tmp_path / "art", calib__samples=2, calib__steps=2)
     assert art.manifest["model"]["name"] == str(tmp_path / "art-model")
     assert json.loads((tmp_path / "art-model" / "model_index.json").read_text())["unet"][1] == "UNet2DModel"
     denoq.load(art, backend="torch-fp")  # the FP reference reloads from the saved folder
@@ -81,7 +81,7 @@ def test_forward_loop_calibrates_on_the_users_own_sampling_loop(tiny_pipeline, t
         seen.append(model)
         ddim(batch_size=4, num_inference_steps=6, generator=torch.Generator().manual_seed(1), output_type="np")
 
-    art = denoq.quantize(pipe, out=tmp_path / "art", calib=forward_loop, progress=False, calib__timesteps=0)
+    art = denoq.quantize(pipe, out=tmp_path / "art", calib=forward_loop, calib__timesteps=0)
     assert seen == [pipe.unet]
     calibration = art.manifest["calibration"]
     assert calibration["source"] == "forward_loop" and calibration["inputs"] == 4 * 6
@@ -99,7 +99,7 @@ def test_the_artifact_methods_run_the_commands(tiny_artifact_trt, tmp_path):
     art = denoq.open(shutil.copytree(tiny_artifact_trt.path, tmp_path / "art"))
     x = art.sample(3, steps=2, backend="torch-sim")
     assert x.shape == (3, 1, 16, 16)
-    assert torch.equal(x, generate(art, "torch-sim", sampler="ddim", steps=2, eta=0.0, seed=0, n=3, progress=False))
+    assert torch.equal(x, generate(art, "torch-sim", sampler="ddim", steps=2, eta=0.0, seed=0, n=3))
     report = art.evaluate(n=4, steps=2, threads=1)
     assert "psnr_vs_fp" in report and (art.path / "report.json").is_file()
     assert type(art.load("ort")).__name__ == "QuantizedDenoiser"

@@ -267,8 +267,8 @@ def _compile(pipeline, out, sets: list[str]):
 @pytest.fixture(scope="module")
 def recorded_pool(tiny_pipeline):
     """All 10 recorded steps (uniform, calib.timesteps = 0) and the model they were recorded with."""
-    from denoq.compiler.load import load_model
     from denoq.compiler.calibrate import calibration_set
+    from denoq.compiler.load import load_model
     from denoq.compiler.recipe import load_recipe
 
     spec = load_model(str(tiny_pipeline))

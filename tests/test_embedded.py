@@ -30,7 +30,7 @@ def test_digits_samples_are_confident_digits_of_every_class():
     and all ten classes appear; pure noise or blobs would fail both."""
     spec = load_model("digits")
     x = sample(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config), sampler="ddim", steps=20,
-               shape=(96, 1, 16, 16), generator=torch.Generator().manual_seed(0), progress=False)
+               shape=(96, 1, 16, 16), generator=torch.Generator().manual_seed(0))
     probs = load_classifier()(x.clamp(-1, 1)).softmax(-1)
     assert float(probs.max(-1).values.mean()) > 0.85
     assert len(probs.argmax(-1).unique()) == 10
@@ -55,5 +55,5 @@ def test_class_conditional_models_ship_small_and_follow_their_labels(name, measu
     labels = torch.arange(50) % 10
     eps = classifier_free(torch_eps(spec.module), torch.tensor(10), 2.0)
     x = sample(eps, NoiseSchedule.from_config(spec.scheduler_config), sampler="ddim", steps=20, shape=(50, 1, 16, 16),
-               generator=torch.Generator().manual_seed(0), cond=labels, progress=False)
+               generator=torch.Generator().manual_seed(0), cond=labels)
     assert class_accuracy(x, labels) >= 0.85

@@ -54,7 +54,7 @@ def test_guided_trajectories_are_the_guided_sampler_and_calibrate_both_halves(cl
                                    seed=7, cond=labels, guidance=scales, null_cond=NULL)
         for i, s in enumerate(scales.tolist()):  # each trajectory alone, guided at its own scale
             sample(classifier_free(eps, NULL, s), schedule, sampler="ddim", steps=4, shape=(4, 1, 16, 16),
-                   generator=torch.Generator().manual_seed(7), cond=labels, progress=False,
+                   generator=torch.Generator().manual_seed(7), cond=labels,
                    callback=lambda step, t, x, e, i=i: recorded.append((step, i, x[i].clone())))
     for step, i, x in recorded:
         torch.testing.assert_close(pool.x[step][i], x, rtol=1e-4, atol=1e-5)

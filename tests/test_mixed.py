@@ -113,8 +113,8 @@ def test_sampling_switches_members_per_step_like_a_hand_written_loop(mixed_artif
 
     var = mixed_variance(art, "ort", "ddpm", 10)
     ref = sample(by_hand, NoiseSchedule.from_config(art.manifest["scheduler"]), sampler="ddpm", steps=10,
-                 shape=(3, 1, 16, 16), generator=torch.Generator().manual_seed(5), residual_var=var, progress=False)
-    got = generate(art, "ort", sampler="ddpm", steps=10, eta=0.0, seed=5, n=3, threads=1, progress=False)
+                 shape=(3, 1, 16, 16), generator=torch.Generator().manual_seed(5), residual_var=var)
+    got = generate(art, "ort", sampler="ddpm", steps=10, eta=0.0, seed=5, n=3, threads=1)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert used == ["w4a8", "w8a8"] * 5
 

@@ -79,7 +79,6 @@ def our_trajectory(schedule, eps, sampler: str, steps: int, seed: int, eta: floa
         shape=SHAPE,
         generator=torch.Generator().manual_seed(seed),
         callback=record,
-        progress=False,
     )
     assert torch.equal(torch.stack([t[0] for t in seen_t]), schedule.timesteps(steps, sampler))
     return [*xs, x0]
@@ -276,7 +275,6 @@ def test_full_pipeline_matches_diffusers(pipe_cls, sampler, steps, eta):
         eta=eta or 0.0,
         shape=(2, 3, 8, 8),
         generator=torch.Generator().manual_seed(0),
-        progress=False,
     )
     ours = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert ours.shape == images.shape
@@ -288,10 +286,10 @@ def test_x_T_is_used_and_nothing_drawn_for_it():
     eps = FakeEps()
     schedule = NoiseSchedule.from_config({})
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    a = sample(eps, schedule, sampler="ddim", steps=5, x_T=x_T, progress=False)
+    a = sample(eps, schedule, sampler="ddim", steps=5, x_T=x_T)
     b = sample(eps, schedule, sampler="ddim", steps=5, shape=SHAPE, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    c = sample(eps, schedule, sampler="ddim", steps=5, x_T=x_T * 0.5, progress=False)
+    c = sample(eps, schedule, sampler="ddim", steps=5, x_T=x_T * 0.5)
     assert (a - c).abs().max() > 1e-3
 
 
@@ -302,7 +300,7 @@ def test_cond_is_passed_through():
         seen.append(cond)
         return torch.zeros_like(x)
 
-    sample(eps, NoiseSchedule.from_config({}), sampler="ddim", steps=3, shape=SHAPE, cond="labels", progress=False)
+    sample(eps, NoiseSchedule.from_config({}), sampler="ddim", steps=3, shape=SHAPE, cond="labels")
     assert seen == ["labels"] * 3
 
 
@@ -319,7 +317,7 @@ def test_cond_is_passed_through():
     ],
 )
 def test_sample_rejects_bad_arguments(kwargs, match):
-    kwargs = {"shape": SHAPE, "progress": False, **kwargs}
+    kwargs = {"shape": SHAPE, **kwargs}
     with pytest.raises(DenoqError, match=match):
         sample(FakeEps(), NoiseSchedule.from_config({}), **kwargs)
 
@@ -329,7 +327,7 @@ def test_wrong_eps_output_shape_is_an_error():
         return torch.cat([x, x], dim=1)
 
     with pytest.raises(DenoqError, match="must match x"):
-        sample(eps, NoiseSchedule.from_config({}), sampler="ddpm", steps=2, shape=SHAPE, progress=False)
+        sample(eps, NoiseSchedule.from_config({}), sampler="ddpm", steps=2, shape=SHAPE)
 
 
 @pytest.mark.parametrize(

@@ -213,7 +213,7 @@ def _table(seed: int = 3) -> torch.Tensor:
 def _run(sampler: str, eta: float, residual_var: torch.Tensor | None, seed: int = 11) -> torch.Tensor:
     schedule = _schedule(clip_sample=True)
     return sample(_eps, schedule, sampler=sampler, steps=STEPS, eta=eta, shape=(2, 3, 4, 4),
-                  generator=torch.Generator().manual_seed(seed), progress=False, residual_var=residual_var)
+                  generator=torch.Generator().manual_seed(seed), residual_var=residual_var)
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.4)])

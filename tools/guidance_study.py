@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out / "art" / f"{preset}-ptqd-g{g:g}")
             for art, with_ptqd, secs in ((plain, False, seconds), (ptqd, True, ptqd_seconds)):
                 report = evaluate(art, EvalSettings(sampler="ddim", steps=args.steps, n=args.n, threads=1,
-                                                    guidance=g), progress=False)
+                                                    guidance=g))
                 row = {"preset": preset, "ptqd": with_ptqd, "guidance": g, "calib_seconds": secs,
                        **{k: report[k] for k in KEYS}}
                 rows.append(row)

@@ -64,7 +64,7 @@ def run_row(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         art = compile_model(args.model, load_recipe(preset, [*sets, *row["sets"], *args.sets]), out)
     seconds = round(time.perf_counter() - start, 1)
     report = evaluate(art, EvalSettings(sampler="ddim", steps=args.steps, n=args.n, threads=1,
-                                        guidance=args.guidance), progress=False)
+                                        guidance=args.guidance))
     lat = report["latency_ms"]
     return {**{k: v for k, v in row.items() if k != "sets"}, "compile_seconds": seconds,
             "bops_per_call": art.manifest["cost"]["bops_per_call"], **{k: report[k] for k in KEYS},

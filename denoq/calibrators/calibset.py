@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from denoq.errors import DenoqError
-from denoq.log import bar, shown
+from denoq.log import bar
 from denoq.sampling import NoiseSchedule, sample
 from denoq.sampling.guidance import classifier_free
 
@@ -117,7 +117,7 @@ def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, st
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sample(eps, schedule, sampler=sampler, steps=steps, shape=(n_samples, *sample_shape), generator=generator,
-               cond=cond, callback=record, progress=shown())
+               cond=cond, callback=record)
     return CalibrationSet(xs, ts, cond, guidance, null_cond)
 
 

@@ -124,7 +124,7 @@ def _latency_table(art: Artifact, spec: ModelSpec, threads: int) -> dict[str, An
     return {"threads": threads, **rows}
 
 
-def evaluate(art: Artifact, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
+def evaluate(art: Artifact, settings: EvalSettings) -> dict[str, Any]:
     """Run the evaluation, write report.json / report.html / pictures into `art`, and return the report."""
     spec = artifact_model(art)
     shape = spec.sample_shape

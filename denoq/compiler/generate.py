@@ -22,14 +22,14 @@ def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
 
 def sample_artifact(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int,
                     eta: float, seed: int, n: int, cond: torch.Tensor | None, callback=None,
-                    residual_var: torch.Tensor | None = None, progress: bool = True,
+                    residual_var: torch.Tensor | None = None,
                     desc: str | None = None) -> torch.Tensor:
     """`n` samples of shape `spec_shape` driven by `eps` with the artifact's noise schedule, from the noise of
     `seed`; `desc` labels the progress bar (default: the sampler's name)."""
     schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
     return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
                   generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
-                  residual_var=residual_var, progress=progress, desc=desc)
+                  residual_var=residual_var, desc=desc)
 
 
 def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, threads: int | None = None,
@@ -46,7 +46,7 @@ def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, t
 
 
 def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: float, seed: int, n: int,
-             threads: int | None = None, progress: bool = True, callback=None, label: int | None = None,
+             threads: int | None = None, callback=None, label: int | None = None,
              guidance: float | None = None) -> torch.Tensor:
     """`n` samples from `backend` of `art` (model range, [N, C, H, W]); same seed → same noise on every backend.
     `callback(step, t, x_t, out)` sees every step (`denoq.sampling.sample`). A class-conditional model samples
@@ -60,5 +60,5 @@ def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: floa
     if label is not None:
         cond = torch.full((n,), label, dtype=torch.int64)
     return sample_artifact(eps, art, tuple(art.manifest["model"]["sample_shape"]), sampler=sampler, steps=steps,
-                           eta=eta, seed=seed, n=n, cond=cond, residual_var=variance, progress=progress,
+                           eta=eta, seed=seed, n=n, cond=cond, residual_var=variance,
                            callback=callback)

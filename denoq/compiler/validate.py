@@ -122,8 +122,7 @@ def _runners(art: Artifact) -> tuple[list[Any], dict[str, str]]:
 def image_checks(art: Artifact, backends: list[str], settings: ValidateSettings
                  ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """PSNR of each backend's samples vs the `ort` reference's, from the same noise; the samples themselves."""
-    kw = {"sampler": "ddim", "steps": settings.steps, "eta": 0.0, "seed": settings.seed, "n": settings.n,
-          "progress": False}
+    kw = {"sampler": "ddim", "steps": settings.steps, "eta": 0.0, "seed": settings.seed, "n": settings.n}
     images = {name: generate(art, name, **kw) for name in [REFERENCE, FP, *backends]}
     ref_vs_fp = psnr(images[REFERENCE], images[FP])
     out = {"reference": {"psnr_vs_fp_db": round(ref_vs_fp, 2)}}

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from denoq.errors import DenoqError
+from denoq.log import bar
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
 from denoq.sampling.schedule import SAMPLERS, NoiseSchedule, check_sampler
@@ -54,7 +54,6 @@ def sample(
     x_T: torch.Tensor | None = None,
     cond: Any = None,
     callback: Callback | None = None,
-    progress: bool = True,
     desc: str | None = None,
     device: torch.device | str | None = None,
     residual_var: torch.Tensor | None = None,
@@ -76,8 +75,8 @@ def sample(
         x_T: the starting noise (then nothing is drawn for it).
         cond: passed through to `eps` (class labels, text embeddings, ...).
         callback: `callback(step_index, t, x_t, eps_out)` each step, before the update (t: int64 [B]).
-        progress: show a tqdm bar over the steps.
-        desc: the bar's label (default: the sampler's name), e.g. "quantized (ort) ddim 50".
+        desc: the label of the progress bar over the steps (`denoq.log.bar`; default: the sampler's name), e.g.
+            "quantized (ort) ddim 50".
         device: where x lives when it is drawn here (default: the generator's device, else CPU).
         residual_var: PTQD's variance schedule calibration (`denoq.sampling.vsc`): float [T], the variance σ_q²(t)
             per element of the backend's residual noise (after its correction head) per training timestep t; each
@@ -112,7 +111,7 @@ def sample(
     batch = x.shape[0]
     with torch.no_grad():
         pairs = list(zip(timesteps, prev_timesteps, strict=True))
-        for i, (t, prev_t) in enumerate(tqdm(pairs, desc=desc or sampler, disable=not progress, leave=False)):
+        for i, (t, prev_t) in enumerate(bar(pairs, desc=desc or sampler, leave=False)):
             t_b = torch.full((batch,), t, dtype=torch.int64, device=x.device)
             out = eps(x, t_b, cond)
             if not isinstance(out, torch.Tensor) or out.shape != x.shape:
