@@ -1,4 +1,4 @@
-"""The module → node → weight map that export records in the model (DESIGN.md, Contracts: Names).
+"""The module → node → weight map that export records in the model (docs/architecture.md, Contracts: Names).
 
 Export writes it as JSON under the model's `metadata_props["denoq.layer_map"]`:
 `{"<module>": {"node", "op_type", "weight", "weight_axis", "transposed"}}`, and the attention map (every diffusers

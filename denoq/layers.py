@@ -1,4 +1,4 @@
-"""Which modules of a model are quantizable layers, by their PyTorch module names (DESIGN.md, Names).
+"""Which modules of a model are quantizable layers, by their PyTorch module names (docs/architecture.md, Names).
 
 Shared by calibrators (which quantize them) and export (which maps each to its ONNX node); bottom layer.
 """

@@ -1,4 +1,4 @@
-"""QuantPlan: every number the export passes need from calibration, and nothing else (DESIGN.md, Contracts).
+"""QuantPlan: every number the export passes need from calibration, and nothing else (docs/architecture.md, Contracts).
 
 A plan is written as two files of an artifact: the tensors in `plan.safetensors` and the small description
 (bits, layouts, zero points) in the `plan` section of `manifest.json`. Calibrators write plans, passes read them;
@@ -117,8 +117,8 @@ def check_scale_table(layer: str, role: str, q: ActQuant, num_timesteps: int) ->
 
 @dataclass(frozen=True)
 class SelectorTables:
-    """A layer's constant graph scales under the timestep selector (DESIGN.md, Timestep selector; the graph side
-    is `denoq.passes.selector`, the simulation `denoq.calibrators.simulate`; both use these numbers).
+    """A layer's constant graph scales under the timestep selector (docs/architecture.md, Timestep selector; the graph
+    side is `denoq.passes.selector`, the simulation `denoq.calibrators.simulate`; both use these numbers).
 
     `ratio`: r_t = s0 / s_in[t] (float32 [T]), None when the input scale is constant (no selector);
     `input_scale`: s0 = min_t s_in[t], so every r_t ≤ 1; `output_scale`: s_out0 = max_t(s_out[t]·r_t), the

@@ -1,4 +1,4 @@
-"""INT4 and blocked weights in InsertQDQ (DESIGN.md: Quantizer semantics, Targets and their rules).
+"""INT4 and blocked weights in InsertQDQ (docs/architecture.md: Quantizer semantics, Targets and their rules).
 
 MatMul / Gemm weights of ≤ 4 bits are ONNX `int4`; Conv weights stay in the int8 container; a plan's `block_size`
 B becomes `DequantizeLinear(axis=<input-channel axis>, block_size=B)` with scales shaped like the weight, that axis
@@ -172,7 +172,8 @@ def test_ort_default_matmulnbits_is_close_not_exact(block: int) -> None:
     """W4A16 MatMul under ORT's defaults (as `run_ort` in _qdq_models and the engine create sessions): where ORT
     fuses the weight DQ into MatMulNBits (B = 16 here, not B = 4) at accuracy level 4 it quantizes the activations
     to int8 on the fly. Its difference from the simulation stays a small fraction of the W4 quantization error
-    itself (DESIGN.md: parity against the quantization error); float32 MatMulNBits agrees to float rounding."""
+    itself (docs/architecture.md: parity against the quantization error); float32 MatMulNBits agrees to float
+    rounding."""
     module, fp = single_t("matmul")
     plan = rtn_plan(module, 4, block)
     model = InsertQDQ(plan)(fp)

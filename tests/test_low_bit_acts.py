@@ -1,4 +1,4 @@
-"""4- and 6-bit activations in InsertQDQ (DESIGN.md, Quantizer semantics): ONNX `int4` / `uint4` Q/DQ for A4,
+"""4- and 6-bit activations in InsertQDQ (docs/architecture.md, Quantizer semantics): ONNX `int4` / `uint4` Q/DQ for A4,
 `Q → Clip(qmin, qmax) → DQ` in the 8-bit container for A6, as the simulation quantizes with `qrange(bits, signed)`.
 
 Parity follows tests/test_selector.py: on dyadic plans every executor computes every value exactly, so the

@@ -1,4 +1,5 @@
-"""Three-executor parity (DESIGN.md, Quantizer semantics): PyTorch simulation vs ONNX Runtime vs onnx.reference.
+"""Three-executor parity (docs/architecture.md, Quantizer semantics): PyTorch simulation vs ONNX Runtime vs
+onnx.reference.
 
 Layer by layer the three agree to float rounding: each layer of the compiled Q/DQ graph is cut out of the full
 graph (from the activation its QuantizeLinear reads to the layer's output, or the output's DequantizeLinear for
@@ -137,8 +138,8 @@ def test_backends_final_samples_agree(tiny_artifact_trt):
 
 
 def test_ort_fuses_the_ort_cpu_profile_and_not_the_trt_one(tiny_artifact_ort, tiny_artifact_trt):
-    """DESIGN.md, Targets: ORT's CPU integer kernels fuse only when the layer's output is quantized too. Checked
-    on ORT's own optimized graph, not assumed."""
+    """docs/architecture.md, Targets: ORT's CPU integer kernels fuse only when the layer's output is quantized too.
+    Checked on ORT's own optimized graph, not assumed."""
     fused = fusion_report(tiny_artifact_ort.file("model.qdq.onnx"))
     assert fused["layers"] == len(tiny_artifact_ort.manifest["plan"]["layers"])
     assert fused["fraction_fused"] == 1.0

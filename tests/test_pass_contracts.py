@@ -1,6 +1,6 @@
-"""The passes on onnx-ir's pass infrastructure (DESIGN.md, Contracts: Passes): each pass refuses a graph that breaks
-its precondition and catches a rewrite that does not establish its invariant, with a one-line DenoqError naming
-the pass; the manager converts protobuf ↔ onnx-ir once per pipeline and binds the plan once."""
+"""The passes on onnx-ir's pass infrastructure (docs/architecture.md, Contracts: Passes): each pass refuses a graph
+that breaks its precondition and catches a rewrite that does not establish its invariant, with a one-line DenoqError
+naming the pass; the manager converts protobuf ↔ onnx-ir once per pipeline and binds the plan once."""
 
 from __future__ import annotations
 

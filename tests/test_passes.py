@@ -1,4 +1,4 @@
-"""Q/DQ insertion and the pass manager (DESIGN.md: Quantizer semantics, Passes, Targets).
+"""Q/DQ insertion and the pass manager (docs/architecture.md: Quantizer semantics, Passes, Targets).
 
 Parity is checked layer by layer between three executors of the same quantized layer: the PyTorch reference
 (quantizer.fake_quantize + LayerPlan.dequantized_weight, i.e. division, round half to even, saturation),

@@ -1,4 +1,4 @@
-"""The PTQD correction head (DESIGN.md, Correction head (PTQD); He et al., arXiv 2305.10657): three-executor
+"""The PTQD correction head (docs/architecture.md, Correction head (PTQD); He et al., arXiv 2305.10657): three-executor
 parity of `apply_head` (PyTorch), ONNX Runtime (unoptimized and fully optimized) and `onnx.reference` on batches
 mixing timesteps, the graph pattern, composition with Q/DQ, and the errors.
 

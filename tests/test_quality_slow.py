@@ -24,5 +24,6 @@ def test_w8a8_digits_quality_vs_fp(tmp_path, target):
     sim = generate(art, "torch-sim", **kw)
     assert fd_digits(q) <= 1.03 * fd_digits(fp)
     assert psnr(q, fp) >= 36.0
-    # the backends agree with each other far better than either agrees with FP (DESIGN.md: sample-level parity)
+    # the backends agree with each other far better than either agrees with FP (docs/architecture.md: sample-level
+    # parity)
     assert psnr(q, sim) >= psnr(q, fp) + 3.0

@@ -20,7 +20,7 @@ from denoq.errors import DenoqError
 
 needs_tomllib = pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib needs Python 3.11")
 
-# The contract of DESIGN.md and the brief: key -> default in this version.
+# The contract of docs/architecture.md: key -> default in this version.
 EXPECTED_DEFAULTS = {
     "target": "trt",
     "trt.fp16": True,

@@ -1,5 +1,5 @@
-"""Timestep selectors (DESIGN.md, Timestep selector; ADP-DM, arXiv 2305.18723): graph pattern and three-executor
-parity of the simulation (`SimulatedLayer`), ONNX Runtime (unoptimized and fused) and `onnx.reference`.
+"""Timestep selectors (docs/architecture.md, Timestep selector; ADP-DM, arXiv 2305.18723): graph pattern and
+three-executor parity of the simulation (`SimulatedLayer`), ONNX Runtime (unoptimized and fused) and `onnx.reference`.
 
 Plans have 1–4 timestep groups over T = 1000 (boundaries 250 / 500 / 750). With power-of-two group factors on the
 dyadic plan every executor computes every value exactly (r_t is a power of two), so all must agree bit for bit per

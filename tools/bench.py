@@ -1,7 +1,7 @@
 """Benchmark denoq's quantized graphs against FP32 and against ONNX Runtime's own `quantize_static`, side by side.
 
-Everything is measured in one run on this machine, so the numbers to read are the *ratios* (DESIGN.md, Measuring
-quality: targets are ratios to the FP model measured in the same run).
+Everything is measured in one run on this machine, so the numbers to read are the *ratios* (docs/architecture.md,
+Measuring quality: targets are ratios to the FP model measured in the same run).
 
 1. **Latency** (ONNX Runtime CPU, per model call, `--threads` intra-op threads, spinning off): for every model of
    `--models` and every batch of `--batches`, five graphs of the same model:

@@ -1,1 +1,1 @@
-"""Calibrators: PyTorch-side statistics and rounding that produce a QuantPlan (DESIGN.md, Flow)."""
+"""Calibrators: PyTorch-side statistics and rounding that produce a QuantPlan (docs/architecture.md, Flow)."""

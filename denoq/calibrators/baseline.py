@@ -1,7 +1,7 @@
 """The backbone calibration: the rounded weights plus observed activation ranges.
 
 Weights: rounded by the weight stage (`weights.py`: RTN, OBQ or GPTQ; symmetric, per output channel or blocked).
-Activations: each layer's input gets a per-timestep scale table of length T (DESIGN.md, QuantPlan). With
+Activations: each layer's input gets a per-timestep scale table of length T (docs/architecture.md, QuantPlan). With
 `timestep_groups` G = 1 it is one (scale, zero point) from the observer over all calibration timesteps; with G > 1
 the calibrated timesteps are split into the G contiguous groups of least quantization error and each group gets
 its own scale (ADP-DM, `timegroups.py`). For the `ort-cpu` target the output of conv and 2-D linear layers, which

@@ -1,4 +1,4 @@
-"""CalibrationSet: model inputs (x_t, t, cond) recorded on seeded FP sampling trajectories (DESIGN.md, Flow).
+"""CalibrationSet: model inputs (x_t, t, cond) recorded on seeded FP sampling trajectories (docs/architecture.md, Flow).
 
 Quantization ranges are taken where the deployed sampler goes: the FP model is run through the sampler from
 seeded noise and the input of every step is recorded. The set is grouped by step, so that every batch drawn from

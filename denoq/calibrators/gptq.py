@@ -28,7 +28,7 @@ Gaussian elimination on the inverse Hessian
 
 Each step is the exact optimum given the fixed weights, so the reported loss Σ δE_q equals E for the dampened
 Hessian, `layer_output_error(W, Ŵ, H + λI)`, to float rounding (tested). Both solvers work in float64; the
-rounding itself is the graph's float32 `round(w / s)` (DESIGN.md, Quantizer semantics).
+rounding itself is the graph's float32 `round(w / s)` (docs/architecture.md, Quantizer semantics).
 
 Quantizer: symmetric, zero point 0, integers in [−qmax, qmax], qmax = 2^(b−1) − 1 (TensorRT), scale per row and
 input-channel group s = max|w| / qmax (1 for an all-zero group), as `quantizer.symmetric_weight_quant`.

@@ -23,14 +23,14 @@ Sums over the N predictions and the pixels, in float64. (2) is the common-slope 
 the slope that minimizes the residual variance (4) left once the bias is subtracted, which is the quantity PTQD
 corrects; when ε has zero mean per channel (ε̄_c = 0) it is ⟨Δ, ε⟩ / ⟨ε, ε⟩. (The official code regresses Δ on ε
 with one global intercept and takes the bias as the mean of Δ, not of r; with ε̄_c ≈ 0 they agree.) The graph
-head then computes (DESIGN.md, Correction head)
+head then computes (docs/architecture.md, Correction head)
 
     ε̂ = (ε_q − b_c) / (1 + k) = ε + ρ / (1 + k),                                                          (5)
 
 so the noise left in ε̂ has variance σ² / (1 + k)² (`PtqdStats.corrected_var`): what the sampler absorbs.
 
-Tables are indexed by the scheduler's training timestep t ∈ [0, T) (DESIGN.md, QuantPlan); the steps that were
-measured fill the others by `nearest_measured`. Everything is computed from streaming sums, batch by batch, so a
+Tables are indexed by the scheduler's training timestep t ∈ [0, T) (docs/architecture.md, QuantPlan); the steps that
+were measured fill the others by `nearest_measured`. Everything is computed from streaming sums, batch by batch, so a
 CalibrationSet of any size fits; the normality test runs on a deterministic subsample of the residual that does
 not depend on how the predictions were split into batches (`StepSums`).
 """

@@ -1,4 +1,4 @@
-"""ONNX quantizer semantics in PyTorch (DESIGN.md, Quantizer semantics).
+"""ONNX quantizer semantics in PyTorch (docs/architecture.md, Quantizer semantics).
 
 QuantizeLinear:   q = saturate(round_half_to_even(x / s) + z)
 DequantizeLinear: x̂ = (q − z) · s

@@ -1,4 +1,5 @@
-"""The PyTorch simulation of the Q/DQ graph: model + QuantPlan → quantized nn.Module (DESIGN.md, Quantizer semantics).
+"""The PyTorch simulation of the Q/DQ graph: model + QuantPlan → quantized nn.Module (docs/architecture.md, Quantizer
+semantics).
 
 Each planned Conv2d / Linear is replaced by a layer that computes, in the graph's own op order,
 
@@ -10,8 +11,8 @@ with the scale gathered per sample from the layer's table of length T by the sam
 mix timesteps. Layer by layer this agrees with ONNX Runtime and `onnx.reference` to float rounding.
 
 A layer whose input table varies with the timestep (timestep groups, ADP-DM arXiv 2305.18723) is computed as the
-graph's timestep selector computes it (DESIGN.md, Timestep selector; `denoq.passes.selector` defines the tables):
-with `s0 = min_t s_in[t]`, `r_t = s0 / s_in[t] ≤ 1` (float32, gathered per sample, shaped to broadcast),
+graph's timestep selector computes it (docs/architecture.md, Timestep selector; `denoq.passes.selector` defines the
+tables): with `s0 = min_t s_in[t]`, `r_t = s0 / s_in[t] ≤ 1` (float32, gathered per sample, shaped to broadcast),
 
     x̂ = DQ(Q(x · r_t; s0, z_in))           (float32 multiply first, then the division by the constant s0)
     u  = conv/linear(x̂, q_w · s_w)          (no bias)

@@ -16,8 +16,8 @@ The partition into G contiguous segments minimizing Σ_g cost(i_g, j_g) satisfie
     D[g][j] = min_{g ≤ i ≤ j} D[g−1][i−1] + cost(i, j),     answer D[G][K]                             (2)
 
 computed over all O(K²) segments and in O(G·K²) steps. The zero point z is the same for every segment (the graph
-keeps zero points constant, DESIGN.md, Timestep selector); see `group_scale` for how a segment's scale is chosen
-under that constraint. The segments become a per-training-timestep scale table (`scale_table`) that the
+keeps zero points constant, docs/architecture.md, Timestep selector); see `group_scale` for how a segment's scale is
+chosen under that constraint. The segments become a per-training-timestep scale table (`scale_table`) that the
 timestep-selector pass turns into `Gather(r, t)` multiplies.
 
 To keep (1) cheap for K = 25–50, the DP evaluates the observer on a deterministic subsample of at most

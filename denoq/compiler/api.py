@@ -1,6 +1,6 @@
 """The Python API: `denoq.quantize` compiles a model into an artifact, `denoq.load` gives its quantized denoiser
-back as a drop-in `torch.nn.Module` for a diffusers pipeline (DESIGN.md, The drop-in). The CLI's compile is the
-same call.
+back as a drop-in `torch.nn.Module` for a diffusers pipeline (docs/architecture.md, The drop-in). The CLI's compile is
+the same call.
 
     art = denoq.quantize("my-pipeline-folder", "w8a8", out="art", weights__method="gptq")
     pipe = DDIMPipeline(unet=denoq.load("art", backend="ort"), scheduler=DDIMScheduler.from_config(...))

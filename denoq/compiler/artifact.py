@@ -1,4 +1,4 @@
-"""The artifact folder: its manifest, atomic writing and checked reading (DESIGN.md, Artifact folder).
+"""The artifact folder: its manifest, atomic writing and checked reading (docs/architecture.md, Artifact folder).
 
 An artifact is a folder whose `manifest.json` holds
 

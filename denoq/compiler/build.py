@@ -1,4 +1,5 @@
-"""`denoq build ART`: the TensorRT engine of an artifact, added to it with its build info (DESIGN.md, Targets).
+"""`denoq build ART`: the TensorRT engine of an artifact, added to it with its build info (docs/architecture.md,
+Targets).
 
 The graph built is the one compile prepared for TensorRT (manifest `trt.graph`: the float16 `model.trt.onnx`, or
 the float32 Q/DQ graph with `trt.fp16=false`); an artifact compiled for `ort-cpu`, or whose graph breaks the

@@ -1,4 +1,5 @@
-"""The `denoq` command line: compile, sample, eval, inspect, build, validate, recipes (DESIGN.md, Interfaces).
+"""The `denoq` command line: compile, sample, eval, inspect, build, validate, recipes (docs/architecture.md,
+Interfaces).
 
 Every user error is one line `error: <problem>; <fix>` on stderr with exit status 2.
 """

@@ -1,7 +1,7 @@
 """`denoq eval`: quality, latency and pictures of an artifact, written into it (report.json, report.html, PNGs).
 
-Quality (DESIGN.md, Measuring quality): the FP model and the quantized backend sample from the same noise with the
-same sampler. FD-digits is the Fréchet distance in the shipped digits classifier's features to all real digits;
+Quality (docs/architecture.md, Measuring quality): the FP model and the quantized backend sample from the same noise
+with the same sampler. FD-digits is the Fréchet distance in the shipped digits classifier's features to all real digits;
 PSNR vs FP compares each quantized sample with its FP twin; FD-to-FP is the Fréchet distance between the two sets.
 Also measured: the relative ε error of the quantized backend on the FP trajectory per timestep, how far the
 quantized trajectory drifts from the FP one, each layer's output SQNR (simulation vs FP), ORT latency per model

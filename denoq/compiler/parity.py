@@ -1,4 +1,5 @@
-"""The compile's parity checks and gate: the exported graphs against PyTorch (DESIGN.md, Quantizer semantics).
+"""The compile's parity checks and gate: the exported graphs against PyTorch (docs/architecture.md, Quantizer
+semantics).
 
 End to end, ONNX Runtime and the PyTorch simulation cannot agree bit-exactly (a 1e-7 float difference flips a
 rounding that propagates), so the gate is stated against the quantization error itself: the Q/DQ graph in ORT may

@@ -11,8 +11,8 @@ reference backend's images.
 
 Tolerances. Elementwise 1e-5 is meaningless for a quantized graph: a float difference of 1e-7 (another kernel's
 summation order, float16 activations) flips the rounding of some activation quantizer and the flip propagates
-(DESIGN.md, Quantizer semantics), so two correct executors of one quantized graph differ by rounding errors of
-the quantization's own size. Per tensor, with e = RMS(reference − FP) the quantization error:
+(docs/architecture.md, Quantizer semantics), so two correct executors of one quantized graph differ by rounding errors
+of the quantization's own size. Per tensor, with e = RMS(reference − FP) the quantization error:
 RMS(backend − reference) ≤ `DIFF_LIMIT` · e (√2: two equally good executions whose rounding errors were
 independent differ by √2 · e; more means the backend computes something else) and RMS(backend − FP) ≤
 `ERROR_LIMIT` · e (the backend adds at most 25 % to the quantization error; both limits live in

@@ -1,1 +1,1 @@
-"""Engines: runtimes for a graph (DESIGN.md, Layout): ORT sessions and providers, TensorRT build and run."""
+"""Engines: runtimes for a graph (docs/architecture.md, Layout): ORT sessions and providers, TensorRT build and run."""

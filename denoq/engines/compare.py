@@ -1,4 +1,5 @@
-"""Per-tensor comparison of executors of one quantized graph through polygraphy's Comparator (DESIGN.md, engines).
+"""Per-tensor comparison of executors of one quantized graph through polygraphy's Comparator (docs/architecture.md,
+engines).
 
 Runners are polygraphy runners named after the sampler backends; `REFERENCE` (ORT CPU on the float32 Q/DQ
 graph) and `FP` (ORT CPU on the FP graph) must be among them. The tolerances are stated against the quantization

@@ -1,4 +1,4 @@
-"""ONNX Runtime: session options, providers, the sampler's eps backend (DESIGN.md, Targets).
+"""ONNX Runtime: session options, providers, the sampler's eps backend (docs/architecture.md, Targets).
 
 ORT is the validation target (CPU here, CUDA where `onnxruntime-gpu` is installed). What its CPU EP makes of a
 Q/DQ graph and how fast it runs are read in `ort_report.py`. Measured on this (shared) machine: spinning intra-op
@@ -185,7 +185,7 @@ def create_session(path: str | Path, threads: int | None = 2, execution_provider
 
 
 class OrtBackend:
-    """An ONNX Runtime session as the sampler's `eps(x, t, cond)` callable (DESIGN.md, Sampler).
+    """An ONNX Runtime session as the sampler's `eps(x, t, cond)` callable (docs/architecture.md, Sampler).
 
     The graph's inputs are `sample` [B, C, H, W], `timestep` int64 [B] and, for conditional models,
     `encoder_hidden_states` or `class_labels`; a guided graph (`denoq.passes.guidance`) also takes

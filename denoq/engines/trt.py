@@ -211,7 +211,7 @@ _TORCH_TYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.in
 
 
 class TrtBackend:
-    """A TensorRT engine as the sampler's `eps(x, t, cond)` (DESIGN.md, Sampler).
+    """A TensorRT engine as the sampler's `eps(x, t, cond)` (docs/architecture.md, Sampler).
 
     I/O buffers are torch CUDA tensors; inputs are cast to the engine's dtypes on the GPU, the output is returned
     on x's device in x's dtype. With `cuda_graph`, the first call per input shape runs normally and captures a

@@ -1,1 +1,1 @@
-"""Export: torch → FP ONNX with the module → node → weight map (DESIGN.md, Contracts: Names)."""
+"""Export: torch → FP ONNX with the module → node → weight map (docs/architecture.md, Contracts: Names)."""

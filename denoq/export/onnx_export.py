@@ -1,4 +1,4 @@
-"""torch → FP ONNX with the module → node → weight map (DESIGN.md, Contracts: Names; Interfaces).
+"""torch → FP ONNX with the module → node → weight map (docs/architecture.md, Contracts: Names; Interfaces).
 
 The graph is exported with `torch.onnx.export(..., dynamo=True)` at opset 21 with a dynamic batch axis. Inputs are
 named as diffusers' own ONNX exports name them (`sample`, `timestep` int64 `[B]`, `encoder_hidden_states` when the

@@ -1,5 +1,5 @@
-"""Passes: ONNX → ONNX rewrites on onnx-ir's pass infrastructure, one job each (DESIGN.md, Contracts: Passes). No
-torch here.
+"""Passes: ONNX → ONNX rewrites on onnx-ir's pass infrastructure, one job each (docs/architecture.md, Contracts:
+Passes). No torch here.
 
 A pass is an `onnx_ir.passes` pass (`denoq.passes.infra`) with a docstring naming the invariant it establishes,
 checked in its `requires` / `ensures`; `PassManager` runs a pipeline of them on one `ir.Model`, converting from and

@@ -1,5 +1,5 @@
-"""Activation quantization: constant per-tensor Q/DQ on the layers' inputs and, for `ort-cpu`, outputs (DESIGN.md:
-Quantizer semantics, Targets).
+"""Activation quantization: constant per-tensor Q/DQ on the layers' inputs and, for `ort-cpu`, outputs
+(docs/architecture.md: Quantizer semantics, Targets).
 
 - input: `QuantizeLinear → DequantizeLinear` in front of input 0 with the plan's (constant) scale and zero point
   (int8 when `signed`, else uint8). Nodes reading the same tensor with identical quantizer parameters share one

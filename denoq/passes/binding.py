@@ -1,5 +1,5 @@
 """The QuantPlan bound to the graph: every check that the plan fits the FP graph, and the layer records the Q/DQ
-passes read (DESIGN.md, Contracts: Names, QuantPlan).
+passes read (docs/architecture.md, Contracts: Names, QuantPlan).
 
 `bind(plan, model)` runs on the FP graph from export, before any Q/DQ pass changes it, and raises a one-line
 `DenoqError` (problem; fix) for a plan and a graph that do not match: a layer the map does not name, a node or

@@ -1,5 +1,5 @@
-"""The guided graph: classifier-free guidance inside the graph, one doubled batch per call (DESIGN.md, Correction
-head: "for a guided graph, after the guidance combination").
+"""The guided graph: classifier-free guidance inside the graph, one doubled batch per call (docs/architecture.md,
+Correction head: "for a guided graph, after the guidance combination").
 
 Classifier-free guidance (Ho & Salimans 2022, eq. 6) combines the model's predictions with the null and the
 requested label,

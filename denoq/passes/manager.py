@@ -1,4 +1,4 @@
-"""Run a pipeline of passes on onnx-ir's `PassManager` (DESIGN.md, Contracts: Passes).
+"""Run a pipeline of passes on onnx-ir's `PassManager` (docs/architecture.md, Contracts: Passes).
 
 `PassManager(passes, verify)(model_proto)` is the thin denoq layer around `onnx_ir.passes.PassManager`:
 

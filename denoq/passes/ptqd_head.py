@@ -1,5 +1,5 @@
-"""The PTQD correction head: correlated-noise and bias correction appended to the model output (DESIGN.md, Correction
-head (PTQD)).
+"""The PTQD correction head: correlated-noise and bias correction appended to the model output (docs/architecture.md,
+Correction head (PTQD)).
 
 PTQD (He et al., "PTQD: Accurate Post-Training Quantization for Diffusion Models", NeurIPS 2023, arXiv 2305.10657)
 splits the quantization noise Δ = ε_q − ε of the noise prediction into a part linearly correlated with the FP

@@ -1,4 +1,4 @@
-"""Quantize a graph as a QuantPlan says: the Q/DQ passes, in order (DESIGN.md: Quantizer semantics, Targets,
+"""Quantize a graph as a QuantPlan says: the Q/DQ passes, in order (docs/architecture.md: Quantizer semantics, Targets,
 Timestep selector).
 
 `InsertQDQ(plan)` is an onnx-ir `Sequential` of the passes the plan needs, all sharing one `PlanBinding` (the

@@ -1,9 +1,9 @@
 """Timestep selectors: timestep-grouped activation scales in a graph whose Q/DQ scales are constants.
 
-DESIGN.md (Contracts: Timestep selector) after ADP-DM (Wang et al., "Towards Accurate Post-training Quantization for
-Diffusion Models", CVPR 2024, arXiv 2305.18723): a layer whose input scale table `s_t` (length T, piecewise constant
-over the layer's timestep groups) is not constant keeps ONE constant Q/DQ scale `s0`, as TensorRT needs, and moves
-the timestep dependence into pointwise multiplies with `r_t = s0 / s_t`:
+docs/architecture.md (Contracts: Timestep selector) after ADP-DM (Wang et al., "Towards Accurate Post-training
+Quantization for Diffusion Models", CVPR 2024, arXiv 2305.18723): a layer whose input scale table `s_t` (length T,
+piecewise constant over the layer's timestep groups) is not constant keeps ONE constant Q/DQ scale `s0`, as TensorRT
+needs, and moves the timestep dependence into pointwise multiplies with `r_t = s0 / s_t`:
 
     x → Mul(R) → Q(s0, z) → DQ(s0, z) → Conv/Gemm/MatMul without bias → Div(R) → Add(bias)
     R = Gather(r, timestep)            (r: [T,1,1,1] for Conv, [T,1] for Gemm, [T,1,1] for MatMul on [B,L,C])

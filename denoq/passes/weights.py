@@ -1,4 +1,5 @@
-"""Weight quantization: the plan's integer weights read through DequantizeLinear (DESIGN.md: Quantizer semantics).
+"""Weight quantization: the plan's integer weights read through DequantizeLinear (docs/architecture.md: Quantizer
+semantics).
 
 For each planned layer (found through the `denoq.layer_map` metadata, never by node order) the FP initializer
 `<module>.weight` is replaced by the plan's integers (ONNX layout: transposed for `[in, out]` MatMul weights), a
