@@ -230,7 +230,7 @@ def test_dead_inputs_quantize_to_zero():
 
 
 def test_bad_input_is_one_line_error_naming_the_fix():
-    with pytest.raises(DenoqError, match=r"weights.bits=5 .* use 8, 4 or 3"):
+    with pytest.raises(DenoqError, match=r"weights.bits=5 .* use one of 8, 7, 6, 4, 3"):
         GptqSettings(bits=5)
     with pytest.raises(DenoqError, match="does not divide this layer's 12 input channels"):
         group_columns(nn.Conv2d(12, 4, 3), 8)

@@ -56,10 +56,11 @@ from denoq.plan import LayerPlan
 class GptqSettings:
     """Weight rounding settings.
 
-    bits: 8, 4 or 3. group_size: 0 = one scale per output row, else the scale block along the input channels
-    (in input channels; a Conv2d group spans group_size·kh·kw columns). damp: λ = damp · mean(diag H) is added to
-    the diagonal. block: GPTQ's lazy batch B (does not change the result). act_order: GPTQ processes columns by
-    descending diag H; this implies static groups, since scales must stay with contiguous input-channel groups.
+    bits: one of `choices.WEIGHT_BITS`. group_size: 0 = one scale per output row, else the scale block along the
+    input channels (in input channels; a Conv2d group spans group_size·kh·kw columns). damp: λ = damp · mean(diag H)
+    is added to the diagonal. block: GPTQ's lazy batch B (does not change the result). act_order: GPTQ processes
+    columns by descending diag H; this implies static groups, since scales must stay with contiguous input-channel
+    groups.
     static_groups: group scales from the original W, before any error propagation (else GPTQ computes each group's
     scale from the updated weights when it reaches the group's first column, as the paper does).
     """
@@ -73,7 +74,8 @@ class GptqSettings:
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
-            raise DenoqError(f"weights.bits={self.bits} is not supported by GPTQ/OBQ rounding; use 8, 4 or 3")
+            raise DenoqError(f"weights.bits={self.bits} is not supported by GPTQ/OBQ rounding; use one of "
+                             f"{', '.join(map(str, WEIGHT_BITS))}")
         if self.group_size < 0:
             raise DenoqError(f"weights.group_size={self.group_size} is negative; use 0 (per output channel) or a "
                              "divisor of the layers' input channels")
