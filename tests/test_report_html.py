@@ -39,18 +39,18 @@ def evaluated(tiny_artifact_trt, tmp_path_factory):
     """The tiny artifact evaluated at the smallest settings; the labels its progress bars got."""
     path = shutil.copytree(tiny_artifact_trt.path, tmp_path_factory.mktemp("report") / "art")
     labels = []
-    real = denoq.sampling.loop.tqdm
+    real = denoq.sampling.loop.bar
 
     def recording(*args, **kwargs):
         labels.append(kwargs.get("desc"))
         return real(*args, **kwargs)
 
-    denoq.sampling.loop.tqdm = recording
+    denoq.sampling.loop.bar = recording
     try:
         art = Artifact.open(path)
         report = evaluate(art, EvalSettings(n=4, steps=2, threads=1))
     finally:
-        denoq.sampling.loop.tqdm = real
+        denoq.sampling.loop.bar = real
     pictures = {name: (path / name).read_bytes() for name in report["pictures"]}
     return Artifact.open(path), report, pictures, labels
 
