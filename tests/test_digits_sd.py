@@ -1,8 +1,7 @@
 """digits-sd (denoq/models/digits-sd, tools/train_latent_digits.py): the shipped latent text-to-image model loads
 with diffusers' StableDiffusionPipeline, its tokenizer covers every caption and is rebuilt identically, a two-step
 call returns a 16×16 image, and (slow) its prompt accuracy stays near what docs/digits-sd.md reports.
-
-Needs `transformers` (CLIPTextModel, CLIPTokenizer); skipped where it is not installed."""
+"""
 
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-pytest.importorskip("transformers")
 
 from denoq.models import MODELS_DIR
 
