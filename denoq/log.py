@@ -14,7 +14,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -55,17 +55,13 @@ def verbose(on: bool = True) -> Iterator[None]:
     level and handlers are restored afterwards."""
     logger = logging.getLogger(ROOT)
     level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
-    added: Any = None
     if on and not logger.handlers:
-        added = _Handler()
-        logger.addHandler(added)
+        logger.addHandler(_Handler())
         logger.propagate = False
     logger.setLevel(logging.INFO if on else logging.WARNING)
     try:
         yield
     finally:
-        if added is not None:
-            logger.removeHandler(added)
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
