@@ -56,6 +56,8 @@ def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_
         variance = torch.clamp(variance, min=1e-20)
         if schedule.variance_type == "fixed_small_log":
             std = torch.exp(0.5 * torch.log(variance))
+        elif schedule.variance_type == "fixed_large":  # β_t, the upper bound of eq. 6's σ_t² (diffusers' choice)
+            std = current_beta_t**0.5
         else:
             std = variance**0.5
         if residual_var is not None:

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from denoq.errors import DenoqError
+from denoq.sampling.cond import Cond, cat, repeat_rows
 from denoq.sampling.loop import EpsFn
 
 
-def classifier_free(eps: EpsFn, null_cond: torch.Tensor, scale: float | torch.Tensor) -> EpsFn:
-    """The guided eps of eq. 6; `null_cond` is one sample's null conditioning (e.g. the null label, shape []);
+def classifier_free(eps: EpsFn, null_cond: Cond, scale: float | torch.Tensor) -> EpsFn:
+    """The guided eps of eq. 6; `null_cond` is one sample's null conditioning (the null label, shape []; the
+    empty or negative prompt's encoding, a batch of 1);
     `scale` one number, or one per sample ([B], e.g. calibration trajectories at several scales)."""
     scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
     if not bool((scales >= 0).all()):
@@ -31,8 +33,7 @@ def classifier_free(eps: EpsFn, null_cond: torch.Tensor, scale: float | torch.Te
         batch = x.shape[0]
         tt = torch.as_tensor(t).reshape(-1)
         tt = tt.expand(batch) if tt.numel() == 1 else tt
-        null = null_cond.to(cond.device, cond.dtype).expand(batch, *cond.shape[1:])
-        out = eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([null, cond]))
+        out = eps(torch.cat([x, x]), torch.cat([tt, tt]), cat([repeat_rows(null_cond, cond, batch), cond]))
         uncond, conditional = out[:batch], out[batch:]
         if per_sample:
             if scales.numel() != batch:

@@ -14,9 +14,11 @@ import torch
 
 from denoq.errors import DenoqError
 from denoq.log import bar
+from denoq.sampling.cond import call_denoiser
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
-from denoq.sampling.schedule import SAMPLERS, NoiseSchedule, check_sampler
+from denoq.sampling.names import SAMPLERS, check_sampler
+from denoq.sampling.schedule import NoiseSchedule
 from denoq.sampling.vsc import check_residual_var
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -26,12 +28,11 @@ __all__ = ["SAMPLERS", "Callback", "EpsFn", "module_eps", "sample"]
 
 
 def module_eps(module: Any) -> EpsFn:
-    """The backend of a PyTorch model: `module(x, t[, cond])`, taking `.sample` of a diffusers output (a
-    SimulatedModel returns the tensor itself). Gradients are left on; wrap the call in `torch.no_grad()` to sample."""
+    """The backend of a PyTorch model, called as diffusers' pipelines call it (`cond.call_denoiser`). Gradients
+    are left on; wrap the call in `torch.no_grad()` to sample."""
 
     def eps(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        out = module(x, t) if cond is None else module(x, t, cond)
-        return out.sample if hasattr(out, "sample") else out
+        return call_denoiser(module, x, t, cond)
 
     return eps
 

@@ -17,19 +17,15 @@ import numpy as np
 import torch
 
 from denoq.errors import DenoqError
-
-SAMPLERS = ("ddpm", "ddim")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-
-def check_sampler(sampler: str) -> str:
-    """Return `sampler` if it is one of `SAMPLERS`, else raise a `DenoqError`."""
-    if sampler not in SAMPLERS:
-        raise DenoqError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    return sampler
+from denoq.sampling.names import (
+    BETA_SCHEDULER_CLASSES,
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    VARIANCE_TYPES,
+    check_sampler,
+    scheduler_class,
+)
 
 
 def _diffusers_scheduler(cfg: Mapping[str, Any]) -> Any:
@@ -81,13 +77,18 @@ class NoiseSchedule:
         """
         if not isinstance(cfg, Mapping):
             raise DenoqError(f"scheduler config must be a dict, got {type(cfg).__name__}")
+        name = scheduler_class(cfg)
+        if name not in BETA_SCHEDULER_CLASSES:
+            raise DenoqError(f"scheduler {name} has no DDPM noise schedule (betas) denoq can calibrate with; denoq "
+                             f"takes the discrete-time schedulers {', '.join(BETA_SCHEDULER_CLASSES)}")
         T = cfg.get("num_train_timesteps", 1000)
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise DenoqError(f"scheduler config: num_train_timesteps={T!r} must be a positive integer")
         if cfg.get("thresholding", False):
             raise DenoqError("scheduler config: thresholding=True is not supported; set it to false")
         prediction_type = _choice(cfg, "prediction_type", "epsilon", PREDICTION_TYPES)
-        variance_type = _choice(cfg, "variance_type", "fixed_small", VARIANCE_TYPES)
+        variance_type = _choice(cfg, "variance_type", "fixed_small", VARIANCE_TYPES) \
+            if name == "DDPMScheduler" else "fixed_small"  # the others' variance_type means something else
         spacing = _choice(cfg, "timestep_spacing", "leading", TIMESTEP_SPACINGS)
 
         trained = cfg.get("trained_betas")

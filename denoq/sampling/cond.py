@@ -1,0 +1,112 @@
+"""The conditioning a denoiser takes, and the one rule that calls a diffusers denoiser with it.
+
+A conditioning is None (unconditional), one tensor — `class_labels` int64 [B] or `encoder_hidden_states` float
+[B, L, D], the model's third positional input — or a `Conditioning`: several named tensors sharing the batch axis 0,
+as SDXL's `UNet2DConditionModel` (`addition_embed_type="text_time"`) takes them: `encoder_hidden_states` [B, L, D]
+and the added conditions `text_embeds` [B, P] and `time_ids` [B, 6]. The names are the graph inputs' names
+(diffusers' ONNX exports and TensorRT's demo use the same), so a `Conditioning` is also the graph's feed.
+
+Timesteps: a denoiser is called with the scheduler's own timestep values (float for Euler / DPM-Solver with Karras
+sigmas). The per-timestep tables of a QuantPlan (timestep-group scales, PTQD) have one row per training timestep
+0 … T − 1 and are indexed by the nearest one, `timestep_index` (docs/architecture.md, Timesteps of any scheduler);
+the graph computes the same index with Round (half to even, as torch.round) and Clip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import torch
+
+#: SDXL's added conditions, in graph-input order after `encoder_hidden_states`.
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+TEXT_INPUT = "encoder_hidden_states"
+
+
+class Conditioning:
+    """Named conditioning tensors with a common batch axis 0 (`encoder_hidden_states` first, then the added
+    conditions). Indexing selects rows of every tensor: `cond[2:4]`, `cond[[0, 3]]`."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if TEXT_INPUT not in tensors:
+            raise ValueError(f"a Conditioning needs {TEXT_INPUT}; got {', '.join(tensors)}")
+        order = [TEXT_INPUT, *sorted(k for k in tensors if k != TEXT_INPUT)]
+        self.tensors = {k: tensors[k] for k in order}
+        batches = {v.shape[0] for v in self.tensors.values()}
+        if len(batches) != 1:
+            raise ValueError(f"conditioning tensors disagree on the batch size: "
+                             f"{ {k: tuple(v.shape) for k, v in self.tensors.items()} }")
+
+    def __getitem__(self, rows: Any) -> Conditioning:
+        return Conditioning({k: v[rows] for k, v in self.tensors.items()})
+
+    def __len__(self) -> int:
+        return int(next(iter(self.tensors.values())).shape[0])
+
+    def __repr__(self) -> str:
+        return f"Conditioning({', '.join(f'{k}={tuple(v.shape)}' for k, v in self.tensors.items())})"
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        return Conditioning({k: v.to(device) for k, v in self.tensors.items()})
+
+    @property
+    def added(self) -> dict[str, torch.Tensor]:
+        """diffusers' `added_cond_kwargs`."""
+        return {k: v for k, v in self.tensors.items() if k != TEXT_INPUT}
+
+
+Cond = Union[torch.Tensor, Conditioning, None]  # noqa: UP007 (a runtime alias)
+
+
+def batch_of(cond: Cond) -> int:
+    """The number of rows of a (non-None) conditioning."""
+    return len(cond) if isinstance(cond, Conditioning) else int(cond.shape[0])
+
+
+def cat(parts: Sequence[Cond]) -> Cond:
+    """Rows of `parts` one after another (`torch.cat` on axis 0, per name for a `Conditioning`)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], Conditioning):
+        return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
+    return torch.cat(list(parts))
+
+
+def repeat_rows(one: Cond, like: Cond, batch: int) -> Cond:
+    """`one` — one sample's conditioning (a label of shape [], or a batch of 1) — repeated to `batch` rows with
+    `like`'s per-sample shapes, dtypes and device (the null half of a classifier-free-guidance batch)."""
+    if isinstance(one, Conditioning):
+        return Conditioning({k: v.to(like.tensors[k].device, like.tensors[k].dtype).reshape(
+            1, *like.tensors[k].shape[1:]).expand(batch, *like.tensors[k].shape[1:]) for k, v in one.tensors.items()})
+    return one.to(like.device, like.dtype).reshape(1, *like.shape[1:]).expand(batch, *like.shape[1:])
+
+
+def feeds(cond: Cond, name: str | None) -> dict[str, torch.Tensor]:
+    """The graph inputs of a conditioning: `{name: cond}` for one tensor, the named tensors of a `Conditioning`."""
+    if cond is None:
+        return {}
+    if isinstance(cond, Conditioning):
+        return dict(cond.tensors)
+    return {str(name): cond}
+
+
+def call_denoiser(model: Any, sample: torch.Tensor, timestep: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+    """The model's output (`.sample` of a diffusers output) for `sample` at `timestep`: `model(sample, t)`,
+    `model(sample, t, cond)` for one tensor, or `model(sample, t, encoder_hidden_states=…, added_cond_kwargs=…)`
+    for a `Conditioning` — how diffusers' pipelines call a denoiser."""
+    if cond is None:
+        out = model(sample, timestep)
+    elif isinstance(cond, Conditioning):
+        out = model(sample, timestep, encoder_hidden_states=cond.tensors[TEXT_INPUT], added_cond_kwargs=cond.added)
+    else:
+        out = model(sample, timestep, cond)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def timestep_index(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """The row of a per-timestep table for scheduler timesteps `t`: the nearest training timestep,
+    `clip(round_half_even(t), 0, T − 1)` as int64 (integral timesteps index themselves)."""
+    if not t.is_floating_point():
+        return t.to(torch.int64).clamp(0, num_train_timesteps - 1)
+    return torch.round(t.float()).clamp(0, num_train_timesteps - 1).to(torch.int64)
