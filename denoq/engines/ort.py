@@ -21,6 +21,7 @@ import torch
 from denoq.cpu import u8s8_saturates
 from denoq.errors import DenoqError, install_hint
 from denoq.onnxio import load_model
+from denoq.sampling.cond import ADDED_CONDITIONS, Cond, Conditioning
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -29,7 +30,7 @@ LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-COND_INPUTS = ("encoder_hidden_states", "class_labels")
+COND_INPUTS = ("encoder_hidden_states", "class_labels", *ADDED_CONDITIONS)
 GUIDANCE_INPUT = "guidance_scale"  # the guided graph's per-sample classifier-free guidance scale
 
 #: ORT's session config entry for exact integer kernels on CPUs without VNNI (`kOrtSessionOptionsAvx2PrecisionMode`).
@@ -184,11 +185,50 @@ def create_session(path: str | Path, threads: int | None = 2, execution_provider
     return session
 
 
+def timestep_feed(t: torch.Tensor | float, batch: int, integral: bool) -> torch.Tensor:
+    """The `timestep` [B] of a call: one value broadcast or one per sample; for a graph with an integer timestep
+    input the values must be integral (graphs exported by this denoq take the scheduler's float values)."""
+    tt = torch.as_tensor(t).reshape(-1)
+    if integral and tt.is_floating_point():
+        if not torch.equal(tt, tt.round()):
+            raise DenoqError(f"timestep {tt.tolist()} is not integral and this graph takes int64 timesteps; pass the "
+                             "scheduler's integer timesteps, or recompile (graphs take float timesteps now)")
+        tt = tt.to(torch.int64)
+    if tt.numel() == 1:
+        return tt.expand(batch)
+    if tt.numel() != batch:
+        raise DenoqError(f"timestep has {tt.numel()} values for a batch of {batch}; pass one per sample or one "
+                         "for all")
+    return tt
+
+
+def cond_feeds(names: Sequence[str], cond: Cond, where: str) -> dict[str, torch.Tensor]:
+    """The conditioning inputs `names` of a graph or engine fed from `cond` (a tensor for the one input, or a
+    `Conditioning` with exactly those names); DenoqError naming what is missing or extra."""
+    if not names:
+        if cond is not None:
+            raise DenoqError(f"{where} is unconditional (no {' / '.join(COND_INPUTS)} input) but a cond was given; "
+                             "sample it without conditioning")
+        return {}
+    if cond is None:
+        raise DenoqError(f"{where} is conditional (graph inputs {', '.join(names)}) but no cond was given; pass the "
+                         "conditioning (class labels or encoder states)")
+    if isinstance(cond, Conditioning):
+        if sorted(cond.tensors) != sorted(names):
+            raise DenoqError(f"{where} takes {', '.join(names)} but the conditioning holds "
+                             f"{', '.join(cond.tensors)}; pass the model's own conditioning")
+        return dict(cond.tensors)
+    if len(names) != 1:
+        raise DenoqError(f"{where} takes {', '.join(names)}; pass them all (added_cond_kwargs)")
+    return {names[0]: torch.as_tensor(cond)}
+
+
 class OrtBackend:
     """An ONNX Runtime session as the sampler's `eps(x, t, cond)` callable (docs/architecture.md, Sampler).
 
-    The graph's inputs are `sample` [B, C, H, W], `timestep` int64 [B] and, for conditional models,
-    `encoder_hidden_states` or `class_labels`; a guided graph (`denoq.passes.guidance`) also takes
+    The graph's inputs are `sample` [B, C, H, W], `timestep` [B] (float32: the scheduler's values; int64 in
+    graphs of older exports) and, for conditional models, `encoder_hidden_states` (with SDXL's `text_embeds` and
+    `time_ids`: a `Conditioning`) or `class_labels`; a guided graph (`denoq.passes.guidance`) also takes
     `guidance_scale` float32 [B], given as `guidance=` (one number or one per sample). Its output is `out_sample`.
     """
 
@@ -201,7 +241,7 @@ class OrtBackend:
             if required not in self.inputs:
                 raise DenoqError(f"{self.path} has no graph input {required!r} (inputs: {', '.join(self.inputs)}); "
                                  "export the model with denoq.export")
-        self.cond_input = next((n for n in COND_INPUTS if n in self.inputs), None)
+        self.cond_inputs = [n for n in COND_INPUTS if n in self.inputs]
         self.guided = GUIDANCE_INPUT in self.inputs
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = "out_sample" if "out_sample" in outputs else outputs[0]
@@ -210,30 +250,14 @@ class OrtBackend:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def feeds(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None,
+    def feeds(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond = None,
               guidance: float | torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """The session's input dict for `eps(x, t, cond)`: t (and a guided graph's scale) broadcast to [B], dtypes
         as the graph wants."""
         batch = x.shape[0]
-        tt = torch.as_tensor(t)
-        if tt.is_floating_point():
-            if not torch.equal(tt, tt.round()):
-                raise DenoqError(f"timestep {tt.tolist()} is not integral; pass the scheduler's integer timesteps")
-        tt = tt.to(torch.int64).reshape(-1)
-        if tt.numel() == 1:
-            tt = tt.expand(batch)
-        elif tt.numel() != batch:
-            raise DenoqError(f"timestep has {tt.numel()} values for a batch of {batch}; pass one per sample or one "
-                             "for all")
+        tt = timestep_feed(t, batch, integral=self.inputs["timestep"].type != "tensor(float)")
         feeds = {"sample": self._array("sample", x), "timestep": self._array("timestep", tt)}
-        if self.cond_input is not None:
-            if cond is None:
-                raise DenoqError(f"{self.path.name} is conditional (graph input {self.cond_input!r}) but no cond "
-                                 "was given; pass the conditioning (class labels or encoder states)")
-            feeds[self.cond_input] = self._array(self.cond_input, torch.as_tensor(cond))
-        elif cond is not None:
-            raise DenoqError(f"{self.path.name} is unconditional (no {' / '.join(COND_INPUTS)} input) but a cond was "
-                             "given; sample it without conditioning")
+        feeds.update({k: self._array(k, v) for k, v in cond_feeds(self.cond_inputs, cond, self.path.name).items()})
         if self.guided != (guidance is not None):
             raise DenoqError(f"{self.path.name} {'is' if self.guided else 'is not'} a guided graph (input "
                              f"{GUIDANCE_INPUT!r}) but guidance was {'not ' if self.guided else ''}given; "
@@ -248,7 +272,7 @@ class OrtBackend:
         a = value.detach().cpu().numpy()
         return np.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None,
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond = None,
                  guidance: float | torch.Tensor | None = None) -> torch.Tensor:
         """eps(x, t, cond): runs the graph, returns `out_sample` on x's device in x's dtype."""
         (out,) = self.session.run([self.output], self.feeds(x, t, cond, guidance))

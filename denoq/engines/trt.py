@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from denoq.engines.ort import COND_INPUTS
+from denoq.engines.ort import COND_INPUTS, cond_feeds, timestep_feed
 from denoq.errors import DenoqError, install_hint
+from denoq.sampling.cond import Cond
 
 
 def require(module: str, what: str) -> ModuleType:
@@ -84,16 +85,22 @@ class ShapeRange:
 
 
 def profile_shapes(sample: Sequence[int], batch: ShapeRange, height: ShapeRange, width: ShapeRange,
-                   cond: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[tuple[int, ...], ...]]:
+                   cond: Mapping[str, Sequence[int]] | None = None,
+                   tokens: ShapeRange | None = None) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Input name → (min, opt, max) shapes: `sample` [B, C, H, W] (C from `sample` = [C, H, W]), `timestep` [B],
-    and each conditioning input with its per-sample shape after the batch dimension."""
+    and each conditioning input with its per-sample shape after the batch dimension (`encoder_hidden_states`
+    with the token range `tokens` when given)."""
     channels = int(sample[0])
     out = {"sample": tuple((b, channels, h, w) for b, h, w in zip(
                (batch.min, batch.opt, batch.max), (height.min, height.opt, height.max),
                (width.min, width.opt, width.max), strict=True)),
            "timestep": ((batch.min,), (batch.opt,), (batch.max,))}
     for name, rest in sorted((cond or {}).items()):
-        out[name] = tuple((b, *rest) for b in (batch.min, batch.opt, batch.max))
+        if name == "encoder_hidden_states" and tokens is not None:
+            out[name] = tuple((b, L, *rest[1:]) for b, L in zip((batch.min, batch.opt, batch.max),
+                                                                 (tokens.min, tokens.opt, tokens.max), strict=True))
+        else:
+            out[name] = tuple((b, *rest) for b in (batch.min, batch.opt, batch.max))
     return out
 
 
@@ -229,21 +236,14 @@ class TrtBackend:
         outputs = [n for n in names if n not in self.inputs]
         self.output = "out_sample" if "out_sample" in outputs else outputs[0]
         self.dtypes = {n: _TORCH_TYPES[str(self.engine.get_tensor_dtype(n)).split(".")[-1]] for n in names}
-        self.cond_input = next((n for n in COND_INPUTS if n in self.inputs), None)
+        self.cond_inputs = [n for n in COND_INPUTS if n in self.inputs]
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
 
-    def _feeds(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        batch = x.shape[0]
-        tt = torch.as_tensor(t, device=self.device).reshape(-1)
-        if tt.numel() == 1:
-            tt = tt.expand(batch)
-        feeds = {"sample": x, "timestep": tt}
-        if (self.cond_input is None) != (cond is None):
-            raise DenoqError("the engine is conditional and no cond was given" if cond is None
-                             else "the engine is unconditional but a cond was given; sample it without conditioning")
-        if self.cond_input is not None:
-            feeds[self.cond_input] = torch.as_tensor(cond)
+    def _feeds(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond) -> dict[str, torch.Tensor]:
+        integral = self.dtypes["timestep"] in (torch.int64, torch.int32)
+        feeds = {"sample": x, "timestep": timestep_feed(torch.as_tensor(t, device=self.device), x.shape[0], integral)}
+        feeds.update(cond_feeds(self.cond_inputs, cond, "the engine"))
         return {n: v.to(self.device, self.dtypes[n]).contiguous() for n, v in feeds.items()}
 
     def _run(self, feeds: Mapping[str, torch.Tensor], out: torch.Tensor, stream: torch.cuda.Stream) -> None:
@@ -254,7 +254,7 @@ class TrtBackend:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise DenoqError("TensorRT's execute_async_v3 failed (see TensorRT's log above)")
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         feeds = self._feeds(x, t, cond)
         key = tuple((n, tuple(v.shape)) for n, v in sorted(feeds.items()))
         stream = torch.cuda.current_stream(self.device)

@@ -1,8 +1,10 @@
 """torch → FP ONNX with the module → node → weight map (docs/architecture.md, Contracts: Names; Interfaces).
 
-The graph is exported with `torch.onnx.export(..., dynamo=True)` at opset 21 with a dynamic batch axis. Inputs are
-named as diffusers' own ONNX exports name them (`sample`, `timestep` int64 `[B]`, `encoder_hidden_states` when the
-model has cross-attention) and the output is `out_sample`.
+The graph is exported with `torch.onnx.export(..., dynamo=True)` at opset 21 with dynamic axes (below). Inputs are
+named as diffusers' own ONNX exports and TensorRT's demo name them (`sample`, `timestep` float32 `[B]` — the
+scheduler's own values —, `encoder_hidden_states` when the model has cross-attention with a dynamic token length,
+SDXL's `text_embeds` and `time_ids`, `class_labels` for class-conditional models) and the output is `out_sample`.
+A UNet's latent height and width are dynamic too (multiples of its total downsampling factor).
 
 The dynamo exporter keeps Conv/Gemm weight names but turns attention projections into MatMul with a transposed
 `[in, out]` weight under a generated name. Each node's `pkg.torch.onnx.name_scopes` metadata names the modules it
@@ -25,6 +27,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,6 +39,7 @@ from denoq.errors import DenoqError
 from denoq.layermap import ATTENTION_MAP_KEY, write_layer_map
 from denoq.layers import attention_modules, quantizable_layers
 from denoq.onnxio import save_model
+from denoq.sampling.cond import TEXT_INPUT, Cond, call_denoiser, feeds
 
 OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -46,51 +50,70 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 
 @dataclass(frozen=True)
 class GraphInputs:
-    """Example inputs for export; `cond` for conditional models, its graph input named `cond_name`
-    (`encoder_hidden_states` for cross-attention models, `class_labels` for class-conditional UNet2DModels)."""
+    """Example inputs for export: `timestep` float32 [B] (the scheduler's own values); `cond` for conditional
+    models, one tensor named `cond_name` (`encoder_hidden_states`, `class_labels`) or a `Conditioning` (its names);
+    `resolution_multiple` > 0 makes the sample's height and width dynamic in multiples of it."""
 
     sample: torch.Tensor
     timestep: torch.Tensor
-    cond: torch.Tensor | None = None
+    cond: Cond = None
     cond_name: str = "encoder_hidden_states"
+    resolution_multiple: int = 0
+
+    def cond_feeds(self) -> dict[str, torch.Tensor]:
+        return feeds(self.cond, self.cond_name)
 
     def names(self) -> list[str]:
-        return ["sample", "timestep"] + ([self.cond_name] if self.cond is not None else [])
+        return ["sample", "timestep", *self.cond_feeds()]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        extra = (self.cond,) if self.cond is not None else ()
-        return (self.sample, self.timestep, *extra)
+        return (self.sample, self.timestep, *self.cond_feeds().values())
+
+    def dynamic_shapes(self) -> tuple[Any, ...]:
+        """Batch everywhere; the token length of `encoder_hidden_states`; height and width of the sample."""
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        sample: dict[int, Any] = {0: batch}
+        if self.resolution_multiple:
+            k = self.resolution_multiple
+            h, w = (torch.export.Dim(n, min=1, max=max(1, 16384 // k)) for n in ("height", "width"))
+            sample.update({2: k * h, 3: k * w})
+        conds = []
+        for name, value in self.cond_feeds().items():
+            spec: dict[int, Any] = {0: batch}
+            if name == TEXT_INPUT and value.dim() == 3:
+                spec[1] = torch.export.Dim("tokens", min=1, max=4096)
+            conds.append(spec)
+        return (sample, {0: batch}, *((tuple(conds),) if conds else ()))  # the wrapper's (sample, timestep, *conds)
 
 
 class EpsWrapper(nn.Module):
-    """`(sample, timestep[, cond]) → out_sample` around a diffusers UNet (cond is the UNet's third positional
-    input: `encoder_hidden_states` of UNet2DConditionModel, `class_labels` of UNet2DModel); the module's own
-    submodule names stay under the `model.` prefix, which `layer_map_from_graph` strips."""
+    """`(sample, timestep, *cond tensors) → out_sample` around a diffusers denoiser, called as diffusers'
+    pipelines call it (`call_denoiser`); the module's own submodule names stay under the `model.` prefix, which
+    `layer_map_from_graph` strips."""
 
     PREFIX = "model."
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cond_names: list[str]) -> None:
         super().__init__()
         self.model = model
+        self.cond_names = cond_names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if cond is None:
-            return self.model(sample, timestep).sample
-        return self.model(sample, timestep, cond).sample
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conds: torch.Tensor) -> torch.Tensor:
+        if len(conds) > 1:  # SDXL; no Conditioning here: its batch-size check would pin the exported batch axis
+            named = dict(zip(self.cond_names, conds, strict=True))
+            out = self.model(sample, timestep, encoder_hidden_states=named.pop(TEXT_INPUT), added_cond_kwargs=named)
+            return out.sample
+        return call_denoiser(self.model, sample, timestep, conds[0] if conds else None)
 
 
 def export_fp(model: nn.Module, inputs: GraphInputs, path: Path) -> dict[str, dict]:
     """Export `model` (eval mode, float32) to `path` and return the layer map written into the file."""
-    wrapper = EpsWrapper(model).eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {"sample": {0: batch}, "timestep": {0: batch}}
-    if inputs.cond is not None:
-        dynamic["cond"] = {0: batch}
+    wrapper = EpsWrapper(model, inputs.names()[2:]).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, inputs.tensors(), dynamo=True, opset_version=OPSET, verbose=False,
                                     input_names=inputs.names(), output_names=["out_sample"],
-                                    dynamic_shapes=dynamic, report=False)
+                                    dynamic_shapes=inputs.dynamic_shapes(), report=False)
     proto = program.model_proto
     layer_map = map_and_rename_weights(proto, model)
     write_layer_map(proto, layer_map)

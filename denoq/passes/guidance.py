@@ -38,10 +38,11 @@ class GuideClassFree(InPlace):
         null_label: the label of the unconditional model (the last class embedding, `num_classes`).
         name: prefix of the inserted nodes and of the inner values (`<name>.sample`, …).
 
-    Invariant established: the graph inputs are `sample` [B, C, H, W], `timestep` int64 [B], `class_labels` int64
+    Invariant established: the graph inputs are `sample` [B, C, H, W], `timestep` [B], `class_labels` int64
     [B] and `guidance_scale` float32 [B] (each sample its own scale); the original graph runs once on
     `Concat(sample, sample)`, `Concat(timestep, timestep)`, `Concat(null, class_labels)` (every former reader of an
-    input, the timestep selectors' Gathers included, reads the doubled value); `out_sample` [B, C, H, W] is
+    input, the timestep selectors' Gathers included, reads the doubled value; inner values lose their recorded
+    shapes, which named the old batch); `out_sample` [B, C, H, W] is
     `Add(u, Mul(Sub(c, u), Unsqueeze(guidance_scale)))` with `u, c = Split(inner out_sample, 2)` (Ho & Salimans,
     eq. 6). `requires` refuses a graph without the three inputs or the rank-4 float32 output, or one already
     guided (PreconditionError).
@@ -79,6 +80,9 @@ class GuideClassFree(InPlace):
                 use.node.replace_input_with(use.idx, node.outputs[0])
         g.inputs.clear()
         g.inputs.extend([xi, ti, li, scale])
+        for node in g:  # inner values now hold the doubled batch: their recorded [B, …] shapes no longer hold
+            for value in node.outputs:
+                value.shape = None
 
         halves = ir.node("Split", [y], attributes={"axis": 0, "num_outputs": 2}, name=f"{n}/Split",
                          outputs=[ir.val(f"{n}.uncond"), ir.val(f"{n}.cond")])

@@ -17,7 +17,8 @@ measures both tables):
 What is left, (Δ′ − μ_t)/(1 + k_t), is zero-mean with variance σ_q²(t) per element; the sampler absorbs that variance
 into its noise schedule (variance schedule calibration, `denoq.sampling.vsc`).
 
-In the graph (NCHW output `out_sample`, int64 input `timestep` [B], each sample with its own t):
+In the graph (NCHW output `out_sample`, input `timestep` [B] read at its table rows `selector.timestep_rows`, each
+sample with its own t):
 
     out_sample ← Mul(Sub(ε_q, Gather(bias_table, timestep)), Gather(inv_one_plus_k, timestep))
     bias_table: float32 [T, C, 1, 1]  → gathered [B, C, 1, 1]
@@ -42,7 +43,7 @@ from onnx_ir.passes import PassResult, PostconditionError, PreconditionError
 
 from denoq.errors import DenoqError
 from denoq.passes.infra import InPlace
-from denoq.passes.selector import TIMESTEP_INPUT
+from denoq.passes.selector import TIMESTEP_INPUT, is_timestep_rows, timestep_rows
 
 HEAD_OUTPUT = "out_sample"
 
@@ -52,7 +53,7 @@ def apply_head(eps_q: Any, t: Any, bias: Any, inv_one_plus_k: Any) -> Any:
 
     Args:
         eps_q: the model output ε_q, float32 `[B, C, H, W]` (torch tensor or numpy array).
-        t: the timesteps, int64 `[B]` (same library as `eps_q`), each in [0, T).
+        t: the table rows, int64 `[B]` (same library as `eps_q`), each in [0, T) (`sampling.cond.timestep_index`).
         bias: float32 `[T, C]`, the per-(timestep, channel) mean of the residual Δ′.
         inv_one_plus_k: float32 `[T]`, 1 / (1 + k_t).
 
@@ -123,8 +124,9 @@ class AppendPtqdHead(InPlace):
 
     def call(self, model: ir.Model) -> PassResult:
         g = model.graph
-        t, y, channels = self._check(g)
+        _, y, channels = self._check(g)
         T = self._bias.shape[0]
+        t = timestep_rows(g, T, self.name)
         bias_name, inv_name = f"{self.name}.bias", f"{self.name}.inv_one_plus_k"
         bias_table = ir.val(bias_name, const_value=ir.tensor(self._bias.reshape(T, channels, 1, 1), name=bias_name))
         inv_table = ir.val(inv_name, const_value=ir.tensor(self._inv.reshape(T, 1, 1, 1), name=inv_name))
@@ -163,7 +165,7 @@ class AppendPtqdHead(InPlace):
         ok = mul is not None and mul.name == f"{self.name}/Mul" and sub is not None and sub.name == f"{self.name}/Sub"
         for table in (mul.inputs[1], sub.inputs[1]) if ok else ():  # type: ignore[union-attr]
             gather = None if table is None else table.producer()
-            ok = ok and gather is not None and gather.op_type == "Gather" and gather.inputs[1] is t
+            ok = ok and gather is not None and gather.op_type == "Gather" and is_timestep_rows(gather.inputs[1], t)
         if not ok:
             raise PostconditionError(f"{HEAD_OUTPUT!r} is not Mul(Sub(ε_q, Gather(bias, timestep)), "
                                      "Gather(1/(1+k), timestep))")
@@ -174,9 +176,9 @@ class AppendPtqdHead(InPlace):
         if t is None:
             raise PreconditionError(f"the graph has no {TIMESTEP_INPUT!r} input to gather the per-timestep tables "
                                     "with; export the model with its timestep input")
-        if t.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        if t.dtype not in (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.FLOAT):
             raise PreconditionError(f"graph input {TIMESTEP_INPUT!r} is {t.dtype}, the head gathers with an "
-                                    "integer timestep; re-export with an int64 timestep [B]")
+                                    "integer or float32 timestep; re-export the model")
         y = next((v for v in g.outputs if v.name == HEAD_OUTPUT), None)
         if y is None:
             names = ", ".join(v.name or "?" for v in g.outputs)

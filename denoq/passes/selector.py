@@ -8,11 +8,12 @@ needs, and moves the timestep dependence into pointwise multiplies with `r_t = s
     x → Mul(R) → Q(s0, z) → DQ(s0, z) → Conv/Gemm/MatMul without bias → Div(R) → Add(bias)
     R = Gather(r, timestep)            (r: [T,1,1,1] for Conv, [T,1] for Gemm, [T,1,1] for MatMul on [B,L,C])
 
-`r` is a float32 initializer of T entries, shaped `[T, 1, …]` so that gathering with the graph's int64 input
-`timestep` `[B]` gives R already broadcastable (`[B, 1, …]`, one node per table and rank); each sample of a batch
-reads its own group. Since `DQ(Q(x·r_t; s0, z)) / r_t = s_t·(clamp(round(x / s_t) + z) − z)` up to float rounding,
-the layer sees exactly the plan's group-t quantizer (range and saturation included) — *because the zero point z is
-the same for every group*: the plan guarantees it (one zero point per quantizer), the multiply only moves the scale.
+`r` is a float32 initializer of T entries, shaped `[T, 1, …]` so that gathering with the rows of the graph's input
+`timestep` `[B]` (`timestep_rows`: the nearest training timestep of a float timestep) gives R already
+broadcastable (`[B, 1, …]`, one node per table and rank); each sample of a batch reads its own group. Since
+`DQ(Q(x·r_t; s0, z)) / r_t = s_t·(clamp(round(x / s_t) + z) − z)` up to float rounding, the layer sees exactly the
+plan's group-t quantizer (range and saturation included) — *because the zero point z is the same for every
+group*: the plan guarantees it (one zero point per quantizer), the multiply only moves the scale.
 That holds for the uint8 asymmetric (`ort-cpu`) quantizers as well as for int8 symmetric (`trt`) ones.
 
 **Choice of s0 = min_t s_t** (the finest group's scale), so every `r_t = s0 / s_t ≤ 1`: the multiply never
@@ -56,15 +57,55 @@ TIMESTEP_INPUT = "timestep"
 # -- graph -------------------------------------------------------------------------------------------------
 
 def timestep_input(g: ir.Graph, layer: str) -> ir.Value:
-    """The graph's integer `timestep` input; DenoqError when there is none."""
+    """The graph's `timestep` input; DenoqError when there is none."""
     for v in g.inputs:
         if v.name == TIMESTEP_INPUT:
-            if v.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
-                raise DenoqError(f"layer {layer}: graph input {TIMESTEP_INPUT!r} is {v.dtype}, the timestep "
-                                 "selector gathers with an int64 timestep; re-export with an int64 timestep [B]")
             return v
     raise DenoqError(f"layer {layer}: its scale varies with the timestep but the graph has no {TIMESTEP_INPUT!r} "
                      "input; export the model with its timestep input (or set activations.timestep_groups=1)")
+
+
+def _index_chain(cast: ir.Node, t: ir.Value) -> bool:
+    clip = cast.inputs[0].producer() if cast.op_type == "Cast" and cast.inputs[0] is not None else None
+    rnd = clip.inputs[0].producer() if clip is not None and clip.op_type == "Clip" else None
+    return rnd is not None and rnd.op_type == "Round" and rnd.inputs[0] is t
+
+
+def is_timestep_rows(v: ir.Value | None, t: ir.Value | None) -> bool:
+    """Whether `v` is the table-row index of the timestep input `t` (`timestep_rows`)."""
+    if v is None or t is None:
+        return False
+    return v is t or (v.producer() is not None and _index_chain(v.producer(), t))
+
+
+def timestep_rows(g: ir.Graph, num_train_timesteps: int, layer: str) -> ir.Value:
+    """The rows of the per-timestep tables for the graph's `timestep` input: the input itself when it is integral;
+    for a float timestep (the scheduler's own values) the nearest training timestep,
+    `Cast(Clip(Round(timestep), 0, T − 1), int64)` (round half to even: `denoq.sampling.cond.timestep_index`),
+    built once and shared by every Gather. Its values carry no shape: a later pass (classifier-free guidance) may
+    feed the chain a doubled batch."""
+    t = timestep_input(g, layer)
+    if t.dtype in (ir.DataType.INT64, ir.DataType.INT32):
+        return t
+    if t.dtype != ir.DataType.FLOAT:
+        raise DenoqError(f"layer {layer}: graph input {TIMESTEP_INPUT!r} is {t.dtype}; denoq gathers its "
+                         "per-timestep tables with an integer or float32 timestep, re-export the model")
+    for node in g:
+        if _index_chain(node, t):
+            return node.outputs[0]
+    taken = {v.name for v in g.inputs} | set(g.initializers) | {o.name for n in g for o in n.outputs}
+    stem = next(f"timestep.rows{i or ''}" for i in range(len(taken) + 1) if f"timestep.rows{i or ''}" not in taken)
+    lo, hi = (ir.val(f"{stem}.{k}", const_value=ir.tensor(np.array(v, np.float32), name=f"{stem}.{k}"))
+              for k, v in (("min", 0.0), ("max", num_train_timesteps - 1.0)))
+    g.register_initializer(lo)
+    g.register_initializer(hi)
+    rnd = ir.node("Round", [t], name=f"{stem}/Round", outputs=[ir.val(f"{stem}.round", ir.DataType.FLOAT)])
+    clip = ir.node("Clip", [rnd.outputs[0], lo, hi], name=f"{stem}/Clip",
+                   outputs=[ir.val(f"{stem}.clip", ir.DataType.FLOAT)])
+    cast = ir.node("Cast", [clip.outputs[0]], attributes={"to": ir.DataType.INT64}, name=f"{stem}/Cast",
+                   outputs=[ir.val(stem, ir.DataType.INT64)])
+    g.insert_before(next(iter(g)), [rnd, clip, cast])
+    return cast.outputs[0]
 
 
 class RatioCache:
@@ -83,7 +124,7 @@ class RatioCache:
         shaped = np.ascontiguousarray(ratio.reshape(-1, *([1] * (rank - 1))))
         table = ir.val(name, const_value=ir.tensor(shaped, name=name))
         self.g.register_initializer(table)
-        t = timestep_input(self.g, module)
+        t = timestep_rows(self.g, ratio.shape[0], module)
         gather = ir.node("Gather", [table, t], attributes={"axis": 0}, name=f"{module}/timestep_ratio/Gather",
                          outputs=[ir.val(f"{module}.timestep_ratio_b{rank}", ir.DataType.FLOAT)])
         self.g.insert_before(before, [gather])
@@ -204,7 +245,7 @@ class InsertTimestepSelectors(PlanPass):
             r = None if div is None else div.inputs[1]
             gather = None if r is None else r.producer()
             if (mul is None or mul.op_type != "Mul" or div is None or mul.inputs[1] is not r or gather is None
-                    or gather.op_type != "Gather" or gather.inputs[1] is not t
+                    or gather.op_type != "Gather" or not is_timestep_rows(gather.inputs[1], t)
                     or len(list(layer.node.outputs[0].uses())) != 1 or len(layer.node.inputs) > 2):
                 raise PostconditionError(f"layer {layer.module} is not x·R → layer (no bias) → ÷R with one "
                                          "R = Gather(r, timestep)")
