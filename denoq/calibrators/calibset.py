@@ -14,13 +14,15 @@ for PTQD, whose statistics are taken on the guidance-combined output.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from denoq.errors import DenoqError
 from denoq.log import bar
 from denoq.sampling import NoiseSchedule, sample
+from denoq.sampling.cond import Cond, Conditioning, batch_of, cat, repeat_rows
 from denoq.sampling.guidance import classifier_free
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -29,21 +31,21 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 @dataclass
 class CalibrationSet:
     """`x[i]` is the `[N, C, H, W]` batch of trajectory states at timestep `t[i]`; `cond` the conditioning of
-    the N trajectories (or None); for guided trajectories `guidance` holds each one's scale [N] and `null_cond`
-    the null conditioning (one sample's, e.g. the null label)."""
+    the N trajectories (None, one tensor or a `Conditioning`); for guided trajectories `guidance` holds each one's
+    scale [N] and `null_cond` the null conditioning (one sample's: the null label, the empty prompt's encoding)."""
 
     x: list[torch.Tensor]
     t: list[int]
-    cond: torch.Tensor | None = None
+    cond: Cond = None
     guidance: torch.Tensor | None = None
-    null_cond: torch.Tensor | None = None
+    null_cond: Cond = None
+    conditioning: dict[str, Any] = field(default_factory=dict)  # what conditioned them (the manifest's words)
 
     def __len__(self) -> int:
         """The number of model inputs (a guided trajectory state counts twice: both halves of the batch)."""
         return sum(xi.shape[0] for xi in self.x) * (1 if self.guidance is None else 2)
 
-    def guided_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                                torch.Tensor | None]]:
+    def guided_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor | None]]:
         """(x, t [B] int64, cond, guidance scales [B] or None) per batch of trajectory states, in step order; each
         batch holds a single timestep."""
         for xi, ti in zip(self.x, self.t, strict=True):
@@ -53,7 +55,7 @@ class CalibrationSet:
                 gb = None if self.guidance is None else self.guidance[lo:lo + batch_size]
                 yield xb, torch.full((xb.shape[0],), ti, dtype=torch.int64), cb, gb
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond]]:
         """(x, t [B] int64, cond) model inputs in step order; each batch holds a single timestep. For guided
         trajectories each batch of states is the doubled batch the model sees (null half first, `B` = 2 × at most
         `batch_size` // 2 states)."""
@@ -62,8 +64,7 @@ class CalibrationSet:
             if gb is None:
                 yield xb, tb, cb
             else:
-                null = self.null_cond.to(cb.dtype).expand(cb.shape[0], *cb.shape[1:])
-                yield torch.cat([xb, xb]), torch.cat([tb, tb]), torch.cat([null, cb])
+                yield torch.cat([xb, xb]), torch.cat([tb, tb]), cat([repeat_rows(self.null_cond, cb, batch_of(cb)), cb])
 
     def num_batches(self, batch_size: int) -> int:
         """How many batches `batches(batch_size)` yields."""
@@ -71,7 +72,7 @@ class CalibrationSet:
         return sum(-(-xi.shape[0] // states) for xi in self.x)
 
     def progress_batches(self, batch_size: int, desc: str
-                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond]]:
         """`batches(batch_size)` under a progress bar named `desc` (`denoq.log.bar`)."""
         return bar(self.batches(batch_size), total=self.num_batches(batch_size), desc=desc, unit="batch")
 
@@ -81,7 +82,7 @@ class CalibrationSet:
         cond = None if self.cond is None else self.cond[:n]
         guidance = None if self.guidance is None else self.guidance[:n]
         return CalibrationSet([self.x[i][:n] for i in steps], [self.t[i] for i in steps], cond, guidance,
-                              self.null_cond)
+                              self.null_cond, self.conditioning)
 
     def guided_eps(self, eps: EpsFn, scales: torch.Tensor | None) -> EpsFn:
         """`eps` as the sampler calls it on these trajectories: guided with `scales` (one per sample of the batch,
@@ -92,8 +93,8 @@ class CalibrationSet:
 
 
 def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, steps: int, n_samples: int,
-                        sample_shape: tuple[int, ...], seed: int, cond: torch.Tensor | None = None,
-                        guidance: torch.Tensor | None = None, null_cond: torch.Tensor | None = None) -> CalibrationSet:
+                        sample_shape: tuple[int, ...], seed: int, cond: Cond = None,
+                        guidance: torch.Tensor | None = None, null_cond: Cond = None) -> CalibrationSet:
     """Run the FP sampler from seeded noise and record the model input at every step; with `guidance` (one
     classifier-free guidance scale per trajectory, [n_samples]) and `null_cond`, each trajectory is sampled with
     guidance at its scale (`denoq.sampling.guidance`), as the deployed sampler runs it.
@@ -130,7 +131,7 @@ def record_calls(module: torch.nn.Module, run: Callable[[torch.nn.Module], objec
     call order, and every timestep must then hold the same rows' conditioning (`cond_input`'s keyword), as a
     sampling loop that runs each batch through every step gives. DenoqError otherwise, or when `run` never calls
     the model."""
-    calls: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
+    calls: list[tuple[torch.Tensor, int, Cond]] = []
 
     def hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
@@ -138,8 +139,7 @@ def record_calls(module: torch.nn.Module, run: Callable[[torch.nn.Module], objec
         if not torch.all(t == t[0]) or not torch.equal(t.float(), t.float().round()):
             raise DenoqError(f"forward_loop called the model at timesteps {t.tolist()}: calibration needs one "
                              "integral timestep per call (the scheduler's integer timesteps)")
-        cond = kwargs.get(cond_input) if cond_input else None
-        calls.append((x.detach().float().cpu(), int(t[0]), None if cond is None else cond.detach().cpu()))
+        calls.append((x.detach().float().cpu(), int(t[0]), _call_cond(args, kwargs, cond_input)))
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -151,9 +151,31 @@ def record_calls(module: torch.nn.Module, run: Callable[[torch.nn.Module], objec
         raise DenoqError("forward_loop never called the model; run the pipeline or the model inside it")
     order = list(dict.fromkeys(t for _, t, _ in calls))
     xs = [torch.cat([x for x, t, _ in calls if t == step]) for step in order]
-    conds = [None if cond_input is None else torch.cat([c for _, t, c in calls if t == step]) for step in order]
-    if len({x.shape[0] for x in xs}) > 1 or any(
-            (c is None) != (conds[0] is None) or (c is not None and not torch.equal(c, conds[0])) for c in conds):
+    conds = [cat([c for _, t, c in calls if t == step]) for step in order]
+    if len({x.shape[0] for x in xs}) > 1 or not all(_same(c, conds[0]) for c in conds):
         raise DenoqError("forward_loop's calls hold different rows or conditioning at different timesteps; run every "
                          "batch through all steps with the same conditioning (one sampling loop per batch)")
-    return CalibrationSet(x=xs, t=order, cond=conds[0])
+    return CalibrationSet(x=xs, t=order, cond=conds[0], conditioning={"source": "forward_loop"})
+
+
+def _call_cond(args: tuple, kwargs: dict, cond_input: str | None) -> Cond:
+    """The conditioning of one denoiser call: the `cond_input` argument (keyword or third positional), with
+    diffusers' `added_cond_kwargs` as a `Conditioning`."""
+    if cond_input is None:
+        return None
+    cond = kwargs.get(cond_input, args[2] if len(args) > 2 else None)
+    added = kwargs.get("added_cond_kwargs")
+    if cond is None:
+        return None
+    if added:
+        return Conditioning({cond_input: cond.detach().cpu(), **{k: v.detach().cpu() for k, v in added.items()}})
+    return cond.detach().cpu()
+
+
+def _same(a: Cond, b: Cond) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, Conditioning) or isinstance(b, Conditioning):
+        return (isinstance(a, Conditioning) and isinstance(b, Conditioning) and a.tensors.keys() == b.tensors.keys()
+                and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors))
+    return torch.equal(a, b)

@@ -51,7 +51,7 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.errors import DenoqError
 from denoq.log import bar
 from denoq.sampling import EpsFn
-from denoq.sampling.schedule import SAMPLERS
+from denoq.sampling.names import SAMPLERS
 
 #: At most this many residual values per step go to the normality test (D'Agostino–Pearson wants ≥ 20).
 NORMALITY_SAMPLES = 4096

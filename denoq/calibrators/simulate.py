@@ -33,6 +33,7 @@ before its quantizer, as the graph's Mul does (their inverse is folded into the 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,12 @@ from denoq.calibrators.igq import fake_quant_groups, fake_quant_rows
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
 from denoq.plan import ActQuant, AttentionPlan, LayerPlan, QuantPlan, selector_tables
+from denoq.sampling.cond import timestep_index
 
 
 class TimestepClock:
-    """The per-sample int64 timesteps `[B]` of the forward pass in flight, shared by all simulated layers."""
+    """The per-sample table rows `[B]` (int64 `timestep_index`) of the forward pass in flight, shared by all
+    simulated layers."""
 
     def __init__(self) -> None:
         self.t: torch.Tensor | None = None
@@ -135,8 +138,8 @@ class SimulatedLayer(nn.Module):
 
 
 class SimulatedModel(nn.Module):
-    """`(sample, timestep[, cond]) → out_sample` of the quantized model (an eps backend; cond as the UNet's third
-    positional input: encoder_hidden_states or class_labels)."""
+    """The quantized model with the FP model's calling convention, returning `out_sample` itself (an eps
+    backend through `denoq.sampling.module_eps`)."""
 
     def __init__(self, model: nn.Module, plan: QuantPlan, layer: type[SimulatedLayer] = SimulatedLayer) -> None:
         """`layer` is the class of the simulated layers (a subclass changes how a layer quantizes, e.g. the
@@ -144,6 +147,7 @@ class SimulatedModel(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         self.clock = TimestepClock()
+        self.num_train_timesteps = plan.num_train_timesteps
         modules = dict(self.model.named_modules())
         for name in sorted(plan.layers):
             if name not in modules:
@@ -170,13 +174,14 @@ class SimulatedModel(nn.Module):
 
         return quant
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        t = timestep.reshape(-1).to(torch.int64)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, *args: Any, **kwargs: Any
+                ) -> torch.Tensor:
+        """The model called exactly as given (`denoq.sampling.cond.call_denoiser`), every table read at the
+        timestep's row `timestep_index` (the nearest training timestep)."""
+        t = timestep_index(torch.as_tensor(timestep).reshape(-1), self.num_train_timesteps)
         self.clock.t = t.expand(sample.shape[0]) if t.numel() == 1 else t
         try:
-            if cond is None:
-                return self.model(sample, timestep).sample
-            return self.model(sample, timestep, cond).sample
+            return self.model(sample, timestep, *args, **kwargs).sample
         finally:
             self.clock.t = None
 

@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import Recipe, load_recipe
 from denoq.errors import DenoqError
 from denoq.log import verbose
+from denoq.sampling.cond import TEXT_INPUT, Cond, Conditioning
 
 #: The diffusers output class each denoiser class returns (module, class name).
 OUTPUT_CLASSES = {
@@ -83,13 +85,15 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
              allow_parity_failure: bool = False, **keys: Any) -> CompiledArtifact:
     """Calibrate, export and quantize `model` with the recipe preset `recipe` into the artifact folder `out`.
 
-    `model`: a diffusers pipeline folder (`DiffusionPipeline.save_pretrained`), an embedded model name (`digits`,
-    `digits-cond`, `digits-dit`; None = `digits`), or a diffusers pipeline or denoiser object (saved beside the
-    artifact as `OUT-model/`; a bare denoiser needs `scheduler`). `recipe` and `config` (a TOML file) as on the
-    command line; `**keys` override recipe keys, with `__` for the dot: `weights__method="gptq"`,
-    `activations__timestep_groups=4` (`denoq recipes` lists them). `calib`: None calibrates on denoq's own seeded
-    FP trajectories of the model's scheduler; a callable is Model Optimizer's `forward_loop(model)`: it runs the
-    user's own sampling loop (e.g. the pipeline on the user's prompts or labels) and every call it makes to the
+    `model`: a diffusers pipeline folder (`DiffusionPipeline.save_pretrained`; Stable Diffusion 1.x/2.x and SDXL
+    pipelines calibrate on prompts encoded by their own text encoders, `calib__prompts=FILE`), an embedded model
+    name (`digits`, `digits-cond`, `digits-dit`, `digits-sd`; None = `digits`), or a diffusers pipeline or denoiser
+    object (saved beside the artifact as `OUT-model/`; a bare denoiser needs `scheduler`). `recipe` and `config` (a
+    TOML file) as on the command line; `**keys` override recipe keys, with `__` for the dot:
+    `weights__method="gptq"`, `activations__timestep_groups=4` (`denoq recipes` lists them). `calib`: None
+    calibrates on denoq's own seeded FP trajectories (`calib.sampler`, from the model's noise schedule); a callable
+    is Model Optimizer's `forward_loop(model)`: it runs the user's own sampling loop (e.g. the pipeline on the
+    user's prompts or labels) and every call it makes to the
     denoiser is recorded as calibration input (`record_calls`: one integral timestep per call, the same rows and
     conditioning at every step). Returns the committed artifact (`CompiledArtifact`: `.sample`, `.evaluate`,
     `.build`, `.load`). `progress`: denoq's messages and progress bars on stderr while it works (`denoq.log`;
@@ -98,7 +102,7 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     """
     if calib is not None and not callable(calib):
         raise DenoqError(f"calib= takes None (denoq's own FP sampling trajectories) or a forward_loop(model) "
-                         f"callable, not {type(calib).__name__}; prompt calibration is not implemented yet")
+                         f"callable, not {type(calib).__name__}; calibration prompts go in calib__prompts=FILE")
     out = Path(out)
     rec = load_recipe(recipe, _set_items(keys), None if config is None else Path(config))
     check_output_dir(out, force)  # before a model object is saved beside it
@@ -143,10 +147,11 @@ def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: boo
 
 class QuantizedDenoiser(torch.nn.Module):
     """An artifact's quantized denoiser as a drop-in for the diffusers model it was compiled from: the same
-    `config`, `dtype`, `device`, `forward(sample, timestep, encoder_hidden_states | class_labels, return_dict)`
-    and output class. `forward` runs the artifact's graph on the backend it was loaded with (`denoq sample
-    --backend` names); timesteps must be the scheduler's integer timesteps (the per-timestep tables are indexed by
-    them)."""
+    `config`, `dtype`, `device`, `forward(sample, timestep, encoder_hidden_states | class_labels,
+    added_cond_kwargs=…, return_dict=…)` and output class, so any diffusers pipeline and scheduler drives it.
+    `forward` runs the artifact's graph on the backend it was loaded with (`denoq sample --backend` names), at the
+    scheduler's own timesteps (float ones included: the per-timestep tables are read at the nearest training
+    timestep, `denoq.sampling.cond.timestep_index`)."""
 
     def __init__(self, art: Artifact, backend: str, threads: int | None = None) -> None:
         super().__init__()
@@ -164,6 +169,9 @@ class QuantizedDenoiser(torch.nn.Module):
         self._output = getattr(__import__(module, fromlist=[name]), name)
         self._eps = make_backend(art, backend, threads=threads)
         self._device = torch.device("cuda" if backend in CUDA_BACKENDS else "cpu")
+        if self.config.get("addition_embed_type") == "text_time":  # SDXL's pipeline checks the added-embedding width
+            width = int(self.config["projection_class_embeddings_input_dim"])
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -175,15 +183,20 @@ class QuantizedDenoiser(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
                 encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
-                return_dict: bool = True, **unused: Any) -> Any:
-        """ε (or the model's output) for `sample` at `timestep`, as the original model's forward returns it."""
-        if unused:
-            raise DenoqError(f"the quantized denoiser takes no {', '.join(sorted(unused))}; it was compiled for "
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = True,
+                **unused: Any) -> Any:
+        """ε (or the model's output) for `sample` at `timestep`, as the original model's forward returns it.
+        Keyword arguments the graph does not take must be None (diffusers passes e.g. `timestep_cond=None`)."""
+        given = sorted(k for k, v in unused.items() if v is not None)
+        if given:
+            raise DenoqError(f"the quantized denoiser takes no {', '.join(given)}; it was compiled for "
                              f"{self.cond_input or 'no conditioning'}")
-        cond = class_labels if self.cond_input == "class_labels" else encoder_hidden_states
-        t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0]) if torch.as_tensor(timestep).numel() == 1 \
-            else torch.as_tensor(timestep)
-        out = self._eps(sample.float(), t, cond)
+        cond: Cond = class_labels if self.cond_input == "class_labels" else encoder_hidden_states
+        if added_cond_kwargs:
+            cond = Conditioning({TEXT_INPUT: encoder_hidden_states, **added_cond_kwargs})
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        out = self._eps(sample.float(), t.expand(sample.shape[0]) if t.numel() == 1 else t, cond)
+        out = out.to(sample.dtype)
         return self._output(sample=out) if return_dict else (out,)
 
 

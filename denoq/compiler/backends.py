@@ -23,6 +23,7 @@ from denoq.compiler.load import ModelSpec, load_model
 from denoq.errors import DenoqError
 from denoq.plan import QuantPlan
 from denoq.sampling import module_eps
+from denoq.sampling.cond import timestep_index
 from denoq.sampling.guidance import classifier_free
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -87,7 +88,8 @@ def with_ptqd_head(eps: EpsFn, stats: PtqdStats | None) -> EpsFn:
 
     def corrected(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         out = eps(x, t, cond)
-        return apply_head(out, t.reshape(-1).expand(out.shape[0]).long(), bias, inv)
+        rows = timestep_index(torch.as_tensor(t).reshape(-1).expand(out.shape[0]), bias.shape[0])
+        return apply_head(out, rows, bias, inv)
 
     return corrected
 

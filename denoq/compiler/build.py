@@ -24,12 +24,12 @@ from denoq.errors import DenoqError
 ENGINE_FILE = "engine.plan"
 TRT_GRAPH = "model.trt.onnx"  # compile's float16 graph for TensorRT (`passes.fp16`)
 DEFAULT_BATCH = "1:4:16"
-PROFILE_KEYS = ("batch", "height", "width")
+PROFILE_KEYS = ("batch", "height", "width", "tokens")
 
 
 def parse_profile(text: str, sample_shape: list[int]) -> dict[str, ShapeRange]:
-    """`batch=1:4:16,height=64,width=32:64:64` → ranges; unnamed dimensions default to `DEFAULT_BATCH` and the
-    model's own height / width."""
+    """`batch=1:4:16,height=64,width=32:64:64,tokens=77` → ranges; unnamed dimensions default to `DEFAULT_BATCH`
+    and the model's own height / width (`tokens`, for text models: their tokenizer's length when absent)."""
     _, height, width = sample_shape
     ranges = {"batch": ShapeRange.parse(DEFAULT_BATCH, "batch"), "height": ShapeRange(height, height, height),
               "width": ShapeRange(width, width, width)}
@@ -40,6 +40,19 @@ def parse_profile(text: str, sample_shape: list[int]) -> dict[str, ShapeRange]:
                              f"{', '.join(PROFILE_KEYS)}")
         ranges[key] = ShapeRange.parse(value, f"--profile {key}")
     return ranges
+
+
+def cond_shapes(model: dict[str, Any]) -> dict[str, list[int]] | None:
+    """Per-sample shapes of the conditioning inputs of the manifest's `model` section (SDXL's added conditions
+    included)."""
+    cond = model.get("cond_shape")
+    if cond is None:
+        return None
+    shapes = {model.get("cond_input") or "encoder_hidden_states": list(cond)}
+    text = model.get("text") or {}
+    if text.get("pooled"):
+        shapes.update({"text_embeds": [int(text["pooled"])], "time_ids": [6]})
+    return shapes
 
 
 def beside(art: Artifact, suffix: str) -> Path:
@@ -70,9 +83,8 @@ def build(path: Path, profile: str = "", optimization_level: int = 3) -> Artifac
     graph = trt_graph(art)
     ranges = parse_profile(profile, art.manifest["model"]["sample_shape"])
     model = art.manifest["model"]
-    cond = model.get("cond_shape")
     shapes = profile_shapes(model["sample_shape"], ranges["batch"], ranges["height"], ranges["width"],
-                            None if cond is None else {model.get("cond_input") or "encoder_hidden_states": cond})
+                            cond_shapes(model), ranges.get("tokens"))
     cache = beside(art, "timing.cache")
     start = time.perf_counter()
     engine = build_engine(art.file(graph), shapes, cache, optimization_level)

@@ -36,11 +36,13 @@ from denoq.compiler.backends import torch_eps
 from denoq.compiler.load import ModelSpec
 from denoq.compiler.parity import CHECK_BATCH
 from denoq.compiler.recipe import Recipe
+from denoq.compiler.text_cond import text_condition
 from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs
 from denoq.layers import match_layers, quantizable_layers, select_layers
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule
+from denoq.sampling.cond import Cond
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class Calibration:
 
 def guidance_scales(spec: ModelSpec, recipe: Recipe) -> list[float]:
     """The classifier-free guidance scales of the calibration trajectories (`calib.guidance`), [] = unguided;
-    DenoqError for text that is not a list of numbers ≥ 0, or guidance on a model without classes."""
+    DenoqError for text that is not a list of numbers ≥ 0, or guidance on an unconditional model."""
     text = recipe.config.calib.guidance.strip()
     if not text:
         return []
@@ -70,32 +72,64 @@ def guidance_scales(spec: ModelSpec, recipe: Recipe) -> list[float]:
     if not scales or not all(np.isfinite(s) and s >= 0 for s in scales):
         raise DenoqError(f"calib.guidance={text!r} is not a comma-separated list of guidance scales ≥ 0; write e.g. "
                          "--set calib.guidance=1,2,4 (or leave it empty for unguided trajectories)")
-    if spec.cond_input != "class_labels":
-        raise DenoqError(f"calib.guidance={text} needs a class-conditional model with a null label; {spec.name} is "
-                         "not one, leave calib.guidance empty")
+    if spec.cond_input != "class_labels" and spec.text is None:
+        raise DenoqError(f"calib.guidance={text} needs a class-conditional or text-to-image model; {spec.name} is "
+                         "neither, leave calib.guidance empty")
     return scales
 
 
-def calibration_cond(spec: ModelSpec, n: int, seed: int, guided: bool = False) -> torch.Tensor | None:
-    """The conditioning of the calibration trajectories (its own stream: the recipe seed + 1); guided trajectories
-    request a real class (the null label enters through the guidance's unconditional half)."""
+def check_conditioning_keys(spec: ModelSpec, recipe: Recipe) -> None:
+    """The `calib.*` conditioning keys fit the model: prompts need text encoders, embeddings and random
+    conditioning a text model; a UNet folder without text encoders needs one of them."""
+    c = recipe.config.calib
+    if spec.text is None:
+        if c.prompts or c.embeddings or c.conditioning == "random":
+            raise DenoqError(f"calib.prompts / calib.embeddings / calib.conditioning=random are for text-to-image "
+                             f"models; {spec.name} is not one, leave them unset")
+    elif spec.text.pipeline_class is None and not (c.embeddings or c.conditioning == "random"):
+        raise DenoqError(f"{spec.name} has no text encoders to encode prompts with; give the conditioning as "
+                         "--set calib.embeddings=FILE.safetensors (what encode_prompt returns), or opt in to "
+                         "unrepresentative --set calib.conditioning=random")
+
+
+def calibration_cond(spec: ModelSpec, recipe: Recipe, n: int, guided: bool) -> tuple[Cond, Cond, dict[str, Any]]:
+    """(conditioning of the n calibration trajectories, the null conditioning of guidance, what they are for
+    the manifest). Labels: their own stream (the recipe seed + 1), a real class when guided (the null label enters
+    through the guidance's unconditional half). Text: prompts, embeddings or random (`text_cond`)."""
+    c = recipe.config
+    if spec.text is not None:
+        check_conditioning_keys(spec, recipe)
+        text = text_condition(spec, c.calib.prompts, c.calib.embeddings, c.calib.conditioning == "random", n,
+                              c.seed + 1)
+        info = {"source": text.source, "representative": text.representative, "prompts": len(set(text.prompts))}
+        if not text.representative:
+            log.warning("calibrating %s on random text embeddings (calib.conditioning=random): the quantization "
+                        "ranges need not fit any prompt", spec.name)
+        return text.cond, text.null, info
+    check_conditioning_keys(spec, recipe)
+    null = torch.tensor(spec.num_classes) if guided else None
     if guided:
-        return torch.randint(0, int(spec.num_classes), (n,), generator=torch.Generator().manual_seed(seed + 1))
-    return spec.random_cond(n, seed + 1)
+        return torch.randint(0, int(spec.num_classes), (n,), generator=torch.Generator().manual_seed(c.seed + 1)), \
+            null, {"source": "labels"}
+    cond = spec.random_cond(n, c.seed + 1)
+    return cond, null, {"source": "labels" if cond is not None else "none"}
 
 
 def record_pool(spec: ModelSpec, recipe: Recipe) -> CalibrationSet:
     """The FP sampling trajectories the recipe asks for (`calib.*`, `seed`), every step recorded; with
-    `calib.guidance`, trajectory i guided at scale i mod the number of scales."""
+    `calib.guidance`, trajectory i guided at scale i mod the number of scales. `pool.conditioning` says what
+    conditioned them."""
     c = recipe.config
     n = c.calib.samples
     scales = guidance_scales(spec, recipe)
     guidance = torch.tensor([scales[i % len(scales)] for i in range(n)]) if scales else None
-    return record_trajectories(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config),
+    cond, null, info = calibration_cond(spec, recipe, n, bool(scales))
+    pool = record_trajectories(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config),
                                sampler=c.calib.sampler, steps=c.calib.steps, n_samples=n,
-                               sample_shape=spec.sample_shape, seed=c.seed,
-                               cond=calibration_cond(spec, n, c.seed, bool(scales)), guidance=guidance,
-                               null_cond=torch.tensor(spec.num_classes) if scales else None)
+                               sample_shape=spec.sample_shape, seed=c.seed, cond=cond, guidance=guidance,
+                               null_cond=null if scales else None)
+    pool.conditioning = info
+    return pool
 
 
 def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module],
@@ -139,9 +173,9 @@ def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
     steps = np.linspace(0, len(calib.t) - 1, CHECK_BATCH).round().astype(int)
     rows = [j % calib.x[0].shape[0] for j in range(CHECK_BATCH)]
     x = torch.stack([calib.x[i][r] for i, r in zip(steps, rows, strict=True)])
-    t = torch.tensor([calib.t[i] for i in steps], dtype=torch.int64)
+    t = torch.tensor([calib.t[i] for i in steps], dtype=torch.float32)  # the graph takes the scheduler's values
     cond = None if calib.cond is None else calib.cond[rows]
-    return GraphInputs(x, t, cond, spec.cond_input or "encoder_hidden_states")
+    return GraphInputs(x, t, cond, spec.cond_input or "encoder_hidden_states", spec.resolution_multiple)
 
 
 def _check_user_loop(spec: ModelSpec, recipe: Recipe) -> None:
@@ -240,7 +274,8 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
         pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64)
         ptqd = fit_ptqd(pairs, spec.num_train_timesteps, c.calib.sampler, c.calib.steps,
                         correlated=c.ptqd.correlation)
-    info = {"source": source, "inputs": len(calib), "timesteps": calib.t, "timestep_selection": step_info,
+    info = {"source": source, "conditioning": pool.conditioning, "inputs": len(calib), "timesteps": calib.t,
+            "timestep_selection": step_info,
             "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
             "group_search": search, "weights": weight_info, **({} if learned is None else {"accuquant": learned}),

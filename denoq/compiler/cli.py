@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build the TensorRT engine of a trt artifact (needs denoq[gpu] and a GPU)")
     p.add_argument("art", type=Path, help="artifact folder compiled with target=trt")
-    p.add_argument("--profile", default="", help="optimization profile: batch=MIN:OPT:MAX[,height=…,width=…] "
-                   "(default batch=1:4:16, the model's resolution)")
+    p.add_argument("--profile", default="", help="optimization profile: batch=MIN:OPT:MAX[,height=…,width=…,"
+                   "tokens=…] (default batch=1:4:16, the model's resolution and token length)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5 (default 3)")
     p.set_defaults(func=cmd_build)
 

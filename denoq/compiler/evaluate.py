@@ -24,7 +24,7 @@ from denoq.compiler.backends import (
     artifact_model,
     artifact_ptqd,
 )
-from denoq.compiler.generate import eval_cond, sample_artifact, sampling_backend
+from denoq.compiler.generate import check_own_sampling, eval_cond, sample_artifact, sampling_backend
 from denoq.compiler.load import ModelSpec, check_label
 from denoq.compiler.mixed import is_mixed
 from denoq.compiler.pictures import (
@@ -126,6 +126,7 @@ def _latency_table(art: Artifact, spec: ModelSpec, threads: int) -> dict[str, An
 
 def evaluate(art: Artifact, settings: EvalSettings) -> dict[str, Any]:
     """Run the evaluation, write report.json / report.html / pictures into `art`, and return the report."""
+    check_own_sampling(art)
     spec = artifact_model(art)
     shape = spec.sample_shape
     if settings.guidance is not None:

@@ -9,7 +9,9 @@ from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import EpsFn, artifact_model, guide, guided_backend, sampling_variance
 from denoq.compiler.load import ModelSpec, check_label
 from denoq.compiler.mixed import is_mixed, mixed_backend, mixed_variance
+from denoq.errors import DenoqError
 from denoq.sampling import NoiseSchedule, sample
+from denoq.sampling.names import check_sampler_class
 
 
 def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
@@ -20,12 +22,25 @@ def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
     return spec.random_cond(n, 10_000 + seed)
 
 
+def check_own_sampling(art: Artifact) -> None:
+    """Refuse, in one line, what denoq's own sampler does not run: a text-to-image artifact (its prompts, guidance
+    and VAE decoding live in the diffusers pipeline, which drives the drop-in denoiser) or a scheduler other than
+    DDPM/DDIM (`check_sampler_class`)."""
+    model = art.manifest["model"]
+    if "text" in model:
+        raise DenoqError(f"{model['name']} is a text-to-image model: denoq sample / eval / validate run class and "
+                         "unconditional models; sample it in its diffusers pipeline with pipe.unet = "
+                         "denoq.load(ART) (tools/sd_quality.py measures it)")
+    check_sampler_class(art.manifest["scheduler"])
+
+
 def sample_artifact(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, sampler: str, steps: int,
                     eta: float, seed: int, n: int, cond: torch.Tensor | None, callback=None,
                     residual_var: torch.Tensor | None = None,
                     desc: str | None = None) -> torch.Tensor:
     """`n` samples of shape `spec_shape` driven by `eps` with the artifact's noise schedule, from the noise of
     `seed`; `desc` labels the progress bar (default: the sampler's name)."""
+    check_own_sampling(art)
     schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
     return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
                   generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
@@ -52,6 +67,7 @@ def generate(art: Artifact, backend: str, *, sampler: str, steps: int, eta: floa
     `callback(step, t, x_t, out)` sees every step (`denoq.sampling.sample`). A class-conditional model samples
     `label` (every class in turn when None), with classifier-free guidance of scale `guidance` when given."""
     meta = art.manifest["model"]
+    check_own_sampling(art)
     if label is not None or guidance is not None:
         check_label(meta, label, guidance)
     spec = artifact_model(art) if backend.startswith("torch") or meta["cond_shape"] is not None else None

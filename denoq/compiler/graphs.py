@@ -1,6 +1,7 @@
 """The passes stage: the FP ONNX graph + the QuantPlan → the Q/DQ graph and the graphs derived from it.
 
-`model.qdq.onnx` (Q/DQ, timestep selectors, IGQ groups, attention; PTQD's head unless guided), for a
+`model.qdq.onnx` (Q/DQ, timestep selectors, IGQ groups, attention; PTQD's head unless it goes after the
+guidance combination, `head_after_guidance`), for a
 class-conditional model `model.guided.onnx` (the classifier-free guidance combination, PTQD's head after it when
 calibrated on guided trajectories), and for target trt `model.trt.onnx` (float16 with float32 islands) with the
 TensorRT rule check. Each pipeline of passes is verified after every pass.
@@ -44,11 +45,21 @@ class Graphs:
     trt_graph: str | None
 
 
+def head_after_guidance(spec: ModelSpec, guided_scales: list[float]) -> bool:
+    """Whether PTQD's head goes after the in-graph guidance combination (a class-conditional model calibrated on
+    guided trajectories) rather than into `model.qdq.onnx`. A text model's guidance is combined by its pipeline,
+    outside the graph; its head stays in the Q/DQ graph, which gives the same result: the head is affine,
+    ε ↦ (ε − b_t)/(1 + k_t), and the combination u + s·(c − u) has weights summing to 1, so correcting both halves
+    and combining equals combining and correcting."""
+    return bool(guided_scales) and spec.cond_input == "class_labels"
+
+
 def write_graphs(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, ptqd: PtqdStats | None, guided_scales: list[float],
                  fp_path: Path, writer: ArtifactWriter) -> Graphs:
     """Run the pass pipelines on `fp_path` and save their graphs into `writer`'s folder."""
     head = [] if ptqd is None else [AppendPtqdHead(ptqd.bias, ptqd.inv_one_plus_k)]
-    qdq, records = PassManager([InsertQDQ(plan), *([] if guided_scales else head)], verify=True)(
+    after = head_after_guidance(spec, guided_scales)
+    qdq, records = PassManager([InsertQDQ(plan), *([] if after else head)], verify=True)(
         onnx.load(str(fp_path)))
     qdq_path = writer.path("model.qdq.onnx")
     save_model(qdq, qdq_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from denoq.compiler.artifact import Artifact
+from denoq.sampling.names import SAMPLER_CLASSES, scheduler_class
 
 
 def describe(art: Artifact, layers: bool = False) -> str:
@@ -15,6 +16,9 @@ def describe(art: Artifact, layers: bool = False) -> str:
     model = m["model"]
     lines.append(f"model    {model['name']}: {model['class']}, sample {model['sample_shape']}, "
                  f"{model['parameters']:,} parameters, T={model['num_train_timesteps']}")
+    lines.append("         " + _scheduler_line(m["scheduler"]))
+    if "text" in model:
+        lines.append("         " + _conditioning_line(model, m.get("calibration", {}).get("conditioning", {})))
     recipe = m["recipe"]
     lines.append(f"recipe   {recipe['name']}: " + ", ".join(f"{k}={v}" for k, v in sorted(recipe['values'].items())))
     if "mixed" in m:
@@ -54,6 +58,23 @@ def describe(art: Artifact, layers: bool = False) -> str:
         lines.append(f"           {name:28s} {size}  sha256 {digest[:16]}…{note}")
     lines.append("versions " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()) if v))
     return "\n".join(lines)
+
+
+def _scheduler_line(scheduler: dict) -> str:
+    name = scheduler_class(scheduler)
+    how = "denoq sample runs it" if name in SAMPLER_CLASSES else \
+        "not denoq's own sampler: sample through diffusers with pipe.unet = denoq.load(ART)"
+    return (f"scheduler {name} ({scheduler.get('beta_schedule', 'linear')} betas, "
+            f"{scheduler.get('prediction_type', 'epsilon')}; {how})")
+
+
+def _conditioning_line(model: dict, calib: dict) -> str:
+    text = model["text"]
+    added = f" + {', '.join(text['added_conditions'])}" if text["added_conditions"] else ""
+    source = calib.get("source", "?")
+    flag = "  (UNREPRESENTATIVE: random embeddings)" if calib.get("representative") is False else ""
+    return (f"text     {text['pipeline'] or 'bare UNet'}: encoder_hidden_states [B, L, {text['width']}]{added}; "
+            f"calibrated on {source}{flag}")
 
 
 def _deployment_lines(m: dict) -> list[str]:

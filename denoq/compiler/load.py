@@ -4,9 +4,9 @@ A pipeline folder is what `DiffusionPipeline.save_pretrained` writes: `model_ind
 (config.json and safetensors weights) and `scheduler/scheduler_config.json`. Supported denoisers: `UNet2DModel`
 (unconditional, or class-conditional with `num_class_embeds`: conditioning input `class_labels`, int64 [B], the
 last class embedding being the null label of classifier-free guidance), `UNet2DConditionModel` (conditioning input
-`encoder_hidden_states`) and `DiTTransformer2DModel` in pixel space (class-conditional: `class_labels`, labels
-0 … num_embeds_ada_norm − 1, null label num_embeds_ada_norm; without learned variance, out_channels =
-in_channels). Nothing is fetched from a hub.
+`encoder_hidden_states`, the pipeline's text side in `pipelines`) and `DiTTransformer2DModel` in pixel space
+(class-conditional: `class_labels`, labels 0 … num_embeds_ada_norm − 1, null label num_embeds_ada_norm; without
+learned variance, out_channels = in_channels). Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from denoq.compiler.pipelines import TextModel, read_json, text_model
 from denoq.errors import DenoqError
 from denoq.models import DEFAULT_MODEL, EMBEDDED
 
 SUPPORTED_CLASSES = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "DiTTransformer2DModel": "transformer"}
-COND_TOKENS = 8  # encoder_hidden_states length used when a cross-attention model is calibrated without prompts
+COND_TOKENS = 77  # CLIP's context length: encoder_hidden_states of a UNet without a tokenizer
 
 
 @dataclass
@@ -43,6 +44,14 @@ class ModelSpec:
     weights_sha256: str
     cond_input: str | None = None  # graph input of the conditioning: encoder_hidden_states | class_labels | None
     num_classes: int | None = None  # class_labels models: labels 0 … num_classes − 1; num_classes is the null label
+    text: TextModel | None = None  # text-conditioned UNets: the pipeline's text side (`pipelines.TextModel`)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """A UNet's latent height and width are dynamic in the graph, in multiples of its downsampling factor."""
+        if self.model_class == "DiTTransformer2DModel":
+            return 0
+        return 2 ** (len(self.module.config.block_out_channels) - 1)
 
     @property
     def io_layers(self) -> dict[str, str]:
@@ -64,21 +73,20 @@ class ModelSpec:
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
     def random_cond(self, n: int, seed: int) -> torch.Tensor | None:
-        """Seeded conditioning for calibration without prompts: N(0, 1) `encoder_hidden_states` for cross-attention
-        models; for class-conditional models labels uniform over the classes *and* the null label, so that the
-        statistics see both halves of classifier-free guidance; None for unconditional models."""
+        """Seeded labels for class-conditional models, uniform over the classes *and* the null label, so that the
+        statistics see both halves of classifier-free guidance; None for unconditional models. (Text models are
+        conditioned by `text`.)"""
         g = torch.Generator().manual_seed(seed)
         if self.cond_input == "class_labels":
             return torch.randint(0, int(self.num_classes) + 1, (n,), generator=g)
-        if self.cond_shape is None:
-            return None
-        return torch.randn((n, *self.cond_shape), generator=g)
+        return None
 
     def describe(self) -> dict[str, Any]:
         """The manifest's `model` section."""
         return {"name": self.name, "class": self.model_class, "sample_shape": list(self.sample_shape),
                 "cond_shape": None if self.cond_shape is None else list(self.cond_shape),
                 "cond_input": self.cond_input, "num_classes": self.num_classes,
+                **({} if self.text is None else {"text": self.text.describe()}),
                 "num_train_timesteps": self.num_train_timesteps, "weights_sha256": self.weights_sha256,
                 "parameters": sum(p.numel() for p in self.module.parameters()),
                 "config": json.loads(json.dumps({k: v for k, v in self.module.config.items()  # denoq.load's
@@ -115,21 +123,10 @@ def resolve_model(model: str | None) -> tuple[str, Path]:
     return str(folder), folder
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DenoqError(f"{what}: {path} is missing; save the pipeline with DiffusionPipeline.save_pretrained")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DenoqError(f"{what}: cannot read {path} ({exc}); re-save the pipeline") from exc
-    if not isinstance(data, dict):
-        raise DenoqError(f"{what}: {path} is not a JSON object; re-save the pipeline")
-    return data
-
 
 def _denoiser_class(folder: Path) -> tuple[str, str]:
     """(class name, component folder) of the pipeline's denoiser (`unet` or `transformer`)."""
-    index = _read_json(folder / "model_index.json", "model folder")
+    index = read_json(folder / "model_index.json", "model folder")
     component = next((c for c in ("unet", "transformer") if c in index), None)
     if component is None:
         parts = ", ".join(sorted(k for k in index if not k.startswith("_")))
@@ -168,13 +165,13 @@ def load_model(model: str | None = None) -> ModelSpec:
     name, folder = resolve_model(model)
     cls, component = _denoiser_class(folder)
     model_dir = folder / component
-    config = _read_json(model_dir / "config.json", component)
+    config = read_json(model_dir / "config.json", component)
     if cls == "DiTTransformer2DModel":
         _check_dit(model_dir, config)
     if not any(model_dir.glob("*.safetensors")):
         raise DenoqError(f"{component} folder {model_dir} has no .safetensors weights; save the pipeline with "
                          "safe_serialization=True")
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler")
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
 
@@ -191,9 +188,10 @@ def load_model(model: str | None = None) -> ModelSpec:
     size = config.get("sample_size", 32)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     sample_shape = (int(config.get("in_channels", 4)), int(h), int(w))
-    cond_shape, cond_input, num_classes = None, None, None
+    cond_shape, cond_input, num_classes, text = None, None, None, None
     if cls == "UNet2DConditionModel":
-        cond_shape, cond_input = (COND_TOKENS, int(config["cross_attention_dim"])), "encoder_hidden_states"
+        text = text_model(folder, read_json(folder / "model_index.json", "model folder"), config)
+        cond_shape, cond_input = (text.tokens, int(config["cross_attention_dim"])), "encoder_hidden_states"
     elif cls == "DiTTransformer2DModel":
         cond_shape, cond_input, num_classes = (), "class_labels", int(config["num_embeds_ada_norm"])
     elif config.get("num_class_embeds"):
@@ -203,4 +201,4 @@ def load_model(model: str | None = None) -> ModelSpec:
         cond_shape, cond_input, num_classes = (), "class_labels", int(config["num_class_embeds"]) - 1
     return ModelSpec(name=name, folder=folder, module=module, model_class=cls, scheduler_config=scheduler_config,
                      sample_shape=sample_shape, cond_shape=cond_shape, weights_sha256=_weights_hash(model_dir),
-                     cond_input=cond_input, num_classes=num_classes)
+                     cond_input=cond_input, num_classes=num_classes, text=text)

@@ -41,6 +41,9 @@ PARITY_BOUND = 2.0
 LAYER_FLIP_FRACTION = 1e-3
 LAYER_RTOL = 1e-5
 CHECK_BATCH = 8
+#: Sample pixels (rows × H × W) the checks run through one model call: a full-size UNet's attention holds
+#: [heads, H·W, H·W] scores per row (1 GB at SD 1.5's 64×64 latents in ORT), so its check batch goes a row at a time.
+CHECK_PIXELS = 4096
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,6 +52,15 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
+
+
+def _by_rows(eps: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`eps(sample, timestep, cond)` on chunks of rows of at most `CHECK_PIXELS` sample pixels, concatenated."""
+    def run(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        step = max(1, CHECK_PIXELS // int(np.prod(x.shape[2:])))
+        return torch.cat([eps(x[i:i + step], t[i:i + step], None if cond is None else cond[i:i + step])
+                          for i in range(0, len(x), step)])
+    return run
 
 
 def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path, qdq_path: Path,
@@ -60,10 +72,10 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
     matters there is that it adds no error: its RMS error to the FP graph over the float32 Q/DQ graph's (≈ 1).
     """
     args = (inputs.sample, inputs.timestep, inputs.cond)
-    fp_torch = torch_eps(spec.module)(*args)
-    sim = with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd)(*args)
-    fp_ort = OrtBackend(fp_path)(*args)
-    q_ort = OrtBackend(qdq_path)(*args)
+    fp_torch = _by_rows(torch_eps(spec.module))(*args)
+    sim = _by_rows(with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd))(*args)
+    fp_ort = _by_rows(OrtBackend(fp_path))(*args)
+    q_ort = _by_rows(OrtBackend(qdq_path))(*args)
     quant_err = _max_abs(sim, fp_torch)
     checks = {"fp_onnx_vs_torch_max_abs": _max_abs(fp_ort, fp_torch),
               "qdq_ort_vs_sim_max_abs": _max_abs(q_ort, sim),
@@ -71,7 +83,7 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
               "qdq_ort_vs_sim_over_quant_error": _max_abs(q_ort, sim) / max(quant_err, 1e-12),
               "qdq_ort_vs_sim_rms_over_quant_error": _rms(q_ort, sim) / max(_rms(sim, fp_torch), 1e-12)}
     if half_path is not None:
-        q_half = OrtBackend(half_path)(*args)
+        q_half = _by_rows(OrtBackend(half_path))(*args)
         checks.update({"fp16_vs_qdq_rms": _rms(q_half, q_ort),
                        "fp16_error_over_fp32_error": _rms(q_half, fp_ort) / max(_rms(q_ort, fp_ort), 1e-12)})
     return checks

@@ -22,7 +22,7 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.artifact_writer import ArtifactWriter, check_output_dir
 from denoq.compiler.calibrate import Calibration, calibrate, check_inputs, guidance_scales
-from denoq.compiler.graphs import Graphs, write_graphs
+from denoq.compiler.graphs import Graphs, head_after_guidance, write_graphs
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.parity import check_gate, check_scales, first_disagreeing_layer, guided_parity, parity
 from denoq.compiler.recipe import Recipe
@@ -46,10 +46,11 @@ def check(spec: ModelSpec, cal: Calibration, inputs: GraphInputs, fp_path: Path,
     """The checks stage: ONNX Runtime on the written graphs against the PyTorch simulation (`parity`), and the
     gate: DenoqError beyond its bound unless `allow_parity_failure`."""
     ptqd = cal.ptqd
-    checks = parity(spec, cal.plan, inputs, fp_path, graphs.qdq, None if guided_scales else ptqd, graphs.half)
+    after = head_after_guidance(spec, guided_scales)
+    checks = parity(spec, cal.plan, inputs, fp_path, graphs.qdq, None if after else ptqd, graphs.half)
     if graphs.guided is not None:
         checks.update(guided_parity(spec, cal.plan, inputs, check_scales(guided_scales), graphs.qdq, graphs.guided,
-                                    ptqd if guided_scales else None))
+                                    ptqd if after else None))
     log.info("parity: %s", json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}))
     gate = check_gate(checks, allow_parity_failure,
                       lambda: first_disagreeing_layer(spec, cal.plan, inputs, graphs.qdq, layer_map))

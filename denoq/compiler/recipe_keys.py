@@ -260,10 +260,22 @@ class CalibKeys:
     sampler: str = key("ddim",
             "sampler that records the calibration trajectories", choices=("ddpm", "ddim"))
     guidance: str = key("",
-            "class-conditional models: classifier-free guidance scales of the calibration trajectories, "
-            "comma-separated (e.g. 1,2,4; trajectories cycle through them, labels over the classes; PTQD's "
-            "statistics are then taken on the guided output and its head sits after the combination); empty = "
-            "unguided trajectories over the classes and the null label")
+            "conditional models: classifier-free guidance scales of the calibration trajectories, "
+            "comma-separated (e.g. 1,2,4; trajectories cycle through them, labels over the classes or the "
+            "prompts, the null label or the empty prompt in the doubled batch; PTQD's statistics are then taken "
+            "on the guided output and its head sits after the combination); empty = unguided trajectories (class "
+            "models: over the classes and the null label)")
+    prompts: str = key("",
+            "text-to-image models: file of calibration prompts, one a line, encoded by the pipeline's own text "
+            "encoder(s); empty = the model's own prompts (embedded models) or denoq's built-in list")
+    embeddings: str = key("",
+            "text-to-image models without text encoders: safetensors file with what encode_prompt returns "
+            "(prompt_embeds, negative_prompt_embeds; SDXL: pooled_prompt_embeds, negative_pooled_prompt_embeds, "
+            "optional time_ids)")
+    conditioning: str = key("model",
+            "where text conditioning comes from: model = prompts through the text encoders (or calib.embeddings); "
+            "random = N(0, 1) embeddings, an explicit opt-in flagged as unrepresentative",
+            choices=("model", "random"))
     timesteps: int = key(0,
             "calibration timesteps: 0 = all recorded steps, else that many of them, drawn by "
             "activations.calib_timesteps", lo=0)

@@ -80,10 +80,19 @@ def _vsc_needs_ptqd(c: RecipeConfig) -> str | None:
     return None
 
 
+def _one_text_source(c: RecipeConfig) -> str | None:
+    given = [k for k, v in (("calib.prompts", c.calib.prompts), ("calib.embeddings", c.calib.embeddings),
+                            ("calib.conditioning=random", c.calib.conditioning == "random")) if v]
+    if len(given) > 1:
+        return f"{' and '.join(given)} are two sources of the text conditioning: keep one"
+    return None
+
+
 #: Every rule, in the order they are checked (the first problem found is reported).
 CROSS_KEY_RULES: tuple[Callable[[RecipeConfig], str | None], ...] = (
     _timesteps_within_steps, _groups_need_quantized_activations, _window_needs_adaround, _adaround_alone,
-    _attention_needs_quantized_activations, _igq_needs_one_quantizer_set, _vsc_needs_ptqd)
+    _attention_needs_quantized_activations, _igq_needs_one_quantizer_set, _vsc_needs_ptqd,
+    _one_text_source)
 
 
 def check_rules(config: RecipeConfig) -> None:

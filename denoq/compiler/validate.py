@@ -32,18 +32,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import artifact_model, torch_eps
 from denoq.compiler.build import TRT_GRAPH, beside, engine_bytes, trt_graph
-from denoq.compiler.generate import generate
+from denoq.compiler.generate import check_own_sampling, generate
 from denoq.compiler.pictures import grid_image
 from denoq.engines.compare import DIFF_LIMIT, ERROR_LIMIT, FP, REFERENCE, run_comparison, tensor_checks
 from denoq.engines.ort import create_session, gpu_providers
 from denoq.engines.trt import require
 from denoq.errors import DenoqError
 from denoq.metrics import psnr
+from denoq.onnxio import load_model
 from denoq.sampling import NoiseSchedule
 from denoq.sampling.ddim import ddim_step
 
@@ -64,6 +66,7 @@ class ValidateSettings:
 
 def feeds(art: Artifact, settings: ValidateSettings) -> list[dict[str, np.ndarray]]:
     """Real graph inputs: FP DDIM trajectory states, each batch holding timesteps spread over the schedule."""
+    check_own_sampling(art)
     spec = artifact_model(art)
     schedule = NoiseSchedule.from_config(spec.scheduler_config)
     ts = schedule.timesteps(settings.steps, "ddim").tolist()
@@ -73,6 +76,9 @@ def feeds(art: Artifact, settings: ValidateSettings) -> list[dict[str, np.ndarra
     n = settings.batch * settings.batches
     x = torch.randn((n, *spec.sample_shape), generator=g)
     cond = spec.random_cond(n, settings.seed + 1)
+    graph = load_model(art.file("model.qdq.onnx"), load_external_data=False).graph
+    timestep_dtype = next(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                          for i in graph.input if i.name == "timestep")
     states = []
     for t, p in zip(ts, prev, strict=True):
         states.append((x, t))
@@ -83,7 +89,7 @@ def feeds(art: Artifact, settings: ValidateSettings) -> list[dict[str, np.ndarra
         rows = range(b * settings.batch, (b + 1) * settings.batch)
         picks = [states[(b + i * settings.batches) % len(states)] for i in range(settings.batch)]
         sample = torch.stack([s[0][r] for s, r in zip(picks, rows, strict=True)])
-        feed = {"sample": sample.numpy(), "timestep": np.array([s[1] for s in picks], dtype=np.int64)}
+        feed = {"sample": sample.numpy(), "timestep": np.array([s[1] for s in picks], dtype=timestep_dtype)}
         if cond is not None:
             feed[str(spec.cond_input)] = cond[list(rows)].numpy()
         out.append(feed)
