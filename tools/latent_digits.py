@@ -15,37 +15,12 @@ from pathlib import Path
 
 import torch
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-#: caption templates; {word} is the digit as a word ("seven"), {num} as a numeral ("7")
-TEMPLATES = (
-    "a handwritten digit {word}",
-    "a handwritten digit {num}",
-    "the number {word}",
-    "the number {num}",
-    "a digit {num}",
-    "a digit {word}",
-    "a picture of the handwritten number {word}",
-    "{word}",
-    "{num}",
-)
-EVAL_TEMPLATE = "a handwritten digit {word}"  # the prompt of the quality check
+from denoq.models.captions import DIGIT_WORDS, TEMPLATES, caption, captions, eval_prompt  # noqa: F401
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # CLIP's context length, as in Stable Diffusion 1.x
 #: what CLIP's pre-tokenizer splits a lower-cased caption into: runs of letters, single numerals, punctuation runs
 WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+")
-
-
-def caption(template: str, k: int) -> str:
-    return template.format(word=DIGIT_WORDS[k], num=str(k))
-
-
-def captions() -> list[str]:
-    """Every training caption, digit-major: captions()[k * len(TEMPLATES) + j] is TEMPLATES[j] for digit k."""
-    return [caption(t, k) for k in range(10) for t in TEMPLATES]
-
-
-def eval_prompt(k: int) -> str:
-    return caption(EVAL_TEMPLATE, k)
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -45,3 +45,9 @@ class Column:
 def column_table(columns: Sequence[Column], items: Iterable[Any]) -> str:
     """`md_table` with one row per item, each cell computed by its column."""
     return md_table([c.header for c in columns], [[c.cell(item) for c in columns] for item in items])
+
+
+def records_table(records: Sequence[dict[str, Any]]) -> str:
+    """`md_table` of dict rows: one column per key in order of first appearance, `–` where a row has none."""
+    header = list(dict.fromkeys(k for r in records for k in r))
+    return md_table(header, [[str(r[k]) if k in r else "–" for k in header] for r in records])

@@ -1,0 +1,94 @@
+"""Quality of quantized `digits-sd` (the embedded latent text-to-image model) in diffusers' own pipeline.
+
+For each recipe the model is compiled with `denoq.quantize("digits-sd", recipe, calib__guidance=G)` (prompt
+calibration on its own captions, guided at the scale it is sampled with), then `StableDiffusionPipeline` samples
+`--n` images per prompt "a handwritten digit <zero … nine>" with the FP UNet and with `pipe.unet =
+denoq.load(ART, backend)` from the same seeded generator, for DDIM 50 and DPM-Solver++ 20 steps. Scores
+(`denoq.metrics`, images in [−1, 1]): prompt accuracy (the shipped digits classifier reads the asked digit),
+FD-digits (vs the real digits), FD to FP (between the quantized and the FP samples) and PSNR vs FP (same noise).
+
+    python tools/sd_quality.py --recipes w8a8,w4a8 --guidance 1.5 --n 26 --work /tmp/sdq --json sdq.json
+
+The markdown table goes to stdout, progress to stderr, every number to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+from latent_digits import load_pipeline, sample_digits, use_scheduler  # noqa: E402
+from toolkit.common import log, records_table  # noqa: E402
+
+from denoq.models import EMBEDDED  # noqa: E402
+
+SAMPLERS = (("ddim", "DDIM", 50), ("dpm", "DPM-Solver++", 20))
+
+
+def scores(images: torch.Tensor, labels: torch.Tensor, fp: torch.Tensor | None) -> dict[str, Any]:
+    from denoq.metrics import class_accuracy, fd_between, fd_digits, psnr
+
+    row = {"prompt_accuracy": round(100 * class_accuracy(images, labels), 1), "fd_digits": round(fd_digits(images), 1)}
+    if fp is not None:
+        row.update({"fd_to_fp": round(fd_between(images, fp), 2), "psnr_vs_fp_db": round(psnr(images, fp), 2)})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipes", default="w8a8,w4a8", help="comma-separated recipe presets")
+    ap.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (FP's best FD)")
+    ap.add_argument("--n", type=int, default=26, help="images per digit")
+    ap.add_argument("--backend", default="ort", help="denoq.load backend of the quantized UNet")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    ap.add_argument("--work", type=Path, default=Path("sd-quality-work"), help="folder for the artifacts")
+    ap.add_argument("--json", type=Path, help="write every number here")
+    args = ap.parse_args()
+    import denoq
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(EMBEDDED["digits-sd"])
+    fp_unet, rows, fp_images = pipe.unet, [], {}
+    for key, name, steps in SAMPLERS:
+        use_scheduler(pipe, key)
+        start = time.perf_counter()
+        images, labels = sample_digits(pipe, args.n, args.guidance, steps, args.seed)
+        fp_images[key] = (images, labels)
+        rows.append({"recipe": "FP", "scheduler": name, "steps": steps, **scores(images, labels, None),
+                     "sample_s": round(time.perf_counter() - start, 1)})
+        log(str(rows[-1]))
+    sets = dict(item.split("=", 1) for item in args.set)
+    for recipe in args.recipes.split(","):
+        start = time.perf_counter()
+        keys = {"calib__guidance": str(args.guidance), **{k.replace(".", "__"): v for k, v in sets.items()}}
+        art = denoq.quantize("digits-sd", recipe, out=args.work / recipe, force=True, **keys)
+        compile_s = round(time.perf_counter() - start, 1)
+        for key, name, steps in SAMPLERS:
+            use_scheduler(pipe, key)
+            pipe.unet = denoq.load(art, backend=args.backend)
+            start = time.perf_counter()
+            images, labels = sample_digits(pipe, args.n, args.guidance, steps, args.seed)
+            pipe.unet = fp_unet
+            rows.append({"recipe": recipe, "scheduler": name, "steps": steps,
+                         **scores(images, labels, fp_images[key][0]), "sample_s": round(time.perf_counter() - start, 1),
+                         "compile_s": compile_s})
+            log(str(rows[-1]))
+    print(records_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"guidance": args.guidance, "n_per_digit": args.n, "backend": args.backend,
+                                         "sets": args.set, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
