@@ -48,7 +48,7 @@ def test_quantize_a_pipeline_object_saves_it_beside_the_artifact(tiny_pipeline, 
 
 
 @pytest.mark.parametrize("call, words", [
-    (lambda p, o: denoq.quantize(p, out=o, calib=["a cat"]), "prompt calibration is not implemented"),
+    (lambda p, o: denoq.quantize(p, out=o, calib=["a cat"]), "calib__prompts=FILE"),
     (lambda p, o: denoq.quantize(p, out=o, weights__bits=5), "weights.bits=5 is not allowed"),
     (lambda p, o: denoq.quantize(object(), out=o), "diffusers pipeline or model"),
     (lambda p, o: denoq.load(o, backend="cuda"), "unknown backend"),

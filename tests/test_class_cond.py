@@ -36,7 +36,7 @@ def test_class_conditional_model_loads(class_pipeline):
 def test_graph_takes_class_labels_and_matches_torch(class_artifact):
     graph = onnx.load(str(class_artifact.file("model.fp.onnx")), load_external_data=False)
     inputs = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
-    assert inputs == {"sample": onnx.TensorProto.FLOAT, "timestep": onnx.TensorProto.INT64,
+    assert inputs == {"sample": onnx.TensorProto.FLOAT, "timestep": onnx.TensorProto.FLOAT,
                       "class_labels": onnx.TensorProto.INT64}
     checks = class_artifact.manifest["checks"]
     assert checks["fp_onnx_vs_torch_max_abs"] < 1e-4

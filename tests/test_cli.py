@@ -130,18 +130,23 @@ def test_newer_schema_and_tampered_artifact(capsys, tmp_path, tiny_artifact_trt)
     assert not (tmp_path / "g.png").exists()
 
 
-def test_compile_conditional_unet_then_sample(capsys, tmp_path, tiny_cond_pipeline):
-    """UNet2DConditionModel folders load, export (with encoder_hidden_states) and quantize."""
+def test_compile_bare_conditional_unet_needs_its_conditioning(capsys, tmp_path, tiny_cond_pipeline):
+    """A UNet2DConditionModel folder without text encoders is refused without conditioning; with the random
+    opt-in it compiles (encoder_hidden_states in the graph, the opt-in in the manifest), and denoq's own sampler
+    points to the diffusers pipeline."""
     out = tmp_path / "cond"
-    assert main(["compile", str(tiny_cond_pipeline), "--out", str(out), *FAST]) == 0
+    assert "calib.embeddings=FILE.safetensors" in run_error(capsys, ["compile", str(tiny_cond_pipeline), "--out",
+                                                                    str(out), *FAST])
+    assert main(["compile", str(tiny_cond_pipeline), "--out", str(out), *FAST, "--set",
+                 "calib.conditioning=random"]) == 0
     art = Artifact.open(out)
     assert art.manifest["model"]["class"] == "UNet2DConditionModel"
+    assert art.manifest["calibration"]["conditioning"]["representative"] is False
     assert any("attn2.to_k" in name for name in art.manifest["plan"]["layers"])
-    grid, tensor = tmp_path / "g.png", tmp_path / "x.npy"
-    assert main(["sample", str(out), "--backend", "ort", "--steps", "3", "--n", "4", "--out", str(grid),
-                 "--save-tensor", str(tensor)]) == 0
-    assert np.load(tensor).shape == (4, 4, 8, 8)
-    assert Image.open(grid).size[0] > 0
+    err = run_error(capsys, ["sample", str(out), "--backend", "ort", "--steps", "3", "--n", "4", "--out",
+                             str(tmp_path / "g.png")])
+    assert "text-to-image" in err and "pipe.unet = denoq.load(ART)" in err
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_sample_eval_inspect_on_artifact(capsys, tmp_path, tiny_artifact_trt):

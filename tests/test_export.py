@@ -37,14 +37,14 @@ def test_layer_map_covers_every_module_with_renamed_weights(tiny_artifact_trt):
         assert entry["weight_axis"] == (1 if entry["op_type"] == "MatMul" else 0)
 
 
-def test_fp_graph_matches_pytorch_with_dynamic_batch(tiny_artifact_trt):
+def test_fp_graph_matches_pytorch_with_dynamic_batch_resolution_and_float_timesteps(tiny_artifact_trt):
     from denoq.compiler.backends import artifact_model
 
     module = artifact_model(tiny_artifact_trt).module
     sess = ort.InferenceSession(str(tiny_artifact_trt.file("model.fp.onnx")), providers=["CPUExecutionProvider"])
-    for batch in (1, 5):
-        x = torch.randn(batch, 1, 16, 16)
-        t = torch.randint(0, 1000, (batch,))
+    for batch, size in ((1, 16), (5, 16), (2, 24)):  # dynamic batch and resolution, fractional timesteps
+        x = torch.randn(batch, 1, size, size)
+        t = torch.rand(batch) * 999
         got = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": t.numpy()})[0]
         np.testing.assert_allclose(got, module(x, t).sample.detach().numpy(), atol=1e-4, rtol=1e-4)
 

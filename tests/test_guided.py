@@ -83,7 +83,7 @@ def test_ptqd_pairs_on_guided_trajectories_are_guidance_combined(class_pipeline)
 def test_guided_graph_interface_and_head_after_the_combination(guided_artifact):
     graph = onnx.load(str(guided_artifact.file(GUIDED_GRAPH)))
     inputs = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
-    assert inputs == {"sample": onnx.TensorProto.FLOAT, "timestep": onnx.TensorProto.INT64,
+    assert inputs == {"sample": onnx.TensorProto.FLOAT, "timestep": onnx.TensorProto.FLOAT,
                       "class_labels": onnx.TensorProto.INT64, "guidance_scale": onnx.TensorProto.FLOAT}
     producer = {o: n for n in graph.graph.node for o in n.output}
     head = producer["out_sample"]
@@ -163,7 +163,7 @@ def test_bad_guided_calibration_is_refused(class_pipeline, tmp_path, capsys, set
 def test_guided_calibration_of_an_unconditional_model_is_refused(tiny_pipeline, tmp_path, capsys):
     assert main(["compile", str(tiny_pipeline), "--out", str(tmp_path / "a"), "--set", "calib.guidance=2",
                  "--quiet"]) == 2
-    assert "needs a class-conditional model" in capsys.readouterr().err
+    assert "needs a class-conditional or text-to-image model" in capsys.readouterr().err
 
 
 def test_guide_pass_refuses_graphs_it_cannot_guide(guided_artifact, tiny_artifact_trt):

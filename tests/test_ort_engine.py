@@ -78,7 +78,7 @@ def test_providers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_backend_feeds_and_broadcasts_timesteps(tmp_path: Path) -> None:
     backend = eng.OrtBackend(_save(toy_graph(), tmp_path / "toy.onnx"), threads=1)
-    assert backend.providers == ["CPUExecutionProvider"] and backend.cond_input is None
+    assert backend.providers == ["CPUExecutionProvider"] and backend.cond_inputs == []
     x = torch.randn(3, 2, 3, 3)
     out = backend(x, torch.tensor([1, 5, 9]))
     assert out.dtype == torch.float32 and out.shape == x.shape
@@ -87,8 +87,13 @@ def test_backend_feeds_and_broadcasts_timesteps(tmp_path: Path) -> None:
         feeds = backend.feeds(x, scalar)
         assert feeds["timestep"].dtype == np.int64 and feeds["timestep"].tolist() == [7, 7, 7]
         torch.testing.assert_close(backend(x, scalar), 2 * x + 7, rtol=0, atol=0)
-    with pytest.raises(DenoqError, match="not integral"):
+    with pytest.raises(DenoqError, match="not integral and this graph takes int64 timesteps"):
         backend(x, torch.tensor(7.5))
+    float_graph = toy_graph()
+    float_graph.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT
+    float_graph.graph.node[0].attribute[0].i = TensorProto.FLOAT  # Cast float → float
+    fractional = eng.OrtBackend(_save(float_graph, tmp_path / "float.onnx"), threads=1)
+    torch.testing.assert_close(fractional(x, torch.tensor(7.5)), 2 * x + 7.5, rtol=0, atol=0)
     with pytest.raises(DenoqError, match="2 values for a batch of 3"):
         backend(x, torch.tensor([1, 2]))
     with pytest.raises(DenoqError, match="unconditional"):
@@ -98,12 +103,12 @@ def test_backend_feeds_and_broadcasts_timesteps(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cond", ["encoder_hidden_states", "class_labels"])
 def test_backend_conditioning(tmp_path: Path, cond: str) -> None:
     backend = eng.OrtBackend(_save(toy_graph(cond), tmp_path / "toy.onnx"), threads=1)
-    assert backend.cond_input == cond
+    assert backend.cond_inputs == [cond]
     x = torch.randn(2, 2, 3, 3)
     c = torch.randn(2, 4, 5) if cond == "encoder_hidden_states" else torch.tensor([3, 8])
     extra = c.mean((1, 2)) if cond == "encoder_hidden_states" else c.float()
     torch.testing.assert_close(backend(x, 4, c), 2 * x + 4 + extra.view(-1, 1, 1, 1), rtol=1e-6, atol=1e-6)
-    with pytest.raises(DenoqError, match=f"conditional \\(graph input '{cond}'\\) but no cond"):
+    with pytest.raises(DenoqError, match=f"conditional \\(graph inputs {cond}\\) but no cond"):
         backend(x, 4)
 
 

@@ -151,7 +151,7 @@ def test_ort_fuses_the_ort_cpu_profile_and_not_the_trt_one(tiny_artifact_ort, ti
 @pytest.mark.parametrize("fixture", ["tiny_artifact_trt_g4", "tiny_artifact_ort_g4"])
 def test_timestep_groups_compile_to_selectors(fixture, request):
     """G = 4: the plan's input tables are piecewise constant with up to 4 scales, the manifest records each layer's
-    groups, the graph gathers per-sample ratios by `timestep` (constant Q/DQ scales), and ORT still fuses the
+    groups, the graph gathers per-sample ratios at the `timestep` rows (constant Q/DQ scales), and ORT still fuses the
     ort-cpu graph."""
     art = request.getfixturevalue(fixture)
     plan = artifact_plan(art)
@@ -161,7 +161,7 @@ def test_timestep_groups_compile_to_selectors(fixture, request):
         assert len(segments) == 4
         assert len(set(plan.layers[name].input.scale.tolist())) > 1
     model = onnx.load(str(art.file("model.qdq.onnx")))
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and "timestep" in n.input]
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and "timestep.rows" in n.input]  # its rows
     assert len(gathers) >= 1
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":

@@ -66,6 +66,9 @@ EXPECTED_DEFAULTS = {
     "calib.steps": 25,
     "calib.sampler": "ddim",
     "calib.guidance": "",
+    "calib.prompts": "",
+    "calib.embeddings": "",
+    "calib.conditioning": "model",
     "calib.timesteps": 0,
     "seed": 0,
 }
@@ -325,6 +328,7 @@ def test_typed_config_reads_the_same_values_as_the_flat_keys():
     (["attention.quantize=true", "activations.bits=16"], "activations.bits to 8"),
     (["activations.igq_groups=4", "activations.timestep_groups=2"], "activations.timestep_groups=1"),
     (["ptqd.vsc=true"], "ptqd.enabled=true"),
+    (["calib.prompts=p.txt", "calib.conditioning=random"], "two sources of the text conditioning"),
 ])
 def test_rules_between_keys_refuse_at_load(sets, words):
     with pytest.raises(DenoqError, match=re.escape(words)) as exc:
@@ -335,4 +339,4 @@ def test_rules_between_keys_refuse_at_load(sets, words):
 def test_every_rule_is_reached_by_a_test():
     from denoq.compiler.recipe_rules import CROSS_KEY_RULES
 
-    assert len(CROSS_KEY_RULES) == 7  # a new rule needs a case in test_rules_between_keys_refuse_at_load
+    assert len(CROSS_KEY_RULES) == 8  # a new rule needs a case in test_rules_between_keys_refuse_at_load

@@ -101,6 +101,7 @@ DDPM_CASES = [
     ({"beta_schedule": "scaled_linear", "timestep_spacing": "linspace", "variance_type": "fixed_small_log"}, 10),
     ({"beta_schedule": "linear", "prediction_type": "v_prediction", "clip_sample": False}, 10),
     ({"beta_schedule": "linear", "prediction_type": "sample", "num_train_timesteps": 200}, 10),
+    ({"beta_schedule": "linear", "variance_type": "fixed_large", "clip_sample": False}, 10),
 ]
 
 
@@ -338,6 +339,7 @@ def test_wrong_eps_output_shape_is_an_error():
         ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid' is not supported"),
         ({"timestep_spacing": "karras"}, "timestep_spacing='karras' is not supported"),
         ({"thresholding": True}, "thresholding=True is not supported"),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "FlowMatchEulerDiscreteScheduler has no DDPM noise"),
         ({"num_train_timesteps": 0}, "num_train_timesteps=0"),
         ({"trained_betas": [0.1, 0.2], "num_train_timesteps": 3}, "trained_betas has 2 values"),
     ],
@@ -346,3 +348,22 @@ def test_unsupported_config_is_an_error(cfg, match):
     with pytest.raises(DenoqError, match=match) as info:
         NoiseSchedule.from_config(cfg)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler"])
+def test_other_schedulers_give_their_training_betas_but_not_denoqs_sampler(name):
+    """A pipeline shipping another discrete-time scheduler: its config holds the training noise schedule
+    (calibration reads it, equal to diffusers' own), and denoq's DDPM/DDIM sampler refuses to stand in for it."""
+    import diffusers
+
+    from denoq.sampling.names import check_sampler_class
+
+    scheduler = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    config = {**scheduler.config, "_class_name": name}  # as scheduler_config.json holds it
+    schedule = NoiseSchedule.from_config(config)
+    theirs = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert torch.equal(schedule.alphas_cumprod, theirs.alphas_cumprod)
+    with pytest.raises(DenoqError, match=f"scheduler is {name}, which denoq's own sampler does not implement"):
+        check_sampler_class(config)
+    check_sampler_class({**diffusers.DDIMScheduler().config, "_class_name": "DDIMScheduler"})

@@ -18,7 +18,7 @@ import torch
 
 from denoq.errors import DenoqError
 from denoq.sampling import NoiseSchedule, ddim_step, ddpm_step, sample
-from denoq.sampling.schedule import PREDICTION_TYPES
+from denoq.sampling.names import PREDICTION_TYPES
 from denoq.sampling.vsc import ddim_eps_coefficient, ddpm_eps_coefficient, vsc_sigma
 
 T = 1000
