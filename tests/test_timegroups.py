@@ -190,7 +190,7 @@ def test_errors():
         partition_timesteps(st, 0, ObserverSettings())
     for bad in (-1, T):
         st_bad = make_stats([*ts[:-1], bad] if bad == T else [bad, *ts[1:]], step_range)
-        with pytest.raises(DenoqError, match=rf"timestep {bad} lies outside \[0, {T}\)"):
+        with pytest.raises(DenoqError, match=rf"timestep {bad} lies outside \[0, {T - 1}\]"):
             grouped_act_quant(st_bad, 2, ObserverSettings(), T)
         with pytest.raises(DenoqError, match="outside"):
             scale_table(st_bad, [(min(st_bad.values), max(st_bad.values))], ObserverSettings(), T)

@@ -131,7 +131,7 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
     try:
         with torch.no_grad():
             for x, t, cond in calib.progress_batches(batch_size, "attention statistics"):
-                current_t[0] = int(t[0])
+                current_t[0] = t[0].item()  # the sampler's timestep: int, or float (flow)
                 forward(x, t, cond)
     finally:
         for name, m in modules.items():

@@ -21,7 +21,7 @@ import torch
 
 from denoq.errors import DenoqError
 from denoq.log import bar
-from denoq.sampling import NoiseSchedule, sample
+from denoq.sampling import FlowSchedule, NoiseSchedule, sample
 from denoq.sampling.cond import Cond, Conditioning, batch_of, cat, repeat_rows
 from denoq.sampling.guidance import classifier_free
 
@@ -35,7 +35,7 @@ class CalibrationSet:
     scale [N] and `null_cond` the null conditioning (one sample's: the null label, the empty prompt's encoding)."""
 
     x: list[torch.Tensor]
-    t: list[int]
+    t: list[int] | list[float]  # the sampler's timesteps: training timesteps (DDPM/DDIM), 1000 σ (flow matching)
     cond: Cond = None
     guidance: torch.Tensor | None = None
     null_cond: Cond = None
@@ -46,14 +46,15 @@ class CalibrationSet:
         return sum(xi.shape[0] for xi in self.x) * (1 if self.guidance is None else 2)
 
     def guided_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor | None]]:
-        """(x, t [B] int64, cond, guidance scales [B] or None) per batch of trajectory states, in step order; each
-        batch holds a single timestep."""
+        """(x, t [B], cond, guidance scales [B] or None) per batch of trajectory states, in step order; each batch
+        holds a single timestep (int64, or float32 for a flow-matching sampler's)."""
         for xi, ti in zip(self.x, self.t, strict=True):
             for lo in range(0, xi.shape[0], batch_size):
                 xb = xi[lo:lo + batch_size]
                 cb = None if self.cond is None else self.cond[lo:lo + batch_size]
                 gb = None if self.guidance is None else self.guidance[lo:lo + batch_size]
-                yield xb, torch.full((xb.shape[0],), ti, dtype=torch.int64), cb, gb
+                dtype = torch.float32 if isinstance(ti, float) else torch.int64
+                yield xb, torch.full((xb.shape[0],), ti, dtype=dtype), cb, gb
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond]]:
         """(x, t [B] int64, cond) model inputs in step order; each batch holds a single timestep. For guided
@@ -92,7 +93,7 @@ class CalibrationSet:
         return classifier_free(eps, self.null_cond, scales)
 
 
-def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, steps: int, n_samples: int,
+def record_trajectories(eps: EpsFn, schedule: NoiseSchedule | FlowSchedule, *, sampler: str, steps: int, n_samples: int,
                         sample_shape: tuple[int, ...], seed: int, cond: Cond = None,
                         guidance: torch.Tensor | None = None, null_cond: Cond = None) -> CalibrationSet:
     """Run the FP sampler from seeded noise and record the model input at every step; with `guidance` (one
@@ -106,10 +107,10 @@ def record_trajectories(eps: EpsFn, schedule: NoiseSchedule, *, sampler: str, st
 
     def record(step: int, t: torch.Tensor, x_t: torch.Tensor, eps_t: torch.Tensor) -> None:
         if not (torch.isfinite(x_t).all() and torch.isfinite(eps_t).all()):
-            raise DenoqError(f"NaN/Inf in calibration at step {step} (timestep {int(t[0])}): the FP model's output "
+            raise DenoqError(f"NaN/Inf in calibration at step {step} (timestep {float(t[0]):g}): the FP model's output "
                              "is not finite; check the model weights and its scheduler config")
         xs.append(x_t.detach().clone())
-        ts.append(int(t[0]))
+        ts.append(float(t[0]) if t.is_floating_point() else int(t[0]))
 
     if guidance is not None:
         if cond is None or null_cond is None:

@@ -91,7 +91,7 @@ def collect_stats(forward: ForwardFn, layers: dict[str, nn.Module], calib: Calib
     try:
         with torch.no_grad():
             for x, t, cond in calib.progress_batches(batch_size, "activation statistics"):
-                current_t[0] = int(t[0])
+                current_t[0] = t[0].item()  # the sampler's timestep: int, or float (flow)
                 result = forward(x, t, cond)
                 for name, out in last_out.items():
                     stats[name].is_model_output |= out is result

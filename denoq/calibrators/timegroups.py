@@ -90,10 +90,14 @@ def _check_timesteps(stats: TensorStats, num_train_timesteps: int | None = None)
     if not ts:
         raise DenoqError("no activation statistics to partition into timestep groups; run calibration first "
                          "(calib.samples > 0)")
-    if num_train_timesteps is not None and (ts[0] < 0 or ts[-1] >= num_train_timesteps):
+    # integral timesteps index the tables themselves: [0, T); a flow sampler's are 1000 σ ∈ [0, T], read at the
+    # nearest training timestep (`denoq.sampling.cond.timestep_index`)
+    top = num_train_timesteps if num_train_timesteps is None or isinstance(ts[-1], float) else \
+        num_train_timesteps - 1
+    if num_train_timesteps is not None and (ts[0] < 0 or ts[-1] > top):
         bad = ts[0] if ts[0] < 0 else ts[-1]
-        raise DenoqError(f"calibrated timestep {bad} lies outside [0, {num_train_timesteps}) = the scheduler's "
-                         "num_train_timesteps; calibrate with the model's own scheduler config")
+        raise DenoqError(f"calibrated timestep {bad} lies outside [0, {top}] = the scheduler's num_train_timesteps "
+                         "range; calibrate with the model's own scheduler config")
     return ts
 
 

@@ -41,8 +41,9 @@ from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs
 from denoq.layers import match_layers, quantizable_layers, select_layers
 from denoq.plan import QuantPlan
-from denoq.sampling import NoiseSchedule
+from denoq.sampling import NoiseSchedule, schedule_from_config
 from denoq.sampling.cond import Cond
+from denoq.sampling.names import check_sampler_for, is_flow
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,25 @@ def check_conditioning_keys(spec: ModelSpec, recipe: Recipe) -> None:
                          "unrepresentative --set calib.conditioning=random")
 
 
+def check_sampler_keys(spec: ModelSpec, recipe: Recipe, own_trajectories: bool = True) -> None:
+    """`calib.sampler` runs the model's scheduler (`check_sampler_for`) when denoq records the trajectories
+    (`own_trajectories`; a user's forward_loop brings its own); a flow-matching model (velocity
+    prediction, float timesteps) calibrates with observers and GPTQ/RTN weights, one timestep group: PTQD's
+    correction is derived for ε-prediction DDPM/DDIM steps, and AccuQuant reconstructs over DDPM/DDIM windows."""
+    c = recipe.config
+    if own_trajectories:
+        check_sampler_for(spec.scheduler_config, c.calib.sampler)
+    if not is_flow(spec.scheduler_config):
+        return
+    refused = [k for k, on in (("ptqd.enabled=true", c.ptqd.enabled),
+                               ("weights.method=adaround", c.weights.method == "adaround"),
+                               ("activations.timestep_groups>1", c.activations.timestep_groups > 1),
+                               ("precision.mixed", bool(c.precision.mixed))) if on]
+    if refused:
+        raise DenoqError(f"{spec.name} is a flow-matching model: {', '.join(refused)} are not implemented for "
+                         "velocity prediction yet; calibrate it with observers and rtn/gptq weights")
+
+
 def calibration_cond(spec: ModelSpec, recipe: Recipe, n: int, guided: bool) -> tuple[Cond, Cond, dict[str, Any]]:
     """(conditioning of the n calibration trajectories, the null conditioning of guidance, what they are for
     the manifest). Labels: their own stream (the recipe seed + 1), a real class when guided (the null label enters
@@ -124,7 +144,7 @@ def record_pool(spec: ModelSpec, recipe: Recipe) -> CalibrationSet:
     scales = guidance_scales(spec, recipe)
     guidance = torch.tensor([scales[i % len(scales)] for i in range(n)]) if scales else None
     cond, null, info = calibration_cond(spec, recipe, n, bool(scales))
-    pool = record_trajectories(torch_eps(spec.module), NoiseSchedule.from_config(spec.scheduler_config),
+    pool = record_trajectories(torch_eps(spec.module), schedule_from_config(spec.scheduler_config),
                                sampler=c.calib.sampler, steps=c.calib.steps, n_samples=n,
                                sample_shape=spec.sample_shape, seed=c.seed, cond=cond, guidance=guidance,
                                null_cond=null if scales else None)
@@ -241,6 +261,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     layers, kept_fp = select_layers(every_layer, spec.layer_patterns(c.layers.keep_fp))
     match_layers(every_layer, spec.layer_patterns(c.trt.fp32_layers), "trt.fp32_layers")  # typos, early
     guidance_scales(spec, recipe)
+    check_sampler_keys(spec, recipe, own_trajectories=pool is None)
     fp = torch_eps(spec.module)
     start = time.perf_counter()
     source = "trajectories" if pool is None else "forward_loop"

@@ -40,11 +40,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from denoq.compiler.generate import generate
     from denoq.compiler.load import check_label
     from denoq.compiler.pictures import grid_png
+    from denoq.sampling.names import default_sampler
 
     check_output_file(args.out, "--out", ".png", args.force)
     check_output_file(args.save_tensor, "--save-tensor", ".npy", args.force)
     art = Artifact.open(args.art)
     check_label(art.manifest["model"], args.label, args.guidance)
+    args.sampler = args.sampler or default_sampler(art.manifest["scheduler"])
     x = generate(art, args.backend, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, n=args.n,
                  threads=args.threads, label=args.label, guidance=args.guidance)
     atomic_write(args.out, grid_png(x))
@@ -81,10 +83,12 @@ def check_artifact_writable(folder: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.evaluate import EvalSettings, evaluate
+    from denoq.sampling.names import default_sampler
 
     art = Artifact.open(args.art)
     check_artifact_writable(art.path)
-    settings = EvalSettings(backend=args.backend, fp_backend=args.fp_backend, sampler=args.sampler, steps=args.steps,
+    sampler = args.sampler or default_sampler(art.manifest["scheduler"])
+    settings = EvalSettings(backend=args.backend, fp_backend=args.fp_backend, sampler=sampler, steps=args.steps,
                             eta=args.eta, seed=args.seed, n=args.n, threads=args.threads, guidance=args.guidance)
     report = evaluate(art, settings)
     print(summary_table(art, report))
@@ -195,9 +199,11 @@ def at_least(lo: int, fix: str, kind: type[int] | type[float] = int, why: str = 
 
 def _sampling_args(p: argparse.ArgumentParser, n: int, backend: str, min_n: int = 1, why_n: str = "") -> None:
     from denoq.compiler.backend_names import BACKENDS
+    from denoq.sampling.names import ALL_SAMPLERS
 
     p.add_argument("--backend", choices=BACKENDS, default=backend, help=f"eps backend (default {backend})")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--sampler", choices=ALL_SAMPLERS, default=None,
+                   help="default: ddim, or flow-euler for a flow-matching model")
     p.add_argument("--steps", type=at_least(1, "pass e.g. --steps 50"), default=50, help="sampler steps (default 50)")
     p.add_argument("--eta", type=at_least(0, "pass e.g. --eta 0 (deterministic DDIM) or --eta 1", float), default=0.0,
                    help="DDIM eta (default 0)")

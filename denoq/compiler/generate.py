@@ -10,8 +10,8 @@ from denoq.compiler.backends import EpsFn, artifact_model, guide, guided_backend
 from denoq.compiler.load import ModelSpec, check_label
 from denoq.compiler.mixed import is_mixed, mixed_backend, mixed_variance
 from denoq.errors import DenoqError
-from denoq.sampling import NoiseSchedule, sample
-from denoq.sampling.names import check_sampler_class
+from denoq.sampling import sample, schedule_from_config
+from denoq.sampling.names import check_sampler_class, check_sampler_for
 
 
 def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
@@ -25,7 +25,7 @@ def eval_cond(spec: ModelSpec, n: int, seed: int) -> torch.Tensor | None:
 def check_own_sampling(art: Artifact) -> None:
     """Refuse, in one line, what denoq's own sampler does not run: a text-to-image artifact (its prompts, guidance
     and VAE decoding live in the diffusers pipeline, which drives the drop-in denoiser) or a scheduler other than
-    DDPM/DDIM (`check_sampler_class`)."""
+    DDPM/DDIM or flow-matching Euler (`check_sampler_class`)."""
     model = art.manifest["model"]
     if "text" in model:
         raise DenoqError(f"{model['name']} is a text-to-image model: denoq sample / eval / validate run class and "
@@ -41,7 +41,8 @@ def sample_artifact(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, s
     """`n` samples of shape `spec_shape` driven by `eps` with the artifact's noise schedule, from the noise of
     `seed`; `desc` labels the progress bar (default: the sampler's name)."""
     check_own_sampling(art)
-    schedule = NoiseSchedule.from_config(art.manifest["scheduler"])
+    check_sampler_for(art.manifest["scheduler"], sampler)
+    schedule = schedule_from_config(art.manifest["scheduler"])
     return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
                   generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
                   residual_var=residual_var, desc=desc)

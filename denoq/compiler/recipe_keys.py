@@ -258,7 +258,8 @@ class CalibKeys:
     steps: int = key(25,
             "sampler steps per trajectory", lo=1, hi=1000)
     sampler: str = key("ddim",
-            "sampler that records the calibration trajectories", choices=("ddpm", "ddim"))
+            "sampler that records the calibration trajectories: ddpm or ddim for DDPM-family models, flow-euler for "
+            "flow-matching ones (FlowMatchEulerDiscreteScheduler)", choices=("ddpm", "ddim", "flow-euler"))
     guidance: str = key("",
             "conditional models: classifier-free guidance scales of the calibration trajectories, "
             "comma-separated (e.g. 1,2,4; trajectories cycle through them, labels over the classes or the "

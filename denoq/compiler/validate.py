@@ -4,10 +4,11 @@ Per tensor, through polygraphy's Comparator (runners over the same feeds): ONNX 
 float32 Q/DQ graph (the reference), the FP graph (the quantization error's own size) and, for a trt artifact, the
 float16 TensorRT graph; where present, the TensorRT engine (`TrtRunner`) and ORT's CUDA / TensorRT providers.
 Runners carry the sampler backends' names (`ort`, `ort-fp`, `ort-fp16`, `ort-cuda`, `ort-trt`, `trt`).
-The feeds are real model inputs: states of FP DDIM trajectories at timesteps spread over the schedule.
+The feeds are real model inputs: states of FP DDIM trajectories (flow-matching Euler for a flow model) at
+timesteps spread over the schedule.
 
-Per image: each available sampler backend draws the same noise through the same DDIM steps; PSNR against the
-reference backend's images.
+Per image: each available sampler backend draws the same noise through the same DDIM (or flow-Euler) steps; PSNR
+against the reference backend's images.
 
 Tolerances. Elementwise 1e-5 is meaningless for a quantized graph: a float difference of 1e-7 (another kernel's
 summation order, float16 activations) flips the rounding of some activation quantizer and the flip propagates
@@ -46,8 +47,8 @@ from denoq.engines.trt import require
 from denoq.errors import DenoqError
 from denoq.metrics import psnr
 from denoq.onnxio import load_model
-from denoq.sampling import NoiseSchedule
-from denoq.sampling.ddim import ddim_step
+from denoq.sampling import sample, schedule_from_config
+from denoq.sampling.names import default_sampler
 
 IMAGE_MARGIN_DB = 3.0
 
@@ -55,7 +56,7 @@ IMAGE_MARGIN_DB = 3.0
 @dataclass(frozen=True)
 class ValidateSettings:
     """`batches` feed dicts of `batch` trajectory states each (a spread of timesteps per batch); images: `n`
-    samples of DDIM with `steps` steps from `seed`."""
+    samples of DDIM (flow-Euler for a flow model) with `steps` steps from `seed`."""
 
     batch: int = 8
     batches: int = 4
@@ -65,31 +66,26 @@ class ValidateSettings:
 
 
 def feeds(art: Artifact, settings: ValidateSettings) -> list[dict[str, np.ndarray]]:
-    """Real graph inputs: FP DDIM trajectory states, each batch holding timesteps spread over the schedule."""
+    """Real graph inputs: FP trajectory states (DDIM, or the flow-matching Euler sampler of a flow model), each
+    batch holding timesteps spread over the schedule."""
     check_own_sampling(art)
     spec = artifact_model(art)
-    schedule = NoiseSchedule.from_config(spec.scheduler_config)
-    ts = schedule.timesteps(settings.steps, "ddim").tolist()
-    prev = schedule.prev_timesteps(settings.steps, "ddim").tolist()
-    eps = torch_eps(spec.module)
-    g = torch.Generator().manual_seed(settings.seed)
+    sampler = default_sampler(spec.scheduler_config)
     n = settings.batch * settings.batches
-    x = torch.randn((n, *spec.sample_shape), generator=g)
     cond = spec.random_cond(n, settings.seed + 1)
     graph = load_model(art.file("model.qdq.onnx"), load_external_data=False).graph
     timestep_dtype = next(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
                           for i in graph.input if i.name == "timestep")
-    states = []
-    for t, p in zip(ts, prev, strict=True):
-        states.append((x, t))
-        tt = torch.full((n,), t, dtype=torch.int64)
-        x = ddim_step(schedule, eps(x, tt, cond), t, p, x, 0.0).mean
+    states: list[tuple[torch.Tensor, float]] = []
+    sample(torch_eps(spec.module), schedule_from_config(spec.scheduler_config), sampler=sampler,
+           steps=settings.steps, shape=(n, *spec.sample_shape), generator=torch.Generator().manual_seed(settings.seed),
+           cond=cond, callback=lambda i, t, x, out: states.append((x.clone(), float(t[0]))), desc=f"FP {sampler}")
     out = []
     for b in range(settings.batches):
         rows = range(b * settings.batch, (b + 1) * settings.batch)
         picks = [states[(b + i * settings.batches) % len(states)] for i in range(settings.batch)]
-        sample = torch.stack([s[0][r] for s, r in zip(picks, rows, strict=True)])
-        feed = {"sample": sample.numpy(), "timestep": np.array([s[1] for s in picks], dtype=timestep_dtype)}
+        sample_rows = torch.stack([s[0][r] for s, r in zip(picks, rows, strict=True)])
+        feed = {"sample": sample_rows.numpy(), "timestep": np.array([s[1] for s in picks], dtype=timestep_dtype)}
         if cond is not None:
             feed[str(spec.cond_input)] = cond[list(rows)].numpy()
         out.append(feed)
@@ -128,7 +124,8 @@ def _runners(art: Artifact) -> tuple[list[Any], dict[str, str]]:
 def image_checks(art: Artifact, backends: list[str], settings: ValidateSettings
                  ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """PSNR of each backend's samples vs the `ort` reference's, from the same noise; the samples themselves."""
-    kw = {"sampler": "ddim", "steps": settings.steps, "eta": 0.0, "seed": settings.seed, "n": settings.n}
+    kw = {"sampler": default_sampler(art.manifest["scheduler"]), "steps": settings.steps, "eta": 0.0,
+          "seed": settings.seed, "n": settings.n}
     images = {name: generate(art, name, **kw) for name in [REFERENCE, FP, *backends]}
     ref_vs_fp = psnr(images[REFERENCE], images[FP])
     out = {"reference": {"psnr_vs_fp_db": round(ref_vs_fp, 2)}}

@@ -14,6 +14,8 @@ _HOME = {
     "SAMPLERS": "names",
     "check_sampler": "names",
     "NoiseSchedule": "schedule",
+    "FlowSchedule": "flow",
+    "schedule_from_config": "loop",
     "ddim_step": "ddim",
     "ddpm_step": "ddpm",
     "Callback": "loop",

@@ -17,14 +17,21 @@ from denoq.log import bar
 from denoq.sampling.cond import call_denoiser
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
-from denoq.sampling.names import SAMPLERS, check_sampler
+from denoq.sampling.flow import FlowSchedule, sample_flow
+from denoq.sampling.names import FLOW_SAMPLER, SAMPLERS, check_sampler, is_flow
 from denoq.sampling.schedule import NoiseSchedule
 from denoq.sampling.vsc import check_residual_var
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-__all__ = ["SAMPLERS", "Callback", "EpsFn", "module_eps", "sample"]
+__all__ = ["SAMPLERS", "Callback", "EpsFn", "module_eps", "sample", "schedule_from_config"]
+
+
+def schedule_from_config(cfg: Any) -> NoiseSchedule | FlowSchedule:
+    """The schedule a scheduler config describes: flow matching (`FlowSchedule`) or a beta schedule
+    (`NoiseSchedule`); each refuses, in one line, what its sampler does not reproduce."""
+    return FlowSchedule.from_config(cfg) if is_flow(cfg) else NoiseSchedule.from_config(cfg)
 
 
 def module_eps(module: Any) -> EpsFn:
@@ -45,7 +52,7 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torc
 
 def sample(
     eps: EpsFn,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowSchedule,
     *,
     sampler: str,
     steps: int,
@@ -69,7 +76,8 @@ def sample(
     Args:
         eps: the backend, called as `eps(x_t, t, cond)` with `t` an int64 tensor of shape [B] on x's device.
         schedule: the noise schedule (`NoiseSchedule.from_config`).
-        sampler: "ddpm" (ancestral, Ho et al. 2020) or "ddim" (Song et al. 2021, with `eta`).
+        sampler: "ddpm" (ancestral, Ho et al. 2020) or "ddim" (Song et al. 2021, with `eta`); "flow-euler" with a
+            `FlowSchedule` (flow matching, `denoq.sampling.flow.sample_flow`: float timesteps, no η, no VSC).
         steps: number of inference steps, 1..T; timesteps spaced by the config's `timestep_spacing`.
         eta: DDIM's η ≥ 0 (0: deterministic); must be 0 for DDPM.
         shape: [B, C, H, W] of x_T to draw; not needed when `x_T` is given.
@@ -86,6 +94,16 @@ def sample(
             there it changes nothing.
     """
     check_sampler(sampler)
+    if isinstance(schedule, FlowSchedule) != (sampler == FLOW_SAMPLER):
+        raise DenoqError(f"sampler {sampler} does not run a {type(schedule).__name__}; flow-matching schedules take "
+                         f"{FLOW_SAMPLER}, beta schedules {' or '.join(SAMPLERS)}")
+    if isinstance(schedule, FlowSchedule):
+        if eta or residual_var is not None:
+            raise DenoqError("the flow-matching Euler sampler is deterministic: it takes no eta and no variance table")
+        if x_T is None and shape is not None and device is not None:
+            x_T = _randn(shape, generator, torch.device(device))
+        return sample_flow(eps, schedule, steps=steps, shape=shape, generator=generator, x_T=x_T, cond=cond,
+                           callback=callback, desc=desc)
     steps = schedule.check_steps(steps)
     residual_var = check_residual_var(residual_var, schedule.num_train_timesteps)
     eta = float(eta)
