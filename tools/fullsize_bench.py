@@ -7,7 +7,8 @@ conditioning (`calib.conditioning=random`: the numbers here are about size and t
 calibration trajectory of two steps. The child then opens an ORT session on the Q/DQ graph and times one model
 call at batch 1. Reported per model: parameters, compile seconds (with the calibration and pass seconds from the
 manifest), peak RSS of the child, graph sizes on disk (FP ONNX, Q/DQ, FP16/TensorRT), ORT
-session-creation and call seconds — or the error that stopped it (e.g. out of memory).
+session-creation and call seconds — or the error that stopped it: a child whose resident set passes `--max-rss-gb`
+(default 21 of this machine's 24 GB) stops itself and names the stage it had reached.
 
     python tools/fullsize_bench.py --models sd15,sdxl --work /tmp/fullsize --json fullsize.json
 
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,9 +77,37 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def child(folder: Path, out: Path, gptq: bool) -> dict[str, Any]:
+def rss_gb() -> float:
+    """This process's resident set, GB (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def guard_memory(limit_gb: float) -> None:
+    """Stop this process (exit 3, the row's error naming the stage the compile had logged last) once its resident
+    set passes `limit_gb`: the machine's memory runs out before the kernel's OOM killer says where."""
+    stage = ["start"]
+
+    class LastMessage(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            stage[0] = record.getMessage()[:120]
+
+    logging.getLogger("denoq").addHandler(LastMessage(logging.INFO))
+
+    def watch() -> None:
+        while True:
+            if rss_gb() > limit_gb:
+                print(json.dumps({"error": f"resident set passed {limit_gb} GB after: {stage[0]}"}), flush=True)
+                os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def child(folder: Path, out: Path, gptq: bool, limit_gb: float) -> dict[str, Any]:
     """Compile and run one model (in this process): the numbers of one table row."""
     import torch
+
+    guard_memory(limit_gb)
 
     import denoq
     from denoq.engines.ort import OrtBackend
@@ -85,9 +117,9 @@ def child(folder: Path, out: Path, gptq: bool) -> dict[str, Any]:
             "weights__method": "gptq" if gptq else "rtn"}
     art = denoq.quantize(str(folder), "w8a8", out=out, force=True, **keys)
     row: dict[str, Any] = {"compile_s": round(time.perf_counter() - start, 1)}
-    m = art.manifest
-    row["calibrate_s"] = m["calibration"]["seconds"]
-    row["passes_s"] = round(sum(m["pass_seconds"]), 1)
+    m, timings = art.manifest, art.timings()
+    row["calibrate_s"] = timings["calibration"]["seconds"]
+    row["passes_s"] = round(sum(timings["pass_seconds"]), 1)
     for label, name in (("fp_onnx_mb", "model.fp.onnx"), ("qdq_mb", "model.qdq.onnx"), ("trt_mb", "model.trt.onnx")):
         if art.file(name).exists():
             row[label] = round(_size(art.file(name)) / 1e6, 1)
@@ -116,10 +148,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("fullsize-work"), help="folder for the models and artifacts")
     ap.add_argument("--gptq", action="store_true", help="GPTQ weights instead of RTN")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--max-rss-gb", type=float, default=21.0, help="stop a compile whose resident set passes this")
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args.gptq)))
+        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args.gptq, args.max_rss_gb)))
         return
     rows = []
     for name in args.models.split(","):
@@ -128,9 +161,10 @@ def main() -> None:
         log(f"{name}: saving the random-init UNet")
         row: dict[str, Any] = {"model": name, "parameters_m": round(make_folder(name, folder) / 1e6, 1)}
         log(f"{name}: compiling (child process)")
-        cmd = [sys.executable, __file__, "--child", str(folder), str(out), *(["--gptq"] if args.gptq else [])]
+        cmd = [sys.executable, __file__, "--child", str(folder), str(out), "--max-rss-gb", str(args.max_rss_gb),
+               *(["--gptq"] if args.gptq else [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
+        if done.returncode in (0, 3):
             row.update(json.loads(done.stdout.strip().splitlines()[-1]))
         else:
             tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]

@@ -19,6 +19,8 @@ from typing import Any, Union
 
 import torch
 
+from denoq.errors import DenoqError
+
 #: SDXL's added conditions, in graph-input order after `encoder_hidden_states`.
 ADDED_CONDITIONS = ("text_embeds", "time_ids")
 TEXT_INPUT = "encoder_hidden_states"
@@ -110,3 +112,13 @@ def timestep_index(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     if not t.is_floating_point():
         return t.to(torch.int64).clamp(0, num_train_timesteps - 1)
     return torch.round(t.float()).clamp(0, num_train_timesteps - 1).to(torch.int64)
+
+
+def backend_output(eps: Any, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """`eps(x, t, cond)` as float32, refused in one line unless it is a tensor of x's shape (every sampler's
+    contract with its backend)."""
+    out = eps(x, t, cond)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DenoqError(f"the backend returned {got} for x of shape {tuple(x.shape)}; it must match x")
+    return out.to(torch.float32)

@@ -22,6 +22,7 @@ import torch
 
 from denoq.errors import DenoqError
 from denoq.log import bar
+from denoq.sampling.cond import backend_output
 from denoq.sampling.names import FLOW_SAMPLER, FLOW_SCHEDULER_CLASS
 
 #: config keys that must keep diffusers' default for the plain Euler sampler to be the scheduler's
@@ -114,11 +115,7 @@ def sample_flow(eps: Any, schedule: FlowSchedule, *, steps: int, shape: Sequence
     with torch.no_grad():
         for i in bar(range(len(timesteps)), desc=desc or f"{FLOW_SAMPLER} {steps}", leave=False):
             t_b = timesteps[i].expand(x.shape[0]).to(x.device)
-            v = eps(x, t_b, cond)
-            if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise DenoqError(f"the backend returned {got} for x of shape {tuple(x.shape)}; it must match x")
-            v = v.to(torch.float32)
+            v = backend_output(eps, x, t_b, cond)
             if callback is not None:
                 callback(i, t_b, x, v)
             x = flow_euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))

@@ -14,7 +14,7 @@ import torch
 
 from denoq.errors import DenoqError
 from denoq.log import bar
-from denoq.sampling.cond import call_denoiser
+from denoq.sampling.cond import backend_output, call_denoiser
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
 from denoq.sampling.flow import FlowSchedule, sample_flow
@@ -132,11 +132,7 @@ def sample(
         pairs = list(zip(timesteps, prev_timesteps, strict=True))
         for i, (t, prev_t) in enumerate(bar(pairs, desc=desc or sampler, leave=False)):
             t_b = torch.full((batch,), t, dtype=torch.int64, device=x.device)
-            out = eps(x, t_b, cond)
-            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise DenoqError(f"the eps backend returned {got} for x of shape {tuple(x.shape)}; it must match x")
-            out = out.to(torch.float32)
+            out = backend_output(eps, x, t_b, cond)
             if callback is not None:
                 callback(i, t_b, x, out)
             var = None if residual_var is None else residual_var[t]
