@@ -72,7 +72,7 @@ def test_dit_samples_with_guidance(dit_artifact, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"out_channels": 2}, "out_channels 2 ≠ in_channels 1"),
+    ({"out_channels": 3}, "out_channels 3 is neither in_channels 1 (ε) nor twice it"),
     ({"norm_type": "ada_norm_single"}, "class-conditional DiTs"),
 ])
 def test_dit_configs_denoq_cannot_sample_are_refused(dit_pipeline, tmp_path, capsys, change, message):

@@ -324,8 +324,8 @@ def test_sample_rejects_bad_arguments(kwargs, match):
 
 
 def test_wrong_eps_output_shape_is_an_error():
-    def eps(x, t, cond):  # a learned-variance model: 2C channels
-        return torch.cat([x, x], dim=1)
+    def eps(x, t, cond):  # neither C (ε) nor 2C (ε and the variance) channels
+        return torch.cat([x, x, x], dim=1)
 
     with pytest.raises(DenoqError, match="must match x"):
         sample(eps, NoiseSchedule.from_config({}), sampler="ddpm", steps=2, shape=SHAPE)
@@ -335,7 +335,7 @@ def test_wrong_eps_output_shape_is_an_error():
     ("cfg", "match"),
     [
         ({"prediction_type": "flow"}, r"prediction_type='flow' is not supported; denoq supports epsilon, v_pred"),
-        ({"variance_type": "learned_range"}, "variance_type='learned_range' is not supported"),
+        ({"variance_type": "learned"}, "variance_type='learned' is not supported"),
         ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid' is not supported"),
         ({"timestep_spacing": "karras"}, "timestep_spacing='karras' is not supported"),
         ({"thresholding": True}, "thresholding=True is not supported"),

@@ -97,16 +97,24 @@ def check_sampler_keys(spec: ModelSpec, recipe: Recipe, own_trajectories: bool =
     """`calib.sampler` runs the model's scheduler (`check_sampler_for`) when denoq records the trajectories
     (`own_trajectories`; a user's forward_loop brings its own); a flow-matching model (velocity
     prediction, float timesteps) calibrates with observers and GPTQ/RTN weights, one timestep group: PTQD's
-    correction is derived for ε-prediction DDPM/DDIM steps, and AccuQuant reconstructs over DDPM/DDIM windows."""
+    correction is derived for ε-prediction DDPM/DDIM steps, and AccuQuant reconstructs over DDPM/DDIM windows; a
+    learned-variance model (ε and Σ) likewise, with timestep groups."""
     c = recipe.config
     if own_trajectories:
         check_sampler_for(spec.scheduler_config, c.calib.sampler)
+    output_methods = (("ptqd.enabled=true", c.ptqd.enabled),
+                      ("weights.method=adaround", c.weights.method == "adaround"),
+                      ("precision.mixed", bool(c.precision.mixed)))
+    if spec.learned_variance:
+        refused = [k for k, on in output_methods if on]
+        if refused:
+            raise DenoqError(f"{spec.name} predicts its variance (out_channels = 2 × in_channels): "
+                             f"{', '.join(refused)} model the ε output alone and are not implemented for it; "
+                             "calibrate it with observers and rtn/gptq weights")
     if not is_flow(spec.scheduler_config):
         return
-    refused = [k for k, on in (("ptqd.enabled=true", c.ptqd.enabled),
-                               ("weights.method=adaround", c.weights.method == "adaround"),
-                               ("activations.timestep_groups>1", c.activations.timestep_groups > 1),
-                               ("precision.mixed", bool(c.precision.mixed))) if on]
+    refused = [k for k, on in (*output_methods,
+                               ("activations.timestep_groups>1", c.activations.timestep_groups > 1)) if on]
     if refused:
         raise DenoqError(f"{spec.name} is a flow-matching model: {', '.join(refused)} are not implemented for "
                          "velocity prediction yet; calibrate it with observers and rtn/gptq weights")

@@ -5,8 +5,8 @@ A pipeline folder is what `DiffusionPipeline.save_pretrained` writes: `model_ind
 (unconditional, or class-conditional with `num_class_embeds`: conditioning input `class_labels`, int64 [B], the
 last class embedding being the null label of classifier-free guidance), `UNet2DConditionModel` (conditioning input
 `encoder_hidden_states`, the pipeline's text side in `pipelines`) and `DiTTransformer2DModel` in pixel space
-(class-conditional: `class_labels`, labels 0 … num_embeds_ada_norm − 1, null label num_embeds_ada_norm; without
-learned variance, out_channels = in_channels). Nothing is fetched from a hub.
+(class-conditional: `class_labels`, labels 0 … num_embeds_ada_norm − 1, null label num_embeds_ada_norm; with or
+without learned variance, out_channels = 2 × or 1 × in_channels). Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ class ModelSpec:
         if self.model_class == "DiTTransformer2DModel":
             return 0
         return 2 ** (len(self.module.config.block_out_channels) - 1)
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the model also predicts its variance: out_channels = 2 × in_channels (DiT's Σ; the graph's
+        output holds both, the samplers read `denoq.sampling.cond.split_variance`)."""
+        return int(self.module.config.get("out_channels") or self.sample_shape[0]) == 2 * self.sample_shape[0]
 
     @property
     def io_layers(self) -> dict[str, str]:
@@ -150,14 +156,15 @@ def _weights_hash(model_dir: Path) -> str:
 
 
 def _check_dit(folder: Path, config: dict[str, Any]) -> None:
-    """A DiT denoq can sample: class-conditional (adaLN-Zero with a label table), ε only (no learned variance)."""
+    """A DiT denoq can sample: class-conditional (adaLN-Zero with a label table), predicting ε, or ε and its
+    variance (`ModelSpec.learned_variance`)."""
     if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not config.get("num_embeds_ada_norm"):
         raise DenoqError(f"{folder}: denoq compiles class-conditional DiTs (norm_type ada_norm_zero with "
                          "num_embeds_ada_norm classes); this config has neither")
     out, inp = config.get("out_channels"), config.get("in_channels", 4)
-    if out is not None and out != inp:
-        raise DenoqError(f"{folder}: out_channels {out} ≠ in_channels {inp} (a learned-variance DiT predicts ε and "
-                         "Σ); denoq samples ε-prediction models, export one with out_channels = in_channels")
+    if out is not None and out not in (inp, 2 * inp):
+        raise DenoqError(f"{folder}: out_channels {out} is neither in_channels {inp} (ε) nor twice it (ε and the "
+                         "learned variance Σ, as DiT-XL/2 ships); re-save a model with one of those")
 
 
 def load_model(model: str | None = None) -> ModelSpec:

@@ -9,7 +9,9 @@ requested label,
 and deployments run both in one engine call on the doubled batch. PTQD measures its statistics on ε̃, so its head
 belongs after the combination: `GuideClassFree` first, `AppendPtqdHead` after it (it reads the new `timestep` [B]
 and `out_sample` [B]). The op order is `denoq.sampling.guidance.classifier_free`'s (null half first; Sub, Mul, Add),
-so the guided graph and the plain graph driven by that function compute the same float32 operations.
+so the guided graph and the plain graph driven by that function compute the same float32 operations. A
+learned-variance output (ε and Σ on the channel axis) is guided on its ε channels and keeps the conditional half's
+Σ, as that function does.
 
 No torch here (passes are ONNX only).
 """
@@ -58,6 +60,7 @@ class GuideClassFree(InPlace):
         g = model.graph
         x, t, labels, y = self._check(g)
         n = self.name
+        out_shape = list(y.shape)  # read before the inner shapes are dropped below
         new_inputs = {}
         for old in (x, t, labels):  # fresh graph inputs with the old names; the old values become inner values
             new_inputs[old.name] = ir.val(old.name, old.dtype, None if old.shape is None else ir.Shape(list(old.shape)))
@@ -87,16 +90,33 @@ class GuideClassFree(InPlace):
         halves = ir.node("Split", [y], attributes={"axis": 0, "num_outputs": 2}, name=f"{n}/Split",
                          outputs=[ir.val(f"{n}.uncond"), ir.val(f"{n}.cond")])
         u, c = halves.outputs
+        nodes = [halves]
+        learned = out_shape[1] != x.shape[1]  # ε and Σ: guide the ε channels, keep the conditional half's Σ
+        if learned:
+            channels = [ir.node("Split", [h], attributes={"axis": 1, "num_outputs": 2}, name=f"{n}/{k}/Split",
+                                outputs=[ir.val(f"{n}.{k}_eps"), ir.val(f"{n}.{k}_variance")])
+                        for h, k in ((u, "uncond"), (c, "cond"))]
+            nodes += channels
+            u, c = channels[0].outputs[0], channels[1].outputs[0]
         axes = ir.val(f"{n}.scale_axes", const_value=ir.tensor(np.array([1, 2, 3], np.int64), name=f"{n}.scale_axes"))
         g.register_initializer(axes)
         s4 = ir.node("Unsqueeze", [scale, axes], name=f"{n}/scale/Unsqueeze", outputs=[ir.val(f"{n}.scale")])
         diff = ir.node("Sub", [c, u], name=f"{n}/Sub", outputs=[ir.val(f"{n}.difference")])
         scaled = ir.node("Mul", [s4.outputs[0], diff.outputs[0]], name=f"{n}/Mul", outputs=[ir.val(f"{n}.scaled")])
-        out = ir.node("Add", [u, scaled.outputs[0]], name=f"{n}/Add",
-                      outputs=[ir.val(HEAD_OUTPUT, ir.DataType.FLOAT, ir.Shape(list(x.shape)))])
+        nodes += [s4, diff, scaled]
+        shape = ir.Shape([x.shape[0], *out_shape[1:]])
+        if learned:
+            add = ir.node("Add", [u, scaled.outputs[0]], name=f"{n}/Add", outputs=[ir.val(f"{n}.guided_eps")])
+            out = ir.node("Concat", [add.outputs[0], channels[1].outputs[1]], attributes={"axis": 1},
+                          name=f"{n}/Concat", outputs=[ir.val(HEAD_OUTPUT, ir.DataType.FLOAT, shape)])
+            nodes += [add, out]
+        else:
+            out = ir.node("Add", [u, scaled.outputs[0]], name=f"{n}/Add",
+                          outputs=[ir.val(HEAD_OUTPUT, ir.DataType.FLOAT, shape)])
+            nodes.append(out)
         y.name = f"{n}.out_sample"
         g.outputs[list(g.outputs).index(y)] = out.outputs[0]
-        g.extend([label_shape, nulls, *doubled, halves, s4, diff, scaled, out])
+        g.extend([label_shape, nulls, *doubled, *nodes])
         g.sort()
         return PassResult(model, True)
 
@@ -107,7 +127,7 @@ class GuideClassFree(InPlace):
         add = None if out is None else out.producer()
         readers = {u.node.op_type for v in g.inputs[:3] for u in v.uses()}  # the doubling Concats, the labels' Shape
         if (names != [SAMPLE_INPUT, TIMESTEP_INPUT, LABEL_INPUT, SCALE_INPUT] or add is None
-                or add.name != f"{self.name}/Add" or not readers <= {"Concat", "Shape"}):
+                or add.name not in (f"{self.name}/Add", f"{self.name}/Concat") or not readers <= {"Concat", "Shape"}):
             raise PostconditionError("the graph is not the guided form (sample, timestep, class_labels, "
                                      "guidance_scale) → Add(u, s·(c − u)) over one doubled batch")
 

@@ -115,10 +115,22 @@ def timestep_index(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
 
 
 def backend_output(eps: Any, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """`eps(x, t, cond)` as float32, refused in one line unless it is a tensor of x's shape (every sampler's
-    contract with its backend)."""
+    """`eps(x, t, cond)` as float32, refused in one line unless it is a tensor of x's shape, or with twice x's
+    channels (a model that also predicts its variance, `split_variance`): every sampler's contract with its
+    backend."""
     out = eps(x, t, cond)
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+    ok = isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[0] == x.shape[0] and \
+        out.shape[2:] == x.shape[2:] and out.shape[1] in (x.shape[1], 2 * x.shape[1])
+    if not ok:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DenoqError(f"the backend returned {got} for x of shape {tuple(x.shape)}; it must match x")
+        raise DenoqError(f"the backend returned {got} for x of shape {tuple(x.shape)}; it must match x (or hold "
+                         "twice its channels: ε and the variance)")
     return out.to(torch.float32)
+
+
+def split_variance(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(model output, predicted variance or None): the first `channels` channels and the rest of a learned-variance
+    model's output (DiT's Σ, diffusers' `variance_type="learned_range"`), or (out, None)."""
+    if out.shape[1] == channels:
+        return out, None
+    return out[:, :channels], out[:, channels:]

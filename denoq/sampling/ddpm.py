@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import torch
 
+from denoq.errors import DenoqError
 from denoq.sampling.schedule import NoiseSchedule
 from denoq.sampling.step import StepOut, predict_x0
 from denoq.sampling.vsc import ddpm_eps_coefficient, vsc_sigma
 
 
 def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_t: int, x: torch.Tensor, *,
-              residual_var: torch.Tensor | float | None = None) -> StepOut:
+              residual_var: torch.Tensor | float | None = None,
+              predicted_variance: torch.Tensor | None = None) -> StepOut:
     """One DDPM step x_t → x_{prev_t}: the posterior mean μ̃ and std sqrt(β̃) of eq. 6/7, kept apart.
 
     `t`, `prev_t` are ints from `NoiseSchedule.timesteps` / `prev_timesteps` (`prev_t = -1` after the last step).
@@ -33,7 +35,20 @@ def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_
     `residual_var`: σ_q²(t), the variance of the model output's residual at this step (PTQD, after the correction
     head); when given, `std` is the calibrated σ′_t = `vsc.vsc_sigma(σ_t, c_t, σ_q²)` (0, not None, where the clamp
     binds, so the caller still draws z). None (default): diffusers' step, unchanged.
+    `predicted_variance`: the variance channels v ∈ [−1, 1] of a learned-variance model (Nichol & Dhariwal 2021,
+    eq. 15; `variance_type="learned_range"`): σ_t² = exp(f log β_t + (1 − f) log β̃_t) with f = (v + 1) / 2, per
+    element.
     """
+    learned = schedule.variance_type == "learned_range"
+    if learned != (predicted_variance is not None):
+        raise DenoqError("the model predicts its variance but the scheduler's variance_type is "
+                         f"{schedule.variance_type}; set variance_type=learned_range or sample with ddim"
+                         if predicted_variance is not None else
+                         "variance_type=learned_range needs a model that predicts its variance (out_channels = 2 × "
+                         "in_channels); set the scheduler's variance_type to fixed_small")
+    if learned and residual_var is not None:
+        raise DenoqError("PTQD's variance schedule calibration assumes a fixed σ_t; it does not apply to a learned "
+                         "variance")
     t, prev_t = int(t), int(prev_t)
     alpha_prod_t = schedule.alphas_cumprod[t]
     alpha_prod_t_prev = schedule.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
@@ -54,7 +69,10 @@ def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_
         # β̃ (eq. 7), the `fixed_small` variance
         variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t
         variance = torch.clamp(variance, min=1e-20)
-        if schedule.variance_type == "fixed_small_log":
+        if learned:
+            frac = (predicted_variance + 1) / 2
+            std = torch.exp(0.5 * (frac * torch.log(current_beta_t) + (1 - frac) * torch.log(variance)))
+        elif schedule.variance_type == "fixed_small_log":
             std = torch.exp(0.5 * torch.log(variance))
         elif schedule.variance_type == "fixed_large":  # β_t, the upper bound of eq. 6's σ_t² (diffusers' choice)
             std = current_beta_t**0.5

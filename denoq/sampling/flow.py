@@ -116,6 +116,9 @@ def sample_flow(eps: Any, schedule: FlowSchedule, *, steps: int, shape: Sequence
         for i in bar(range(len(timesteps)), desc=desc or f"{FLOW_SAMPLER} {steps}", leave=False):
             t_b = timesteps[i].expand(x.shape[0]).to(x.device)
             v = backend_output(eps, x, t_b, cond)
+            if v.shape[1] != x.shape[1]:
+                raise DenoqError(f"the backend returned {v.shape[1]} channels for {x.shape[1]}: a flow-matching "
+                                 "model predicts the velocity only, no variance")
             if callback is not None:
                 callback(i, t_b, x, v)
             x = flow_euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))

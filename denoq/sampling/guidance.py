@@ -4,7 +4,9 @@
 
 with ∅ the null conditioning the model was trained with (label dropout) and s the guidance scale (s = 1 is the
 conditional model, s = 0 the unconditional one). Both halves run as one doubled batch, as deployments do
-(one engine call per step): rows [0, B) are unconditional, rows [B, 2B) conditional.
+(one engine call per step): rows [0, B) are unconditional, rows [B, 2B) conditional. A model that also predicts
+its variance (DiT's learned Σ: twice the sample's channels) is guided on the ε channels; the variance channels are
+the conditional half's, as GLIDE and DiT sample.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ def classifier_free(eps: EpsFn, null_cond: Cond, scale: float | torch.Tensor) ->
         tt = torch.as_tensor(t).reshape(-1)
         tt = tt.expand(batch) if tt.numel() == 1 else tt
         out = eps(torch.cat([x, x]), torch.cat([tt, tt]), cat([repeat_rows(null_cond, cond, batch), cond]))
-        uncond, conditional = out[:batch], out[batch:]
+        c = x.shape[1]
+        uncond, conditional = out[:batch, :c], out[batch:, :c]
         if per_sample:
             if scales.numel() != batch:
                 raise DenoqError(f"{scales.numel()} guidance scales for a batch of {batch}; give one per sample")
-            return uncond + scales.to(out.device, out.dtype).reshape(-1, *[1] * (out.dim() - 1)) * (conditional -
-                                                                                                     uncond)
-        return uncond + scale * (conditional - uncond)
+            s = scales.to(out.device, out.dtype).reshape(-1, *[1] * (out.dim() - 1))
+        else:
+            s = scale
+        return torch.cat([uncond + s * (conditional - uncond), out[batch:, c:]], dim=1)
 
     return guided

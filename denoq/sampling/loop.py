@@ -14,7 +14,7 @@ import torch
 
 from denoq.errors import DenoqError
 from denoq.log import bar
-from denoq.sampling.cond import backend_output, call_denoiser
+from denoq.sampling.cond import backend_output, call_denoiser, split_variance
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
 from denoq.sampling.flow import FlowSchedule, sample_flow
@@ -136,10 +136,12 @@ def sample(
             if callback is not None:
                 callback(i, t_b, x, out)
             var = None if residual_var is None else residual_var[t]
+            model_out, predicted_variance = split_variance(out, x.shape[1])
             if sampler == "ddpm":
-                step = ddpm_step(schedule, out, t, prev_t, x, residual_var=var)
-            else:
-                step = ddim_step(schedule, out, t, prev_t, x, eta, residual_var=var)
+                step = ddpm_step(schedule, model_out, t, prev_t, x, residual_var=var,
+                                 predicted_variance=predicted_variance)
+            else:  # DDIM's σ_t comes from η: a learned variance goes unused, as in diffusers' DiTPipeline
+                step = ddim_step(schedule, model_out, t, prev_t, x, eta, residual_var=var)
             x = step.mean
             if step.std is not None:
                 x = x + step.std * _randn(x.shape, generator, x.device)

@@ -18,7 +18,7 @@ FLOW_SAMPLER = "flow-euler"
 ALL_SAMPLERS = (*SAMPLERS, FLOW_SAMPLER)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 #: the diffusers schedulers denoq's own sampler implements (`SAMPLERS`), to float rounding
 SAMPLER_CLASSES = ("DDPMScheduler", "DDIMScheduler", FLOW_SCHEDULER_CLASS)
 #: discrete-time schedulers whose configs hold the same training noise schedule (betas) as DDPM's: a model trained
