@@ -45,7 +45,7 @@ def test_trajectory_reader_feeds_every_input_once_and_rewinds(kit):
     reader = kit["peer"].TrajectoryReader(calib, batch_size=3)
     feeds = list(iter(reader.get_next, None))
     assert [f["sample"].shape[0] for f in feeds] == [3, 2, 3, 2]
-    assert all(f["sample"].dtype == np.float32 and f["timestep"].dtype == np.int64 for f in feeds)
+    assert all(f["sample"].dtype == np.float32 and f["timestep"].dtype == np.float32 for f in feeds)
     assert [int(f["timestep"][0]) for f in feeds] == [900, 900, 100, 100]
     assert set(feeds[0]) == {"sample", "timestep"}
     reader.rewind()

@@ -117,7 +117,7 @@ def child(folder: Path, out: Path, gptq: bool, limit_gb: float) -> dict[str, Any
             "weights__method": "gptq" if gptq else "rtn"}
     art = denoq.quantize(str(folder), "w8a8", out=out, force=True, **keys)
     row: dict[str, Any] = {"compile_s": round(time.perf_counter() - start, 1)}
-    m, timings = art.manifest, art.timings()
+    m, timings = art.manifest, art.timings
     row["calibrate_s"] = timings["calibration"]["seconds"]
     row["passes_s"] = round(sum(timings["pass_seconds"]), 1)
     for label, name in (("fp_onnx_mb", "model.fp.onnx"), ("qdq_mb", "model.qdq.onnx"), ("trt_mb", "model.trt.onnx")):

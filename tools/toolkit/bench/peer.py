@@ -22,7 +22,8 @@ PEER_CALIB_BATCH = 64
 
 class TrajectoryReader(CalibrationDataReader):
     """`onnxruntime.quantization.CalibrationDataReader` over a CalibrationSet: one feed dict per batch (one
-    timestep each), `sample` float32 and `timestep` int64, plus `encoder_hidden_states` for conditional models."""
+    timestep each), `sample` and `timestep` float32 (the graph interface), plus `encoder_hidden_states` for
+    conditional models."""
 
     def __init__(self, calib: CalibrationSet, batch_size: int = PEER_CALIB_BATCH) -> None:
         self.calib = calib
@@ -31,7 +32,7 @@ class TrajectoryReader(CalibrationDataReader):
 
     def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
         for x, t, cond in self.calib.batches(self.batch_size):
-            feed = {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.int64)}
+            feed = {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.float32)}
             if cond is not None:
                 feed["encoder_hidden_states"] = cond.numpy().astype(np.float32)
             yield feed
