@@ -10,7 +10,7 @@ manifest), peak RSS of the child, graph sizes on disk (FP ONNX, Q/DQ, FP16/Tenso
 session-creation and call seconds — or the error that stopped it: a child whose resident set passes `--max-rss-gb`
 (default 21 of this machine's 24 GB) stops itself and names the stage it had reached.
 
-    python tools/fullsize_bench.py --models sd15,sdxl --work /tmp/fullsize --json fullsize.json
+    python tools/fullsize_bench.py --models sd15,sdxl --work fullsize-work --json fullsize.json
 
 The markdown table goes to stdout, progress to stderr, every number to `--json`.
 """

@@ -7,7 +7,7 @@ denoq.load(ART, backend)` from the same seeded generator, for DDIM 50 and DPM-So
 (`denoq.metrics`, images in [−1, 1]): prompt accuracy (the shipped digits classifier reads the asked digit),
 FD-digits (vs the real digits), FD to FP (between the quantized and the FP samples) and PSNR vs FP (same noise).
 
-    python tools/sd_quality.py --recipes w8a8,w4a8 --guidance 1.5 --n 26 --work /tmp/sdq --json sdq.json
+    python tools/sd_quality.py --recipes w8a8,w4a8 --guidance 1.5 --n 26 --work sd-quality-work --json sdq.json
 
 The markdown table goes to stdout, progress to stderr, every number to `--json`.
 """
