@@ -24,6 +24,7 @@ from denoq.errors import DenoqError
 from denoq.log import bar
 from denoq.sampling.cond import backend_output
 from denoq.sampling.names import FLOW_SAMPLER, FLOW_SCHEDULER_CLASS
+from denoq.sampling.step import randn
 
 #: config keys that must keep diffusers' default for the plain Euler sampler to be the scheduler's
 _UNSUPPORTED = {"invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
@@ -109,8 +110,7 @@ def sample_flow(eps: Any, schedule: FlowSchedule, *, steps: int, shape: Sequence
     if x_T is None:
         if shape is None:
             raise DenoqError("sample_flow() needs the shape of x_T or x_T itself")
-        device = generator.device if generator is not None else torch.device("cpu")
-        x_T = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        x_T = randn(shape, generator, generator.device if generator is not None else torch.device("cpu"))
     x = x_T.to(torch.float32)
     with torch.no_grad():
         for i in bar(range(len(timesteps)), desc=desc or f"{FLOW_SAMPLER} {steps}", leave=False):

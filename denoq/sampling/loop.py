@@ -20,6 +20,7 @@ from denoq.sampling.ddpm import ddpm_step
 from denoq.sampling.flow import FlowSchedule, sample_flow
 from denoq.sampling.names import FLOW_SAMPLER, SAMPLERS, check_sampler, is_flow
 from denoq.sampling.schedule import NoiseSchedule
+from denoq.sampling.step import randn
 from denoq.sampling.vsc import check_residual_var
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -42,12 +43,6 @@ def module_eps(module: Any) -> EpsFn:
         return call_denoiser(module, x, t, cond)
 
     return eps
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """`torch.randn` as diffusers' `randn_tensor` draws it: on the generator's device, then moved to `device`."""
-    rand_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32).to(device)
 
 
 def sample(
@@ -100,17 +95,14 @@ def sample(
     if isinstance(schedule, FlowSchedule):
         if eta or residual_var is not None:
             raise DenoqError("the flow-matching Euler sampler is deterministic: it takes no eta and no variance table")
-        if x_T is None and shape is not None and device is not None:
-            x_T = _randn(shape, generator, torch.device(device))
-        return sample_flow(eps, schedule, steps=steps, shape=shape, generator=generator, x_T=x_T, cond=cond,
-                           callback=callback, desc=desc)
-    steps = schedule.check_steps(steps)
-    residual_var = check_residual_var(residual_var, schedule.num_train_timesteps)
-    eta = float(eta)
-    if eta < 0:
-        raise DenoqError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
-    if sampler == "ddpm" and eta != 0:
-        raise DenoqError(f"eta={eta} only applies to the ddim sampler; use sampler='ddim' or eta=0")
+    else:
+        steps = schedule.check_steps(steps)
+        residual_var = check_residual_var(residual_var, schedule.num_train_timesteps)
+        eta = float(eta)
+        if eta < 0:
+            raise DenoqError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+        if sampler == "ddpm" and eta != 0:
+            raise DenoqError(f"eta={eta} only applies to the ddim sampler; use sampler='ddim' or eta=0")
 
     if x_T is not None:
         if shape is not None and tuple(shape) != tuple(x_T.shape):
@@ -119,11 +111,13 @@ def sample(
     elif shape is not None:
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
-        x = _randn(shape, generator, torch.device(device))
+        x = randn(shape, generator, torch.device(device))
     else:
         raise DenoqError("sample() needs the shape of x_T or x_T itself: pass shape=(B, C, H, W) or x_T=...")
     if x.dim() < 1:
         raise DenoqError(f"x_T must have a batch dimension, got shape {tuple(x.shape)}")
+    if isinstance(schedule, FlowSchedule):
+        return sample_flow(eps, schedule, steps=steps, x_T=x, cond=cond, callback=callback, desc=desc)
 
     timesteps = schedule.timesteps(steps, sampler).tolist()
     prev_timesteps = schedule.prev_timesteps(steps, sampler).tolist()
@@ -144,5 +138,5 @@ def sample(
                 step = ddim_step(schedule, model_out, t, prev_t, x, eta, residual_var=var)
             x = step.mean
             if step.std is not None:
-                x = x + step.std * _randn(x.shape, generator, x.device)
+                x = x + step.std * randn(x.shape, generator, x.device)
     return x

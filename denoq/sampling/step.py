@@ -1,12 +1,20 @@
-"""What a reverse step returns, and the model-output → x̂_0 conversion that DDPM and DDIM share."""
+"""What a reverse step returns, the model-output → x̂_0 conversion that DDPM and DDIM share, and the noise draw
+every sampler shares."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from denoq.sampling.schedule import NoiseSchedule
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`torch.randn` as diffusers' `randn_tensor` draws it: on the generator's device, then moved to `device`."""
+    rand_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32).to(device)
 
 
 @dataclass(frozen=True)
