@@ -44,6 +44,27 @@ def test_mu_is_the_flux_pipelines_shift(tokens):
     assert FlowSchedule.from_config(FLUX).mu(tokens) == pytest.approx(calculate_shift(tokens), rel=1e-12)
 
 
+def test_mu_for_derives_the_token_count_as_the_pipelines_do():
+    """FluxPipeline: μ of the packed token count; StableDiffusion3Pipeline (use_dynamic_shifting, SD3.5's option):
+    of (H / patch) · (W / patch); a static shift: none."""
+    flux = FlowSchedule.from_config(FLUX)
+    assert flux.mu_for((4096, 64)) == pytest.approx(calculate_shift(4096), rel=1e-12)
+    assert flux.mu_for((16, 128, 96), patch=2) == pytest.approx(calculate_shift(64 * 48), rel=1e-12)
+    assert FlowSchedule.from_config(SD3).mu_for((16, 128, 128), patch=2) is None
+
+
+def test_sample_passes_mu_to_the_flow_sampler_and_a_beta_schedule_refuses_it():
+    from denoq.sampling import NoiseSchedule, sample
+
+    schedule = FlowSchedule.from_config(FLUX)
+    args = dict(steps=3, shape=(1, 2, 4, 4), cond=torch.tensor([0.0]))
+    ours = sample(velocity, schedule, sampler="flow-euler", generator=torch.Generator().manual_seed(1), mu=0.7, **args)
+    ref = sample_flow(velocity, schedule, generator=torch.Generator().manual_seed(1), mu=0.7, **args)
+    assert torch.equal(ours, ref)
+    with pytest.raises(DenoqError, match="mu shifts a flow-matching schedule"):
+        sample(velocity, NoiseSchedule.from_config({}), sampler="ddim", mu=0.7, **args)
+
+
 @pytest.mark.parametrize("cfg, tokens", [(SD3, None), (FLUX, 64)])
 def test_sampling_equals_the_diffusers_loop_on_the_same_noise(cfg, tokens):
     schedule = FlowSchedule.from_config(cfg)

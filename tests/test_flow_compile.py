@@ -72,7 +72,7 @@ def test_validate_feeds_flow_trajectory_states(flow_artifact, capsys):
 
 
 @pytest.mark.parametrize("sets, words", [
-    ((), "sampler ddim cannot run a flow-matching model (FlowMatchEulerDiscreteScheduler); use flow-euler"),
+    (("calib.sampler=ddim",), "sampler ddim cannot run a flow-matching model (FlowMatchEulerDiscreteScheduler)"),
     (("calib.sampler=flow-euler", "ptqd.enabled=true"), "ptqd.enabled=true are not implemented for velocity"),
     (("calib.sampler=flow-euler", "activations.timestep_groups=4"), "activations.timestep_groups>1"),
 ])

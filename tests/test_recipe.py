@@ -64,12 +64,13 @@ EXPECTED_DEFAULTS = {
     "layers.keep_fp": "@in,@out",
     "calib.samples": 64,
     "calib.steps": 25,
-    "calib.sampler": "ddim",
+    "calib.sampler": "auto",
     "calib.guidance": "",
     "calib.prompts": "",
     "calib.embeddings": "",
     "calib.conditioning": "model",
     "calib.timesteps": 0,
+    "calib.size": 0,
     "seed": 0,
 }
 
@@ -177,7 +178,7 @@ def test_bad_type(item, key):
 @pytest.mark.parametrize("item, allowed", [
     ("target=tensorrt", "trt, ort-cpu"),
     ("activations.observer=max", "minmax, percentile, mse, large_magnitude"),
-    ("calib.sampler=euler", "ddpm, ddim"),
+    ("calib.sampler=euler", "auto, ddpm, ddim"),
     ("calib.samples=0", "1..4096"),
     ("calib.samples=4097", "1..4096"),
     ("calib.steps=1001", "1..1000"),

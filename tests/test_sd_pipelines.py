@@ -204,7 +204,7 @@ def _bad_inputs(tmp_path, sd_folder):
         (sd_folder, [f"calib.prompts={empty}", "calib.conditioning=random"], "two sources of the text conditioning"),
         (tiny_sd(tmp_path / "narrow", encoder_width=16), [], "cross_attention_dim is 32"),
         (tiny_sdxl(tmp_path / "one", second_encoder=False), [], "no text_encoder_2"),
-        (sd_folder, [f"calib.embeddings={wrong}"], "prompt_embeds has shape [2, 77, 16], the UNet takes [N, L, 32]"),
+        (sd_folder, [f"calib.embeddings={wrong}"], "prompt_embeds has shape [2, 77, 16], the model takes [N, L, 32]"),
         ("digits", ["calib.prompts=p.txt"], "are for text-to-image models"),
     ]
 

@@ -1,16 +1,19 @@
-"""Compile W8A8 on random-init full-size Stable Diffusion UNets: what real-size graphs cost on this machine.
+"""Compile W8A8 on random-init full-size denoisers: what real-size graphs cost on this machine.
 
-For each model (SD 1.5: 860 M parameters, 64×64 latents; SDXL: 2.6 B, 128×128 latents) a bare UNet pipeline
-folder (model_index.json, unet/, scheduler/) is saved with the real architecture's config and random weights, then
-compiled in a child process with `denoq.quantize(..., "w8a8")` — observers + RTN (`--gptq` for GPTQ), random text
-conditioning (`calib.conditioning=random`: the numbers here are about size and time, not quality), one
-calibration trajectory of two steps. The child then opens an ORT session on the Q/DQ graph and times one model
-call at batch 1. Reported per model: parameters, compile seconds (with the calibration and pass seconds from the
-manifest), peak RSS of the child, graph sizes on disk (FP ONNX, Q/DQ, FP16/TensorRT), ORT
+For each model — the UNets of SD 1.5 (860 M parameters, 64×64 latents) and SDXL (2.6 B, 128×128), the transformers
+of PixArt-Σ (0.6 B, 128×128 latents, 300 T5 tokens), SD3-medium (2.0 B, 128×128, 333 tokens) and Flux-dev at full
+width with one double- and one single-stream block (`flux1x1`; 4096 image and 512 text tokens) — a bare pipeline
+folder (model_index.json, unet/ or transformer/, scheduler/) is saved with the released architecture's config and
+random weights, then compiled in a child process with `denoq.quantize(..., "w8a8")` — observers + RTN (`--gptq`
+for GPTQ), random text conditioning (`calib.conditioning=random`: the numbers here are about size and time, not
+quality), one calibration trajectory of two steps. The child then opens an ORT session on the Q/DQ graph and times
+one model call at batch 1. Reported per model: parameters, compile seconds (with the calibration and pass seconds
+from the manifest), peak RSS of the child, graph sizes on disk (FP ONNX, Q/DQ, FP16/TensorRT), ORT
 session-creation and call seconds — or the error that stopped it: a child whose resident set passes `--max-rss-gb`
 (default 21 of this machine's 24 GB) stops itself and names the stage it had reached.
 
     python tools/fullsize_bench.py --models sd15,sdxl --work fullsize-work --json fullsize.json
+    python tools/fullsize_bench.py --models pixart,sd3,flux1x1 --work fullsize-work --json transformers.json
 
 The markdown table goes to stdout, progress to stderr, every number to `--json`.
 """
@@ -50,24 +53,55 @@ CONFIGS: dict[str, dict[str, Any]] = {
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816),
 }
+#: the transformer configs of the released checkpoints (PixArt-Sigma-XL-2-1024-MS, stable-diffusion-3-medium,
+#: FLUX.1-dev with num_layers = num_single_layers = 1 instead of 19 and 38)
+TRANSFORMERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "pixart": ("PixArtTransformer2DModel", "PixArtSigmaPipeline", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2, norm_type="ada_norm_single",
+        use_additional_conditions=False, interpolation_scale=2, norm_elementwise_affine=False, norm_eps=1e-6,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000)),
+    "sd3": ("SD3Transformer2DModel", "StableDiffusion3Pipeline", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192)),
+    "flux1x1": ("FluxTransformer2DModel", "FluxPipeline", dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}
 SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
              "timestep_spacing": "leading", "prediction_type": "epsilon"}
+SCHEDULERS = {"PixArtSigmaPipeline": {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.0001,
+                                      "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000},
+              "StableDiffusion3Pipeline": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                                           "num_train_timesteps": 1000},
+              "FluxPipeline": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                               "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                               "base_image_seq_len": 256, "max_image_seq_len": 4096, "num_train_timesteps": 1000}}
 
 
 def make_folder(name: str, folder: Path) -> int:
-    """Save the random-init UNet `name` as a bare pipeline folder; returns its parameter count."""
+    """Save the random-init denoiser `name` as a bare pipeline folder; returns its parameter count."""
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**CONFIGS[name])
-    params = sum(p.numel() for p in unet.parameters())
-    unet.save_pretrained(folder / "unet")
+    if name in TRANSFORMERS:
+        cls, pipeline, config = TRANSFORMERS[name]
+        component, scheduler = "transformer", SCHEDULERS[pipeline]
+    else:
+        cls, pipeline, config = "UNet2DConditionModel", "StableDiffusionPipeline", CONFIGS[name]
+        component, scheduler = "unet", SCHEDULER
+    model = getattr(diffusers, cls)(**config)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder / component)
+    del model
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {"_class_name": pipeline, component: ["diffusers", cls],
+             "scheduler": ["diffusers", scheduler["_class_name"]]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return params
 
@@ -103,9 +137,25 @@ def guard_memory(limit_gb: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def random_feeds(ort: Any, model: dict[str, Any]) -> dict[str, Any]:
+    """Batch-1 inputs for every graph input (timing only): the sample at the manifest's shape, the text at its
+    token length, Flux's ids at the sample's token count, masks of ones."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sizes = {"batch": 1, "tokens": model["text"]["tokens"], "seq": model["sample_shape"][0]}
+    feeds = {}
+    for inp in ort.session.get_inputs():
+        shape = [1, *model["sample_shape"]] if inp.name == "sample" else \
+            [d if isinstance(d, int) else sizes[d] for d in inp.shape]
+        dtype = np.int64 if "int64" in inp.type else np.float32
+        value = np.ones(shape) if inp.name == "encoder_attention_mask" else rng.standard_normal(shape)
+        feeds[inp.name] = (np.full(shape, 500.0) if inp.name == "timestep" else value).astype(dtype)
+    return feeds
+
+
 def child(folder: Path, out: Path, gptq: bool, limit_gb: float) -> dict[str, Any]:
     """Compile and run one model (in this process): the numbers of one table row."""
-    import torch
 
     guard_memory(limit_gb)
 
@@ -126,17 +176,8 @@ def child(folder: Path, out: Path, gptq: bool, limit_gb: float) -> dict[str, Any
     start = time.perf_counter()
     ort = OrtBackend(art.file("model.qdq.onnx"), threads=2)
     row["ort_session_s"] = round(time.perf_counter() - start, 1)
-    c, h, w = m["model"]["sample_shape"]
-    x = torch.randn(1, c, h, w)
-    cond = torch.randn(1, 77, m["model"]["cond_shape"][-1])
-    if "text" in m["model"] and m["model"]["text"]["pooled"]:
-        from denoq.sampling.cond import Conditioning
-
-        pooled = torch.randn(1, m["model"]["text"]["pooled"])
-        ids = torch.tensor([[8.0 * h, 8.0 * w, 0, 0, 8.0 * h, 8.0 * w]])
-        cond = Conditioning({"encoder_hidden_states": cond, "text_embeds": pooled, "time_ids": ids})
     start = time.perf_counter()
-    ort(x, torch.tensor([500.0]), cond)
+    ort.session.run(None, random_feeds(ort, m["model"]))
     row["ort_call_s"] = round(time.perf_counter() - start, 1)
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return row
@@ -144,7 +185,7 @@ def child(folder: Path, out: Path, gptq: bool, limit_gb: float) -> dict[str, Any
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
+    ap.add_argument("--models", default="sd15,sdxl", help=f"comma-separated: {', '.join([*CONFIGS, *TRANSFORMERS])}")
     ap.add_argument("--work", type=Path, default=Path("fullsize-work"), help="folder for the models and artifacts")
     ap.add_argument("--gptq", action="store_true", help="GPTQ weights instead of RTN")
     ap.add_argument("--json", type=Path, help="write every number here")
@@ -156,9 +197,9 @@ def main() -> None:
         return
     rows = []
     for name in args.models.split(","):
-        folder, out = args.work / f"{name}-unet", args.work / f"{name}-w8a8"
+        folder, out = args.work / f"{name}-model", args.work / f"{name}-w8a8"
         shutil.rmtree(folder, ignore_errors=True)
-        log(f"{name}: saving the random-init UNet")
+        log(f"{name}: saving the random-init model")
         row: dict[str, Any] = {"model": name, "parameters_m": round(make_folder(name, folder) / 1e6, 1)}
         log(f"{name}: compiling (child process)")
         cmd = [sys.executable, __file__, "--child", str(folder), str(out), "--max-rss-gb", str(args.max_rss_gb),

@@ -95,19 +95,22 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def load_pipeline(folder: Path | str):
-    """The pipeline folder through diffusers' StableDiffusionPipeline.from_pretrained, float32 on the CPU,
-    progress bars off."""
-    from diffusers import StableDiffusionPipeline
+    """The pipeline folder through diffusers' DiffusionPipeline.from_pretrained (its model_index.json's class),
+    float32 on the CPU, progress bars off."""
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def use_scheduler(pipe, name: str) -> None:
-    """name: 'ddim' (the folder's DDIMScheduler) or 'dpm' (DPMSolverMultistepScheduler from the same config)."""
+    """name: 'ddim' (the folder's DDIMScheduler), 'dpm' (DPMSolverMultistepScheduler from the same config) or 'own'
+    (the folder's scheduler, whatever it is)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    if name == "own":
+        return
     kinds = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
     pipe.scheduler = kinds[name].from_config(pipe.scheduler.config)
 

@@ -1,13 +1,16 @@
-"""Quality of quantized `digits-sd` (the embedded latent text-to-image model) in diffusers' own pipeline.
+"""Quality of a quantized embedded text-to-image model in diffusers' own pipeline: `digits-sd` (latent, laid out
+like Stable Diffusion 1.x) or `digits-flow` (flow matching, laid out like SD3).
 
-For each recipe the model is compiled with `denoq.quantize("digits-sd", recipe, calib__guidance=G)` (prompt
-calibration on its own captions, guided at the scale it is sampled with), then `StableDiffusionPipeline` samples
-`--n` images per prompt "a handwritten digit <zero … nine>" with the FP UNet and with `pipe.unet =
-denoq.load(ART, backend)` from the same seeded generator, for DDIM 50 and DPM-Solver++ 20 steps. Scores
+For each recipe the model is compiled with `denoq.quantize(MODEL, recipe, calib__guidance=G)` (prompt calibration
+on its own captions, guided at the scale it is sampled with), then the model's pipeline (StableDiffusionPipeline /
+StableDiffusion3Pipeline) samples `--n` images per prompt "a handwritten digit <zero … nine>" with the FP denoiser
+and with `pipe.unet` / `pipe.transformer = denoq.load(ART, backend)` from the same seeded generator: digits-sd with
+DDIM 50 and DPM-Solver++ 20 steps, digits-flow with its flow-matching Euler scheduler at 20 and 50 steps. Scores
 (`denoq.metrics`, images in [−1, 1]): prompt accuracy (the shipped digits classifier reads the asked digit),
 FD-digits (vs the real digits), FD to FP (between the quantized and the FP samples) and PSNR vs FP (same noise).
 
     python tools/sd_quality.py --recipes w8a8,w4a8 --guidance 1.5 --n 26 --work sd-quality-work --json sdq.json
+    python tools/sd_quality.py --model digits-flow --recipes w8a8,w4a8 --guidance 3 --work flow-work --json fq.json
 
 The markdown table goes to stdout, progress to stderr, every number to `--json`.
 """
@@ -32,7 +35,9 @@ from toolkit.common import log, records_table  # noqa: E402
 
 from denoq.models import EMBEDDED  # noqa: E402
 
-SAMPLERS = (("ddim", "DDIM", 50), ("dpm", "DPM-Solver++", 20))
+#: per model: (scheduler key for `use_scheduler`, its name in the table, steps)
+SAMPLERS = {"digits-sd": (("ddim", "DDIM", 50), ("dpm", "DPM-Solver++", 20)),
+            "digits-flow": (("own", "flow-matching Euler", 20), ("own", "flow-matching Euler", 50))}
 
 
 def scores(images: torch.Tensor, labels: torch.Tensor, fp: torch.Tensor | None) -> dict[str, Any]:
@@ -46,6 +51,7 @@ def scores(images: torch.Tensor, labels: torch.Tensor, fp: torch.Tensor | None) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="digits-sd", choices=sorted(SAMPLERS))
     ap.add_argument("--recipes", default="w8a8,w4a8", help="comma-separated recipe presets")
     ap.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (FP's best FD)")
     ap.add_argument("--n", type=int, default=26, help="images per digit")
@@ -58,13 +64,14 @@ def main() -> None:
     import denoq
 
     torch.set_num_threads(1)
-    pipe = load_pipeline(EMBEDDED["digits-sd"])
-    fp_unet, rows, fp_images = pipe.unet, [], {}
-    for key, name, steps in SAMPLERS:
+    pipe = load_pipeline(EMBEDDED[args.model])
+    slot = "unet" if hasattr(pipe, "unet") else "transformer"
+    fp_model, rows, fp_images = getattr(pipe, slot), [], {}
+    for key, name, steps in SAMPLERS[args.model]:
         use_scheduler(pipe, key)
         start = time.perf_counter()
         images, labels = sample_digits(pipe, args.n, args.guidance, steps, args.seed)
-        fp_images[key] = (images, labels)
+        fp_images[key, steps] = (images, labels)
         rows.append({"recipe": "FP", "scheduler": name, "steps": steps, **scores(images, labels, None),
                      "sample_s": round(time.perf_counter() - start, 1)})
         log(str(rows[-1]))
@@ -72,22 +79,22 @@ def main() -> None:
     for recipe in args.recipes.split(","):
         start = time.perf_counter()
         keys = {"calib__guidance": str(args.guidance), **{k.replace(".", "__"): v for k, v in sets.items()}}
-        art = denoq.quantize("digits-sd", recipe, out=args.work / recipe, force=True, **keys)
+        art = denoq.quantize(args.model, recipe, out=args.work / recipe, force=True, **keys)
         compile_s = round(time.perf_counter() - start, 1)
-        for key, name, steps in SAMPLERS:
+        for key, name, steps in SAMPLERS[args.model]:
             use_scheduler(pipe, key)
-            pipe.unet = denoq.load(art, backend=args.backend)
+            setattr(pipe, slot, denoq.load(art, backend=args.backend))
             start = time.perf_counter()
             images, labels = sample_digits(pipe, args.n, args.guidance, steps, args.seed)
-            pipe.unet = fp_unet
+            setattr(pipe, slot, fp_model)
             rows.append({"recipe": recipe, "scheduler": name, "steps": steps,
-                         **scores(images, labels, fp_images[key][0]), "sample_s": round(time.perf_counter() - start, 1),
-                         "compile_s": compile_s})
+                         **scores(images, labels, fp_images[key, steps][0]),
+                         "sample_s": round(time.perf_counter() - start, 1), "compile_s": compile_s})
             log(str(rows[-1]))
     print(records_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"guidance": args.guidance, "n_per_digit": args.n, "backend": args.backend,
-                                         "sets": args.set, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"model": args.model, "guidance": args.guidance, "n_per_digit": args.n,
+                                         "backend": args.backend, "sets": args.set, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -95,10 +95,13 @@ class CalibrationSet:
 
 def record_trajectories(eps: EpsFn, schedule: NoiseSchedule | FlowSchedule, *, sampler: str, steps: int, n_samples: int,
                         sample_shape: tuple[int, ...], seed: int, cond: Cond = None,
-                        guidance: torch.Tensor | None = None, null_cond: Cond = None) -> CalibrationSet:
+                        guidance: torch.Tensor | None = None, null_cond: Cond = None, mu: float | None = None,
+                        timestep_scale: float = 1.0) -> CalibrationSet:
     """Run the FP sampler from seeded noise and record the model input at every step; with `guidance` (one
     classifier-free guidance scale per trajectory, [n_samples]) and `null_cond`, each trajectory is sampled with
-    guidance at its scale (`denoq.sampling.guidance`), as the deployed sampler runs it.
+    guidance at its scale (`denoq.sampling.guidance`), as the deployed sampler runs it. `mu`: a flow schedule's
+    resolution shift. `timestep_scale`: the denoiser takes the scheduler's timesteps times it (FluxPipeline's
+    t / 1000), and the set records the timesteps the denoiser took.
 
     Raises DenoqError when the FP model produces NaN/Inf: the calibration would be meaningless.
     """
@@ -110,16 +113,22 @@ def record_trajectories(eps: EpsFn, schedule: NoiseSchedule | FlowSchedule, *, s
             raise DenoqError(f"NaN/Inf in calibration at step {step} (timestep {float(t[0]):g}): the FP model's output "
                              "is not finite; check the model weights and its scheduler config")
         xs.append(x_t.detach().clone())
-        ts.append(float(t[0]) if t.is_floating_point() else int(t[0]))
+        ts.append(float(t[0]) * timestep_scale if t.is_floating_point() else int(t[0]))
 
     if guidance is not None:
         if cond is None or null_cond is None:
             raise DenoqError("guided calibration trajectories need the labels (cond) and the null conditioning")
         eps = classifier_free(eps, null_cond, guidance)
+    if timestep_scale != 1.0:
+        inner = eps
+
+        def eps(x: torch.Tensor, t: torch.Tensor, c: Cond = None) -> torch.Tensor:
+            return inner(x, t * timestep_scale, c)
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sample(eps, schedule, sampler=sampler, steps=steps, shape=(n_samples, *sample_shape), generator=generator,
-               cond=cond, callback=record)
+               cond=cond, callback=record, mu=mu)
     return CalibrationSet(xs, ts, cond, guidance, null_cond)
 
 

@@ -181,7 +181,9 @@ class SimulatedModel(nn.Module):
         t = timestep_index(torch.as_tensor(timestep).reshape(-1), self.num_train_timesteps)
         self.clock.t = t.expand(sample.shape[0]) if t.numel() == 1 else t
         try:
-            return self.model(sample, timestep, *args, **kwargs).sample
+            if args:  # `model(sample, t, cond)`
+                return self.model(sample, timestep, *args, **kwargs).sample
+            return self.model(sample, timestep=timestep, **kwargs).sample  # a transformer's t is not its 2nd argument
         finally:
             self.clock.t = None
 

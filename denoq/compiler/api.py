@@ -9,6 +9,7 @@ the same call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Mapping
@@ -28,13 +29,14 @@ from denoq.compiler.pipeline import compile_model
 from denoq.compiler.recipe import Recipe, load_recipe
 from denoq.errors import DenoqError
 from denoq.log import verbose
-from denoq.sampling.cond import TEXT_INPUT, Cond, Conditioning
+from denoq.sampling.cond import COND_INPUTS, TEXT_INPUT, Cond, Conditioning
 
 #: The diffusers output class each denoiser class returns (module, class name).
 OUTPUT_CLASSES = {
     "UNet2DModel": ("diffusers.models.unets.unet_2d", "UNet2DOutput"),
     "UNet2DConditionModel": ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionOutput"),
-    "DiTTransformer2DModel": ("diffusers.models.modeling_outputs", "Transformer2DModelOutput"),
+    **{cls: ("diffusers.models.modeling_outputs", "Transformer2DModelOutput") for cls in (
+        "DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")},
 }
 CUDA_BACKENDS = ("trt", "ort-cuda", "ort-trt")
 
@@ -147,8 +149,10 @@ def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: boo
 
 class QuantizedDenoiser(torch.nn.Module):
     """An artifact's quantized denoiser as a drop-in for the diffusers model it was compiled from: the same
-    `config`, `dtype`, `device`, `forward(sample, timestep, encoder_hidden_states | class_labels,
-    added_cond_kwargs=…, return_dict=…)` and output class, so any diffusers pipeline and scheduler drives it.
+    `config`, `dtype`, `device`, `forward(sample | hidden_states, timestep, encoder_hidden_states | class_labels,
+    added_cond_kwargs=…, return_dict=…, **conditioning)` (the conditioning inputs by the forward's names:
+    `pooled_projections`, `img_ids`, `txt_ids`, `guidance`, `encoder_attention_mask`) and output class, so any
+    diffusers pipeline and scheduler drives it.
     `forward` runs the artifact's graph on the backend it was loaded with (`denoq sample --backend` names), at the
     scheduler's own timesteps (float ones included: the per-timestep tables are read at the nearest training
     timestep, `denoq.sampling.cond.timestep_index`)."""
@@ -181,19 +185,27 @@ class QuantizedDenoiser(torch.nn.Module):
     def device(self) -> torch.device:
         return self._device
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
+    def cache_context(self, name: str) -> contextlib.AbstractContextManager:
+        """diffusers' cache-context hook (FluxPipeline enters one per branch): the graph keeps no cache."""
+        return contextlib.nullcontext()
+
+    def forward(self, sample: torch.Tensor | None = None, timestep: torch.Tensor | int | float | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = True,
-                **unused: Any) -> Any:
-        """ε (or the model's output) for `sample` at `timestep`, as the original model's forward returns it.
-        Keyword arguments the graph does not take must be None (diffusers passes e.g. `timestep_cond=None`)."""
-        given = sorted(k for k, v in unused.items() if v is not None)
-        if given:
-            raise DenoqError(f"the quantized denoiser takes no {', '.join(given)}; it was compiled for "
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = True, *,
+                hidden_states: torch.Tensor | None = None, **inputs: Any) -> Any:
+        """ε (or the model's output) for `sample` (a transformer's `hidden_states`) at `timestep`, as the original
+        model's forward returns it. Keyword arguments the graph does not take must be None (diffusers passes e.g.
+        `timestep_cond=None`, `joint_attention_kwargs=None`)."""
+        sample = hidden_states if sample is None else sample
+        named = {k: v for k, v in {**inputs, **(added_cond_kwargs or {})}.items()
+                 if v is not None and not (isinstance(v, dict) and not v)}  # e.g. joint_attention_kwargs={}
+        unknown = sorted(k for k in named if k not in COND_INPUTS)
+        if unknown:
+            raise DenoqError(f"the quantized denoiser takes no {', '.join(unknown)}; it was compiled for "
                              f"{self.cond_input or 'no conditioning'}")
         cond: Cond = class_labels if self.cond_input == "class_labels" else encoder_hidden_states
-        if added_cond_kwargs:
-            cond = Conditioning({TEXT_INPUT: encoder_hidden_states, **added_cond_kwargs})
+        if named:
+            cond = Conditioning({TEXT_INPUT: encoder_hidden_states, **named})
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
         out = self._eps(sample.float(), t.expand(sample.shape[0]) if t.numel() == 1 else t, cond)
         out = out.to(sample.dtype)

@@ -43,7 +43,8 @@ from denoq.layers import match_layers, quantizable_layers, select_layers
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule, schedule_from_config
 from denoq.sampling.cond import Cond
-from denoq.sampling.names import check_sampler_for, is_flow
+from denoq.sampling.flow import FlowSchedule
+from denoq.sampling.names import check_sampler_for, default_sampler, is_flow
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ def guidance_scales(spec: ModelSpec, recipe: Recipe) -> list[float]:
     if spec.cond_input != "class_labels" and spec.text is None:
         raise DenoqError(f"calib.guidance={text} needs a class-conditional or text-to-image model; {spec.name} is "
                          "neither, leave calib.guidance empty")
+    if spec.packed:
+        raise DenoqError(f"calib.guidance={text}: Flux is guidance-distilled, FluxPipeline runs no classifier-free "
+                         "guidance (Flux-dev's guidance is an input, calibrated at the pipeline's 3.5); leave "
+                         "calib.guidance empty")
     return scales
 
 
@@ -91,6 +96,14 @@ def check_conditioning_keys(spec: ModelSpec, recipe: Recipe) -> None:
         raise DenoqError(f"{spec.name} has no text encoders to encode prompts with; give the conditioning as "
                          "--set calib.embeddings=FILE.safetensors (what encode_prompt returns), or opt in to "
                          "unrepresentative --set calib.conditioning=random")
+
+
+def resolve_sampler(spec: ModelSpec, recipe: Recipe) -> Recipe:
+    """The recipe with `calib.sampler=auto` made the model's own sampler (`default_sampler`: flow-euler for a
+    flow-matching scheduler, else ddim), as the artifact then records it."""
+    if recipe["calib.sampler"] != "auto":
+        return recipe
+    return Recipe(recipe.name, {**recipe.values, "calib.sampler": default_sampler(spec.scheduler_config)})
 
 
 def check_sampler_keys(spec: ModelSpec, recipe: Recipe, own_trajectories: bool = True) -> None:
@@ -147,15 +160,17 @@ def record_pool(spec: ModelSpec, recipe: Recipe) -> CalibrationSet:
     """The FP sampling trajectories the recipe asks for (`calib.*`, `seed`), every step recorded; with
     `calib.guidance`, trajectory i guided at scale i mod the number of scales. `pool.conditioning` says what
     conditioned them."""
+    recipe = resolve_sampler(spec, recipe)
     c = recipe.config
     n = c.calib.samples
     scales = guidance_scales(spec, recipe)
     guidance = torch.tensor([scales[i % len(scales)] for i in range(n)]) if scales else None
     cond, null, info = calibration_cond(spec, recipe, n, bool(scales))
-    pool = record_trajectories(torch_eps(spec.module), schedule_from_config(spec.scheduler_config),
-                               sampler=c.calib.sampler, steps=c.calib.steps, n_samples=n,
-                               sample_shape=spec.sample_shape, seed=c.seed, cond=cond, guidance=guidance,
-                               null_cond=null if scales else None)
+    schedule = schedule_from_config(spec.scheduler_config)
+    mu = schedule.mu_for(spec.sample_shape, spec.patch) if isinstance(schedule, FlowSchedule) else None
+    pool = record_trajectories(torch_eps(spec.module), schedule, sampler=c.calib.sampler, steps=c.calib.steps,
+                               n_samples=n, sample_shape=spec.sample_shape, seed=c.seed, cond=cond, guidance=guidance,
+                               null_cond=null if scales else None, mu=mu, timestep_scale=spec.timestep_scale)
     pool.conditioning = info
     return pool
 
@@ -262,6 +277,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     """Record the calibration set (or take `pool`: `record_calls` of a user's loop), build the QuantPlan the
     recipe asks for and, with `ptqd.enabled`, PTQD's statistics of the quantized model on every recorded step.
     The recipe's own rules were checked when it was loaded; what needs the model is checked here."""
+    recipe = resolve_sampler(spec, recipe)
     c = recipe.config
     if pool is not None:
         _check_user_loop(spec, recipe)

@@ -11,6 +11,7 @@ from denoq.compiler.load import ModelSpec, check_label
 from denoq.compiler.mixed import is_mixed, mixed_backend, mixed_variance
 from denoq.errors import DenoqError
 from denoq.sampling import sample, schedule_from_config
+from denoq.sampling.flow import FlowSchedule
 from denoq.sampling.names import check_sampler_class, check_sampler_for
 
 
@@ -43,9 +44,11 @@ def sample_artifact(eps: EpsFn, art: Artifact, spec_shape: tuple[int, ...], *, s
     check_own_sampling(art)
     check_sampler_for(art.manifest["scheduler"], sampler)
     schedule = schedule_from_config(art.manifest["scheduler"])
+    mu = schedule.mu_for(spec_shape, int(art.manifest["model"]["config"].get("patch_size") or 1)) \
+        if isinstance(schedule, FlowSchedule) else None
     return sample(eps, schedule, sampler=sampler, steps=steps, eta=eta, shape=(n, *spec_shape),
                   generator=torch.Generator().manual_seed(seed), cond=cond, callback=callback,
-                  residual_var=residual_var, desc=desc)
+                  residual_var=residual_var, desc=desc, mu=mu)
 
 
 def sampling_backend(art: Artifact, backend: str, sampler: str, steps: int, *, threads: int | None = None,

@@ -4,9 +4,11 @@ A pipeline folder is what `DiffusionPipeline.save_pretrained` writes: `model_ind
 (config.json and safetensors weights) and `scheduler/scheduler_config.json`. Supported denoisers: `UNet2DModel`
 (unconditional, or class-conditional with `num_class_embeds`: conditioning input `class_labels`, int64 [B], the
 last class embedding being the null label of classifier-free guidance), `UNet2DConditionModel` (conditioning input
-`encoder_hidden_states`, the pipeline's text side in `pipelines`) and `DiTTransformer2DModel` in pixel space
-(class-conditional: `class_labels`, labels 0 … num_embeds_ada_norm − 1, null label num_embeds_ada_norm; with or
-without learned variance, out_channels = 2 × or 1 × in_channels). Nothing is fetched from a hub.
+`encoder_hidden_states`, the pipeline's text side in `pipelines`), `DiTTransformer2DModel` (class-conditional:
+`class_labels`, labels 0 … num_embeds_ada_norm − 1, null label num_embeds_ada_norm; with or without learned
+variance, out_channels = 2 × or 1 × in_channels), and the text-to-image transformers `PixArtTransformer2DModel`,
+`SD3Transformer2DModel` and `FluxTransformer2DModel` (their text side in `transformer_pipelines`). Flux's sample
+is packed as FluxPipeline packs it: [B, (h/2)·(w/2), 4·C] for a latent of C × h × w. Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -22,12 +24,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from denoq.compiler.pipelines import TextModel, read_json, text_model
+from denoq.compiler.pipelines import TextModel, read_json, text_model, text_prompts
+from denoq.compiler.transformer_pipelines import PIPELINES, transformer_text
 from denoq.errors import DenoqError
 from denoq.models import DEFAULT_MODEL, EMBEDDED
+from denoq.sampling.names import FLOW_SCHEDULER_CLASS, is_flow, scheduler_class
 
-SUPPORTED_CLASSES = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "DiTTransformer2DModel": "transformer"}
-COND_TOKENS = 77  # CLIP's context length: encoder_hidden_states of a UNet without a tokenizer
+SUPPORTED_CLASSES = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "DiTTransformer2DModel": "transformer",
+                     **{cls: "transformer" for cls in PIPELINES}}
+FLUX, PIXART = "FluxTransformer2DModel", "PixArtTransformer2DModel"
+#: FluxPipeline's default latent size (1024 px through its 8× VAE); Flux's config has no sample_size
+FLUX_LATENT = 128
+#: the recipe aliases of each class's input and output layers, and of its conditioning path (`@cond`: the time,
+#: guidance and text embedders and the adaLN modulation)
+LAYER_ALIASES = {
+    "UNet2DModel": {"@in": "conv_in", "@out": "conv_out", "@cond": "time_embedding.*,*.time_emb_proj"},
+    "UNet2DConditionModel": {"@in": "conv_in", "@out": "conv_out",
+                             "@cond": "time_embedding.*,*.time_emb_proj,add_embedding.*"},
+    "DiTTransformer2DModel": {"@in": "pos_embed.proj", "@out": "proj_out_2",
+                              "@cond": "*.norm1.emb.*,*.norm1.linear,proj_out_1"},
+    PIXART: {"@in": "pos_embed.proj", "@out": "proj_out", "@cond": "adaln_single.*,caption_projection.*"},
+    "SD3Transformer2DModel": {"@in": "pos_embed.proj", "@out": "proj_out",
+                              "@cond": "time_text_embed.*,context_embedder,*.norm1.linear,*.norm1_context.linear,"
+                                       "norm_out.linear"},
+    FLUX: {"@in": "x_embedder", "@out": "proj_out",
+           "@cond": "time_text_embed.*,context_embedder,*.norm1.linear,*.norm1_context.linear,*.norm.linear,"
+                    "norm_out.linear"},
+}
 
 
 @dataclass
@@ -39,40 +62,77 @@ class ModelSpec:
     module: nn.Module
     model_class: str
     scheduler_config: dict[str, Any]
-    sample_shape: tuple[int, int, int]
+    sample_shape: tuple[int, ...]  # (C, H, W); Flux: (tokens, channels), packed
     cond_shape: tuple[int, ...] | None
     weights_sha256: str
     cond_input: str | None = None  # graph input of the conditioning: encoder_hidden_states | class_labels | None
     num_classes: int | None = None  # class_labels models: labels 0 … num_classes − 1; num_classes is the null label
-    text: TextModel | None = None  # text-conditioned UNets: the pipeline's text side (`pipelines.TextModel`)
+    text: TextModel | None = None  # text-conditioned models: the pipeline's text side (`pipelines.TextModel`)
 
     @property
     def resolution_multiple(self) -> int:
-        """A UNet's latent height and width are dynamic in the graph, in multiples of its downsampling factor."""
-        if self.model_class == "DiTTransformer2DModel":
+        """A UNet's and SD3's latent height and width are dynamic in the graph, in multiples of the downsampling or
+        patch factor; DiT and PixArt export at their resolution; Flux's packed tokens are dynamic (0 here)."""
+        if self.model_class == "SD3Transformer2DModel":
+            return int(self.module.config.patch_size)
+        if "block_out_channels" not in self.module.config:
             return 0
         return 2 ** (len(self.module.config.block_out_channels) - 1)
+
+    @property
+    def packed(self) -> bool:
+        """Flux: the sample is [B, tokens, 4 · latent channels] (`sample_shape` = (tokens, channels))."""
+        return self.model_class == FLUX
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """The latent's patch grid (rows, columns): Flux's `img_ids` positions and the image token count of the
+        resolution-dependent shift (`FlowSchedule.mu`)."""
+        if self.packed:
+            side = round(self.sample_shape[0] ** 0.5)
+            return side, side
+        return self.sample_shape[1] // self.patch, self.sample_shape[2] // self.patch
+
+    @property
+    def patch(self) -> int:
+        """A transformer's patch size (1 for UNets, and for Flux's packed tokens)."""
+        return 1 if self.packed else int(self.module.config.get("patch_size") or 1)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """The latent's height and width (Flux: before packing)."""
+        if self.packed:
+            return tuple(2 * g for g in self.token_grid)
+        return self.sample_shape[1], self.sample_shape[2]
+
+    @property
+    def timestep_scale(self) -> float:
+        """What the pipeline multiplies the scheduler's timesteps by before the denoiser (FluxPipeline: 1/1000)."""
+        return 1e-3 if self.packed else 1.0
 
     @property
     def learned_variance(self) -> bool:
         """Whether the model also predicts its variance: out_channels = 2 × in_channels (DiT's Σ; the graph's
         output holds both, the samplers read `denoq.sampling.cond.split_variance`)."""
-        return int(self.module.config.get("out_channels") or self.sample_shape[0]) == 2 * self.sample_shape[0]
+        if self.packed:
+            return False
+        out = self.module.config.get("out_channels")
+        return int(out or self.sample_shape[0]) == 2 * self.sample_shape[0]
 
     @property
     def io_layers(self) -> dict[str, str]:
-        """The recipe aliases `@in` / `@out`: the layer that reads the sample and the one that writes the output."""
-        if self.model_class == "DiTTransformer2DModel":
-            return {"@in": "pos_embed.proj", "@out": "proj_out_2"}
-        return {"@in": "conv_in", "@out": "conv_out"}
+        """The recipe aliases: `@in` (the layer that reads the sample), `@out` (the one that writes the output),
+        `@cond` (the conditioning path), each a comma-separated pattern list (`LAYER_ALIASES`)."""
+        return LAYER_ALIASES[self.model_class]
 
     def layer_patterns(self, text: str) -> tuple[str, ...]:
-        """Comma-separated module-name patterns (a recipe value) with `@in` / `@out` resolved (`io_layers`)."""
+        """Comma-separated module-name patterns (a recipe value) with the aliases resolved (`io_layers`)."""
         patterns = tuple(p.strip() for p in text.split(",") if p.strip())
         unknown = [p for p in patterns if p.startswith("@") and p not in self.io_layers]
         if unknown:
-            raise DenoqError(f"layer alias {unknown[0]!r} is not known; use @in or @out, or module-name patterns")
-        return tuple(self.io_layers.get(p, p) for p in patterns)
+            raise DenoqError(f"layer alias {unknown[0]!r} is not known; use {', '.join(self.io_layers)}, or "
+                             "module-name patterns")
+        return tuple(q for p in patterns for q in self.io_layers.get(p, p).split(","))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -147,6 +207,23 @@ def _denoiser_class(folder: Path) -> tuple[str, str]:
     return cls, component
 
 
+#: denoisers trained for one family of schedulers: SD3 and Flux predict a flow-matching velocity, DiT and PixArt ε
+#: (a UNet can be trained either way; its scheduler says which)
+VELOCITY_MODELS = ("SD3Transformer2DModel", FLUX)
+EPSILON_MODELS = ("DiTTransformer2DModel", PIXART)
+
+
+def _check_scheduler_family(folder: Path, cls: str, scheduler_config: dict[str, Any]) -> None:
+    """Refuse a scheduler of the other family than the one the denoiser class was trained for."""
+    got = scheduler_class(scheduler_config)
+    if cls in VELOCITY_MODELS and not is_flow(scheduler_config):
+        raise DenoqError(f"{folder}: a {cls} predicts a flow-matching velocity but the scheduler is {got}; save the "
+                         f"pipeline with its {FLOW_SCHEDULER_CLASS}")
+    if cls in EPSILON_MODELS and is_flow(scheduler_config):
+        raise DenoqError(f"{folder}: a {cls} predicts ε (and Σ) for DDPM-family schedulers; {got} would integrate "
+                         "it as a velocity, save the pipeline with a DDPM / DDIM / DPM-Solver scheduler")
+
+
 def _weights_hash(model_dir: Path) -> str:
     h = hashlib.sha256()
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -167,8 +244,23 @@ def _check_dit(folder: Path, config: dict[str, Any]) -> None:
                          "learned variance Σ, as DiT-XL/2 ships); re-save a model with one of those")
 
 
-def load_model(model: str | None = None) -> ModelSpec:
-    """Load the denoiser (float32, eval mode, CPU) and its scheduler config; every failure is a DenoqError."""
+def _sample_shape(cls: str, config: dict[str, Any], size: int) -> tuple[int, int, int] | tuple[int, int]:
+    """(C, H, W) of the latent the denoiser reads (`size` > 0 overrides the config's sample_size), or Flux's packed
+    (tokens, channels): a latent of `in_channels` / 4 channels and FLUX_LATENT (or `size`) squared, in 2 × 2
+    patches."""
+    if cls == FLUX:
+        side = size or FLUX_LATENT
+        if side % 2:
+            raise DenoqError(f"calib.size={side}: Flux packs the latent in 2 × 2 patches; give an even size")
+        return (side // 2) ** 2, int(config.get("in_channels", 64))
+    sample = config.get("sample_size", 32)
+    h, w = (size, size) if size else (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return int(config.get("in_channels", 4)), int(h), int(w)
+
+
+def load_model(model: str | None = None, size: int = 0) -> ModelSpec:
+    """Load the denoiser (float32, eval mode, CPU) and its scheduler config, its sample `size` × `size` when
+    given (`calib.size`); every failure is a DenoqError."""
     name, folder = resolve_model(model)
     cls, component = _denoiser_class(folder)
     model_dir = folder / component
@@ -179,6 +271,14 @@ def load_model(model: str | None = None) -> ModelSpec:
         raise DenoqError(f"{component} folder {model_dir} has no .safetensors weights; save the pipeline with "
                          "safe_serialization=True")
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler")
+    _check_scheduler_family(folder, cls, scheduler_config)
+    index = read_json(folder / "model_index.json", "model folder")
+    text = None
+    if cls == "UNet2DConditionModel":
+        text = text_model(folder, index, config)
+    elif cls in PIPELINES:
+        text = transformer_text(folder, index, cls, config, text_prompts(folder))
+    sample_shape = _sample_shape(cls, config, size)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
 
@@ -192,13 +292,9 @@ def load_model(model: str | None = None) -> ModelSpec:
         raise DenoqError(f"cannot load {cls} from {model_dir}: {first}; the weights are corrupt or do not match "
                          "config.json (re-save the pipeline)") from exc
     module = module.eval().requires_grad_(False)
-    size = config.get("sample_size", 32)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    sample_shape = (int(config.get("in_channels", 4)), int(h), int(w))
-    cond_shape, cond_input, num_classes, text = None, None, None, None
-    if cls == "UNet2DConditionModel":
-        text = text_model(folder, read_json(folder / "model_index.json", "model folder"), config)
-        cond_shape, cond_input = (text.tokens, int(config["cross_attention_dim"])), "encoder_hidden_states"
+    cond_shape, cond_input, num_classes = None, None, None
+    if text is not None:
+        cond_shape, cond_input = (text.tokens, text.width), "encoder_hidden_states"
     elif cls == "DiTTransformer2DModel":
         cond_shape, cond_input, num_classes = (), "class_labels", int(config["num_embeds_ada_norm"])
     elif config.get("num_class_embeds"):

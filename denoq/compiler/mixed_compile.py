@@ -12,7 +12,7 @@ from denoq.calibrators.stepprec import choose_precision, diffusion_snr, precisio
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.artifact_writer import ArtifactWriter, check_output_dir
 from denoq.compiler.backends import make_backend, torch_eps
-from denoq.compiler.calibrate import record_pool
+from denoq.compiler.calibrate import record_pool, resolve_sampler
 from denoq.compiler.load import load_model
 from denoq.compiler.mixed import CRITERION, MEMBERS_DIR, SNR_BATCH
 from denoq.compiler.pipeline import compile_model
@@ -26,8 +26,9 @@ def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool =
                   allow_parity_failure: bool = False) -> Artifact:
     """Compile every candidate of `precision.mixed` and the per-step choice into the artifact folder `out`."""
     check_output_dir(out, force)
+    spec = load_model(model, recipe.config.calib.size)
+    recipe = resolve_sampler(spec, recipe)
     candidates = mixed_members(recipe)
-    spec = load_model(model)
     with ArtifactWriter(out, force) as writer:
         arts: dict[str, Artifact] = {}
         for name, member in candidates.items():

@@ -21,7 +21,7 @@ import torch
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.artifact_writer import ArtifactWriter, check_output_dir
-from denoq.compiler.calibrate import Calibration, calibrate, check_inputs, guidance_scales
+from denoq.compiler.calibrate import Calibration, calibrate, check_inputs, guidance_scales, resolve_sampler
 from denoq.compiler.graphs import Graphs, head_after_guidance, write_graphs
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.parity import check_gate, check_scales, first_disagreeing_layer, guided_parity, parity
@@ -72,7 +72,8 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
         raise DenoqError(f"precision.mixed={recipe.config.precision.mixed} compiles one member per candidate; use "
                          "denoq.quantize or denoq.compiler.api.compile_artifact (the CLI does)")
     check_output_dir(out, force)
-    spec = load_model(model)
+    spec = load_model(model, recipe.config.calib.size)
+    recipe = resolve_sampler(spec, recipe)
     log.info("model %s: %s, sample %s, %s parameters", spec.name, spec.model_class, spec.sample_shape,
              f"{sum(p.numel() for p in spec.module.parameters()):,}")
     torch.manual_seed(recipe.config.seed)

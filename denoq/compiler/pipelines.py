@@ -42,9 +42,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TextModel:
-    """What calibration needs to know of a text-conditioned UNet's pipeline: its class (None for a bare UNet), the
-    token length and width of `encoder_hidden_states`, SDXL's pooled width (None otherwise) and the prompts used
-    when `calib.prompts` is empty."""
+    """What calibration needs to know of a text-conditioned denoiser's pipeline: its class (None for a bare
+    denoiser folder), the token length and width of `encoder_hidden_states`, the pooled width (SDXL's
+    `text_embeds`, SD3's and Flux's `pooled_projections`; None otherwise), the prompts used when `calib.prompts`
+    is empty, the denoiser's class, and whether it takes Flux-dev's `guidance` or PixArt-α's micro-conditions."""
 
     folder: Path
     pipeline_class: str | None
@@ -52,29 +53,53 @@ class TextModel:
     width: int
     pooled: int | None
     default_prompts: tuple[str, ...]
+    denoiser: str = "UNet2DConditionModel"
+    guidance_embeds: bool = False
+    additional_conditions: bool = False
 
     @property
     def sdxl(self) -> bool:
-        return self.pooled is not None
+        return self.pooled is not None and self.denoiser == "UNet2DConditionModel"
+
+    @property
+    def pooled_input(self) -> str | None:
+        """The graph input of the pooled embedding: SDXL's `text_embeds` or the transformers' `pooled_projections`."""
+        if self.pooled is None:
+            return None
+        return "text_embeds" if self.sdxl else "pooled_projections"
 
     def shapes(self) -> dict[str, tuple[int | None, ...]]:
-        """Per-sample shapes of the conditioning inputs (None: the token length, free)."""
+        """Per-sample shapes of the text conditioning inputs (None: the token length, free); the inputs that
+        depend on the image (`image_conditions`) are not among them."""
         shapes: dict[str, tuple[int | None, ...]] = {TEXT_INPUT: (None, self.width)}
-        if self.sdxl:
-            shapes.update({"text_embeds": (int(self.pooled),), "time_ids": (TIME_IDS,)})
+        if self.pooled_input:
+            shapes[self.pooled_input] = (int(self.pooled),)
+        if self.denoiser == "PixArtTransformer2DModel":
+            shapes["encoder_attention_mask"] = (None,)
         return shapes
+
+    def image_conditions(self) -> list[str]:
+        """The conditioning inputs computed from the image size (and guidance), not from the text."""
+        if self.sdxl:
+            return ["time_ids"]
+        if self.denoiser == "FluxTransformer2DModel":
+            return ["img_ids", "txt_ids", *(["guidance"] if self.guidance_embeds else [])]
+        return ["aspect_ratio", "resolution"] if self.additional_conditions else []
 
     def describe(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline_class, "tokens": self.tokens, "width": self.width,
-                "pooled": self.pooled, "added_conditions": (self.sdxl and ["text_embeds", "time_ids"]) or []}
+                "pooled": self.pooled,
+                "added_conditions": sorted({*self.shapes(), *self.image_conditions()} - {TEXT_INPUT})}
 
 
-def _component(index: dict[str, Any], name: str) -> bool:
+def component(index: dict[str, Any], name: str) -> bool:
+    """Whether model_index.json names the component `name` (a [library, class] pair that is not None)."""
     entry = index.get(name)
     return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
-def _encoder_config(folder: Path, name: str) -> dict[str, Any]:
+def encoder_config(folder: Path, name: str) -> dict[str, Any]:
+    """A text encoder's config (the text part of a CLIPModel-style config)."""
     cfg = read_json(folder / name / "config.json", name)
     return cfg.get("text_config", cfg)  # a CLIPModel-style config nests its text part
 
@@ -83,6 +108,13 @@ def _tokens(folder: Path, name: str) -> int:
     path = folder / name / "tokenizer_config.json"
     length = read_json(path, name).get("model_max_length", 77) if path.is_file() else 77
     return int(length) if isinstance(length, int) and 0 < length <= 4096 else 77
+
+
+def text_prompts(folder: Path) -> tuple[str, ...]:
+    """The calibration prompts an embedded text model ships (its training captions); () for any other folder."""
+    if folder.name in EMBEDDED_PROMPTS and EMBEDDED.get(folder.name) == folder:
+        return tuple(EMBEDDED_PROMPTS[folder.name]())
+    return ()
 
 
 def text_model(folder: Path, index: dict[str, Any], unet: dict[str, Any]) -> TextModel:
@@ -100,10 +132,9 @@ def text_model(folder: Path, index: dict[str, Any], unet: dict[str, Any]) -> Tex
     pooled = None
     if added == "text_time":
         pooled = int(unet["projection_class_embeddings_input_dim"]) - TIME_IDS * int(unet["addition_time_embed_dim"])
-    prompts = tuple(EMBEDDED_PROMPTS[folder.name]()) if folder.name in EMBEDDED_PROMPTS and \
-        EMBEDDED.get(folder.name) == folder else ()
+    prompts = text_prompts(folder)
     cls = index.get("_class_name")
-    if not _component(index, "text_encoder"):
+    if not component(index, "text_encoder"):
         return TextModel(folder, None, 77, width, pooled, prompts)
     if cls not in (SD, SDXL):
         raise DenoqError(f"{folder}: {cls} is not a text-to-image pipeline denoq loads; save the model as a "
@@ -111,13 +142,13 @@ def text_model(folder: Path, index: dict[str, Any], unet: dict[str, Any]) -> Tex
     if added == "text_time" and cls != SDXL:
         raise DenoqError(f"{folder}: the UNet takes SDXL's added conditions (addition_embed_type text_time) but the "
                          f"pipeline is a {cls}; save it as a {SDXL} with both text encoders")
-    te = _encoder_config(folder, "text_encoder")
+    te = encoder_config(folder, "text_encoder")
     got = int(te.get("hidden_size", -1))
     if cls == SDXL:
-        if not (_component(index, "text_encoder_2") and _component(index, "tokenizer_2")):
+        if not (component(index, "text_encoder_2") and component(index, "tokenizer_2")):
             raise DenoqError(f"{folder}: the {SDXL} has no text_encoder_2 / tokenizer_2; SDXL's UNet needs both "
                              "text encoders, save the whole pipeline")
-        te2 = _encoder_config(folder, "text_encoder_2")
+        te2 = encoder_config(folder, "text_encoder_2")
         got += int(te2.get("hidden_size", -1))
         projection = int(te2.get("projection_dim", -1))
         if pooled is not None and projection != pooled:

@@ -257,9 +257,10 @@ class CalibKeys:
             "number of FP sampling trajectories recorded", lo=1, hi=4096)
     steps: int = key(25,
             "sampler steps per trajectory", lo=1, hi=1000)
-    sampler: str = key("ddim",
+    sampler: str = key("auto",
             "sampler that records the calibration trajectories: ddpm or ddim for DDPM-family models, flow-euler for "
-            "flow-matching ones (FlowMatchEulerDiscreteScheduler)", choices=("ddpm", "ddim", "flow-euler"))
+            "flow-matching ones (FlowMatchEulerDiscreteScheduler); auto = the model's own (flow-euler for "
+            "flow matching, else ddim)", choices=("auto", "ddpm", "ddim", "flow-euler"))
     guidance: str = key("",
             "conditional models: classifier-free guidance scales of the calibration trajectories, "
             "comma-separated (e.g. 1,2,4; trajectories cycle through them, labels over the classes or the "
@@ -280,6 +281,9 @@ class CalibKeys:
     timesteps: int = key(0,
             "calibration timesteps: 0 = all recorded steps, else that many of them, drawn by "
             "activations.calib_timesteps", lo=0)
+    size: int = key(0,
+            "latent height = width of the calibration samples: 0 = the model's own (its config's sample_size; "
+            "Flux: 128, FluxPipeline's 1024 px); set it to the resolution the model is deployed at", lo=0, hi=1024)
 
 
 @dataclass(frozen=True)

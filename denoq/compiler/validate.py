@@ -48,6 +48,7 @@ from denoq.errors import DenoqError
 from denoq.metrics import psnr
 from denoq.onnxio import load_model
 from denoq.sampling import sample, schedule_from_config
+from denoq.sampling.flow import FlowSchedule
 from denoq.sampling.names import default_sampler
 
 IMAGE_MARGIN_DB = 3.0
@@ -77,9 +78,11 @@ def feeds(art: Artifact, settings: ValidateSettings) -> list[dict[str, np.ndarra
     timestep_dtype = next(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
                           for i in graph.input if i.name == "timestep")
     states: list[tuple[torch.Tensor, float]] = []
-    sample(torch_eps(spec.module), schedule_from_config(spec.scheduler_config), sampler=sampler,
-           steps=settings.steps, shape=(n, *spec.sample_shape), generator=torch.Generator().manual_seed(settings.seed),
-           cond=cond, callback=lambda i, t, x, out: states.append((x.clone(), float(t[0]))), desc=f"FP {sampler}")
+    schedule = schedule_from_config(spec.scheduler_config)
+    sample(torch_eps(spec.module), schedule, sampler=sampler, steps=settings.steps, shape=(n, *spec.sample_shape),
+           generator=torch.Generator().manual_seed(settings.seed), cond=cond, desc=f"FP {sampler}",
+           callback=lambda i, t, x, out: states.append((x.clone(), float(t[0]))),
+           mu=schedule.mu_for(spec.sample_shape, spec.patch) if isinstance(schedule, FlowSchedule) else None)
     out = []
     for b in range(settings.batches):
         rows = range(b * settings.batch, (b + 1) * settings.batch)

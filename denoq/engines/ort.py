@@ -21,7 +21,7 @@ import torch
 from denoq.cpu import u8s8_saturates
 from denoq.errors import DenoqError, install_hint
 from denoq.onnxio import load_model
-from denoq.sampling.cond import ADDED_CONDITIONS, Cond, Conditioning
+from denoq.sampling.cond import COND_INPUTS, Cond, Conditioning
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -30,7 +30,6 @@ LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-COND_INPUTS = ("encoder_hidden_states", "class_labels", *ADDED_CONDITIONS)
 GUIDANCE_INPUT = "guidance_scale"  # the guided graph's per-sample classifier-free guidance scale
 
 #: ORT's session config entry for exact integer kernels on CPUs without VNNI (`kOrtSessionOptionsAvx2PrecisionMode`).
@@ -207,7 +206,7 @@ def cond_feeds(names: Sequence[str], cond: Cond, where: str) -> dict[str, torch.
     `Conditioning` with exactly those names); DenoqError naming what is missing or extra."""
     if not names:
         if cond is not None:
-            raise DenoqError(f"{where} is unconditional (no {' / '.join(COND_INPUTS)} input) but a cond was given; "
+            raise DenoqError(f"{where} is unconditional (no conditioning input) but a cond was given; "
                              "sample it without conditioning")
         return {}
     if cond is None:

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from denoq.engines.ort import COND_INPUTS, cond_feeds, timestep_feed
+from denoq.engines.ort import cond_feeds, timestep_feed
 from denoq.errors import DenoqError, install_hint
-from denoq.sampling.cond import Cond
+from denoq.sampling.cond import COND_INPUTS, Cond
 
 
 def require(module: str, what: str) -> ModuleType:

@@ -73,6 +73,15 @@ class FlowSchedule:
         slope = (hi - lo) / (hi_n - lo_n)
         return float(image_tokens * slope + lo - slope * lo_n)
 
+    def mu_for(self, sample_shape: Sequence[int], patch: int = 1) -> float | None:
+        """μ for samples of `sample_shape` — (C, H, W) in `patch` × `patch` tokens, or packed (tokens, channels) —
+        as the pipelines derive it from the resolution; None when the schedule does not shift by resolution."""
+        if not self.dynamic:
+            return None
+        if len(sample_shape) == 2:
+            return self.mu(int(sample_shape[0]))
+        return self.mu((int(sample_shape[1]) // patch) * (int(sample_shape[2]) // patch))
+
     def _scheduler(self) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -60,6 +60,7 @@ def sample(
     desc: str | None = None,
     device: torch.device | str | None = None,
     residual_var: torch.Tensor | None = None,
+    mu: float | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from x_T to x_0 and return x_0 (float32, model range, typically [-1, 1]).
 
@@ -87,6 +88,8 @@ def sample(
             step adds noise of std sqrt(max(σ_t² − c_t²·σ_q²(t), 0)) instead of σ_t. The same random numbers are
             drawn. None (default): no calibration, diffusers' sampler exactly. DDIM with η = 0 adds no noise, so
             there it changes nothing.
+        mu: a flow-matching schedule's resolution-dependent shift (`FlowSchedule.mu` of the image token count),
+            for a config with `use_dynamic_shifting` (Flux); refused for a beta schedule.
     """
     check_sampler(sampler)
     if isinstance(schedule, FlowSchedule) != (sampler == FLOW_SAMPLER):
@@ -95,6 +98,8 @@ def sample(
     if isinstance(schedule, FlowSchedule):
         if eta or residual_var is not None:
             raise DenoqError("the flow-matching Euler sampler is deterministic: it takes no eta and no variance table")
+    elif mu is not None:
+        raise DenoqError("mu shifts a flow-matching schedule; a beta schedule takes none")
     else:
         steps = schedule.check_steps(steps)
         residual_var = check_residual_var(residual_var, schedule.num_train_timesteps)
@@ -117,7 +122,7 @@ def sample(
     if x.dim() < 1:
         raise DenoqError(f"x_T must have a batch dimension, got shape {tuple(x.shape)}")
     if isinstance(schedule, FlowSchedule):
-        return sample_flow(eps, schedule, steps=steps, x_T=x, cond=cond, callback=callback, desc=desc)
+        return sample_flow(eps, schedule, steps=steps, x_T=x, cond=cond, mu=mu, callback=callback, desc=desc)
 
     timesteps = schedule.timesteps(steps, sampler).tolist()
     prev_timesteps = schedule.prev_timesteps(steps, sampler).tolist()
