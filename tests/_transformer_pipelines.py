@@ -32,11 +32,12 @@ def t5_encoder(width: int = T5_WIDTH):
 
 
 def _vae(latent: int):
+    """A 2× VAE; 16 latent channels with SD3's / Flux's `shift_factor` (their pipelines add it when decoding)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=latent,
-                         norm_num_groups=4, sample_size=32)
+                         norm_num_groups=4, sample_size=32, shift_factor=0.0 if latent == 16 else None)
 
 
 def tiny_pixart(folder: Path, seed: int = 0) -> Path:

@@ -178,3 +178,17 @@ def test_bad_input_is_refused_in_one_line_with_nothing_written(folders, tmp_path
         json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
     err = _refused(capsys, str(flow_pixart), "--out", str(out))
     assert "predicts ε" in err and not out.exists()
+
+
+def test_the_readme_flux_example_runs(folders, arts, monkeypatch):
+    """The README's text-to-image snippet as written, on the tiny Flux folder and its artifact."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "FluxPipeline" in b]
+    code = code.replace('"my-flux-folder"', repr(str(folders["flux"]))).replace('"art"', repr(str(arts["flux"].path)))
+    code = code.replace("num_inference_steps=28", "num_inference_steps=2, height=16, width=16")
+    scope: dict = {}
+    exec(compile("from diffusers import FluxPipeline\nimport denoq\n" + code, "README.md", "exec"), scope)
+    assert type(scope["pipe"].transformer).__name__ == "QuantizedDenoiser" and scope["image"].size == (16, 16)

@@ -29,6 +29,14 @@ head then computes (docs/architecture.md, Correction head)
 
 so the noise left in ε̂ has variance σ² / (1 + k)² (`PtqdStats.corrected_var`): what the sampler absorbs.
 
+Velocity prediction (flow matching, x_σ = (1 − σ) x₀ + σ ε, v = ε − x₀, Euler step x_σ' = x_σ + (σ' − σ) v̂).
+Nothing in (1)–(5) uses what the output means: with v in place of ε, v_q = (1 + k)·v + b_c + ρ is fitted the same
+way and the head v̂ = (v_q − b_c)/(1 + k) = v + ρ/(1 + k) removes the correlated part and the bias exactly as for ε.
+What does not carry over is (iii): VSC absorbs σ²/(1 + k)² into the noise a DDPM step injects, and the Euler step
+injects none, so the residual passes to x as (σ' − σ)·ρ/(1 + k) with nothing to absorb it; the same holds for DDIM
+with η = 0. The compiler refuses `ptqd.enabled` for flow-matching models until (i)–(ii) are tested there: their
+tables are indexed by the nearest training timestep, which Flux's t / 1000 inputs would collapse to rows 0 and 1.
+
 Tables are indexed by the scheduler's training timestep t ∈ [0, T) (docs/architecture.md, QuantPlan); the steps that
 were measured fill the others by `nearest_measured`. Everything is computed from streaming sums, batch by batch, so a
 CalibrationSet of any size fits; the normality test runs on a deterministic subsample of the residual that does
