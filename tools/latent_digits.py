@@ -95,11 +95,13 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def load_pipeline(folder: Path | str):
-    """The pipeline folder through diffusers' DiffusionPipeline.from_pretrained (its model_index.json's class),
-    float32 on the CPU, progress bars off."""
+    """The pipeline folder through diffusers' DiffusionPipeline.from_pretrained (its model_index.json's class;
+    components it leaves out passed as None, as SD3 without T5 needs), float32 on the CPU, progress bars off."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if v == [None, None]}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **absent)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -179,7 +179,7 @@ def run_eval(args) -> None:
     from diffusers import StableDiffusion3Pipeline
 
     torch.set_num_threads(args.threads)
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(args.out))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(args.out), text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     print(f"{args.out}: {args.n} samples per digit, prompt 'a handwritten digit <word>', seed {args.seed}, "
           f"CPU {cpu_name()}, {args.threads} thread(s)")

@@ -41,8 +41,9 @@ PARITY_BOUND = 2.0
 LAYER_FLIP_FRACTION = 1e-3
 LAYER_RTOL = 1e-5
 CHECK_BATCH = 8
-#: Sample pixels (rows × H × W) the checks run through one model call: a full-size UNet's attention holds
-#: [heads, H·W, H·W] scores per row (1 GB at SD 1.5's 64×64 latents in ORT), so its check batch goes a row at a time.
+#: Sample pixels (rows × H × W, or rows × tokens of a packed [B, S, C] sample) the checks run through one model
+#: call: a full-size UNet's attention holds [heads, H·W, H·W] scores per row (1 GB at SD 1.5's 64×64 latents in
+#: ORT, 2 GB for Flux's 24 heads over 4608 tokens), so its check batch goes a row at a time.
 CHECK_PIXELS = 4096
 
 
@@ -57,7 +58,8 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 def _by_rows(eps: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`eps(sample, timestep, cond)` on chunks of rows of at most `CHECK_PIXELS` sample pixels, concatenated."""
     def run(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        step = max(1, CHECK_PIXELS // int(np.prod(x.shape[2:])))
+        pixels = int(np.prod(x.shape[2:])) if x.dim() == 4 else int(x.shape[1])
+        step = max(1, CHECK_PIXELS // pixels)
         return torch.cat([eps(x[i:i + step], t[i:i + step], None if cond is None else cond[i:i + step])
                           for i in range(0, len(x), step)])
     return run

@@ -24,7 +24,7 @@ from denoq.sampling.cond import TEXT_INPUT
 SD, SDXL = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
 TIME_IDS = 6
 #: the embedded text models' own calibration prompts (their training captions)
-EMBEDDED_PROMPTS = {"digits-sd": captions}
+EMBEDDED_PROMPTS = {"digits-sd": captions, "digits-flow": captions}
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from denoq.compiler.pipelines import TextModel
+from denoq.compiler.pipelines import TextModel, read_json
 from denoq.compiler.transformer_pipelines import CLIP_TOKENS, T5_TOKENS
 from denoq.errors import DenoqError
 from denoq.sampling.cond import TEXT_INPUT, Cond, Conditioning
@@ -123,9 +123,12 @@ def quiet_libraries() -> Iterator[None]:
 
 def load_text_pipeline(folder: Path, pipeline_class: str, denoiser: torch.nn.Module) -> Any:
     """The diffusers pipeline of `folder` around the already-loaded `denoiser` (float32, CPU, no safety
-    checker), for its `encode_prompt`, tokenizers and `vae_scale_factor`."""
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
+    checker), for its `encode_prompt`, tokenizers and `vae_scale_factor`. Components model_index.json leaves out
+    (`[null, null]`, e.g. SD3 without T5) are passed as None, as diffusers asks."""
+    extra: dict[str, Any] = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} \
         if pipeline_class == "StableDiffusionPipeline" else {}
+    index = read_json(folder / "model_index.json", "model folder")
+    extra.update({k: None for k, v in sorted(index.items()) if isinstance(v, list) and v == [None, None]})
     extra["unet" if type(denoiser).__name__.startswith("UNet") else "transformer"] = denoiser
     try:
         with quiet_libraries():

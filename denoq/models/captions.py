@@ -1,5 +1,5 @@
-"""The captions of the embedded text-to-image model `digits-sd`: what it was trained on, what it is calibrated
-with by default (`TextModel.default_prompts`), and the prompts of its quality check."""
+"""The captions of the embedded text-to-image models `digits-sd` and `digits-flow`: what they were trained on, what
+they are calibrated with by default (`TextModel.default_prompts`), and the prompts of their quality check."""
 
 from __future__ import annotations
 
