@@ -192,3 +192,13 @@ def test_the_readme_flux_example_runs(folders, arts, monkeypatch):
     scope: dict = {}
     exec(compile("from diffusers import FluxPipeline\nimport denoq\n" + code, "README.md", "exec"), scope)
     assert type(scope["pipe"].transformer).__name__ == "QuantizedDenoiser" and scope["image"].size == (16, 16)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_gptq_weights_calibrate_through_the_transformers_forward(folders, name, tmp_path):
+    """GPTQ's Hessians and forward order call the transformer as the pipelines do (keyword conditioning)."""
+    out = tmp_path / "gptq"
+    assert main(["compile", str(folders[name]), "--recipe", "w8a8", "--set", "weights.method=gptq", "--out", str(out),
+                 *FAST]) == 0
+    m = denoq.open(out).manifest
+    assert m["recipe"]["values"]["weights.method"] == "gptq" and m["parity_gate"]["passed"]

@@ -13,7 +13,7 @@ session-creation and call seconds — or the error that stopped it: a child whos
 (default 21 of this machine's 24 GB) stops itself and names the stage it had reached.
 
     python tools/fullsize_bench.py --models sd15,sdxl --work fullsize-work --json fullsize.json
-    python tools/fullsize_bench.py --models pixart,sd3,flux1x1 --work fullsize-work --json transformers.json
+    python tools/fullsize_bench.py --models pixart,flux1x1,sd3 --size 64 --work fullsize-work --json transformers.json
 
 The markdown table goes to stdout, progress to stderr, every number to `--json`.
 """
@@ -154,7 +154,7 @@ def random_feeds(ort: Any, model: dict[str, Any]) -> dict[str, Any]:
     return feeds
 
 
-def child(folder: Path, out: Path, gptq: bool, limit_gb: float) -> dict[str, Any]:
+def child(folder: Path, out: Path, gptq: bool, limit_gb: float, size: int) -> dict[str, Any]:
     """Compile and run one model (in this process): the numbers of one table row."""
 
     guard_memory(limit_gb)
@@ -164,7 +164,7 @@ def child(folder: Path, out: Path, gptq: bool, limit_gb: float) -> dict[str, Any
 
     start = time.perf_counter()
     keys = {"calib__conditioning": "random", "calib__samples": 1, "calib__steps": 2,
-            "weights__method": "gptq" if gptq else "rtn"}
+            "weights__method": "gptq" if gptq else "rtn", "calib__size": size}
     art = denoq.quantize(str(folder), "w8a8", out=out, force=True, **keys)
     row: dict[str, Any] = {"compile_s": round(time.perf_counter() - start, 1)}
     m, timings = art.manifest, art.timings
@@ -190,20 +190,22 @@ def main() -> None:
     ap.add_argument("--gptq", action="store_true", help="GPTQ weights instead of RTN")
     ap.add_argument("--json", type=Path, help="write every number here")
     ap.add_argument("--max-rss-gb", type=float, default=21.0, help="stop a compile whose resident set passes this")
+    ap.add_argument("--size", type=int, default=0, help="calib.size: latent side (0 = the model's own; 64 = 512 px)")
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args.gptq, args.max_rss_gb)))
+        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args.gptq, args.max_rss_gb, args.size)))
         return
     rows = []
     for name in args.models.split(","):
         folder, out = args.work / f"{name}-model", args.work / f"{name}-w8a8"
         shutil.rmtree(folder, ignore_errors=True)
         log(f"{name}: saving the random-init model")
-        row: dict[str, Any] = {"model": name, "parameters_m": round(make_folder(name, folder) / 1e6, 1)}
+        row: dict[str, Any] = {"model": name, "parameters_m": round(make_folder(name, folder) / 1e6, 1),
+                               "latent": args.size or "own"}
         log(f"{name}: compiling (child process)")
         cmd = [sys.executable, __file__, "--child", str(folder), str(out), "--max-rss-gb", str(args.max_rss_gb),
-               *(["--gptq"] if args.gptq else [])]
+               "--size", str(args.size), *(["--gptq"] if args.gptq else [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode in (0, 3):
             row.update(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -12,7 +12,8 @@ FD-digits (vs the real digits), FD to FP (between the quantized and the FP sampl
     python tools/sd_quality.py --recipes w8a8,w4a8 --guidance 1.5 --n 26 --work sd-quality-work --json sdq.json
     python tools/sd_quality.py --model digits-flow --recipes w8a8,w4a8 --guidance 3 --work flow-work --json fq.json
 
-The markdown table goes to stdout, progress to stderr, every number to `--json`.
+FP samples are kept in the work folder and reused by later runs with the same model, sampler, guidance, `--n` and
+seed. The markdown table goes to stdout, progress to stderr, every number to `--json`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--backend", default="ort", help="denoq.load backend of the quantized UNet")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    ap.add_argument("--keep-fp", help="';'-separated layers.keep_fp values, each compiled as a variant of every "
+                    "recipe (e.g. '@in,@out;@in,@out,@cond;' — the last one empty: every layer quantized)")
+    ap.add_argument("--steps", type=int, nargs="+", help="only the samplers with these step counts")
     ap.add_argument("--work", type=Path, default=Path("sd-quality-work"), help="folder for the artifacts")
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args()
@@ -67,27 +71,38 @@ def main() -> None:
     pipe = load_pipeline(EMBEDDED[args.model])
     slot = "unet" if hasattr(pipe, "unet") else "transformer"
     fp_model, rows, fp_images = getattr(pipe, slot), [], {}
-    for key, name, steps in SAMPLERS[args.model]:
+    samplers = [s for s in SAMPLERS[args.model] if not args.steps or s[2] in args.steps]
+    for key, name, steps in samplers:
         use_scheduler(pipe, key)
         start = time.perf_counter()
-        images, labels = sample_digits(pipe, args.n, args.guidance, steps, args.seed)
+        cache = args.work / f"fp-{args.model}-{key}{steps}-g{args.guidance:g}-n{args.n}-seed{args.seed}.pt"
+        if cache.is_file():  # the FP samples of the same settings, from an earlier run in this work folder
+            images, labels = torch.load(cache)
+        else:
+            images, labels = sample_digits(pipe, args.n, args.guidance, steps, args.seed)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((images, labels), cache)
         fp_images[key, steps] = (images, labels)
         rows.append({"recipe": "FP", "scheduler": name, "steps": steps, **scores(images, labels, None),
                      "sample_s": round(time.perf_counter() - start, 1)})
         log(str(rows[-1]))
     sets = dict(item.split("=", 1) for item in args.set)
-    for recipe in args.recipes.split(","):
+    variants = [None] if args.keep_fp is None else args.keep_fp.split(";")
+    for recipe, (v, keep) in ((r, k) for r in args.recipes.split(",") for k in enumerate(variants)):
         start = time.perf_counter()
-        keys = {"calib__guidance": str(args.guidance), **{k.replace(".", "__"): v for k, v in sets.items()}}
-        art = denoq.quantize(args.model, recipe, out=args.work / recipe, force=True, **keys)
+        keys = {"calib__guidance": str(args.guidance), **{k.replace(".", "__"): v for k, v in sets.items()},
+                **({} if keep is None else {"layers__keep_fp": keep})}
+        out = args.work / (recipe if keep is None else f"{recipe}-keep{v}")
+        art = denoq.quantize(args.model, recipe, out=out, force=True, **keys)
         compile_s = round(time.perf_counter() - start, 1)
-        for key, name, steps in SAMPLERS[args.model]:
+        label = recipe if keep is None else f"{recipe}, keep_fp={keep or '(none)'}"
+        for key, name, steps in samplers:
             use_scheduler(pipe, key)
             setattr(pipe, slot, denoq.load(art, backend=args.backend))
             start = time.perf_counter()
             images, labels = sample_digits(pipe, args.n, args.guidance, steps, args.seed)
             setattr(pipe, slot, fp_model)
-            rows.append({"recipe": recipe, "scheduler": name, "steps": steps,
+            rows.append({"recipe": label, "scheduler": name, "steps": steps,
                          **scores(images, labels, fp_images[key, steps][0]),
                          "sample_s": round(time.perf_counter() - start, 1), "compile_s": compile_s})
             log(str(rows[-1]))

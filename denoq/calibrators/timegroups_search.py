@@ -36,6 +36,7 @@ from denoq.calibrators.stats import TensorStats
 from denoq.calibrators.timegroups import Segment, scale_table
 from denoq.log import bar
 from denoq.plan import QuantPlan
+from denoq.sampling.cond import call_denoiser
 
 SEARCH_ITERS = 200
 SEARCH_BATCH = 16
@@ -95,7 +96,7 @@ def search_groups(model: torch.nn.Module, plan: QuantPlan, stats: dict[str, Tens
         x, t = calib.x[step][rows], torch.full((len(rows),), calib.t[step], dtype=torch.int64)
         cond = None if calib.cond is None else calib.cond[rows]
         with torch.no_grad():
-            target = model(x, t).sample if cond is None else model(x, t, cond).sample
+            target = call_denoiser(model, x, t, cond)
         return (searched(x, t, cond) - target).pow(2).mean()
 
     probe = torch.arange(min(n, SEARCH_BATCH))  # E‖ε̂ − ε‖² per calibrated step at the start (the DP groups)

@@ -47,6 +47,7 @@ from denoq.calibrators.gptq import (
 from denoq.calibrators.layer_matrix import HessianAccumulator, weight_matrix
 from denoq.log import bar
 from denoq.plan import LayerPlan
+from denoq.sampling.cond import call_denoiser
 
 DAMP_RETRIES = (10.0, 100.0)  # dampening multipliers tried when the Cholesky factorization fails
 
@@ -77,7 +78,7 @@ def _forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: Calibr
     try:
         x, t, cond = next(calib.batches(1))
         with torch.no_grad():
-            model(x, t).sample if cond is None else model(x, t, cond).sample
+            call_denoiser(model, x, t, cond)
     finally:
         for h in handles:
             h.remove()
@@ -92,7 +93,7 @@ def _hessians(model: nn.Module, layers: dict[str, nn.Module],
     try:
         with torch.no_grad():
             for x, t, cond in calib.batches(64):
-                model(x, t).sample if cond is None else model(x, t, cond).sample
+                call_denoiser(model, x, t, cond)
     finally:
         for h in handles:
             h.remove()

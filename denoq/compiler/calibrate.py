@@ -34,7 +34,7 @@ from denoq.calibrators.timegroups_search import search_groups
 from denoq.calibrators.weights import WeightSettings, round_weights
 from denoq.compiler.backends import torch_eps
 from denoq.compiler.load import ModelSpec
-from denoq.compiler.parity import CHECK_BATCH
+from denoq.compiler.parity import check_batch
 from denoq.compiler.recipe import Recipe
 from denoq.compiler.text_cond import text_condition
 from denoq.errors import DenoqError
@@ -212,9 +212,11 @@ def accuquant_settings(recipe: Recipe) -> AccuQuantSettings:
 
 
 def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
-    """A small batch of real calibration inputs with mixed timesteps (export example and parity checks)."""
-    steps = np.linspace(0, len(calib.t) - 1, CHECK_BATCH).round().astype(int)
-    rows = [j % calib.x[0].shape[0] for j in range(CHECK_BATCH)]
+    """A small batch of real calibration inputs with mixed timesteps (export example and parity checks): `check_batch`
+    rows."""
+    batch = check_batch(sum(p.numel() for p in spec.module.parameters()))
+    steps = np.linspace(0, len(calib.t) - 1, batch).round().astype(int)
+    rows = [j % calib.x[0].shape[0] for j in range(batch)]
     x = torch.stack([calib.x[i][r] for i, r in zip(steps, rows, strict=True)])
     t = torch.tensor([calib.t[i] for i in steps], dtype=torch.float32)  # the graph takes the scheduler's values
     cond = None if calib.cond is None else calib.cond[rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from denoq.compiler.artifact import Artifact
-from denoq.sampling.names import SAMPLER_CLASSES, scheduler_class
+from denoq.sampling.names import SAMPLER_CLASSES, is_flow, scheduler_class
 
 
 def describe(art: Artifact, layers: bool = False) -> str:
@@ -16,7 +16,7 @@ def describe(art: Artifact, layers: bool = False) -> str:
     model = m["model"]
     lines.append(f"model    {model['name']}: {model['class']}, sample {model['sample_shape']}, "
                  f"{model['parameters']:,} parameters, T={model['num_train_timesteps']}")
-    lines.append("         " + _scheduler_line(m["scheduler"]))
+    lines.append("         " + _scheduler_line(m["scheduler"], "text" in model))
     if "text" in model:
         lines.append("         " + _conditioning_line(model, m.get("calibration", {}).get("conditioning", {})))
     recipe = m["recipe"]
@@ -60,12 +60,16 @@ def describe(art: Artifact, layers: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _scheduler_line(scheduler: dict) -> str:
+def _scheduler_line(scheduler: dict, text: bool) -> str:
+    """The scheduler, what it trains on (flow matching's velocity, or the betas and prediction type) and who
+    samples the artifact with it."""
     name = scheduler_class(scheduler)
-    how = "denoq sample runs it" if name in SAMPLER_CLASSES else \
-        "not denoq's own sampler: sample through diffusers with pipe.unet = denoq.load(ART)"
-    return (f"scheduler {name} ({scheduler.get('beta_schedule', 'linear')} betas, "
-            f"{scheduler.get('prediction_type', 'epsilon')}; {how})")
+    how = "denoq sample runs it" if name in SAMPLER_CLASSES and not text else \
+        "sample through its diffusers pipeline with pipe.unet / pipe.transformer = denoq.load(ART)"
+    kind = f"flow matching, shift {scheduler.get('shift', 1.0)}" + \
+        (", dynamic by resolution" if scheduler.get("use_dynamic_shifting") else "") if is_flow(scheduler) else \
+        f"{scheduler.get('beta_schedule', 'linear')} betas, {scheduler.get('prediction_type', 'epsilon')}"
+    return f"scheduler {name} ({kind}; {how})"
 
 
 def _conditioning_line(model: dict, calib: dict) -> str:

@@ -41,6 +41,9 @@ PARITY_BOUND = 2.0
 LAYER_FLIP_FRACTION = 1e-3
 LAYER_RTOL = 1e-5
 CHECK_BATCH = 8
+#: models past this many parameters run the checks on two rows (the first and last calibration steps): one forward
+#: of a full-size transformer at 1024 px is teraflops, minutes on a CPU, and each executor runs every row
+LARGE_MODEL_PARAMETERS = 100_000_000
 #: Sample pixels (rows × H × W, or rows × tokens of a packed [B, S, C] sample) the checks run through one model
 #: call: a full-size UNet's attention holds [heads, H·W, H·W] scores per row (1 GB at SD 1.5's 64×64 latents in
 #: ORT, 2 GB for Flux's 24 heads over 4608 tokens), so its check batch goes a row at a time.
@@ -91,11 +94,16 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
     return checks
 
 
-def check_scales(scales: list[float]) -> torch.Tensor:
-    """Guidance scales for the parity batch (CHECK_BATCH rows): the calibration's scales in turn, or 1, 2, 4 in
-    turn when the calibration was unguided."""
+def check_batch(parameters: int) -> int:
+    """Rows of the parity batch for a model of `parameters` parameters: CHECK_BATCH, or 2 for a large model."""
+    return CHECK_BATCH if parameters < LARGE_MODEL_PARAMETERS else 2
+
+
+def check_scales(scales: list[float], rows: int) -> torch.Tensor:
+    """Guidance scales for the parity batch of `rows` rows: the calibration's scales in turn, or 1, 2, 4 in turn
+    when the calibration was unguided."""
     pool = scales or [1.0, 2.0, 4.0]
-    return torch.tensor([pool[j % len(pool)] for j in range(CHECK_BATCH)], dtype=torch.float32)
+    return torch.tensor([pool[j % len(pool)] for j in range(rows)], dtype=torch.float32)
 
 
 def guided_parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, scales: torch.Tensor, qdq_path: Path,

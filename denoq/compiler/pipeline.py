@@ -49,8 +49,8 @@ def check(spec: ModelSpec, cal: Calibration, inputs: GraphInputs, fp_path: Path,
     after = head_after_guidance(spec, guided_scales)
     checks = parity(spec, cal.plan, inputs, fp_path, graphs.qdq, None if after else ptqd, graphs.half)
     if graphs.guided is not None:
-        checks.update(guided_parity(spec, cal.plan, inputs, check_scales(guided_scales), graphs.qdq, graphs.guided,
-                                    ptqd if after else None))
+        scales = check_scales(guided_scales, len(inputs.sample))
+        checks.update(guided_parity(spec, cal.plan, inputs, scales, graphs.qdq, graphs.guided, ptqd if after else None))
     log.info("parity: %s", json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}))
     gate = check_gate(checks, allow_parity_failure,
                       lambda: first_disagreeing_layer(spec, cal.plan, inputs, graphs.qdq, layer_map))
