@@ -114,10 +114,8 @@ class ModelSpec:
     def learned_variance(self) -> bool:
         """Whether the model also predicts its variance: out_channels = 2 × in_channels (DiT's Σ; the graph's
         output holds both, the samplers read `denoq.sampling.cond.split_variance`)."""
-        if self.packed:
-            return False
-        out = self.module.config.get("out_channels")
-        return int(out or self.sample_shape[0]) == 2 * self.sample_shape[0]
+        channels = int(self.module.config.get("in_channels") or 4)
+        return int(self.module.config.get("out_channels") or channels) == 2 * channels
 
     @property
     def io_layers(self) -> dict[str, str]:

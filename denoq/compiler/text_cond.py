@@ -236,11 +236,6 @@ def encode_prompts(pipe: Any, text: TextModel, prompts: list[str], sample_hw: tu
         _with_image(text, {k: v.float() for k, v in null.items()}, sample_hw, grid, scale)
 
 
-#: calib.embeddings' tensor names (what encode_prompt returns) → the denoiser input each feeds
-EMBEDDING_NAMES = {"prompt_embeds": TEXT_INPUT, "pooled_prompt_embeds": "pooled",
-                   "prompt_attention_mask": "encoder_attention_mask"}
-
-
 def _load_embeddings(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -262,8 +257,9 @@ def read_embeddings(path: str, text: TextModel, n: int, sample_hw: tuple[int, in
     missing tensor or a wrong shape. Flux's file may leave out the negatives (its null is then the prompts')."""
     data = _load_embeddings(path)
     shapes = text.shapes()
-    roles = {name: shapes_key for name, role in EMBEDDING_NAMES.items()
-             if (shapes_key := text.pooled_input if role == "pooled" else role) in shapes}
+    inputs = {"prompt_embeds": TEXT_INPUT, "pooled_prompt_embeds": text.pooled_input,
+              "prompt_attention_mask": "encoder_attention_mask"}  # what encode_prompt returns → the input it feeds
+    roles = {name: role for name, role in inputs.items() if role in shapes}
     optional = text.denoiser == "FluxTransformer2DModel"
     wanted = [*roles, *(f"negative_{name}" for name in roles if not optional)]
     for name in wanted:

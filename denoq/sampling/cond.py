@@ -69,11 +69,6 @@ class Conditioning:
     def to(self, device: torch.device | str) -> Conditioning:
         return Conditioning({k: v.to(device) for k, v in self.tensors.items()})
 
-    @property
-    def added(self) -> dict[str, torch.Tensor]:
-        """diffusers' `added_cond_kwargs`."""
-        return {k: v for k, v in self.tensors.items() if k in ADDED_CONDITIONS}
-
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the denoiser's forward (`denoiser_kwargs`)."""
         return denoiser_kwargs(self.tensors)
