@@ -3,7 +3,8 @@
 BOPs = Σ over the quantizable layers (Conv2d, Linear) of MACs × weight bits × activation bits (van Baalen et al.,
 "Bayesian Bits", 2020; the count PTQD's step-aware mixed precision reports), plus, for a layer whose input has G
 IGQ-ViT groups, (G − 1) float multiply-adds per output element that rescale and sum the groups' partial sums
-(`group_bops`). A layer kept in floating point, or
+(`group_bops`), and for a layer with SVDQuant's rank-r branch its MACs, P·r·(in·kh·kw + out) for P output
+positions, at BRANCH_BITS × BRANCH_BITS (the float16 branch TensorRT runs). A layer kept in floating point, or
 whose activations stay in floating point, counts FLOAT_BITS for them: the graphs denoq runs are FP32. Other ops
 (normalizations, softmax, the attention matmuls between activations, elementwise ops) are not counted. MACs are
 counted by forward hooks on one call of the model with a batch of one; bottom layer (torch and the plan type only).
@@ -20,6 +21,7 @@ from denoq.layers import quantizable_layers
 from denoq.plan import QuantPlan
 
 FLOAT_BITS = 32
+BRANCH_BITS = 16
 
 
 def _macs(module: nn.Module, out: torch.Tensor) -> int:
@@ -71,4 +73,8 @@ def plan_bops(macs: dict[str, int], plan: QuantPlan | None) -> int:
         groups = 1 if lp is None or lp.input_groups is None else lp.input_groups.groups
         outputs = 0 if lp is None else m // max(int(lp.weight_int[0].numel()), 1)
         total += group_bops(m, outputs, wb, ab, groups)
+        if lp is not None and lp.rank:
+            out_channels, per_output = lp.weight_int.shape[0], int(lp.weight_int[0].numel())
+            positions = outputs // out_channels
+            total += positions * lp.rank * (per_output + out_channels) * BRANCH_BITS * BRANCH_BITS
     return total

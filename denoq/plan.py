@@ -5,11 +5,18 @@ A plan is written as two files of an artifact: the tensors in `plan.safetensors`
 the plan is the only thing that flows between the two.
 
 Per layer (keyed by its PyTorch module name):
-- weights: the already-rounded integers in PyTorch layout (`[out, in, kh, kw]` for conv, `[out, in]` for
-  linear) with their symmetric scales, per output channel (`[out]`) or blocked along the input dimension
-  (`[out, in // block_size]`). Passes never re-round.
-- input activation quantizer and, for the `ort-cpu` target, an output quantizer: bits, signedness, a constant
-  zero point and a per-timestep scale table of length T = `num_train_timesteps`.
+- weights: the already-rounded values in PyTorch layout (`[out, in, kh, kw]` for conv, `[out, in]` for
+  linear) on the grid of `weight_format` (`denoq.formats`: integers in an int8 tensor; FP8 E4M3 or FP4 E2M1
+  values in a float8_e4m3fn tensor, which holds every E2M1 value exactly) with their symmetric scales, per output
+  channel (`[out]`) or blocked along the input dimension (`[out, in // block_size]`). NVFP4 (`fp4`, blocks of
+  16) adds one float32 `weight_global_scale` g: its block scales are FP8 E4M3 numbers and a weight is
+  `q · (s_b · g)`. Passes never re-round.
+- input activation quantizer and, for the `ort-cpu` target, an output quantizer: format, bits, signedness, a
+  constant zero point and a per-timestep scale table of length T = `num_train_timesteps`; or a dynamic block
+  quantizer (`block_size` > 0: a scale per block of channels computed at run time from the block's amax;
+  NVFP4's table then holds the per-tensor scale g of its FP8 block scales).
+- SVDQuant's low-rank branch (`lowrank_down` `[r, in, kh, kw]` / `[r, in]`, `lowrank_up` `[out, r]`, float32
+  values exact in float16): `y = layer(x̂; Ŵ) + up · down(x)`, read by the layer's (smoothed) float input.
 
 Per attention module (with `attention.quantize`, keyed by the diffusers `Attention` module's name): the quantizers
 of the two attention matmuls' inputs, `q` and `k` (the scaled query and transposed key of Q·Kᵀ) and `p` and `v`
@@ -26,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from denoq.errors import DenoqError
+from denoq.formats import FORMATS, grid_max
 
 TARGETS = ("trt", "ort-cpu")
 LAYER_OPS = ("conv", "linear")
@@ -41,20 +49,34 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 
 @dataclass
 class ActQuant:
-    """A per-tensor activation quantizer: `q = saturate(round(x / scale[t]) + zero_point)`.
+    """A per-tensor activation quantizer: `q = saturate(round(x / scale[t]) + zero_point)` on the grid of `format`.
 
-    `signed` selects int8 (range [-128, 127]; the `trt` target uses zero point 0) or uint8 ([0, 255]).
-    `scale` is a float32 table of length T indexed by the scheduler's training timestep.
+    `signed` selects int8 (range [-128, 127]; the `trt` target uses zero point 0) or uint8 ([0, 255]); `fp8` is
+    E4M3 (signed, zero point 0). `scale` is a float32 table of length T indexed by the scheduler's training
+    timestep.
+
+    `block_size` B > 0 makes it a dynamic block quantizer (SVDQuant's W4A4, NVFP4): every B consecutive channels
+    of one instance (a token's features, a pixel's channels) get the scale `c · amax / qmax` of their own values at
+    run time with the clipping ratio c = `scale[t]` (`int`), or NVFP4's two-level scale `fp8(amax / (6 · g)) · g`
+    with the global scale g = `scale[t]` (`fp4`).
     """
 
     bits: int
     signed: bool
     zero_point: int
     scale: torch.Tensor
+    format: str = "int"
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise DenoqError(f"unknown activation format {self.format!r}; expected one of {', '.join(FORMATS)}")
 
     @property
-    def qrange(self) -> tuple[int, int]:
-        return qrange(self.bits, self.signed)
+    def qrange(self) -> tuple[float, float]:
+        if self.format == "int":
+            return qrange(self.bits, self.signed)
+        return -grid_max(self.format, self.bits), grid_max(self.format, self.bits)
 
     @property
     def is_constant(self) -> bool:
@@ -62,7 +84,14 @@ class ActQuant:
         return bool(torch.all(self.scale == self.scale[0]))
 
     def meta(self) -> dict[str, Any]:
-        return {"bits": self.bits, "signed": self.signed, "zero_point": self.zero_point}
+        return {"bits": self.bits, "signed": self.signed, "zero_point": self.zero_point,
+                **({} if self.format == "int" else {"format": self.format}),
+                **({"block_size": self.block_size} if self.block_size else {})}
+
+    @classmethod
+    def load(cls, meta: dict[str, Any], scale: torch.Tensor) -> ActQuant:
+        return cls(bits=int(meta["bits"]), signed=bool(meta["signed"]), zero_point=int(meta["zero_point"]),
+                   scale=scale, format=meta.get("format", "int"), block_size=int(meta.get("block_size", 0)))
 
 
 @dataclass
@@ -158,23 +187,50 @@ class LayerPlan:
     input: ActQuant | None = None
     output: ActQuant | None = None
     input_groups: GroupQuant | None = None  # IGQ-ViT: replaces `input`'s one scale by instance-aware groups
-    input_factors: torch.Tensor | None = None  # static groups: x · factors [C_in] before `input` (folded into W)
+    input_factors: torch.Tensor | None = None  # static groups, SVDQuant's smoothing: x · factors [C_in] before
+    #                                             `input` (their inverse folded into W)
+    weight_format: str = "int"
+    weight_global_scale: float | None = None  # NVFP4: g of the FP8 block scales
+    lowrank_down: torch.Tensor | None = None  # SVDQuant: L2 [r, in, (kh, kw)]
+    lowrank_up: torch.Tensor | None = None  # SVDQuant: L1 [out, r]
 
     def __post_init__(self) -> None:
         if self.op not in LAYER_OPS:
             raise DenoqError(f"layer {self.name}: unknown op {self.op!r}; expected one of {LAYER_OPS}")
-        if self.weight_int.dtype != torch.int8:
-            raise DenoqError(f"layer {self.name}: integer weights must be int8, got {self.weight_int.dtype}")
+        if self.weight_format not in FORMATS:
+            raise DenoqError(f"layer {self.name}: unknown weight format {self.weight_format!r}; expected one of "
+                             f"{', '.join(FORMATS)}")
+        container = torch.int8 if self.weight_format == "int" else torch.float8_e4m3fn
+        if self.weight_int.dtype != container:
+            raise DenoqError(f"layer {self.name}: {self.weight_format} weights must be held as {container}, got "
+                             f"{self.weight_int.dtype}")
+        if (self.weight_global_scale is not None) != (self.weight_format == "fp4"):
+            raise DenoqError(f"layer {self.name}: a weight global scale belongs to fp4 (NVFP4) weights only")
+        if (self.lowrank_down is None) != (self.lowrank_up is None):
+            raise DenoqError(f"layer {self.name}: the low-rank branch needs both lowrank_down and lowrank_up")
         expected = self.weight_int.shape[:1] if self.block_size == 0 else (
             self.weight_int.shape[0], self.weight_int.shape[1] // self.block_size)
         if tuple(self.weight_scale.shape) != tuple(expected):
             raise DenoqError(f"layer {self.name}: weight scale shape {tuple(self.weight_scale.shape)} does not "
                              f"match weights {tuple(self.weight_int.shape)} with block size {self.block_size}")
 
+    @property
+    def rank(self) -> int:
+        """The rank of SVDQuant's low-rank branch (0: none)."""
+        return 0 if self.lowrank_up is None else int(self.lowrank_up.shape[1])
+
+    def effective_weight_scale(self) -> torch.Tensor:
+        """The scales DequantizeLinear multiplies by, float32 in plan layout: `weight_scale`, or for NVFP4
+        `s_b · g` (the DequantizeLinear of the FP8 block scales by g)."""
+        s = self.weight_scale.to(torch.float32)
+        if self.weight_global_scale is None:
+            return s
+        return s * torch.tensor(self.weight_global_scale, dtype=torch.float32)
+
     def expanded_weight_scale(self) -> torch.Tensor:
         """The weight scale of every weight element, float32, broadcastable to `weight_int` (per output channel,
         or repeated over each block of `block_size` input channels)."""
-        s = self.weight_scale.to(torch.float32)
+        s = self.effective_weight_scale()
         dims = self.weight_int.dim()
         if self.block_size == 0:
             return s.view(-1, *([1] * (dims - 1)))
@@ -240,6 +296,9 @@ class QuantPlan:
                 out.update(lp.input_groups.tensors(f"{name}.igq"))
             if lp.input_factors is not None:
                 out[f"{name}.input_factors"] = lp.input_factors.to(torch.float32).contiguous()
+            if lp.lowrank_up is not None and lp.lowrank_down is not None:
+                out[f"{name}.lowrank_up"] = lp.lowrank_up.to(torch.float32).contiguous()
+                out[f"{name}.lowrank_down"] = lp.lowrank_down.to(torch.float32).contiguous()
         for name in sorted(self.attention):
             ap = self.attention[name]
             for role, q in sorted(ap.quants.items()):
@@ -260,6 +319,9 @@ class QuantPlan:
                 "output": lp.output.meta() if lp.output else None,
                 **({} if lp.input_groups is None else {"input_groups": lp.input_groups.meta()}),
                 **({} if lp.input_factors is None else {"input_factors": True}),
+                **({} if lp.weight_format == "int" else {"weight_format": lp.weight_format}),
+                **({} if lp.weight_global_scale is None else {"weight_global_scale": lp.weight_global_scale}),
+                **({"lowrank": lp.rank} if lp.rank else {}),
             }
         attention = {name: {role: q.meta() for role, q in sorted(self.attention[name].quants.items())}
                      | ({} if self.attention[name].p_groups is None else
@@ -284,12 +346,10 @@ class QuantPlan:
         plan = cls(num_train_timesteps=int(meta["num_train_timesteps"]), target=meta["target"])
         for name, lm in sorted(meta["layers"].items()):
             try:
-                acts = {}
-                for role in ("input", "output"):
-                    qm = lm[role]
-                    acts[role] = None if qm is None else ActQuant(
-                        bits=qm["bits"], signed=qm["signed"], zero_point=qm["zero_point"],
-                        scale=tensors[f"{name}.{role}_scale"])
+                acts = {role: None if lm[role] is None else ActQuant.load(lm[role], tensors[f"{name}.{role}_scale"])
+                        for role in ("input", "output")}
+                lowrank = ((tensors[f"{name}.lowrank_down"], tensors[f"{name}.lowrank_up"]) if lm.get("lowrank")
+                           else (None, None))
                 groups = None if "input_groups" not in lm else GroupQuant.load(lm["input_groups"], tensors,
                                                                                  f"{name}.igq")
                 plan.add(LayerPlan(name=name, op=lm["op"], weight_bits=lm["weight_bits"],
@@ -297,7 +357,9 @@ class QuantPlan:
                                    weight_scale=tensors[f"{name}.weight_scale"], block_size=lm["block_size"],
                                    input=acts["input"], output=acts["output"], input_groups=groups,
                                    input_factors=tensors[f"{name}.input_factors"] if lm.get("input_factors")
-                                   else None))
+                                   else None, weight_format=lm.get("weight_format", "int"),
+                                   weight_global_scale=lm.get("weight_global_scale"),
+                                   lowrank_down=lowrank[0], lowrank_up=lowrank[1]))
             except KeyError as exc:
                 raise DenoqError(f"quantization plan {path} lacks tensor {exc} of layer {name}; "
                                  "recompile the artifact") from exc
@@ -306,8 +368,7 @@ class QuantPlan:
                 p_groups = None if "p_groups" not in roles else GroupQuant.load(roles["p_groups"], tensors,
                                                                                  f"{name}.attn_p_igq")
                 plan.add_attention(AttentionPlan(name, {
-                    role: ActQuant(bits=qm["bits"], signed=qm["signed"], zero_point=qm["zero_point"],
-                                   scale=tensors[f"{name}.attn_{role}_scale"])
+                    role: ActQuant.load(qm, tensors[f"{name}.attn_{role}_scale"])
                     for role, qm in roles.items() if role in ATTENTION_ROLES}, p_groups, bool(roles.get("p_log2"))))
             except KeyError as exc:
                 raise DenoqError(f"quantization plan {path} lacks tensor {exc} of attention {name}; "

@@ -26,6 +26,7 @@ EXPECTED_DEFAULTS = {
     "trt.fp16": True,
     "trt.fp32_layers": "@out",
     "weights.bits": 8,
+    "weights.format": "int",
     "weights.method": "rtn",
     "weights.group_size": 0,
     "weights.damp": 0.01,
@@ -34,6 +35,8 @@ EXPECTED_DEFAULTS = {
     "weights.sequential": True,
     "weights.hessian_samples": 16,
     "activations.bits": 8,
+    "activations.format": "int",
+    "activations.block_size": 0,
     "activations.observer": "mse",
     "activations.percentile": 99.99,
     "activations.lm_rho": 1.0,
@@ -46,6 +49,8 @@ EXPECTED_DEFAULTS = {
     "activations.igq_budget": 0.0,
     "attention.quantize": False,
     "attention.softmax_grid": "uniform",
+    "svdquant.rank": 0,
+    "svdquant.alpha": 0.0,
     "ptqd.enabled": False,
     "ptqd.correlation": True,
     "ptqd.vsc": False,
@@ -62,6 +67,7 @@ EXPECTED_DEFAULTS = {
     "accuquant.start": "fp",
     "accuquant.perstep_iters": 0,
     "layers.keep_fp": "@in,@out",
+    "layers.conv_format": "same",
     "calib.samples": 64,
     "calib.steps": 25,
     "calib.sampler": "auto",
@@ -95,7 +101,8 @@ def test_keys_and_defaults_match_the_contract():
 
 
 def test_presets():
-    assert set(RECIPES) == {"w8a8", "w8a8-ort", "w4a8", "w4a16"}
+    assert set(RECIPES) == {"w8a8", "w8a8-ort", "w4a8", "w4a16", "fp8", "w4a4", "w4a4-svdquant", "nvfp4",
+                            "nvfp4-svdquant"}
     for name, act_bits in (("w4a8", 8), ("w4a16", 16)):
         r = load_recipe(name)
         assert (r["weights.bits"], r["weights.method"], r["activations.bits"], r["target"]) == (4, "gptq", act_bits,
@@ -330,6 +337,7 @@ def test_typed_config_reads_the_same_values_as_the_flat_keys():
     (["activations.igq_groups=4", "activations.timestep_groups=2"], "activations.timestep_groups=1"),
     (["ptqd.vsc=true"], "ptqd.enabled=true"),
     (["calib.prompts=p.txt", "calib.conditioning=random"], "two sources of the text conditioning"),
+    (["weights.format=fp8", "target=ort-cpu"], "TensorRT's formats"),
 ])
 def test_rules_between_keys_refuse_at_load(sets, words):
     with pytest.raises(DenoqError, match=re.escape(words)) as exc:
@@ -340,4 +348,4 @@ def test_rules_between_keys_refuse_at_load(sets, words):
 def test_every_rule_is_reached_by_a_test():
     from denoq.compiler.recipe_rules import CROSS_KEY_RULES
 
-    assert len(CROSS_KEY_RULES) == 8  # a new rule needs a case in test_rules_between_keys_refuse_at_load
+    assert len(CROSS_KEY_RULES) == 9  # a new rule needs a case in test_rules_between_keys_refuse_at_load

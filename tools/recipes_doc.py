@@ -26,23 +26,26 @@ SECTIONS = {
     "weights": "Weights",
     "activations": "Activations",
     "attention": "Attention",
+    "svdquant": "SVDQuant",
     "ptqd": "PTQD and mixed precision",
     "precision": "PTQD and mixed precision",
     "accuquant": "Learned quantizers (`weights.method=adaround`) and AccuQuant windows",
-    "layers": "Layers kept in floating point",
+    "layers": "Layers kept in floating point or FP8",
     "calib": "Calibration",
     "seed": "Calibration",
 }
 #: The page that explains a section's keys with measurements.
 SEE_ALSO = {
     "Target": "[TensorRT](tensorrt.md), [CPU kernels](cpu.md)",
-    "Weights": "[GPTQ, OBQ and INT4 weights](weights-gptq.md)",
+    "Weights": "[GPTQ, OBQ and INT4 weights](weights-gptq.md), [FP8, NVFP4 and W4A4](formats.md)",
     "Activations": "[observers](observers-and-w8a8.md), [timestep groups](timestep-groups.md), "
                    "[IGQ-ViT](transformers.md)",
     "Attention": "[transformers](transformers.md)",
+    "SVDQuant": "[FP8, NVFP4 and W4A4](formats.md)",
     "PTQD and mixed precision": "[PTQD](ptqd.md)",
     "Learned quantizers (`weights.method=adaround`) and AccuQuant windows": "[AccuQuant](accuquant.md)",
-    "Layers kept in floating point": "[observers and W8A8](observers-and-w8a8.md)",
+    "Layers kept in floating point or FP8": "[observers and W8A8](observers-and-w8a8.md), "
+                                            "[FP8 convolutions](formats.md)",
     "Calibration": "[timestep groups](timestep-groups.md), [guidance](guidance.md)",
 }
 

@@ -156,11 +156,12 @@ def attention_plans(stats: dict[str, dict[str, TensorStats]], observer: Observer
         for role in ATTENTION_ROLES:
             values, amin, amax = stats[name][role].pooled()
             if role == "p":  # [0, max P]: never negative, and the few large probabilities carry the attention
-                scale, zp = qparams(0.0, amax, observer.bits, observer.signed)
+                scale, zp = qparams(0.0, amax, observer.bits, observer.signed, observer.format)
             else:
                 scale, zp = observe_qparams(values, amin, amax, observer)
             quants[role] = ActQuant(bits=observer.bits, signed=observer.signed, zero_point=zp,
-                                    scale=torch.full((num_train_timesteps,), scale, dtype=torch.float32))
+                                    scale=torch.full((num_train_timesteps,), scale, dtype=torch.float32),
+                                    format=observer.format)
         groups = None
         if row_groups_count > 0:
             groups = row_groups(stats[name]["p_rows"].pooled()[0], row_groups_count, observer.bits, observer.signed)

@@ -12,14 +12,16 @@ quantizing ε itself costs quality and buys no fusion that matters).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from denoq.calibrators.observers import ObserverSettings, observe_qparams
+from denoq.calibrators.observers import MIN_RANGE, ObserverSettings, observe_qparams
 from denoq.calibrators.stats import LayerStats, TensorStats
 from denoq.calibrators.timegroups import Segment, grouped_act_quant
+from denoq.formats import FP4_MAX, FP8_MAX
 from denoq.layers import layer_op
 from denoq.log import bar
 from denoq.plan import ActQuant, LayerPlan, QuantPlan
@@ -27,9 +29,12 @@ from denoq.plan import ActQuant, LayerPlan, QuantPlan
 
 @dataclass(frozen=True)
 class BaselineSettings:
+    """`block_size` > 0: dynamic block activation quantizers instead of the observer's per-tensor ones."""
+
     target: str
     activations: ObserverSettings
     timestep_groups: int = 1
+    block_size: int = 0
 
     @property
     def quantize_outputs(self) -> bool:
@@ -45,7 +50,22 @@ def _act_quant(stats: TensorStats, settings: ObserverSettings, num_train_timeste
     values, amin, amax = stats.pooled()
     scale, zp = observe_qparams(values, amin, amax, settings)
     table = torch.full((num_train_timesteps,), scale, dtype=torch.float32)
-    return ActQuant(bits=settings.bits, signed=settings.signed, zero_point=zp, scale=table)
+    return ActQuant(bits=settings.bits, signed=settings.signed, zero_point=zp, scale=table, format=settings.format)
+
+
+def block_act_quant(stats: TensorStats, settings: ObserverSettings, block_size: int, channels: int,
+                    num_train_timesteps: int) -> ActQuant:
+    """A dynamic block quantizer (`ActQuant.block_size`): blocks of `block_size` channels, or of gcd(block_size, C)
+    where C is not a multiple of it. Its table: NVFP4's global scale g = amax / (6 · 448) of the pooled input (the
+    largest block scale is then the largest FP8 number); for integer blocks the clipping ratio 1 (no clipping;
+    `blockclip.clip_ratios` chooses it)."""
+    g = 1.0
+    if settings.format == "fp4":
+        amin, amax = min(stats.amin.values()), max(stats.amax.values())
+        g = max(amax, -amin, MIN_RANGE) / (FP4_MAX * FP8_MAX)
+    return ActQuant(bits=settings.bits, signed=True, zero_point=0, format=settings.format,
+                    block_size=math.gcd(block_size, channels),
+                    scale=torch.full((num_train_timesteps,), g, dtype=torch.float32))
 
 
 def build_baseline_plan(layers: dict[str, nn.Module], stats: dict[str, LayerStats], settings: BaselineSettings,
@@ -66,7 +86,12 @@ def build_baseline_plan(layers: dict[str, nn.Module], stats: dict[str, LayerStat
             if (settings.quantize_outputs and st.output.values and not st.is_model_output
                     and (layer_op(module) == "conv" or st.input_ndim == 2)):
                 out_q = _act_quant(st.output, settings.activations, num_train_timesteps)
-            in_q, groups[name] = grouped_act_quant(st.input, settings.timestep_groups, settings.activations,
-                                                   num_train_timesteps)
+            if settings.block_size:
+                in_q = block_act_quant(st.input, settings.activations, settings.block_size,
+                                       module.weight.shape[1] * getattr(module, "groups", 1),
+                                       num_train_timesteps)
+            else:
+                in_q, groups[name] = grouped_act_quant(st.input, settings.timestep_groups, settings.activations,
+                                                       num_train_timesteps)
         plan.add(dataclasses.replace(weights[name], input=in_q, output=out_q))
     return plan, groups

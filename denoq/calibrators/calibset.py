@@ -22,7 +22,7 @@ import torch
 from denoq.errors import DenoqError
 from denoq.log import bar
 from denoq.sampling import FlowSchedule, NoiseSchedule, sample
-from denoq.sampling.cond import Cond, Conditioning, batch_of, cat, repeat_rows
+from denoq.sampling.cond import Cond, Conditioning, batch_of, call_denoiser, cat, repeat_rows
 from denoq.sampling.guidance import classifier_free
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -189,3 +189,15 @@ def _same(a: Cond, b: Cond) -> bool:
         return (isinstance(a, Conditioning) and isinstance(b, Conditioning) and a.tensors.keys() == b.tensors.keys()
                 and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors))
     return torch.equal(a, b)
+
+
+def run_hooked(model: torch.nn.Module, calib: CalibrationSet, handles: list, batch_size: int = 64) -> None:
+    """Call `model` (no grad) on every input of `calib` in batches of `batch_size`, then remove the hook `handles`
+    (also on an error): the pass that lets forward hooks collect statistics."""
+    try:
+        with torch.no_grad():
+            for x, t, cond in calib.batches(batch_size):
+                call_denoiser(model, x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()

@@ -31,7 +31,11 @@ Hessian, `layer_output_error(W, Ŵ, H + λI)`, to float rounding (tested). Both 
 rounding itself is the graph's float32 `round(w / s)` (docs/architecture.md, Quantizer semantics).
 
 Quantizer: symmetric, zero point 0, integers in [−qmax, qmax], qmax = 2^(b−1) − 1 (TensorRT), scale per row and
-input-channel group s = max|w| / qmax (1 for an all-zero group), as `quantizer.symmetric_weight_quant`.
+input-channel group s = max|w| / qmax (1 for an all-zero group), as `quantizer.symmetric_weight_quant`. With
+`format` fp8 the grid is E4M3 (qmax = 448); with fp4 it is NVFP4: E2M1 values (qmax = 6) in groups whose scale is
+the two-level `fp8(max|w| / (6 · g)) · g` with g = max|W| / (6 · 448) per layer (`formats.nvfp4_block_scale`).
+The rounding step is always the grid's own (`formats.to_grid`), so GPTQ's error feedback sees the non-uniform FP
+grid as it is.
 A group of `group_size` input channels is group_size·kh·kw columns of a Conv2d, so the scales are exactly the
 plan's blocked layout `[out, in // group_size]`.
 """
@@ -47,6 +51,7 @@ from denoq.calibrators.choices import WEIGHT_BITS
 from denoq.calibrators.layer_matrix import check_module, from_matrix
 from denoq.calibrators.quantizer import quantize
 from denoq.errors import DenoqError
+from denoq.formats import FP4_MAX, FP8_MAX, fp8_round, grid_max, nvfp4_block_scale
 from denoq.layers import layer_op
 from denoq.plan import LayerPlan
 
@@ -71,6 +76,7 @@ class GptqSettings:
     block: int = 128
     act_order: bool = False
     static_groups: bool = False
+    format: str = "int"
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -85,8 +91,8 @@ class GptqSettings:
             raise DenoqError(f"GPTQ block={self.block} must be ≥ 1; the usual value is 128")
 
     @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+    def qmax(self) -> float:
+        return grid_max(self.format, self.bits)
 
     @property
     def uses_static_groups(self) -> bool:
@@ -95,12 +101,15 @@ class GptqSettings:
 
 @dataclass
 class WeightQuant:
-    """Rounded weights: integers `q` (int8 `[rows, cols]`), scales (float32 `[rows, n_groups]`, `[rows, 1]` for one
-    per row) and `loss` = Σ_q ½ (w_q − ŵ_q)² / [H_F⁻¹]_qq (GPTQ eq. 2 summed; None for `rtn`, which sees no H)."""
+    """Rounded weights: grid values `q` (float32 `[rows, cols]`: integers, E4M3 or E2M1 values), the scales they
+    are multiplied by (float32 `[rows, n_groups]`, `[rows, 1]` for one per row; for NVFP4 the products s_b · g),
+    NVFP4's `global_scale` g, and `loss` = Σ_q ½ (w_q − ŵ_q)² / [H_F⁻¹]_qq (GPTQ eq. 2 summed; None for `rtn`,
+    which sees no H)."""
 
     q: torch.Tensor
     scale: torch.Tensor
     loss: float | None
+    global_scale: float | None = None
 
     @property
     def columns_per_group(self) -> int:
@@ -124,11 +133,16 @@ def group_columns(module: nn.Module, group_size: int) -> int:
 
 
 def layer_plan(name: str, module: nn.Module, wq: WeightQuant, settings: GptqSettings) -> LayerPlan:
-    """The QuantPlan entry of the rounded layer (activation quantizers left unset for the caller)."""
+    """The QuantPlan entry of the rounded layer (activation quantizers left unset for the caller). NVFP4's block
+    scales are stored as their FP8 numbers s_b (recovered exactly from the float32 products s_b · g)."""
     scale = wq.scale[:, 0] if settings.group_size == 0 else wq.scale
+    if wq.global_scale is not None:
+        scale = fp8_round(scale / wq.global_scale)
+    values = from_matrix(module, wq.q).contiguous()
     return LayerPlan(name=name, op=layer_op(module), weight_bits=settings.bits,
-                     weight_int=from_matrix(module, wq.q).contiguous(), weight_scale=scale.contiguous(),
-                     block_size=settings.group_size)
+                     weight_int=values.to(torch.int8 if settings.format == "int" else torch.float8_e4m3fn),
+                     weight_scale=scale.contiguous(), block_size=settings.group_size, weight_format=settings.format,
+                     weight_global_scale=wq.global_scale)
 
 
 # -- shared pieces -------------------------------------------------------------------------------------------
@@ -147,15 +161,26 @@ def _group_width(w: torch.Tensor, settings: GptqSettings, columns_per_group: int
     return cpg
 
 
-def _scales(w: torch.Tensor, qmax: int, cpg: int) -> torch.Tensor:
-    """s = max|w| / qmax per row and group of `cpg` columns, float32 `[rows, cols / cpg]`; 1 for all-zero groups."""
+def _global_scale(w: torch.Tensor, settings: GptqSettings) -> float | None:
+    """NVFP4's per-layer g = max|W| / (6 · 448) (1 for an all-zero layer); None for the other grids."""
+    if settings.format != "fp4":
+        return None
+    amax = float(w.detach().abs().max().to(torch.float32))
+    return float(torch.tensor(amax / (FP4_MAX * FP8_MAX), dtype=torch.float32)) if amax > 0 else 1.0
+
+
+def _scales(w: torch.Tensor, settings: GptqSettings, cpg: int, g: float | None) -> torch.Tensor:
+    """s = max|w| / qmax per row and group of `cpg` columns, float32 `[rows, cols / cpg]`; 1 for all-zero groups;
+    NVFP4's s_b · g when `g` is given."""
     amax = w.abs().reshape(w.shape[0], -1, cpg).amax(dim=2).to(torch.float32)
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    if g is not None:
+        return nvfp4_block_scale(amax, g)
+    return torch.where(amax > 0, amax / settings.qmax, torch.ones_like(amax))
 
 
-def _round(w: torch.Tensor, s: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, ŵ = q·s): the float32 graph rounding q = clamp(round(w / s), −qmax, qmax); ŵ returned as float64."""
-    q = quantize(w.to(torch.float32), s, 0, -qmax, qmax)
+def _round(w: torch.Tensor, s: torch.Tensor, settings: GptqSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, ŵ = q·s): the float32 graph rounding q = grid(w / s) saturated to ±qmax; ŵ returned as float64."""
+    q = quantize(w.to(torch.float32), s, 0, -settings.qmax, settings.qmax, settings.format)
     return q, (q * s).to(torch.float64)
 
 
@@ -191,9 +216,10 @@ def rtn(w: torch.Tensor, settings: GptqSettings, columns_per_group: int | None =
     """Round to nearest with the same scales as `gptq`/`obq` with static groups: q = clamp(round(w / s))."""
     cpg = _group_width(w, settings, columns_per_group)
     w32 = w.detach().to(torch.float32)
-    scale = _scales(w32, settings.qmax, cpg)
-    q = quantize(w32, scale.repeat_interleave(cpg, dim=1), 0, -settings.qmax, settings.qmax)
-    return WeightQuant(q=q.to(torch.int8), scale=scale, loss=None)
+    g = _global_scale(w32, settings)
+    scale = _scales(w32, settings, cpg, g)
+    q = quantize(w32, scale.repeat_interleave(cpg, dim=1), 0, -settings.qmax, settings.qmax, settings.format)
+    return WeightQuant(q=q, scale=scale, loss=None, global_scale=g)
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
@@ -203,8 +229,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
     cpg = _group_width(w, settings, columns_per_group)
     rows, cols = w.shape
     w, h = _prepare(w, h, settings.damp)
-    qmax, block = settings.qmax, settings.block
-    scale = _scales(w, qmax, cpg)                                  # static: from the original W
+    block = settings.block
+    g = _global_scale(w, settings)
+    scale = _scales(w, settings, cpg, g)                            # static: from the original W
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if settings.act_order else \
         torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
@@ -221,9 +248,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
                 # the group's scale from its current weights; those beyond this block still lack the lazy update
                 end = c + cpg
                 current = torch.cat([w1[:, j:min(end, i2) - i1], w[:, i2:end] - err1[:, :j] @ u[i1:c, i2:end]], 1)
-                scale[:, c // cpg] = _scales(current, qmax, cpg)[:, 0]
+                scale[:, c // cpg] = _scales(current, settings, cpg, g)[:, 0]
                 s_col[:, c:end] = scale[:, c // cpg, None]
-            q, wq = _round(w1[:, j], s_col[:, c], qmax)
+            q, wq = _round(w1[:, j], s_col[:, c], settings)
             q_all[:, c] = q
             err = (w1[:, j] - wq) / u[c, c]                       # (w_q − quant(w_q)) / √[H_F⁻¹]_qq
             loss += 0.5 * err.square().sum()                      # δE_q, eq. 2
@@ -231,7 +258,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
             err1[:, j] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]                          # δ_F of the whole block, lazily
     q_all = q_all[:, torch.argsort(perm)]
-    return WeightQuant(q=q_all.to(torch.int8), scale=scale, loss=float(loss))
+    return WeightQuant(q=q_all, scale=scale, loss=float(loss), global_scale=g)
 
 
 def obq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
@@ -242,8 +269,8 @@ def obq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
     cpg = _group_width(w, settings, columns_per_group)
     rows, cols = w.shape
     w, h = _prepare(w, h, settings.damp)
-    qmax = settings.qmax
-    scale = _scales(w, qmax, cpg)
+    g = _global_scale(w, settings)
+    scale = _scales(w, settings, cpg, g)
     s_col = scale.repeat_interleave(cpg, dim=1)
     hinv = torch.cholesky_inverse(_cholesky(h))
     q_all = torch.zeros(rows, cols, dtype=torch.float32, device=w.device)
@@ -256,7 +283,7 @@ def obq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
         free = torch.ones(n, cols, dtype=torch.bool, device=w.device)
         ar = torch.arange(n, device=w.device)
         for _ in range(cols):
-            q, wq = _round(wr, sr, qmax)
+            q, wq = _round(wr, sr, settings)
             d = hi.diagonal(dim1=1, dim2=2)                         # [H_F⁻¹]_qq
             p = torch.where(free, (wr - wq).square() / d, torch.inf).argmin(dim=1)  # least δE_q
             dp = d[ar, p]
@@ -267,7 +294,7 @@ def obq(w: torch.Tensor, h: torch.Tensor, settings: GptqSettings,
             wr -= err[:, None] * col                                # δ_F, eq. 2
             hi.baddbmm_(col[:, :, None], (col / dp[:, None])[:, None, :], alpha=-1)  # eq. 3, in place
             free[ar, p] = False
-    return WeightQuant(q=q_all.to(torch.int8), scale=scale, loss=float(loss))
+    return WeightQuant(q=q_all, scale=scale, loss=float(loss), global_scale=g)
 
 
 def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:

@@ -9,7 +9,9 @@
   quantile at 1 − ρ/(2^b − 1) of |x| (split over both tails when asymmetric). Large-magnitude values keep
   their precision while the bulk is not starved of levels.
 
-Signed activations are symmetric with zero point 0 (the `trt` target); unsigned ones are asymmetric uint8.
+Signed activations are symmetric with zero point 0 (the `trt` target); unsigned ones are asymmetric uint8. On a
+floating-point grid (`format` fp8; `denoq.formats`) the interval is symmetric and s = max|[lo, hi]| / 448: with
+`minmax` that is the amax calibration FP8 recipes use; `mse` searches the clipping on the FP8 grid itself.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from denoq.calibrators.quantizer import fake_quantize
+from denoq.formats import grid_max
 from denoq.plan import qrange
 
 OBSERVERS = ("minmax", "percentile", "mse", "large_magnitude")
@@ -35,18 +38,27 @@ class ObserverSettings:
     signed: bool = True
     percentile: float = 99.99
     lm_rho: float = 1.0
+    format: str = "int"
 
 
-def qparams(lo: float, hi: float, bits: int, signed: bool) -> tuple[float, int]:
+def grid_range(s: ObserverSettings) -> tuple[float, float]:
+    """The saturation range of the quantizers `s` describes: the integer range, or ±(the grid's largest value)."""
+    if s.format == "int":
+        return qrange(s.bits, s.signed)
+    return -grid_max(s.format, s.bits), grid_max(s.format, s.bits)
+
+
+def qparams(lo: float, hi: float, bits: int, signed: bool, fmt: str = "int") -> tuple[float, int]:
     """(scale, zero point) for the interval [lo, hi] (widened to contain 0, as a zero point must exist).
 
-    Signed: symmetric, s = max(|lo|, |hi|) / (2^(b−1) − 1), z = 0. Unsigned: s = (hi − lo) / (2^b − 1),
-    z = qmin − round(lo / s) saturated to the range.
+    Signed (and every floating-point grid): symmetric, s = max(|lo|, |hi|) / qmax with qmax = 2^(b−1) − 1 or the
+    grid's largest value, z = 0. Unsigned: s = (hi − lo) / (2^b − 1), z = qmin − round(lo / s) saturated to the
+    range.
     """
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if signed or fmt != "int":
+        return max(max(-lo, hi), MIN_RANGE) / grid_max(fmt, bits), 0
     qmin, qmax = qrange(bits, signed)
-    if signed:
-        return max(max(-lo, hi), MIN_RANGE) / qmax, 0
     scale = max(hi - lo, MIN_RANGE) / (qmax - qmin)
     zp = int(min(max(qmin - round(lo / scale), qmin), qmax))
     return scale, zp
@@ -72,12 +84,14 @@ def clip_range(values: torch.Tensor, amin: float, amax: float, s: ObserverSettin
 
 
 def _mse_range(values: torch.Tensor, amin: float, amax: float, s: ObserverSettings) -> tuple[float, float]:
-    lo0, hi0 = clip_range(values, amin, amax, ObserverSettings("minmax", s.bits, s.signed))
-    qmin, qmax = qrange(s.bits, s.signed)
+    signed = s.signed or s.format != "int"
+    lo0, hi0 = clip_range(values, amin, amax, ObserverSettings("minmax", s.bits, signed, format=s.format))
+    qmin, qmax = grid_range(s)
     best, best_err = (lo0, hi0), float("inf")
     for alpha in torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID).tolist():
-        scale, zp = qparams(lo0 * alpha, hi0 * alpha, s.bits, s.signed)
-        err = float((fake_quantize(values, torch.tensor(scale), zp, qmin, qmax) - values).pow(2).mean())
+        scale, zp = qparams(lo0 * alpha, hi0 * alpha, s.bits, s.signed, s.format)
+        err = float((fake_quantize(values, torch.tensor(scale), zp, qmin, qmax, s.format)
+                     - values).pow(2).mean())
         if err < best_err:
             best, best_err = (lo0 * alpha, hi0 * alpha), err
     return best
@@ -86,4 +100,4 @@ def _mse_range(values: torch.Tensor, amin: float, amax: float, s: ObserverSettin
 def observe_qparams(values: torch.Tensor, amin: float, amax: float, s: ObserverSettings) -> tuple[float, int]:
     """Observer + `qparams`: the (scale, zero point) of one activation tensor."""
     lo, hi = clip_range(values, amin, amax, s)
-    return qparams(lo, hi, s.bits, s.signed)
+    return qparams(lo, hi, s.bits, s.signed, s.format)

@@ -41,7 +41,7 @@ from torch import nn
 
 from denoq.calibrators.attention import fake_quant_log2, install
 from denoq.calibrators.igq import fake_quant_groups, fake_quant_rows
-from denoq.calibrators.quantizer import fake_quantize
+from denoq.calibrators.quantizer import fake_quant_act
 from denoq.errors import DenoqError
 from denoq.plan import ActQuant, AttentionPlan, LayerPlan, QuantPlan, selector_tables
 from denoq.sampling.cond import timestep_index
@@ -55,11 +55,11 @@ class TimestepClock:
         self.t: torch.Tensor | None = None
 
 
-def fake_quant_at(x: torch.Tensor, q: ActQuant, t: torch.Tensor) -> torch.Tensor:
-    """`x` fake-quantized by `q` with each sample's scale `q.scale[t]`."""
-    qmin, qmax = q.qrange
-    scale = q.scale.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
-    return fake_quantize(x, scale, q.zero_point, qmin, qmax)
+def fake_quant_at(x: torch.Tensor, q: ActQuant, t: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """`x` fake-quantized by `q` with each sample's scale `q.scale[t]` (a block quantizer: blocks along the channel
+    `axis`)."""
+    scale = q.scale.to(x.device)[t]
+    return fake_quant_act(x, q, scale if q.block_size else scale.view(-1, *([1] * (x.dim() - 1))), axis)
 
 
 class SimulatedLayer(nn.Module):
@@ -80,9 +80,13 @@ class SimulatedLayer(nn.Module):
         if num_timesteps is not None:  # every table: length T, finite, positive
             selector_tables(plan.name, plan.input, plan.output, num_timesteps)
         self.selected = any(q is not None and not q.is_constant for q in (plan.input, plan.output))
-        if self.selected and (plan.input_groups is not None or plan.input_factors is not None):
-            raise DenoqError(f"layer {plan.name}: IGQ groups and timestep groups on one input are not supported; "
-                             "set activations.timestep_groups=1 or activations.igq_groups=0")
+        if self.selected and (plan.input_groups is not None or plan.input_factors is not None or plan.rank):
+            raise DenoqError(f"layer {plan.name}: IGQ groups or SVDQuant and timestep groups on one input are not "
+                             "supported; set activations.timestep_groups=1 (or activations.igq_groups=0, "
+                             "svdquant.rank=0)")
+        self.lowrank = None if plan.lowrank_down is None or plan.lowrank_up is None else (
+            plan.lowrank_down.to(module.weight.device), plan.lowrank_up.to(module.weight.device))
+        self.axis = 1 if isinstance(module, nn.Conv2d) else -1
         if self.selected:
             T = num_timesteps if num_timesteps is not None else next(
                 q.scale.shape[0] for q in (plan.input, plan.output) if q is not None)
@@ -97,15 +101,21 @@ class SimulatedLayer(nn.Module):
                              f"{None if t is None else tuple(t.shape)}; call the SimulatedModel, not its layers")
         if self.selected:
             return self._forward_selected(x, t)
-        if self.plan.input_factors is not None:  # static groups: the graph's constant Mul before Q
-            x = x * self.plan.input_factors.to(x.device)
+        if self.plan.input_factors is not None:  # static groups, smoothing: the graph's constant Mul before Q
+            f = self.plan.input_factors.to(x.device)
+            x = x * (f.view(-1, 1, 1) if isinstance(self.source, nn.Conv2d) else f)
+        smoothed = x
         if self.plan.input_groups is not None:
             x = fake_quant_groups(x, self.plan.input_groups)
         elif self.plan.input is not None:
-            x = fake_quant_at(x, self.plan.input, t)
+            x = fake_quant_at(x, self.plan.input, t, self.axis)
         y = self._layer(x, self.bias)
         if self.plan.output is not None:
-            y = fake_quant_at(y, self.plan.output, t)
+            y = fake_quant_at(y, self.plan.output, t, self.axis)
+        if self.lowrank is not None:  # SVDQuant: the branch on the float (smoothed) input, added to the output
+            down, up = self.lowrank
+            h = self._layer(smoothed, None, down)
+            y = y + (F.conv2d(h, up[:, :, None, None]) if isinstance(self.source, nn.Conv2d) else F.linear(h, up))
         return y
 
     def _layer(self, x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None = None
@@ -121,14 +131,12 @@ class SimulatedLayer(nn.Module):
         """The graph's op order: Mul(r_t) → Q/DQ(s0) → layer without bias → [Q/DQ(s_out0)] → Div(r_t) → Add(bias)."""
         r = None if self.ratio is None else self.ratio[t].view(-1, *([1] * (x.dim() - 1)))
         if self.plan.input is not None:
-            qmin, qmax = self.plan.input.qrange
             s0 = torch.tensor(self.s0, dtype=torch.float32, device=x.device)
-            x = fake_quantize(x if r is None else x * r, s0, self.plan.input.zero_point, qmin, qmax)
+            x = fake_quant_act(x if r is None else x * r, self.plan.input, s0)
         y = self._layer(x, self.bias if r is None else None)
         if self.plan.output is not None:
-            qmin, qmax = self.plan.output.qrange
             s_out0 = torch.tensor(self.s_out0, dtype=torch.float32, device=x.device)
-            y = fake_quantize(y, s_out0, self.plan.output.zero_point, qmin, qmax)
+            y = fake_quant_act(y, self.plan.output, s_out0)
         if r is None:
             return y
         y = y / r

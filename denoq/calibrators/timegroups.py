@@ -31,7 +31,15 @@ from __future__ import annotations
 
 import torch
 
-from denoq.calibrators.observers import MIN_RANGE, MSE_GRID, ObserverSettings, clip_range, observe_qparams, qparams
+from denoq.calibrators.observers import (
+    MIN_RANGE,
+    MSE_GRID,
+    ObserverSettings,
+    clip_range,
+    grid_range,
+    observe_qparams,
+    qparams,
+)
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.calibrators.stats import TensorStats, strided
 from denoq.errors import DenoqError
@@ -62,7 +70,7 @@ def group_scale(lo: float, hi: float, settings: ObserverSettings, zero_point: in
     so s = max(hi / (qmax − z), lo / (qmin − z)), a side whose denominator is 0 dropping out (it cannot be covered
     at any scale and is clipped).
     """
-    scale, zp = qparams(lo, hi, settings.bits, settings.signed)
+    scale, zp = qparams(lo, hi, settings.bits, settings.signed, settings.format)
     if zp == zero_point:
         return scale
     qmin, qmax = qrange(settings.bits, settings.signed)
@@ -79,7 +87,7 @@ def _mse_grid(lo0: float, hi0: float, settings: ObserverSettings) -> tuple[list[
     """The mse observer's grid (`observers._mse_range`): shrink factors α and the [grid, 1] scales and zero points
     of the intervals α·[lo0, hi0]."""
     alphas = torch.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID).tolist()
-    qp = [qparams(lo0 * a, hi0 * a, settings.bits, settings.signed) for a in alphas]
+    qp = [qparams(lo0 * a, hi0 * a, settings.bits, settings.signed, settings.format) for a in alphas]
     return (alphas, torch.tensor([s for s, _ in qp], dtype=torch.float32).unsqueeze(1),
             torch.tensor([z for _, z in qp], dtype=torch.float32).unsqueeze(1))
 
@@ -122,7 +130,7 @@ def segment_costs(stats: TensorStats, settings: ObserverSettings, zero_point: in
     the first minimum of the sum is the observer's choice (same grid and criterion as `observers.clip_range`).
     """
     ts = _check_timesteps(stats)
-    qmin, qmax = qrange(settings.bits, settings.signed)
+    qmin, qmax = grid_range(settings)
     subs = [_subsample(stats, t, samples_per_timestep) for t in ts]
     k = len(ts)
     runs = [(i, j) for i in range(k) for j in range(i, k)]
@@ -130,7 +138,7 @@ def segment_costs(stats: TensorStats, settings: ObserverSettings, zero_point: in
                 for i, j in runs}
     clip: dict[tuple[int, int], tuple[float, float]] = {}
     if settings.method == "mse":
-        minmax = ObserverSettings("minmax", settings.bits, settings.signed)
+        minmax = ObserverSettings("minmax", settings.bits, settings.signed, format=settings.format)
         by_key: dict[tuple[float, float], list[tuple[int, int]]] = {}
         for run in runs:
             by_key.setdefault(clip_range(torch.empty(0), *extremes[run], minmax), []).append(run)
@@ -140,7 +148,7 @@ def segment_costs(stats: TensorStats, settings: ObserverSettings, zero_point: in
             values = torch.cat([subs[t][0] for t in need])
             owner = torch.repeat_interleave(torch.arange(len(need)), torch.tensor([subs[t][0].numel() for t in need]))
             alphas, scales, zps = _mse_grid(lo0, hi0, settings)
-            sq = (fake_quantize(values.unsqueeze(0), scales, zps, qmin, qmax) - values).pow(2)
+            sq = (fake_quantize(values.unsqueeze(0), scales, zps, qmin, qmax, settings.format) - values).pow(2)
             per_t = torch.zeros(len(alphas), len(need), dtype=torch.float64).index_add_(1, owner, sq.double())
             for i, j in key_runs:
                 a = alphas[int(torch.argmin(per_t[:, column[i]:column[j] + 1].sum(dim=1)))]
@@ -151,7 +159,7 @@ def segment_costs(stats: TensorStats, settings: ObserverSettings, zero_point: in
         if (i, j) not in clip:
             clip[(i, j)] = clip_range(values, *extremes[(i, j)], settings)
         scale = torch.tensor(group_scale(*clip[(i, j)], settings, zero_point), dtype=torch.float32)
-        sq = (fake_quantize(values, scale, zero_point, qmin, qmax) - values).pow(2)
+        sq = (fake_quantize(values, scale, zero_point, qmin, qmax, settings.format) - values).pow(2)
         weights = torch.cat([torch.full_like(v, w) for v, w in subs[i:j + 1]])
         cost[i, j] = float((weights.double() * sq.double()).sum())
     return ts, cost
@@ -245,7 +253,8 @@ def scale_table(stats: TensorStats, segments: list[Segment], settings: ObserverS
         scale_of[label] = group_scale(lo, hi, settings, zero_point)
     scales = torch.tensor([scale_of[lb] for lb in labels], dtype=torch.float32)
     table = scales[segment_of_timestep(segments, num_train_timesteps)]
-    return ActQuant(bits=settings.bits, signed=settings.signed, zero_point=zero_point, scale=table)
+    return ActQuant(bits=settings.bits, signed=settings.signed, zero_point=zero_point, scale=table,
+                    format=settings.format)
 
 
 def grouped_act_quant(stats: TensorStats, groups: int, settings: ObserverSettings, num_train_timesteps: int,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.calibset import CalibrationSet, run_hooked
 from denoq.calibrators.gptq import (
     GptqSettings,
     HessianNotPositiveDefinite,
@@ -89,14 +89,7 @@ def _hessians(model: nn.Module, layers: dict[str, nn.Module],
               calib: CalibrationSet) -> dict[str, torch.Tensor | None]:
     """Every layer's H over `calib` (None for a layer the forward pass never reached)."""
     acc = {name: HessianAccumulator(m) for name, m in layers.items()}
-    handles = [a.attach() for a in acc.values()]
-    try:
-        with torch.no_grad():
-            for x, t, cond in calib.batches(64):
-                call_denoiser(model, x, t, cond)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, calib, [a.attach() for a in acc.values()])
     return {name: a.hessian if a.count else None for name, a in acc.items()}
 
 

@@ -108,6 +108,14 @@ def sampling_variance(art: Artifact, backend: str, sampler: str, steps: int) -> 
     return stats.corrected_var if meta.get("vsc") and stats is not None else None
 
 
+def check_ort_runs(art: Artifact) -> None:
+    """DenoqError when ONNX Runtime's CPU kernels cannot run the artifact's Q/DQ graph (its checks ran in
+    `onnx.reference`: NVFP4)."""
+    if art.manifest.get("checks", {}).get("qdq_executor") == "onnx.reference":
+        raise DenoqError(f"{art.path} holds NVFP4 (float4e2m1, TensorRT's FP4 op), which ONNX Runtime's CPU kernels "
+                         "do not run; use --backend onnx-ref (onnx.reference), torch-sim, or trt")
+
+
 def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: ModelSpec | None = None) -> EpsFn:
     """The eps callable of backend `name` for artifact `art` (`spec` avoids reloading the FP model)."""
     if name not in BACKENDS:
@@ -131,9 +139,15 @@ def make_backend(art: Artifact, name: str, *, threads: int | None = None, spec: 
         if name == "ort-cuda":
             return OrtBackend(art.file("model.qdq.onnx"), providers=gpu_providers("cuda"))
         return OrtBackend(art.file(trt_graph(art)), providers=gpu_providers("tensorrt", beside(art, "ort-trt-cache")))
+    if name == "onnx-ref":
+        from denoq.engines.reference import reference_backend
+
+        return reference_backend(art.file("model.qdq.onnx"))
     if name in ("ort", "ort-fp"):
         from denoq.engines.ort import OrtBackend
 
+        if name == "ort":
+            check_ort_runs(art)
         return OrtBackend(art.file("model.qdq.onnx" if name == "ort" else "model.fp.onnx"), threads=threads,
                           providers=["CPUExecutionProvider"])
     spec = spec or artifact_model(art)
@@ -182,6 +196,7 @@ def guided_backend(art: Artifact, name: str, guidance: float | None, *, threads:
         from denoq.engines.ort import OrtBackend
         from denoq.passes.guidance import GUIDED_GRAPH
 
+        check_ort_runs(art)
         graph = OrtBackend(art.file(GUIDED_GRAPH), threads=threads, providers=["CPUExecutionProvider"])
         return lambda x, t, cond=None: graph(x, t, cond, guidance=guidance)
     return guide(art, name, make_backend(art, name, threads=threads, spec=spec), guidance)

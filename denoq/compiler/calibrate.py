@@ -21,9 +21,8 @@ from denoq.bops import layer_macs
 from denoq.calibrators import calibtimes
 from denoq.calibrators.accuquant import AccuQuantSettings, reconstruct
 from denoq.calibrators.attention import attention_plans, collect_attention_stats
-from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
+from denoq.calibrators.baseline import activation_signed
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
-from denoq.calibrators.gptq import GptqSettings
 from denoq.calibrators.igq import IgqSettings, group_layers
 from denoq.calibrators.observers import ObserverSettings
 from denoq.calibrators.ptqd import PtqdStats, collect_pairs
@@ -31,10 +30,10 @@ from denoq.calibrators.ptqd import fit as fit_ptqd
 from denoq.calibrators.simulate import simulate
 from denoq.calibrators.stats import collect_stats
 from denoq.calibrators.timegroups_search import search_groups
-from denoq.calibrators.weights import WeightSettings, round_weights
 from denoq.compiler.backends import torch_eps
 from denoq.compiler.load import ModelSpec
 from denoq.compiler.parity import check_batch
+from denoq.compiler.precisions import attention_observer, group_plan, observer_settings, precision_groups
 from denoq.compiler.recipe import Recipe
 from denoq.compiler.text_cond import text_condition
 from denoq.errors import DenoqError
@@ -231,24 +230,6 @@ def _check_user_loop(spec: ModelSpec, recipe: Recipe) -> None:
                          "calib.guidance, or pass calib=None")
 
 
-def _weights(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module], calib: CalibrationSet
-             ) -> tuple[dict, dict[str, Any]]:
-    """Round the weights: `weights.method` (adaround starts from `accuquant.init`'s rounding)."""
-    w = recipe.config.weights
-    adaround = w.method == "adaround"
-    method = ("gptq" if recipe.config.accuquant.init == "gptq" else "rtn") if adaround else w.method
-    rounding = GptqSettings(bits=w.bits, group_size=w.group_size, damp=w.damp, act_order=w.act_order)
-    weights, info = round_weights(spec.module, layers, calib, WeightSettings(
-        method, rounding, w.sequential, w.hessian_samples, conv_blocks=w.conv_blocks))
-    if info["per_channel_layers"]:
-        log.info("weights.group_size=%d: %d layer(s) use per-output-channel scales (convolutions without "
-                 "weights.conv_blocks, or input channels the group size does not divide; manifest "
-                 "calibration.weights.per_channel_layers)", w.group_size, len(info["per_channel_layers"]))
-    for name, why in info.get("fallbacks", {}).items():
-        log.info("weights of %s: %s", name, why)
-    return weights, info
-
-
 def _attention(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, calib: CalibrationSet,
                observer: ObserverSettings) -> None:
     """`attention.quantize`: add the attention matmuls' quantizers to `plan` (with `activations.igq_groups`, the
@@ -292,21 +273,25 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     start = time.perf_counter()
     source = "trajectories" if pool is None else "forward_loop"
     calib, step_info, pool = calibration_set(spec, recipe, layers, pool)
-    weights, weight_info = _weights(spec, recipe, layers, calib)
-    stats = {} if c.activations.bits > 8 else collect_stats(fp, layers, calib, outputs=c.target == "ort-cpu",
-                                                            seed=c.seed)
     a = c.activations
-    observer = ObserverSettings(method=a.observer, bits=a.bits, signed=activation_signed(c.target),
-                                percentile=a.percentile, lm_rho=a.lm_rho)
-    settings = BaselineSettings(c.target, observer, a.timestep_groups)
-    plan, groups = build_baseline_plan(layers, stats, settings, spec.num_train_timesteps, weights)
+    plan = QuantPlan(num_train_timesteps=spec.num_train_timesteps, target=c.target)
+    groups: dict[str, list] = {}
+    group_info: dict[str, Any] = {}
+    for i, (group_recipe, members) in enumerate(precision_groups(recipe, layers)):
+        part, part_groups, part_info = group_plan(spec.module, group_recipe, members, calib,
+                                                  spec.num_train_timesteps, c.seed)
+        plan.layers.update(part.layers)
+        groups.update(part_groups)
+        group_info.update(part_info if i == 0 else {"conv_fp8": part_info})
+    observer = observer_settings(recipe)
     search: dict[str, Any] = {"method": a.group_search}
-    if search["method"] == "differentiable" and settings.timestep_groups > 1:
+    if search["method"] == "differentiable" and a.timestep_groups > 1:
+        stats = collect_stats(fp, layers, calib, outputs=c.target == "ort-cpu", seed=c.seed)
         plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
                                             calib, observer, seed=c.seed)
         search.update({key: round(v, 6) for key, v in terms.items()})
     if c.attention.quantize:
-        _attention(spec, recipe, plan, calib, observer)
+        _attention(spec, recipe, plan, calib, attention_observer(recipe))
     igq_info = None
     if a.igq_groups > 0:
         plan, igq_info = _instance_groups(spec, recipe, plan, layers, calib)
@@ -325,7 +310,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
             "timestep_selection": step_info,
             "kept_fp": kept_fp,
             "timestep_groups": {name: segs for name, segs in groups.items() if len(segs) > 1},
-            "group_search": search, "weights": weight_info, **({} if learned is None else {"accuquant": learned}),
+            "group_search": search, **group_info, **({} if learned is None else {"accuquant": learned}),
             **({} if igq_info is None else {"igq": igq_info}),
             "seconds": round(time.perf_counter() - start, 2)}
     return Calibration(plan, calib, pool, info, ptqd)

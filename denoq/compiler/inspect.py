@@ -47,7 +47,8 @@ def describe(art: Artifact, layers: bool = False) -> str:
     if kept:
         lines.append(f"           kept in floating point: {', '.join(kept)}")
     if "checks" in m:
-        lines.append("checks   " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(m["checks"].items())))
+        lines.append("checks   " + ", ".join(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.3g}"
+                                              for k, v in sorted(m["checks"].items())))
     lines.extend(_deployment_lines(m))
     lines.append("files")
     stale = set(art.stale())

@@ -27,8 +27,10 @@ from denoq.calibrators.simulate import SimulatedLayer, simulate
 from denoq.compiler.backends import torch_eps, with_ptqd_head
 from denoq.compiler.load import ModelSpec
 from denoq.engines.ort import OrtBackend, create_session
+from denoq.engines.reference import needs_reference, reference_backend
 from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs
+from denoq.onnxio import load_model
 from denoq.plan import QuantPlan
 from denoq.sampling.guidance import classifier_free
 
@@ -68,6 +70,17 @@ def _by_rows(eps: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return run
 
 
+def graph_executor(path: Path) -> str:
+    """Who runs the Q/DQ graph at `path` in the checks: `onnx.reference` where ONNX Runtime's CPU kernels cannot
+    (NVFP4: float4e2m1 Q/DQ and TensorRT's FP4 op; `denoq.engines.reference`), else `onnxruntime`."""
+    return "onnx.reference" if needs_reference(load_model(path, load_external_data=False)) else "onnxruntime"
+
+
+def graph_backend(path: Path) -> OrtBackend:
+    """The eps backend of the Q/DQ graph at `path` on its `graph_executor`."""
+    return reference_backend(path) if graph_executor(path) == "onnx.reference" else OrtBackend(path)
+
+
 def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path, qdq_path: Path,
            ptqd: PtqdStats | None = None, half_path: Path | None = None) -> dict[str, Any]:
     """FP export vs PyTorch, and Q/DQ graph vs PyTorch simulation, on real inputs with mixed timesteps; with
@@ -80,15 +93,15 @@ def parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, fp_path: Path,
     fp_torch = _by_rows(torch_eps(spec.module))(*args)
     sim = _by_rows(with_ptqd_head(torch_eps(simulate(spec.module, plan)), ptqd))(*args)
     fp_ort = _by_rows(OrtBackend(fp_path))(*args)
-    q_ort = _by_rows(OrtBackend(qdq_path))(*args)
+    q_ort = _by_rows(graph_backend(qdq_path))(*args)
     quant_err = _max_abs(sim, fp_torch)
-    checks = {"fp_onnx_vs_torch_max_abs": _max_abs(fp_ort, fp_torch),
+    checks = {"qdq_executor": graph_executor(qdq_path), "fp_onnx_vs_torch_max_abs": _max_abs(fp_ort, fp_torch),
               "qdq_ort_vs_sim_max_abs": _max_abs(q_ort, sim),
               "sim_vs_fp_max_abs": quant_err,
               "qdq_ort_vs_sim_over_quant_error": _max_abs(q_ort, sim) / max(quant_err, 1e-12),
               "qdq_ort_vs_sim_rms_over_quant_error": _rms(q_ort, sim) / max(_rms(sim, fp_torch), 1e-12)}
     if half_path is not None:
-        q_half = _by_rows(OrtBackend(half_path))(*args)
+        q_half = _by_rows(graph_backend(half_path))(*args)
         checks.update({"fp16_vs_qdq_rms": _rms(q_half, q_ort),
                        "fp16_error_over_fp32_error": _rms(q_half, fp_ort) / max(_rms(q_ort, fp_ort), 1e-12)})
     return checks
@@ -113,8 +126,8 @@ def guided_parity(spec: ModelSpec, plan: QuantPlan, inputs: GraphInputs, scales:
     quantization error; `ptqd`: the head after the combination (statistics on guided outputs), else none."""
     null = torch.tensor(int(spec.num_classes))
     args = (inputs.sample, inputs.timestep, inputs.cond)
-    guided = OrtBackend(guided_path)(*args, guidance=scales)
-    plain = with_ptqd_head(classifier_free(OrtBackend(qdq_path), null, scales), ptqd)(*args)
+    guided = graph_backend(guided_path)(*args, guidance=scales)
+    plain = with_ptqd_head(classifier_free(graph_backend(qdq_path), null, scales), ptqd)(*args)
     sim = with_ptqd_head(classifier_free(torch_eps(simulate(spec.module, plan)), null, scales), ptqd)(*args)
     fp = classifier_free(torch_eps(spec.module), null, scales)(*args)
     quant_err = _max_abs(sim, fp)

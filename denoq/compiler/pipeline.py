@@ -51,7 +51,7 @@ def check(spec: ModelSpec, cal: Calibration, inputs: GraphInputs, fp_path: Path,
     if graphs.guided is not None:
         scales = check_scales(guided_scales, len(inputs.sample))
         checks.update(guided_parity(spec, cal.plan, inputs, scales, graphs.qdq, graphs.guided, ptqd if after else None))
-    log.info("parity: %s", json.dumps({k: float(f"{v:.3g}") for k, v in checks.items()}))
+    log.info("parity: %s", json.dumps({k: v if isinstance(v, str) else float(f"{v:.3g}") for k, v in checks.items()}))
     gate = check_gate(checks, allow_parity_failure,
                       lambda: first_disagreeing_layer(spec, cal.plan, inputs, graphs.qdq, layer_map))
     if not gate["passed"]:

@@ -36,6 +36,12 @@ class Preset:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
+W4A4 = {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64, "activations.bits": 4,
+        "activations.block_size": 64}
+NVFP4 = {"weights.format": "nvfp4", "weights.bits": 4, "weights.group_size": 16, "activations.format": "nvfp4",
+         "activations.bits": 4, "activations.block_size": 16, "layers.conv_format": "fp8"}
+SVDQUANT = {"svdquant.rank": 32, "svdquant.alpha": 0.5}
+
 #: The named presets `--recipe NAME` selects.
 RECIPES: dict[str, Preset] = {
     p.name: p for p in (
@@ -46,6 +52,16 @@ RECIPES: dict[str, Preset] = {
                {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64}),
         Preset("w4a16", "int4 weights (GPTQ, blocks of 64 input channels), floating-point activations",
                {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64, "activations.bits": 16}),
+        Preset("fp8", "FP8 E4M3 weights per output channel and activations per tensor (Hopper / Ada); TensorRT "
+               "target", {"weights.format": "fp8", "activations.format": "fp8"}),
+        Preset("w4a4", "int4 weights (GPTQ, blocks of 64) and int4 activations in dynamic blocks of 64 channels "
+               "(ONNX Runtime: TensorRT has no 4-bit integer activations)", W4A4),
+        Preset("w4a4-svdquant", "w4a4 with SVDQuant: smoothing and a float16 low-rank branch beside each "
+               "quantized layer", {**W4A4, **SVDQUANT}),
+        Preset("nvfp4", "NVFP4 weights (RTN) and activations (dynamic blocks of 16) on GEMMs, FP8 convolutions "
+               "(Blackwell); TensorRT target", NVFP4),
+        Preset("nvfp4-svdquant", "nvfp4 with SVDQuant's smoothing and float16 low-rank branch",
+               {**NVFP4, **SVDQUANT}),
     )
 }
 

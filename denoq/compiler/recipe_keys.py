@@ -100,8 +100,12 @@ class WeightKeys:
 
     bits: int = key(8,
             "weight bits (symmetric; 7 and 6 in the int8 container, 7 = reduce_range: no u8×s8 saturation on "
-            "CPUs without VNNI; 4 as ONNX int4 on MatMul / Gemm; 3 is for experiments)",
-            choices=WEIGHT_BITS, planned=_two_bits)
+            "CPUs without VNNI; 4 as ONNX int4 on MatMul / Gemm; 3 is for experiments); 8 with format fp8, 4 with "
+            "nvfp4", choices=WEIGHT_BITS, planned=_two_bits)
+    format: str = key("int",
+            "weight number format: int = integers; fp8 = FP8 E4M3 per output channel (Hopper / Ada); nvfp4 = "
+            "FP4 E2M1 in blocks of 16 input channels with FP8 block scales and a per-layer scale (Blackwell; "
+            "weights.group_size=16)", choices=("int", "fp8", "nvfp4"))
     method: str = key("rtn",
             "weight rounding: rtn = round to nearest; gptq = GPTQ (lazy blocks); obq = Optimal Brain Quantizer "
             "(greedy, slow on wide layers); adaround = learned rounding and activation scales (accuquant.*)",
@@ -128,7 +132,16 @@ class ActivationKeys:
 
     bits: int = key(8,
             "activation bits (per tensor); 16 = activations stay in floating point (weight-only, e.g. w4a16); 4 "
-            "and 6 are for quality studies on ORT (TensorRT takes 8-bit activations)", choices=(4, 6, 8, 16))
+            "and 6 are for quality studies on ORT (TensorRT takes 8-bit integer activations); 8 with format fp8, "
+            "4 with nvfp4", choices=(4, 6, 8, 16))
+    format: str = key("int",
+            "activation number format: int; fp8 = FP8 E4M3 per tensor (TensorRT's FP8); nvfp4 = FP4 E2M1 in "
+            "dynamic blocks of 16 channels (activations.block_size=16) with FP8 block scales computed at run "
+            "time and a calibrated per-tensor scale (TensorRT's FP4 GEMMs)", choices=("int", "fp8", "nvfp4"))
+    block_size: int = key(0,
+            "dynamic block quantization: every block of this many channels of one token / pixel gets its scale "
+            "from its own amax at run time (SVDQuant's W4A4 uses 64 for int4, NVFP4 16); 0 = one calibrated scale "
+            "per tensor", lo=0, hi=256)
     observer: str = key("mse",
             "how activation ranges are chosen from the calibration set",
             choices=("minmax", "percentile", "mse", "large_magnitude"))
@@ -169,11 +182,24 @@ class AttentionKeys:
 
     quantize: bool = key(False,
             "quantize the inputs of the attention matmuls (Q·Kᵀ and softmax·V; the probabilities on their own "
-            "non-negative range) with activations.bits; false = attention stays in float (FP16 on TensorRT, "
-            "whose fused INT8 attention stops at sequence length 512)")
+            "non-negative range) with activations.bits and .format, per tensor (with activations.block_size: "
+            "8 bits, FP8 for nvfp4, as TensorRT's fused FP8 attention takes them); false = attention stays in "
+            "float (FP16 on TensorRT, whose fused INT8 attention stops at sequence length 512)")
     softmax_grid: str = key("uniform",
             "with attention.quantize: the softmax probabilities' grid; uniform = Q/DQ on [0, max P]; log2 = "
             "2^−q, q < 2^bits (keeps small probabilities; float ops, ONNX Runtime only)", choices=("uniform", "log2"))
+
+
+@dataclass(frozen=True)
+class SvdQuantKeys:
+    """`svdquant.*`: SVDQuant's smoothing and 16-bit low-rank branch (Li et al., ICLR 2025)."""
+
+    rank: int = key(0,
+            "rank r of the float16 low-rank branch L1·L2 that takes each quantized layer's largest singular "
+            "directions (the residual is quantized); 0 = no branch", lo=0, hi=1024)
+    alpha: float = key(0.0,
+            "smoothing strength α: λ_j = max|X_j|^α / max|W_j|^(1−α) migrates activation outliers into the "
+            "weights (x·λ⁻¹ before the quantizer, W·λ folded); 0 = no smoothing", lo=0, hi=1)
 
 
 @dataclass(frozen=True)
@@ -247,6 +273,10 @@ class LayerKeys:
     keep_fp: str = key("@in,@out",
             "comma-separated module-name patterns (fnmatch; @in / @out = the model's input / output layer) left "
             "in floating point; empty = quantize every layer")
+    conv_format: str = key("same",
+            "convolutions' precision: same = the recipe's weights and activations; fp8 = FP8 E4M3 weights and "
+            "activations (per tensor) whatever the recipe says (TensorRT's FP4 path runs GEMMs only)",
+            choices=("same", "fp8"))
 
 
 @dataclass(frozen=True)
@@ -296,6 +326,7 @@ class RecipeConfig:
     weights: WeightKeys = field(default_factory=WeightKeys)
     activations: ActivationKeys = field(default_factory=ActivationKeys)
     attention: AttentionKeys = field(default_factory=AttentionKeys)
+    svdquant: SvdQuantKeys = field(default_factory=SvdQuantKeys)
     ptqd: PtqdKeys = field(default_factory=PtqdKeys)
     precision: PrecisionKeys = field(default_factory=PrecisionKeys)
     accuquant: AccuQuantKeys = field(default_factory=AccuQuantKeys)

@@ -88,11 +88,40 @@ def _one_text_source(c: RecipeConfig) -> str | None:
     return None
 
 
+def _formats(c: RecipeConfig) -> str | None:
+    w, a = c.weights, c.activations
+    need = {"fp8": (8, 0), "nvfp4": (4, 16)}
+    for section, fmt, bits, group in (("weights", w.format, w.bits, w.group_size),
+                                      ("activations", a.format, a.bits, a.block_size)):
+        if fmt in need and (bits, group) != need[fmt]:
+            what = "group_size" if section == "weights" else "block_size"
+            return (f"{section}.format={fmt} needs {section}.bits={need[fmt][0]} and {section}.{what}="
+                    f"{need[fmt][1]}; got bits={bits}, {what}={group}")
+    floats = w.format != "int" or a.format != "int" or c.layers.conv_format == "fp8"
+    if floats and c.target != "trt":
+        return "FP8 / NVFP4 are TensorRT's formats: set target=trt"
+    if a.format == "int" and a.block_size and (a.bits not in (4, 8) or c.target != "trt"):
+        return ("activations.block_size (dynamic int blocks) needs activations.bits=4 or 8 and target=trt's "
+                "symmetric quantizers")
+    if floats and w.method == "adaround":
+        return "weights.method=adaround learns integer grids: use weights.format=int and activations.format=int"
+    if a.format != "int" and a.group_search == "differentiable" and a.timestep_groups > 1:
+        return ("activations.group_search=differentiable searches integer quantizers; use group_search=dp with "
+                f"activations.format={a.format}")
+    if a.block_size and (a.timestep_groups > 1 or a.igq_groups > 0):
+        return ("dynamic activation blocks compute their scales at run time: set activations.timestep_groups=1 "
+                "and activations.igq_groups=0")
+    if (c.svdquant.rank or c.svdquant.alpha) and (a.timestep_groups > 1 or a.igq_groups > 0):
+        return ("svdquant's smoothing and branch sit on the layer's input: set activations.timestep_groups=1 and "
+                "activations.igq_groups=0")
+    return None
+
+
 #: Every rule, in the order they are checked (the first problem found is reported).
 CROSS_KEY_RULES: tuple[Callable[[RecipeConfig], str | None], ...] = (
     _timesteps_within_steps, _groups_need_quantized_activations, _window_needs_adaround, _adaround_alone,
     _attention_needs_quantized_activations, _igq_needs_one_quantizer_set, _vsc_needs_ptqd,
-    _one_text_source)
+    _one_text_source, _formats)
 
 
 def check_rules(config: RecipeConfig) -> None:

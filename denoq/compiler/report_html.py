@@ -295,7 +295,8 @@ def _checks(art: Artifact) -> str:
     checks = m.get("checks")
     if checks:
         order = [k for k in CHECK_WORDS if k in checks] + sorted(k for k in checks if k not in CHECK_WORDS)
-        rows = [row([td(esc(CHECK_WORDS.get(k, k))), td(num(checks[k], 3), "num")]) for k in order]
+        rows = [row([td(esc(CHECK_WORDS.get(k, k))),
+                     td(esc(checks[k]) if isinstance(checks[k], str) else num(checks[k], 3), "num")]) for k in order]
         out.append(table([("parity check on 8 calibration inputs", ""), ("value", "num")], rows))
     return "".join(out)
 

@@ -47,8 +47,9 @@ OP_WORDS = {
 
 # The manifest's parity checks (docs/artifact.md): key → words.
 CHECK_WORDS = {
+    "qdq_executor": "executor of the Q/DQ graph in these checks (onnx.reference where ORT's CPU kernels lack NVFP4)",
     "fp_onnx_vs_torch_max_abs": "FP ONNX graph in ORT vs the PyTorch model, max |Δ|",
-    "qdq_ort_vs_sim_max_abs": "Q/DQ graph in ORT vs the PyTorch simulation, max |Δ|",
+    "qdq_ort_vs_sim_max_abs": "Q/DQ graph in its executor vs the PyTorch simulation, max |Δ|",
     "sim_vs_fp_max_abs": "simulation vs FP model (the quantization error itself), max |Δ|",
     "qdq_ort_vs_sim_over_quant_error": "ORT vs simulation over the quantization error (max)",
     "qdq_ort_vs_sim_rms_over_quant_error": "ORT vs simulation over the quantization error (RMS; the gate reads this)",

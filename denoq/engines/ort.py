@@ -232,9 +232,12 @@ class OrtBackend:
     """
 
     def __init__(self, path: str | Path, threads: int | None = 2, providers: Sequence[Any] | None = None,
-                 spinning: bool = False, level: str = "all", exact_integers: bool = True) -> None:
+                 spinning: bool = False, level: str = "all", exact_integers: bool = True, session: Any = None) -> None:
+        """`session`: an object with ONNX Runtime's session interface (`get_inputs`, `get_outputs`, `run`,
+        `get_providers`) to run instead of a new ORT session (`denoq.engines.reference`)."""
         self.path = Path(path)
-        self.session = create_session(self.path, threads, providers, spinning, level, exact_integers=exact_integers)
+        self.session = session if session is not None else create_session(
+            self.path, threads, providers, spinning, level, exact_integers=exact_integers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         for required in ("sample", "timestep"):
             if required not in self.inputs:

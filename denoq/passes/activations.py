@@ -8,6 +8,8 @@
 - bits: 8 as above; 4 with ONNX `int4` / `uint4` zero points (opset 21); 6 in the 8-bit container, saturated by
   an integer `Q → Clip(qmin, qmax) → DQ` (int6 [-32, 31], uint6 [0, 63]). TensorRT takes 8-bit activations only:
   A4 / A6 graphs are for ORT validation and quality studies.
+- dynamic blocks (SVDQuant's INT4 W4A4, NVFP4; `denoq.passes.blockquant`): the block quantizer's subgraph in
+  place of the pair.
 - output (where the plan has one, the `ort-cpu` profile): `Q → DQ` on the layer's output, every consumer rewired
   to the DQ, a graph output keeping its name. The layer's output is the module's output: for a MatMul whose only
   consumer is the `Add` of a constant `[out]` bias (the dynamo exporter's Linear), that Add's output, so the
@@ -20,9 +22,10 @@ Outputs are quantized first, so that a next layer with identical input parameter
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes import PostconditionError, PreconditionError
+from onnx_ir.passes import PassResult, PostconditionError, PreconditionError
 
 from denoq.passes.binding import Binding, Layer
+from denoq.passes.blockquant import block_qdq, is_block_qdq, require_opsets
 from denoq.passes.qdq_base import PlanPass, not_yet_applied, produced_by, qdq, same_qdq
 from denoq.passes.rewire import redirect
 from denoq.passes.selector import ratio_div
@@ -95,20 +98,26 @@ class QuantizeInputs(PlanPass):
         for layer in layers:
             a, x = layer.input, layer.node.inputs[0]
             assert a is not None and x is not None  # checked in bind
-            if same_qdq(x, a):
+            if not a.block_size and same_qdq(x, a):
                 continue
             key = (id(x), a)
             if key not in shared:
-                nodes = qdq(g, x, a, layer.module, "input", layer.ftype)
+                nodes = block_qdq(g, x, a, layer.module, "input", layer.ftype, layer.node.op_type == "Conv") \
+                    if a.block_size else qdq(g, x, a, layer.module, "input", layer.ftype)
                 g.insert_before(layer.node, nodes)
                 shared[key] = nodes[-1].outputs[0]
             layer.node.replace_input_with(0, shared[key])
         return bool(layers)
 
+    def call(self, model: ir.Model) -> PassResult:
+        require_opsets(model, [layer.input for layer in _input_layers(self.bound(model)) if layer.input])
+        return super().call(model)
+
     def ensures(self, model: ir.Model) -> None:
         for layer in _input_layers(self.bound(model)):
-            assert layer.input is not None
-            if not same_qdq(layer.node.inputs[0], layer.input):
+            a = layer.input
+            assert a is not None
+            if not (is_block_qdq if a.block_size else same_qdq)(layer.node.inputs[0], a):
                 raise PostconditionError(f"layer {layer.module}: input 0 is not DQ(Q(·)) with the plan's input "
                                          "quantizer")
 
@@ -126,7 +135,7 @@ def _last(q: ir.Node) -> ir.Node | None:
     return node
 
 
-def _layer_output(layer: Layer) -> ir.Value:
+def layer_output(layer: Layer) -> ir.Value:
     """The module's output: the node's, or for MatMul the output of the constant-bias Add that follows it."""
     y = layer.node.outputs[0]
     if layer.node.op_type != "MatMul" or y.is_graph_output():
@@ -146,7 +155,7 @@ def _quantize_output(g: ir.Graph, layer: Layer) -> None:
     a = layer.output
     assert a is not None
     # a selector layer quantizes the node's own (bias-free, ·r_t) output, before its Div: ORT fuses node → Q
-    y = layer.node.outputs[0] if layer.ratio is not None else _layer_output(layer)
+    y = layer.node.outputs[0] if layer.ratio is not None else layer_output(layer)
     nodes = qdq(g, y, a, layer.module, "output", layer.ftype)
     redirect(g, y, nodes[-1].outputs[0], skip=nodes[0], old_name=f"{layer.module}.output_float")
     producer = y.producer()

@@ -120,6 +120,12 @@ def _bind_layers(plan: QuantPlan, model: ir.Model) -> list[Layer]:
                 if lp.input_groups is not None or lp.input_factors is not None:
                     raise DenoqError(f"layer {name}: timestep groups and IGQ-ViT groups do not combine; set "
                                      "activations.timestep_groups=1 or activations.igq_groups=0")
+        if lp.input is not None and lp.input.format == "fp4" and node.op_type == "Conv":
+            raise DenoqError(f"layer {name}: NVFP4 activations on a convolution; TensorRT's FP4 path runs GEMMs "
+                             "only, keep convolutions in FP8 (layers.conv_format=fp8)")
+        if lp.rank and (lp.output is not None or tables is not None):
+            raise DenoqError(f"layer {name}: SVDQuant's low-rank branch takes neither timestep groups nor output "
+                             "quantizers; set activations.timestep_groups=1 and target=trt (or svdquant.rank=0)")
         layers.append(Layer(ref=ref, plan=lp, node=node, weight_int=ints, weight=weight, ftype=ftype,
                             input=act(name, "input", lp.input, plan.target, ftype,
                                       None if tables is None else tables.input_scale),

@@ -37,12 +37,13 @@ from onnx_ir.passes import PassResult, PostconditionError, PreconditionError
 from denoq.errors import DenoqError
 from denoq.layermap import LAYER_OP_TYPES, read_layer_map
 from denoq.onnxio import check_and_infer
+from denoq.passes.blockquant import FP4_QUANTIZE
 from denoq.passes.infra import InPlace
 
 FP32_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization", "Softmax")
 # inputs that the op's type constraints keep in float32 whatever the node computes in
 FLOAT32_INPUTS = {"Resize": (1, 2)}
-STOP_OPS = ("QuantizeLinear", *LAYER_OP_TYPES)
+STOP_OPS = ("QuantizeLinear", FP4_QUANTIZE, *LAYER_OP_TYPES)
 TIMESTEP_INPUT = "timestep"
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 

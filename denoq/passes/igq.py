@@ -9,8 +9,9 @@ x̂ = (Clip(Round(x / s) + z, qmin, qmax) − z) · s (QuantizeLinear takes no p
 assigned by their maximum. These layers then have no activation Q/DQ: TensorRT would run them with float
 activations (the trt-rules check, which reads Q/DQ placement, does not flag that).
 
-Static groups (`LayerPlan.input_factors`, TensorRT's variant) are a constant `Mul(x, factors)` over the channel
-axis before the layer's one input Q/DQ (`QuantizeInputs`); the inverse factors are already in the plan's weights.
+Static groups (`LayerPlan.input_factors`, TensorRT's variant; also SVDQuant's smoothing) are a constant
+`Mul(x, factors)` over the channel axis (the last one, axis 1 of a Conv input: factors `[C, 1, 1]`) before the
+layer's one input Q/DQ (`QuantizeInputs`); the inverse factors are already in the plan's weights.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class QuantizeInputGroups(PlanPass):
             assert x is not None and factors is not None
             key = (id(x), layer.input, factors.numpy().tobytes())
             if key not in scaled:
-                f = initializer(g, f"{layer.module}.input_factors", factors.numpy().astype(layer.ftype.numpy()))
+                f = factors.numpy().astype(layer.ftype.numpy())
+                f = initializer(g, f"{layer.module}.input_factors",
+                                f.reshape(-1, 1, 1) if layer.node.op_type == "Conv" else f)
                 mul = ir.node("Mul", [x, f], name=f"{layer.module}/input_factors/Mul",
                               outputs=[ir.val(f"{layer.module}.input_scaled", layer.ftype, x.shape)])
                 g.insert_before(layer.node, [mul])

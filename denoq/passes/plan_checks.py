@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from denoq.errors import DenoqError
+from denoq.formats import NVFP4_BLOCK, grid_max
 from denoq.layermap import LAYER_OP_TYPES, LayerRef
 from denoq.plan import ActQuant, LayerPlan, qrange
 
@@ -24,34 +26,47 @@ _ACT_BITS = (4, 6, 8)  # int4/uint4 and int8/uint8 are ONNX types; 6 bits satura
 
 @dataclass(frozen=True)
 class Act:
-    """A constant per-tensor activation quantizer, resolved from the plan."""
+    """A constant per-tensor activation quantizer, or a dynamic block quantizer (`block_size` > 0; `scale` is then
+    NVFP4's global scale g), resolved from the plan."""
 
     scale: float  # exactly representable in the graph's float type
     zero_point: int
     signed: bool
     bits: int
+    format: str = "int"
+    block_size: int = 0
 
     @property
     def qtype(self) -> ir.DataType:
+        if self.format == "fp8":
+            return ir.DataType.FLOAT8E4M3FN
+        if self.format == "fp4":
+            return ir.DataType.FLOAT4E2M1
         if self.bits == 4:
             return ir.DataType.INT4 if self.signed else ir.DataType.UINT4
         return ir.DataType.INT8 if self.signed else ir.DataType.UINT8
 
     @property
+    def qmax(self) -> float:
+        """The largest magnitude on the grid (2^(b−1) − 1 for signed integers)."""
+        return grid_max(self.format, self.bits)
+
+    @property
     def clip(self) -> tuple[int, int] | None:
         """The integer range a `Clip` after Q enforces, where `qtype` is wider than `bits` (None otherwise)."""
-        return None if self.bits in (4, 8) else qrange(self.bits, self.signed)
+        return None if self.bits in (4, 8) or self.format != "int" else qrange(self.bits, self.signed)
 
 
 @dataclass(frozen=True)
 class Weight:
     """The inputs and attributes of a layer's weight DequantizeLinear, in ONNX layout."""
 
-    ints: np.ndarray  # the plan's integers, int8 or ml_dtypes.int4 (`qtype`)
+    ints: np.ndarray  # the plan's values as `qtype`: int8, ml_dtypes.int4, float8_e4m3fn or float4_e2m1fn
     scale: np.ndarray  # float32: [out] per channel, else the weight's shape with axis `axis` divided by block_size
     axis: int
     block_size: int  # 0: per output channel (`axis` = weight_axis); else blocked along the input axis `axis`
     qtype: ir.DataType
+    global_scale: float | None = None  # NVFP4: `scale` holds FP8 E4M3 values, read through DQ(scale, g)
 
 
 def check_node(name: str, ref: LayerRef, node: ir.Node | None) -> ir.Node:
@@ -79,9 +94,20 @@ def check_node(name: str, ref: LayerRef, node: ir.Node | None) -> ir.Node:
     return node
 
 
+def _plan_values(name: str, lp: LayerPlan) -> np.ndarray:
+    """The plan's weight values: int8 integers, or float32 holding FP8 / FP4 grid values (checked on the grid)."""
+    if lp.weight_format == "int":
+        return np.asarray(lp.weight_int.detach().cpu().numpy(), dtype=np.int8)
+    v = lp.weight_int.detach().cpu().float().numpy()
+    if lp.weight_format == "fp4" and not np.array_equal(v.astype(ml_dtypes.float4_e2m1fn).astype(np.float32), v):
+        raise DenoqError(f"layer {name}: fp4 weights hold values off the E2M1 grid; the plan is corrupt, recalibrate")
+    return v
+
+
 def check_weight_ints(name: str, lp: LayerPlan, ref: LayerRef, node: ir.Node, onnx_shape: tuple) -> np.ndarray:
-    """The plan's integer weights in ONNX layout, checked against the graph's weight and the bit width."""
-    ints = np.asarray(lp.weight_int.detach().cpu().numpy(), dtype=np.int8)
+    """The plan's weight values in ONNX layout (`_plan_values`), checked against the graph's weight and the bit
+    width."""
+    ints = _plan_values(name, lp)
     if ref.transposed:
         if ints.ndim != 2:
             raise DenoqError(f"layer {name}: the layer map says the weight is transposed but the plan's "
@@ -101,7 +127,7 @@ def check_weight_ints(name: str, lp: LayerPlan, ref: LayerRef, node: ir.Node, on
         raise DenoqError(f"layer {name}: weights have {lp.weight_bits} bits; insert_qdq supports 2- to 8-bit "
                          "weights, set weights.bits to 8, 4 or 3")
     lo, hi = qrange(lp.weight_bits, signed=True)
-    if ints.size and (int(ints.min()) < lo or int(ints.max()) > hi):
+    if lp.weight_format == "int" and ints.size and (int(ints.min()) < lo or int(ints.max()) > hi):
         raise DenoqError(f"layer {name}: integer weights span [{ints.min()}, {ints.max()}], outside the "
                          f"{lp.weight_bits}-bit range [{lo}, {hi}]; the plan is corrupt, recalibrate")
     return ints
@@ -115,8 +141,17 @@ def weight_form(layer: str, lp: LayerPlan, ref: LayerRef, op_type: str, ints: np
     if perm.index(0) != ref.weight_axis:
         raise DenoqError(f"layer {layer}: weight_axis {ref.weight_axis} contradicts transposed={ref.transposed} in "
                          "the layer map; re-export the model (the map is wrong)")
-    qtype = ir.DataType.INT4 if lp.weight_bits <= 4 and op_type != "Conv" else ir.DataType.INT8
+    qtype = {"fp8": ir.DataType.FLOAT8E4M3FN, "fp4": ir.DataType.FLOAT4E2M1}.get(
+        lp.weight_format, ir.DataType.INT4 if lp.weight_bits <= 4 and op_type != "Conv" else ir.DataType.INT8)
     block = lp.block_size
+    if lp.weight_format == "fp4":
+        if block != NVFP4_BLOCK or lp.weight_global_scale is None:
+            raise DenoqError(f"layer {layer}: fp4 weights are NVFP4 (blocks of {NVFP4_BLOCK} with a global scale); "
+                             f"got block size {block}; recalibrate")
+        s8 = lp.weight_scale.detach().cpu().float().numpy()
+        if not np.array_equal(s8.astype(ml_dtypes.float8_e4m3fn).astype(np.float32), s8):
+            raise DenoqError(f"layer {layer}: NVFP4 block scales must be FP8 E4M3 numbers; the plan is corrupt, "
+                             "recalibrate")
     if block < 0:
         raise DenoqError(f"layer {layer}: block size {block} is negative; set weights.group_size to 0 (per output "
                          "channel) or a positive divisor of the input channels")
@@ -136,7 +171,7 @@ def weight_form(layer: str, lp: LayerPlan, ref: LayerRef, op_type: str, ints: np
     full = np.broadcast_to(scale.reshape(*scale.shape, *([1] * (ints.ndim - 2))),
                            (*scale.shape, *lp.weight_int.shape[2:]))
     return Weight(ints=ints.astype(qtype.numpy()), scale=np.ascontiguousarray(np.transpose(full, perm)),
-                  axis=perm.index(1), block_size=block, qtype=qtype)
+                  axis=perm.index(1), block_size=block, qtype=qtype, global_scale=lp.weight_global_scale)
 
 
 def act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataType,
@@ -144,6 +179,15 @@ def act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataTy
     """The constant quantizer of `q`: its one scale, or `resolved` (the selector's s0 / s_out0) when given."""
     if q is None:
         return None
+    if q.format != "int" and (not q.signed or q.zero_point != 0 or q.bits != {"fp8": 8, "fp4": 4}[q.format]):
+        raise DenoqError(f"layer {layer}: {role} {q.format} activations must be signed {q.format} with zero point 0; "
+                         "the plan is corrupt, recalibrate")
+    if q.block_size and (q.format == "fp8" or not q.signed):
+        raise DenoqError(f"layer {layer}: {role} dynamic blocks take signed int or fp4 (NVFP4) activations, not "
+                         f"{'' if q.signed else 'u'}{q.format}{q.bits}; recalibrate")
+    if q.format == "fp4" and q.block_size != NVFP4_BLOCK:
+        raise DenoqError(f"layer {layer}: {role} fp4 activations are NVFP4: dynamic blocks of {NVFP4_BLOCK}; "
+                         "the plan is corrupt, recalibrate")
     if q.bits not in _ACT_BITS:
         raise DenoqError(f"layer {layer}: {role} activations have {q.bits} bits; insert_qdq supports 4-, 6- and "
                          "8-bit activations, set activations.bits to 4, 6 or 8")
@@ -160,7 +204,8 @@ def act(layer: str, role: str, q: ActQuant | None, target: str, ftype: ir.DataTy
     if not (math.isfinite(scale) and scale > 0 and cast == scale):
         raise DenoqError(f"layer {layer}: {role} scale {scale!r} must be finite, positive and exact in {ftype}; "
                          "the plan is corrupt, recalibrate")
-    return Act(scale=scale, zero_point=int(q.zero_point), signed=bool(q.signed), bits=int(q.bits))
+    return Act(scale=scale, zero_point=int(q.zero_point), signed=bool(q.signed), bits=int(q.bits), format=q.format,
+               block_size=q.block_size)
 
 
 def check_selector_layer(node: ir.Node, layer: str, ftype: ir.DataType) -> None:

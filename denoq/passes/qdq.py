@@ -10,14 +10,17 @@ is changed; `denoq.passes.binding`):
 2. `InsertTimestepSelectors` (`selector`; ADP-DM): a layer whose input scale table varies with the timestep
    reads x·R and is followed by ÷R (with R = Gather(r, timestep)), so its Q/DQ keeps one constant scale.
 3. `QuantizeOutputs` (`activations`): the `ort-cpu` profile's output Q/DQ, between a selector layer and its Div.
-4. `QuantizeInputGroups` (`igq`; IGQ-ViT): dynamic groups as float ops, or static groups' factor Mul.
-5. `QuantizeInputs` (`activations`): the input Q/DQ, shared by the readers of one tensor with one quantizer, and
-   skipped where the input already is the previous layer's quantized output (so it runs after 3).
-6. `QuantizeAttention` (`attention`): the attention matmuls' inputs, the softmax on its uniform grid, the log2
+4. `QuantizeInputGroups` (`igq`; IGQ-ViT): dynamic groups as float ops, or static groups' (and SVDQuant's
+   smoothing) factor Mul.
+5. `AddLowRankBranches` (`lowrank`; SVDQuant): the 16-bit branch on the layer's float input, added to its output.
+6. `QuantizeInputs` (`activations`): the input Q/DQ (FP8 / INT Q/DQ, or a dynamic block quantizer), shared by the
+   readers of one tensor with one quantizer, and skipped where the input already is the previous layer's quantized
+   output (so it runs after 3).
+7. `QuantizeAttention` (`attention`): the attention matmuls' inputs, the softmax on its uniform grid, the log2
    grid or IGQ-ViT groups.
 
-Passes 2-6 are left out when the plan has nothing for them (constant scale tables, no output quantizers, no
-groups, no attention). Layers not in the plan stay float. The PyTorch simulation
+Passes 2-7 are left out when the plan has nothing for them (constant scale tables, no output quantizers, no
+groups, no low-rank branches, no attention). Layers not in the plan stay float. The PyTorch simulation
 (`denoq.calibrators.simulate`) mirrors exactly this placement.
 """
 
@@ -30,6 +33,7 @@ from denoq.passes.attention import QuantizeAttention
 from denoq.passes.binding import PlanBinding
 from denoq.passes.igq import QuantizeInputGroups
 from denoq.passes.infra import DenoqPass
+from denoq.passes.lowrank import AddLowRankBranches
 from denoq.passes.selector import InsertTimestepSelectors
 from denoq.passes.weights import QuantizeWeights
 from denoq.plan import QuantPlan
@@ -44,6 +48,7 @@ def qdq_passes(plan: QuantPlan) -> list[PassBase]:
         (InsertTimestepSelectors, any(lp.input is not None and not lp.input.is_constant for lp in layers)),
         (QuantizeOutputs, any(lp.output is not None for lp in layers)),
         (QuantizeInputGroups, any(lp.input_groups is not None or lp.input_factors is not None for lp in layers)),
+        (AddLowRankBranches, any(lp.rank for lp in layers)),
         (QuantizeInputs, any(lp.input is not None for lp in layers)),
         (QuantizeAttention, bool(plan.attention)),
     ]

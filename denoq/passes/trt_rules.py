@@ -6,8 +6,12 @@ reads Q/DQ nodes as follows, and this check enforces each point on the ONNX grap
 - `scale-not-constant`: every Q/DQ scale (and zero point) is a build-time constant (an initializer or a Constant
   node), never a computed tensor.
 - `scale-not-positive`: every scale is finite and > 0.
-- `zero-point`: zero points are 0 and of a signed type (int8 symmetric activations and weights; uint8 / non-zero
-  zero points are the `ort-cpu` profile's, not TensorRT's).
+- `zero-point`: zero points are 0 and of a signed type (int8 symmetric activations and weights, or FP8 E4M3;
+  uint8 / non-zero zero points are the `ort-cpu` profile's, not TensorRT's).
+- `fp4-form`: NVFP4 is `float4e2m1` in blocks of 16 whose scale is `DequantizeLinear(FP8 E4M3 block scales,
+  constant per-tensor scale)`: constant block scales for weights, the second output of
+  `trt::TRT_FP4DynamicQuantize` for activations (the one computed scale TensorRT takes; Model Optimizer's form).
+- `fp4-placement`: NVFP4 values feed MatMul / Gemm only (TensorRT's FP4 path runs GEMMs).
 - `int4-placement`: INT4 appears only as blocked weight-only quantization: a DequantizeLinear of an int4
   initializer, with `block_size`, feeding the weight input of a MatMul / Gemm; never on activations or Conv.
 - `blocked-int8`: 8-bit weights are per tensor or per output channel, not blocked.
@@ -46,7 +50,9 @@ from denoq.passes.infra import DenoqPass
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 INT4 = (TensorProto.INT4, TensorProto.UINT4)
-SIGNED = (TensorProto.INT8, TensorProto.INT4)
+SIGNED = (TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN)
+FP4_QUANTIZE = "TRT_FP4DynamicQuantize"
+FP4_BLOCK = 16
 SHOWN = 5
 
 
@@ -121,8 +127,8 @@ def _check_scale_and_zero_point(g: _Graph, node: onnx.NodeProto) -> list[Violati
         else:
             z = g.consts[zp]
             if z.data_type not in SIGNED:
-                out.append(Violation("zero-point", _name(node), f"zero point {zp!r} is of unsigned type "
-                                     f"{TensorProto.DataType.Name(z.data_type)}; TensorRT takes signed int8/int4"))
+                out.append(Violation("zero-point", _name(node), f"zero point {zp!r} is of type "
+                                     f"{TensorProto.DataType.Name(z.data_type)}; TensorRT takes int8/int4 or FP8"))
             elif np.any(numpy_helper.to_array(z) != 0):
                 out.append(Violation("zero-point", _name(node), f"zero point {zp!r} is not 0"))
     return out
@@ -192,12 +198,50 @@ def _check_activation(g: _Graph, node: onnx.NodeProto) -> list[Violation]:
     return out
 
 
+def _reads_fp4(g: _Graph, name: str) -> bool:
+    """True when tensor `name` holds NVFP4 values: a float4e2m1 constant or TRT_FP4DynamicQuantize's first output."""
+    src = g.producer.get(name)
+    return (g.is_const(name) and g.consts[name].data_type == TensorProto.FLOAT4E2M1) or (
+        src is not None and src.op_type == FP4_QUANTIZE and src.output[0] == name)
+
+
+def _is_fp4_scale(g: _Graph, node: onnx.NodeProto) -> bool:
+    """True when `node` (a DequantizeLinear) only makes the block scales of NVFP4 DequantizeLinears."""
+    users = g.consumers.get(node.output[0], [])
+    return bool(users) and all(u.op_type == "DequantizeLinear" and i == 1 and _reads_fp4(g, u.input[0])
+                               for u, i in users)
+
+
+def _check_fp4(g: _Graph, node: onnx.NodeProto) -> list[Violation]:
+    """The `fp4-form` and `fp4-placement` rules on an NVFP4 DequantizeLinear."""
+    out = []
+    scale = g.producer.get(node.input[1])
+    src = g.producer.get(scale.input[0]) if scale is not None else None
+    block_scales = scale is not None and (
+        (g.is_const(scale.input[0]) and g.consts[scale.input[0]].data_type == TensorProto.FLOAT8E4M3FN)
+        or (src is not None and src.op_type == FP4_QUANTIZE and src.output[1] == scale.input[0]))
+    if (_attr(node, "block_size", 0) != FP4_BLOCK or scale is None or scale.op_type != "DequantizeLinear"
+            or not block_scales or len(scale.input) < 2 or not g.is_const(scale.input[1])):
+        out.append(Violation("fp4-form", _name(node), f"NVFP4 needs blocks of {FP4_BLOCK} scaled by "
+                             "DequantizeLinear(FP8 block scales, constant per-tensor scale)"))
+    users = g.consumers.get(node.output[0], [])
+    if not users or any(u.op_type not in ("MatMul", "Gemm") for u, _ in users):
+        where = ", ".join(sorted({u.op_type for u, _ in users})) or "nothing"
+        out.append(Violation("fp4-placement", _name(node), f"NVFP4 values feed {where}; TensorRT's FP4 path runs "
+                             "MatMul / Gemm only"))
+    return out
+
+
 def trt_violations(model: onnx.ModelProto) -> list[Violation]:
     """Every rule of the module docstring that `model` breaks, sorted."""
     g = _Graph(model)
     found: list[Violation] = []
     for node in g.nodes:
-        if node.op_type in QDQ:
+        if node.op_type == "DequantizeLinear" and _reads_fp4(g, node.input[0]):
+            found += _check_fp4(g, node)
+        elif node.op_type == "DequantizeLinear" and _is_fp4_scale(g, node):
+            continue
+        elif node.op_type in QDQ:
             found += _check_scale_and_zero_point(g, node)
             if any(v.rule == "scale-not-constant" and v.node == _name(node) for v in found):
                 continue

@@ -7,6 +7,11 @@ float scale per output channel and zeros, read through `DequantizeLinear(axis=we
 the name `<module>.weight`, so the layer map still names the node's weight input. Integers are copied, never
 re-rounded; they must lie in `qrange(weight_bits)`.
 
+FP8 weights are `float8e4m3fn` per output channel. NVFP4 weights (opset 23) are `float4e2m1` in blocks of 16
+whose scale is itself `DequantizeLinear(<module>.weight_scale_fp8, <module>.weight_global_scale)`: FP8 E4M3 block
+scales times one float32 scale per tensor (two-level dequantization, as TensorRT's FP4 GEMMs read it); the model's
+opset import is raised to 23 for them. Floating-point weights have no zero point input.
+
 INT4 / blocked weights (opset 21): MatMul / Gemm weights of ≤ 4 bits are stored as ONNX `int4` (zero points `int4`
 too), wider ones as int8; Conv weights always use the int8 container (4- and 3-bit values in int8). A plan with
 `block_size` B > 0 gives `DequantizeLinear(axis=<input-channel axis>, block_size=B)`, that axis taken from the
@@ -19,13 +24,16 @@ numbers, in the only form TensorRT accepts INT4 in. (`denoq.passes.binding` reso
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import PostconditionError, PreconditionError
+from onnx_ir.passes import PassResult, PostconditionError, PreconditionError
 
+from denoq.formats import FP4_OPSET
 from denoq.passes.binding import Binding, Layer
 from denoq.passes.qdq_base import PlanPass, initializer, not_yet_applied
 
+_INT_TYPES = (ir.DataType.INT8, ir.DataType.INT4)
 
 class QuantizeWeights(PlanPass):
     """Pass: every planned layer reads its weight as `DequantizeLinear(plan integers, plan scales, zeros)`.
@@ -52,6 +60,11 @@ class QuantizeWeights(PlanPass):
             _quantize_weight(g, layer)
         return bool(b.layers)
 
+    def call(self, model: ir.Model) -> PassResult:
+        if any(layer.weight.qtype == ir.DataType.FLOAT4E2M1 for layer in self.bound(model).layers):
+            model.opset_imports[""] = max(model.opset_imports.get("", 0), FP4_OPSET)
+        return super().call(model)
+
     def ensures(self, model: ir.Model) -> None:
         g = model.graph
         for layer in self.bound(model).layers:
@@ -72,10 +85,20 @@ def _quantize_weight(g: ir.Graph, layer: Layer) -> None:
     del g.initializers[fp.name]
     prefix = ref.module + ".weight"
     wq = initializer(g, f"{prefix}_quantized", w.ints)
-    ws = initializer(g, f"{prefix}_scale", w.scale.astype(layer.ftype.numpy()))
-    wz = initializer(g, f"{prefix}_zero_point", np.zeros(w.scale.shape, dtype=w.qtype.numpy()))
+    inputs = [wq]
+    if w.global_scale is None:
+        inputs.append(initializer(g, f"{prefix}_scale", w.scale.astype(layer.ftype.numpy())))
+    else:  # NVFP4: the FP8 block scales dequantized by the global scale
+        s8 = initializer(g, f"{prefix}_scale_fp8", w.scale.astype(ml_dtypes.float8_e4m3fn))
+        gs = initializer(g, f"{prefix}_global_scale", np.asarray(w.global_scale, dtype=layer.ftype.numpy()))
+        scale_dq = ir.node("DequantizeLinear", [s8, gs], name=f"{ref.module}/weight_scale/DequantizeLinear",
+                           outputs=[ir.val(f"{prefix}_scale", layer.ftype, ir.Shape(w.scale.shape))])
+        g.insert_before(node, scale_dq)
+        inputs.append(scale_dq.outputs[0])
+    if w.qtype in _INT_TYPES:  # float8 / float4 zero points are 0 by default and TensorRT takes none
+        inputs.append(initializer(g, f"{prefix}_zero_point", np.zeros(w.scale.shape, dtype=w.qtype.numpy())))
     attributes = {"axis": w.axis} if w.block_size == 0 else {"axis": w.axis, "block_size": w.block_size}
-    dq = ir.node("DequantizeLinear", [wq, ws, wz], attributes=attributes,
+    dq = ir.node("DequantizeLinear", inputs, attributes=attributes,
                  name=f"{ref.module}/weight/DequantizeLinear",
                  outputs=[ir.val(f"{prefix}_dequantized", layer.ftype, ir.Shape(layer.weight_int.shape))])
     node.replace_input_with(1, dq.outputs[0])

@@ -217,6 +217,26 @@ def accuquant_rows(o: MatrixOptions) -> list[Row]:
     return out
 
 
+#: The formats matrix: each row a name, its preset and keys, and its label.
+FORMAT_ROWS = (
+    ("int8-w8a8", "w8a8", (), "INT8 W8A8"),
+    ("fp8-w8a8", "fp8", (), "FP8 W8A8"),
+    ("fp8-attention", "fp8", ("attention.quantize=true",), "FP8 W8A8 + FP8 attention"),
+    ("int4-w4a8", "w4a8", (), "INT4 W4A8 (GPTQ)"),
+    ("int4-w4a4-tensor", "w4a8", ("activations.bits=4",), "INT4 W4A4, activations per tensor"),
+    ("int4-w4a4", "w4a4", (), "INT4 W4A4, activation blocks of 64"),
+    ("int4-w4a4-svdquant", "w4a4-svdquant", (), "INT4 W4A4 + SVDQuant"),
+    ("nvfp4", "nvfp4", (), "NVFP4 (FP8 convolutions)"),
+    ("nvfp4-svdquant", "nvfp4-svdquant", (), "NVFP4 + SVDQuant (FP8 convolutions)"),
+)
+
+
+def format_rows(o: MatrixOptions) -> list[Row]:
+    """One row per FORMAT_ROWS entry with its recipe's defaults; all main."""
+    return [Row(name, preset, sets, (("recipe", label),), label, i, True)
+            for i, (name, preset, sets, label) in enumerate(FORMAT_ROWS)]
+
+
 def _weight_error(r: dict[str, Any]) -> str:
     err = r["weight_error_vs_rtn"]
     return "—" if err is None else f"{err:.3f}"
@@ -249,6 +269,10 @@ MATRICES: dict[str, Matrix] = {
     "ptqd": Matrix(ptqd_rows, "1 none, 2 bias, 4 bias + k, 8 + VSC, 16 mixed precision",
                    (Column("GBOPs / image", lambda r: f"{r['bops_per_image'] / 1e9:.1f}"),)),
     "accuquant": Matrix(accuquant_rows, "", (Column("probe ε error before → after", _probe_error),), trajectory=True),
+    "formats": Matrix(format_rows, "row",
+                      (Column("GBOPs / image", lambda r: f"{r['bops_per_image'] / 1e9:.1f}"),
+                       Column("weight bytes / FP32", lambda r: f"{r['weight_bytes'] / r['fp_weight_bytes']:.3f}"),
+                       Column("executor", lambda r: r.get("executor", "onnxruntime")))),
 }
 
 

@@ -47,14 +47,15 @@ def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
             "weight_error_vs_rtn": weights.get("output_error_vs_rtn_median"),
             "weight_seconds": timed.get("weights", {}).get("seconds"),
             "weight_bytes": art.manifest["weights"]["qdq_bytes"],
+            "executor": art.manifest["checks"].get("qdq_executor", "onnxruntime"),
             "fp_weight_bytes": art.manifest["weights"]["fp32_bytes"]}
 
 
 def sample_graph(art_dir: Path, backend: str, sampler: str, seed: int, trajectory: bool = False
                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Samples of an artifact's graph (`ort`: the Q/DQ graph, with its PTQD variance calibration when it has one;
-    `ort-fp`: the FP graph) in ONNX Runtime, one thread; with `trajectory`, x_t at up to TRAJECTORY_POINTS evenly
-    spaced steps, by timestep."""
+    """Samples of an artifact's graph (`ort`: the Q/DQ graph, with its PTQD variance calibration when it has one,
+    in `onnx.reference` where the artifact's checks ran there (NVFP4); `ort-fp`: the FP graph) in ONNX Runtime,
+    one thread; with `trajectory`, x_t at up to TRAJECTORY_POINTS evenly spaced steps, by timestep."""
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.generate import generate
 
@@ -66,7 +67,10 @@ def sample_graph(art_dir: Path, backend: str, sampler: str, seed: int, trajector
         if trajectory and step % every == 0:
             states[int(t[0])] = x_t.clone()
 
-    x = generate(Artifact.open(art_dir), backend, sampler=kind, steps=steps, eta=eta, seed=seed, n=n, threads=1,
+    art = Artifact.open(art_dir)
+    if backend == "ort" and art.manifest.get("checks", {}).get("qdq_executor") == "onnx.reference":
+        backend = "onnx-ref"
+    x = generate(art, backend, sampler=kind, steps=steps, eta=eta, seed=seed, n=n, threads=1,
                  callback=keep)
     return x, states
 
