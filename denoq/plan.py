@@ -56,8 +56,8 @@ class ActQuant:
     timestep.
 
     `block_size` B > 0 makes it a dynamic block quantizer (SVDQuant's W4A4, NVFP4): every B consecutive channels
-    of one instance (a token's features, a pixel's channels) get the scale `c · amax / qmax` of their own values at
-    run time with the clipping ratio c = `scale[t]` (`int`), or NVFP4's two-level scale `fp8(amax / (6 · g)) · g`
+    of one instance (a token's features, a pixel's channels) get the scale `amax / qmax` of their own values at
+    run time (`int`: its table is not read and holds 1), or NVFP4's two-level scale `fp8(amax / (6 · g)) · g`
     with the global scale g = `scale[t]` (`fp4`).
     """
 

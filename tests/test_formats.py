@@ -117,7 +117,7 @@ def test_dynamic_int4_blocks_three_executors(kind: str) -> None:
                                                                          ).view(-1, *([1, 1] if kind == "conv" else []))
     lp = _weights(module, 4, "int")
     block = 2 if kind == "conv" else 8
-    lp = dataclasses.replace(lp, input=ActQuant(4, True, 0, _table(0.8), block_size=block))  # clipping ratio 0.8
+    lp = dataclasses.replace(lp, input=ActQuant(4, True, 0, _table(1.0), block_size=block))
     model = _check(module, fp, lp, x, ort=True)
     rules = {v.rule for v in trt_violations(model)}
     assert "scale-not-constant" in rules  # run-time int4 scales: ONNX Runtime's, not TensorRT's

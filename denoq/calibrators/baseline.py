@@ -57,8 +57,7 @@ def block_act_quant(stats: TensorStats, settings: ObserverSettings, block_size: 
                     num_train_timesteps: int) -> ActQuant:
     """A dynamic block quantizer (`ActQuant.block_size`): blocks of `block_size` channels, or of gcd(block_size, C)
     where C is not a multiple of it. Its table: NVFP4's global scale g = amax / (6 · 448) of the pooled input (the
-    largest block scale is then the largest FP8 number); for integer blocks the clipping ratio 1 (no clipping;
-    `blockclip.clip_ratios` chooses it)."""
+    largest block scale is then the largest FP8 number); 1 for integer blocks, whose table is not read."""
     g = 1.0
     if settings.format == "fp4":
         amin, amax = min(stats.amin.values()), max(stats.amax.values())

@@ -72,18 +72,16 @@ def block_amax(x: torch.Tensor, axis: int, block: int) -> torch.Tensor:
 
 
 def fake_quant_blocks(x: torch.Tensor, q: ActQuant, table: torch.Tensor, axis: int) -> torch.Tensor:
-    """`q`'s dynamic block quantizer (`ActQuant.block_size` > 0) on `x`, blocks along `axis` (the channels), with
-    `table` = the quantizer's table row of each sample `[B]`: s = max(c · amax, BLOCK_AMAX_FLOOR) / qmax per block
-    (`int`, c the clipping ratio), or NVFP4's `fp8(amax / (6 · g)) · g` (`fp4`, g the global scale), then
-    `DQ(Q(x; s))` on the grid."""
+    """`q`'s dynamic block quantizer (`ActQuant.block_size` > 0) on `x`, blocks along `axis` (the channels):
+    s = max(amax, BLOCK_AMAX_FLOOR) / qmax per block (`int`), or NVFP4's `fp8(amax / (6 · g)) · g` (`fp4`, with g
+    = `table`, the quantizer's table row of each sample `[B]`), then `DQ(Q(x; s))` on the grid."""
     axis = axis % x.dim()
     amax = block_amax(x, axis, q.block_size)
     qmin, qmax = q.qrange
-    row = table.to(x.device, torch.float32).view(-1, *([1] * (amax.dim() - 1)))
     if q.format == "fp4":
-        scale = nvfp4_block_scale(amax, row)
+        scale = nvfp4_block_scale(amax, table.to(x.device, torch.float32).view(-1, *([1] * (amax.dim() - 1))))
     else:
-        scale = torch.clamp(amax * row, min=BLOCK_AMAX_FLOOR) / qmax
+        scale = torch.clamp(amax, min=BLOCK_AMAX_FLOOR) / qmax
     xb = x.reshape((*amax.shape[:axis + 1], q.block_size, *x.shape[axis + 1:]))
     return fake_quantize(xb, scale, 0, qmin, qmax, q.format).reshape(x.shape)
 

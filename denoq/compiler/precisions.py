@@ -5,8 +5,7 @@ A recipe quantizes its layers in one precision, except that `layers.conv_format=
 E4M3 weights and per-tensor activations (TensorRT's FP4 path runs GEMMs only). For each group: SVDQuant's smoothing
 and low-rank branch where `svdquant.*` asks (`denoq.calibrators.svdquant`: the weight stage and the statistics then
 run on the model with the residual weights and smoothed inputs), the weight stage (`weights.method`), the
-activation statistics and quantizers (per tensor with timestep groups, or dynamic blocks, INT4 ones with their
-clipping ratios: `denoq.calibrators.blockclip`).
+activation statistics and quantizers (per tensor with timestep groups, or dynamic blocks).
 """
 
 from __future__ import annotations
@@ -14,11 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from denoq.calibrators.baseline import BaselineSettings, activation_signed, build_baseline_plan
-from denoq.calibrators.blockclip import clip_ratios
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.gptq import GptqSettings
 from denoq.calibrators.observers import ObserverSettings
@@ -114,13 +111,6 @@ def group_plan(model: nn.Module, recipe: Recipe, layers: dict[str, nn.Module], c
     settings = BaselineSettings(c.target, observer_settings(recipe), c.activations.timestep_groups,
                                 c.activations.block_size)
     plan, groups = build_baseline_plan(layers, stats, settings, num_train_timesteps, weights)
-    blocks = {n: lp.input for n, lp in plan.layers.items()
-              if lp.input is not None and lp.input.block_size and lp.input.format == "int"}
-    if blocks:
-        ratios = clip_ratios(model, layers, calib, blocks)
-        for name, ratio in ratios.items():
-            plan.layers[name].input.scale = torch.full((num_train_timesteps,), ratio, dtype=torch.float32)
-        info["block_clip_ratios"] = ratios
     for name, part in sorted(parts.items()):
         plan.layers[name] = part.attach(plan.layers[name])
     return plan, groups, info

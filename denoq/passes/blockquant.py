@@ -5,8 +5,7 @@ Every `B` consecutive channels of one instance (a token's features: the last axi
 pixel's channels: axis 1 of a Conv input) share a scale computed at run time from their own amax:
 
 - `int` (ONNX Runtime; TensorRT has no 4-bit activations), standard ops:
-  `Reshape → Abs → ReduceMax → Mul(c) → Max(floor) → Div(qmax)` gives the block scales s (c: the layer's
-  clipping ratio, `denoq.calibrators.blockclip`), then `QuantizeLinear(x, s,
+  `Reshape → Abs → ReduceMax → Max(floor) → Div(qmax)` gives the block scales s, then `QuantizeLinear(x, s,
   axis, block_size=B, output_dtype=int4) → DequantizeLinear(·, s)` (opset 21 blocked Q/DQ with a computed scale).
   A Conv input is read as `[N, C, H·W]` (Reshape) so that its scales are `[N, C / B, H·W]`, and reshaped back.
 - `fp4` (NVFP4, TensorRT's FP4 GEMMs), the form Model Optimizer exports and TensorRT imports:
@@ -71,8 +70,7 @@ def block_qdq(g: ir.Graph, x: ir.Value, a: Act, module: str, role: str, ftype: i
                "Amax", keepdims=0)
     floor = initializer(g, f"{prefix}_amax_floor", np.asarray(BLOCK_AMAX_FLOOR, dtype=ftype.numpy()))
     qmax = initializer(g, f"{prefix}_qmax", np.asarray(a.qmax, dtype=ftype.numpy()))
-    ratio = initializer(g, f"{prefix}_clip_ratio", np.asarray(a.scale, dtype=ftype.numpy()))
-    scale = add("Div", [add("Max", [add("Mul", [amax, ratio], "Clip"), floor], "Floor"), qmax], "Scale")
+    scale = add("Div", [add("Max", [amax, floor], "Floor"), qmax], "Scale")
     flat = add("Reshape", [x, initializer(g, f"{prefix}_flat_shape", np.asarray([0, channels, -1], np.int64))],
                "Flat") if conv else x
     axis = 1 if conv else rank - 1
