@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from conftest import compile_refused, save_dit_pipeline, tiny_dit
 
+from denoq.compiler.api import compile_artifact
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.backends import artifact_plan
 from denoq.compiler.cli import main
-from denoq.compiler.recipe import RECIPES, load_recipe
+from denoq.compiler.recipe import RECIPES, load_recipe, mixed_members
 from denoq.errors import DenoqError
 
 FAST = ["--set", "calib.samples=4", "--set", "calib.steps=5", "--quiet"]
@@ -38,6 +39,10 @@ def test_nvfp4_svdquant_dit_compiles_checks_in_onnx_reference_and_samples(dit_pi
     assert main(["sample", str(out), "--backend", "onnx-ref", "--n", "2", "--steps", "2", "--label", "1",
                  "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert "NVFP4 W / NVFP4 A (dynamic blocks) + rank-4 branch" in text and "nvfp4 blocks of 16 g=" in text
 
 
 def test_fp8_unet_keeps_tensorrt_rules(tiny_pipeline, tmp_path):
@@ -88,3 +93,21 @@ def test_format_presets_exist_with_their_formats():
     c = load_recipe("nvfp4-svdquant").config
     assert (c.weights.format, c.activations.format, c.layers.conv_format, c.target) == ("nvfp4", "nvfp4", "fp8", "trt")
     assert c.svdquant.rank > 0
+
+
+def test_mixed_precision_takes_fp8_and_nvfp4_members_with_their_own_formats():
+    members = mixed_members(load_recipe("w4a8", ["precision.mixed=fp8,nvfp4-svdquant", "ptqd.enabled=true"]))
+    assert list(members) == ["w4a8", "fp8", "nvfp4-svdquant"]
+    assert (members["fp8"]["weights.format"], members["fp8"]["activations.format"]) == ("fp8", "fp8")
+    nv = members["nvfp4-svdquant"].config
+    assert (nv.weights.format, nv.activations.block_size, nv.layers.conv_format, nv.svdquant.rank > 0) == (
+        "nvfp4", 16, "fp8", True)
+    assert members["w4a8"]["weights.format"] == "int" and members["fp8"]["ptqd.enabled"]
+
+
+def test_mixed_precision_with_an_fp8_member_compiles(tiny_pipeline, tmp_path):
+    art = compile_artifact(str(tiny_pipeline), load_recipe("w4a8", [
+        "calib.samples=8", "calib.steps=10", "calib.sampler=ddpm", "ptqd.enabled=true", "weights.method=rtn",
+        "precision.mixed=fp8"]), tmp_path / "mixed")
+    assert set(art.manifest["mixed"]["steps_per_member"]) <= {"w4a8", "fp8"}
+    assert art.manifest["mixed"]["bops_per_image"]["fp8"] > art.manifest["mixed"]["bops_per_image"]["w4a8"]

@@ -26,11 +26,10 @@ def describe(art: Artifact, layers: bool = False) -> str:
     else:
         plan = m["plan"]
         planned = plan["layers"]
-        kinds = Counter((v["op"], v["weight_bits"], (v["input"] or {}).get("bits"), bool(v["output"]))
-                        for v in planned.values())
+        kinds = Counter((v["op"], _precision(v), bool(v["output"])) for v in planned.values())
         lines.append(f"plan     target {plan['target']}, {len(planned)} layers:")
-        for (op, wb, ab, out), n in sorted(kinds.items(), key=str):
-            lines.append(f"           {n:4d} × {op:6s} W{wb}A{ab if ab else '-'}" + ("  +output Q/DQ" if out else ""))
+        for (op, precision, out), n in sorted(kinds.items(), key=str):
+            lines.append(f"           {n:4d} × {op:6s} {precision}" + ("  +output Q/DQ" if out else ""))
         if layers and planned:
             lines.extend(_layer_lines(art))
     if "cost" in m:
@@ -115,6 +114,21 @@ def _mixed_lines(mixed: dict) -> list[str]:
     return lines
 
 
+_GRID_NAMES = {"fp8": "FP8", "fp4": "NVFP4"}
+
+
+def _precision(layer: dict) -> str:
+    """`W4A8`, `W8A8`, `FP8 W / FP8 A`, `NVFP4 W / NVFP4 A (blocks) + rank-32 branch`: a plan layer's precision."""
+    q = layer["input"] or {}
+    w_fmt, a_fmt = layer.get("weight_format", "int"), q.get("format", "int")
+    w_name = _GRID_NAMES.get(w_fmt, f"INT{layer['weight_bits']}")
+    a_name = _GRID_NAMES.get(a_fmt, f"INT{q.get('bits')}") if q else "float"
+    text = f"W{layer['weight_bits']}A{q.get('bits', '-')}" if w_fmt == a_fmt == "int" else f"{w_name} W / {a_name} A"
+    if q.get("block_size"):
+        text += " (dynamic blocks)"
+    return text + (f" + rank-{layer['lowrank']} branch" if layer.get("lowrank") else "")
+
+
 def _layer_lines(art: Artifact) -> list[str]:
     from safetensors import safe_open
 
@@ -123,13 +137,17 @@ def _layer_lines(art: Artifact) -> list[str]:
             return "-"
         scale = f.get_tensor(tensor)
         groups = len(set(scale.tolist()))
-        kind = "int8" if q["signed"] else "uint8"
+        fmt = q.get("format", "int")
+        kind = _GRID_NAMES.get(fmt, f"{'' if q['signed'] else 'u'}int{q['bits']}").lower()
+        if q.get("block_size"):
+            return f"{kind} blocks of {q['block_size']}" + (f" g={float(scale[0]):.4g}" if fmt == "fp4" else "")
         return f"{kind} s={float(scale[0]):.4g} z={q['zero_point']}" + (f" ({groups} scales)" if groups > 1 else "")
 
-    out = [f"           {'layer':52s} {'op':6s} {'W':>2s}  {'input':28s} output"]
+    out = [f"           {'layer':52s} {'op':6s} {'W':>5s}  {'input':28s} output"]
     with safe_open(str(art.file("plan.safetensors")), framework="numpy") as f:  # numpy: no torch import
         for name, lm in sorted(art.manifest["plan"]["layers"].items()):
             a_in = act(lm["input"], f"{name}.input_scale", f)
             a_out = act(lm["output"], f"{name}.output_scale", f)
-            out.append(f"           {name:52s} {lm['op']:6s} {lm['weight_bits']:2d}  {a_in:28s} {a_out}")
+            w = _GRID_NAMES.get(lm.get("weight_format", "int"), str(lm["weight_bits"]))
+            out.append(f"           {name:52s} {lm['op']:6s} {w:>5s}  {a_in:28s} {a_out}")
     return out

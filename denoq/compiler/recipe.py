@@ -38,7 +38,8 @@ class Preset:
 
 W4A4 = {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64, "activations.bits": 4,
         "activations.block_size": 64}
-NVFP4 = {"weights.format": "nvfp4", "weights.bits": 4, "weights.group_size": 16, "activations.format": "nvfp4",
+NVFP4 = {"weights.format": "nvfp4", "weights.bits": 4, "weights.group_size": 16, "weights.method": "gptq",
+         "activations.format": "nvfp4",
          "activations.bits": 4, "activations.block_size": 16, "layers.conv_format": "fp8"}
 SVDQUANT = {"svdquant.rank": 32, "svdquant.alpha": 0.5}
 
@@ -52,14 +53,15 @@ RECIPES: dict[str, Preset] = {
                {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64}),
         Preset("w4a16", "int4 weights (GPTQ, blocks of 64 input channels), floating-point activations",
                {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64, "activations.bits": 16}),
-        Preset("fp8", "FP8 E4M3 weights per output channel and activations per tensor (Hopper / Ada); TensorRT "
-               "target", {"weights.format": "fp8", "activations.format": "fp8"}),
+        Preset("fp8", "FP8 E4M3 weights per output channel (GPTQ on the FP8 grid) and activations per tensor "
+               "(Hopper / Ada); TensorRT target", {"weights.format": "fp8", "weights.method": "gptq",
+                                                    "activations.format": "fp8"}),
         Preset("w4a4", "int4 weights (GPTQ, blocks of 64) and int4 activations in dynamic blocks of 64 channels "
                "(ONNX Runtime: TensorRT has no 4-bit integer activations)", W4A4),
         Preset("w4a4-svdquant", "w4a4 with SVDQuant: smoothing and a float16 low-rank branch beside each "
                "quantized layer", {**W4A4, **SVDQUANT}),
-        Preset("nvfp4", "NVFP4 weights (RTN) and activations (dynamic blocks of 16) on GEMMs, FP8 convolutions "
-               "(Blackwell); TensorRT target", NVFP4),
+        Preset("nvfp4", "NVFP4 weights (GPTQ on the FP4 grid) and activations (dynamic blocks of 16) on GEMMs, FP8 "
+               "convolutions (Blackwell); TensorRT target", NVFP4),
         Preset("nvfp4-svdquant", "nvfp4 with SVDQuant's smoothing and float16 low-rank branch",
                {**NVFP4, **SVDQUANT}),
     )
@@ -235,7 +237,8 @@ def load_recipe(name: str, sets: Iterable[str] = (), toml_path: Path | None = No
 
 #: Keys that say how precise a model is: a candidate of `precision.mixed` takes them from its own preset.
 def is_precision_key(key: str) -> bool:
-    return key.startswith("weights.") or key == "activations.bits"
+    return key.startswith(("weights.", "svdquant.")) or key in (
+        "activations.bits", "activations.format", "activations.block_size", "layers.conv_format")
 
 
 def preset_values(name: str) -> dict[str, Any]:

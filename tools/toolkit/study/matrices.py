@@ -220,14 +220,18 @@ def accuquant_rows(o: MatrixOptions) -> list[Row]:
 #: The formats matrix: each row a name, its preset and keys, and its label.
 FORMAT_ROWS = (
     ("int8-w8a8", "w8a8", (), "INT8 W8A8"),
-    ("fp8-w8a8", "fp8", (), "FP8 W8A8"),
+    ("fp8-w8a8-rtn", "fp8", ("weights.method=rtn",), "FP8 W8A8, RTN weights"),
+    ("fp8-w8a8", "fp8", (), "FP8 W8A8 (GPTQ)"),
     ("fp8-attention", "fp8", ("attention.quantize=true",), "FP8 W8A8 + FP8 attention"),
     ("int4-w4a8", "w4a8", (), "INT4 W4A8 (GPTQ)"),
     ("int4-w4a4-tensor", "w4a8", ("activations.bits=4",), "INT4 W4A4, activations per tensor"),
     ("int4-w4a4", "w4a4", (), "INT4 W4A4, activation blocks of 64"),
-    ("int4-w4a4-svdquant", "w4a4-svdquant", (), "INT4 W4A4 + SVDQuant"),
-    ("nvfp4", "nvfp4", (), "NVFP4 (FP8 convolutions)"),
-    ("nvfp4-svdquant", "nvfp4-svdquant", (), "NVFP4 + SVDQuant (FP8 convolutions)"),
+    ("int4-w4a4-svdquant-r1", "w4a4-svdquant", ("svdquant.rank=1",), "INT4 W4A4 + SVDQuant rank 1"),
+    ("int4-w4a4-svdquant-r8", "w4a4-svdquant", ("svdquant.rank=8",), "INT4 W4A4 + SVDQuant rank 8"),
+    ("int4-w4a4-svdquant", "w4a4-svdquant", (), "INT4 W4A4 + SVDQuant (preset: rank 32)"),
+    ("nvfp4", "nvfp4", (), "NVFP4"),
+    ("nvfp4-svdquant-r8", "nvfp4-svdquant", ("svdquant.rank=8",), "NVFP4 + SVDQuant rank 8"),
+    ("nvfp4-svdquant", "nvfp4-svdquant", (), "NVFP4 + SVDQuant (preset: rank 32)"),
 )
 
 
@@ -252,13 +256,15 @@ def _probe_error(r: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Matrix:
-    """A named study: its rows, the x axis of its PSNR plot, the table columns it adds (between the samplers'
-    and `calib s`), and whether its rows record the trajectory (`study.png` is then the accumulated error)."""
+    """A named study: its rows, the x axis of its PSNR plot (each row's own x on a log 2 axis, or `x_of` of its
+    measured row on a linear one), the table columns it adds (between the samplers' and `calib s`), and whether its
+    rows record the trajectory (`study.png` is then the accumulated error)."""
 
     rows: Callable[[MatrixOptions], list[Row]]
     xlabel: str
     columns: tuple[Column, ...] = ()
     trajectory: bool = False
+    x_of: Callable[[dict[str, Any]], float] | None = None  # the plot's x from a measured row (linear axis)
 
 
 MATRICES: dict[str, Matrix] = {
@@ -269,10 +275,11 @@ MATRICES: dict[str, Matrix] = {
     "ptqd": Matrix(ptqd_rows, "1 none, 2 bias, 4 bias + k, 8 + VSC, 16 mixed precision",
                    (Column("GBOPs / image", lambda r: f"{r['bops_per_image'] / 1e9:.1f}"),)),
     "accuquant": Matrix(accuquant_rows, "", (Column("probe ε error before → after", _probe_error),), trajectory=True),
-    "formats": Matrix(format_rows, "row",
+    "formats": Matrix(format_rows, "GBOPs per image",
                       (Column("GBOPs / image", lambda r: f"{r['bops_per_image'] / 1e9:.1f}"),
                        Column("weight bytes / FP32", lambda r: f"{r['weight_bytes'] / r['fp_weight_bytes']:.3f}"),
-                       Column("executor", lambda r: r.get("executor", "onnxruntime")))),
+                       Column("executor", lambda r: r.get("executor", "onnxruntime"))),
+                      x_of=lambda r: r["bops_per_image"] / 1e9),
 }
 
 

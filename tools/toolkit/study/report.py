@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,10 @@ def drift_png(results: Sequence[dict[str, Any]], samplers: Sequence[str], title:
     return figure_png(fig)
 
 
-def study_png(results: Sequence[dict[str, Any]], sampler: str, xlabel: str, title: str) -> bytes:
-    """PSNR vs FP with `sampler` against each row's x (log 2 axis, 0 drawn at 1), one line per series."""
+def study_png(results: Sequence[dict[str, Any]], sampler: str, xlabel: str, title: str,
+              x_of: Callable[[dict[str, Any]], float] | None = None) -> bytes:
+    """PSNR vs FP with `sampler` against each row's x (log 2 axis, 0 drawn at 1), one line per series; with
+    `x_of`, against `x_of(row)` on a linear axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,15 +52,17 @@ def study_png(results: Sequence[dict[str, Any]], sampler: str, xlabel: str, titl
     from denoq.figures import figure_png
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more series than the default cycle's ten colours
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         q = r["quality"].get(sampler)
         if q is not None:
-            series.setdefault(r["series"], []).append((r["x"], q["psnr_vs_fp"]))
+            series.setdefault(r["series"], []).append((r["x"] if x_of is None else x_of(r), q["psnr_vs_fp"]))
     for label, pts in sorted(series.items()):
         pts.sort()
         ax.plot([max(x, 1) for x, _ in pts], [p for _, p in pts], marker="o", label=label)
-    ax.set_xscale("log", base=2)
+    if x_of is None:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("PSNR vs FP (dB)")
     ax.set_title(title, fontsize=9)
@@ -102,7 +106,8 @@ def write_report(out: Path, settings: dict[str, Any], fp: dict[str, Any], result
         png = drift_png(results, samplers, f"{model}: accumulated error per step, quantized vs FP from the same "
                                            "noise (ORT)")
     else:
-        png = study_png(results, samplers[0], m.xlabel, f"{model}: {matrix} study in ONNX Runtime, {samplers[0]}")
+        png = study_png(results, samplers[0], m.xlabel, f"{model}: {matrix} study, Q/DQ graphs, {samplers[0]}",
+                        m.x_of)
     (out / "study.png").write_bytes(png)
     print(study_table(matrix, results, fp, samplers))
     print(f"(wrote {out / 'study.json'} and {out / 'study.png'} in {seconds} s)", file=sys.stderr)
