@@ -203,3 +203,13 @@ def test_memory_tool_runs_each_variant_in_its_own_process(tiny_pipeline, tmp_pat
     assert all(r["peak_mb"] >= 0 and r["seconds"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "| recompute |" in printed and "recompute n = 2 / n = 1" in printed
+
+
+def test_formats_rows_are_valid_recipes_and_plot_against_bops(study, matrices):
+    from denoq.compiler.recipe import load_recipe
+
+    rows = matrices.MATRICES["formats"].rows(matrices.MatrixOptions())
+    assert len(rows) == len(matrices.FORMAT_ROWS) and len({r.name for r in rows}) == len(rows)
+    for row in rows:
+        load_recipe(row.preset, row.sets)
+    assert matrices.MATRICES["formats"].x_of({"bops_per_image": 3e9}) == 3.0

@@ -91,7 +91,9 @@ def measure(samplers: Sequence[str], seed: int, trajectory: bool, rows: Sequence
                                 total=len(tasks), desc="sampling (graph, sampler) pairs", unit="pair"),
                     strict=True))
     samples = {k: v[0] for k, v in outs.items()}
-    fp = {s: {"fd_digits": fd_digits(samples[(None, s)])} for s in samplers}
+    labels = _class_labels(folders[None])
+    fp = {s: {"fd_digits": fd_digits(samples[(None, s)]), **_accuracy(samples[(None, s)], labels)}
+          for s in samplers}
     measured = {}
     for key, _, ss in rows:
         quality = {}
@@ -99,7 +101,8 @@ def measure(samplers: Sequence[str], seed: int, trajectory: bool, rows: Sequence
             x = samples[(key, s)]
             fd = fd_digits(x)
             quality[s] = {"fd_digits": fd, "fd_ratio": fd / fp[s]["fd_digits"],
-                          "fd_to_fp": fd_between(x, samples[(None, s)]), "psnr_vs_fp": psnr(x, samples[(None, s)])}
+                          "fd_to_fp": fd_between(x, samples[(None, s)]), "psnr_vs_fp": psnr(x, samples[(None, s)]),
+                          **_accuracy(x, labels)}
         drift = {}
         for s in ss if trajectory else ():
             fp_states, q_states = outs[(None, s)][1], outs[(key, s)][1]
@@ -108,3 +111,18 @@ def measure(samplers: Sequence[str], seed: int, trajectory: bool, rows: Sequence
                                            for t in ts]}
         measured[key] = {"quality": quality, "drift": drift}
     return fp, measured
+
+
+def _class_labels(art_dir: Path) -> torch.Tensor | None:
+    """The labels `generate` samples a class-conditional artifact with (every class in turn), None otherwise."""
+    from denoq.compiler.artifact import Artifact
+
+    model = Artifact.open(art_dir).manifest["model"]
+    return None if model.get("cond_input") != "class_labels" else torch.arange(4096) % int(model["num_classes"])
+
+
+def _accuracy(x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+    """`class_accuracy` (%) of samples `x` drawn with `labels` (their first len(x)); {} for unconditional models."""
+    from denoq.metrics import class_accuracy
+
+    return {} if labels is None else {"class_accuracy": 100 * class_accuracy(x, labels[:len(x)])}

@@ -67,7 +67,12 @@ def study_png(results: Sequence[dict[str, Any]], sampler: str, xlabel: str, titl
     ax.set_ylabel("PSNR vs FP (dB)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if x_of is None:
+        ax.legend(fontsize=7)
+    else:  # scattered points: the legend beside the axes, where it hides none of them
+        fig.set_size_inches(9.0, 4.0)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
     return figure_png(fig)
 
 
@@ -76,8 +81,9 @@ def _quality_cell(sampler: str) -> Column:
         q = r["quality"].get(sampler)
         if q is None:
             return "—"
-        return f"{q['fd_digits']:.2f} (×{q['fd_ratio']:.3f}) · {q['fd_to_fp']:.2f} · {q['psnr_vs_fp']:.2f} dB"
-    return Column(f"{sampler}: FD (×FP) · FD to FP · PSNR", cell)
+        return (f"{q['fd_digits']:.2f} (×{q['fd_ratio']:.3f}) · {q['fd_to_fp']:.2f} · {q['psnr_vs_fp']:.2f} dB"
+                + (f" · {q['class_accuracy']:.1f}%" if "class_accuracy" in q else ""))
+    return Column(f"{sampler}: FD (×FP) · FD to FP · PSNR [· class accuracy]", cell)
 
 
 def _label_column(index: int, name: str) -> Column:
@@ -90,7 +96,12 @@ def study_table(matrix: str, results: Sequence[dict[str, Any]], fp: dict[str, An
     columns = [_label_column(i, name) for i, (name, _) in enumerate(results[0]["labels"])]
     columns += [_quality_cell(s) for s in samplers]
     columns += [*MATRICES[matrix].columns, Column("calib s", lambda r: f"{r['calib_seconds']:.1f}")]
-    return ("FP: " + ", ".join(f"{s} FD-digits {fp[s]['fd_digits']:.2f}" for s in samplers) + "\n"
+    def fp_text(s: str) -> str:
+        accuracy = fp[s].get("class_accuracy")
+        return f"{s} FD-digits {fp[s]['fd_digits']:.2f}" + ("" if accuracy is None else
+                                                          f", class accuracy {accuracy:.1f}%")
+
+    return ("FP: " + ", ".join(fp_text(s) for s in samplers) + "\n"
             + column_table(columns, results))
 
 
