@@ -23,7 +23,9 @@ def test_external_data_path_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
         graph = onnx.load(str(large.file(name)), load_external_data=False)
         assert all(not t.raw_data for t in graph.graph.initializer if t.ByteSize() > 2048)  # tensors live outside
         assert large.file(name).stat().st_size < small.file(name).stat().st_size
-    assert large.manifest["checks"] == pytest.approx(small.manifest["checks"], rel=1e-6, abs=1e-9)
+    numbers = {k: v for k, v in small.manifest["checks"].items() if not isinstance(v, str)}
+    assert large.manifest["checks"]["qdq_executor"] == small.manifest["checks"]["qdq_executor"] == "onnxruntime"
+    assert {k: large.manifest["checks"][k] for k in numbers} == pytest.approx(numbers, rel=1e-6, abs=1e-9)
     assert large.manifest["trt_rules"]["count"] == 0
     x, t = onnxio_inputs()
     for backend in ("ort", "ort-fp16"):
