@@ -277,18 +277,18 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     plan = QuantPlan(num_train_timesteps=spec.num_train_timesteps, target=c.target)
     groups: dict[str, list] = {}
     group_info: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
     for i, (group_recipe, members) in enumerate(precision_groups(recipe, layers)):
-        part, part_groups, part_info = group_plan(spec.module, group_recipe, members, calib,
-                                                  spec.num_train_timesteps, c.seed)
+        part, part_groups, part_info, part_stats = group_plan(spec.module, group_recipe, members, calib,
+                                                              spec.num_train_timesteps, c.seed)
         plan.layers.update(part.layers)
         groups.update(part_groups)
         group_info.update(part_info if i == 0 else {"conv_fp8": part_info})
+        inputs.update({n: st.input for n, st in part_stats.items()})
     observer = observer_settings(recipe)
     search: dict[str, Any] = {"method": a.group_search}
     if search["method"] == "differentiable" and a.timestep_groups > 1:
-        stats = collect_stats(fp, layers, calib, outputs=c.target == "ort-cpu", seed=c.seed)
-        plan, groups, terms = search_groups(spec.module, plan, {n: st.input for n, st in stats.items()}, groups,
-                                            calib, observer, seed=c.seed)
+        plan, groups, terms = search_groups(spec.module, plan, inputs, groups, calib, observer, seed=c.seed)
         search.update({key: round(v, 6) for key, v in terms.items()})
     if c.attention.quantize:
         _attention(spec, recipe, plan, calib, attention_observer(recipe))

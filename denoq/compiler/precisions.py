@@ -19,7 +19,7 @@ from denoq.calibrators.baseline import BaselineSettings, activation_signed, buil
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.gptq import GptqSettings
 from denoq.calibrators.observers import ObserverSettings
-from denoq.calibrators.stats import collect_stats
+from denoq.calibrators.stats import LayerStats, collect_stats
 from denoq.calibrators.svdquant import SvdQuantSettings, smoothed_model
 from denoq.calibrators.timegroups import Segment
 from denoq.calibrators.weights import WeightSettings, round_weights
@@ -95,9 +95,10 @@ def _weights(model: nn.Module, recipe: Recipe, layers: dict[str, nn.Module], cal
 
 
 def group_plan(model: nn.Module, recipe: Recipe, layers: dict[str, nn.Module], calib: CalibrationSet,
-               num_train_timesteps: int, seed: int) -> tuple[QuantPlan, dict[str, list[Segment]], dict[str, Any]]:
-    """One precision group's plan (module docstring), each layer's timestep groups, and what the weight stage
-    and SVDQuant report."""
+               num_train_timesteps: int, seed: int
+               ) -> tuple[QuantPlan, dict[str, list[Segment]], dict[str, Any], dict[str, LayerStats]]:
+    """One precision group's plan (module docstring), each layer's timestep groups, what the weight stage and
+    SVDQuant report, and the activation statistics the quantizers came from."""
     c = recipe.config
     info: dict[str, Any] = {}
     parts: dict = {}
@@ -113,4 +114,4 @@ def group_plan(model: nn.Module, recipe: Recipe, layers: dict[str, nn.Module], c
     plan, groups = build_baseline_plan(layers, stats, settings, num_train_timesteps, weights)
     for name, part in sorted(parts.items()):
         plan.layers[name] = part.attach(plan.layers[name])
-    return plan, groups, info
+    return plan, groups, info, stats

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from denoq.errors import DenoqError
 from denoq.formats import BLOCK_AMAX_FLOOR, FP4_OPSET
 from denoq.passes.plan_checks import Act
 from denoq.passes.qdq_base import initializer
@@ -35,7 +36,8 @@ def block_qdq(g: ir.Graph, x: ir.Value, a: Act, module: str, role: str, ftype: i
     """The nodes of `a`'s dynamic block quantizer reading `x` (module docstring); the last node's output is the
     dequantized value."""
     if x.shape is None:
-        raise ValueError(f"{module}: the {role} activation has no shape; re-export the model")
+        raise DenoqError(f"layer {module}: its {role} activation has no shape in the graph; re-export the model "
+                         "with denoq.export (dynamic block quantizers need its rank and channels)")
     rank = len(x.shape)
     prefix, name = f"{module}.{role}", f"{module}/{role}"
     out = ir.val(f"{prefix}_dequantized", ftype, x.shape)
@@ -53,7 +55,8 @@ def block_qdq(g: ir.Graph, x: ir.Value, a: Act, module: str, role: str, ftype: i
         return [quant, scale, dq]
     channels = x.shape[1 if conv else rank - 1]
     if not isinstance(channels, int) or channels % a.block_size:
-        raise ValueError(f"{module}: {channels} channels are not a multiple of the block size {a.block_size}")
+        raise DenoqError(f"layer {module}: its {channels} input channels are not a multiple of the activation block "
+                         f"size {a.block_size}; recalibrate (the plan and the graph come from different models)")
     nodes: list[ir.Node] = []
 
     def add(op: str, inputs: list[ir.Value], suffix: str, dtype: ir.DataType = ftype, **attributes: object

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import PostconditionError
 
+from denoq.errors import DenoqError
 from denoq.passes.activations import layer_output
 from denoq.passes.binding import Binding, Layer
 from denoq.passes.qdq_base import PlanPass, initializer, not_yet_applied, produced_by
@@ -68,7 +69,8 @@ def _add_branch(g: ir.Graph, layer: Layer) -> None:
     y = layer_output(layer)
     if node.op_type == "Conv":
         if node.attributes.get_int("group", 1) != 1:
-            raise ValueError(f"layer {layer.module}: a grouped convolution takes no low-rank branch")
+            raise DenoqError(f"layer {layer.module}: a grouped convolution takes no low-rank branch; recalibrate "
+                             "(denoq's SVDQuant leaves grouped convolutions without one)")
         attributes = {k: node.attributes[k].value for k in _CONV_ATTRIBUTES if k in node.attributes}
         first = ir.node("Conv", [x, initializer(g, f"{prefix}_down", down)], attributes=attributes,
                         name=f"{name}/Conv_down", outputs=[ir.val(f"{prefix}_hidden", ftype)])
