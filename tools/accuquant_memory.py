@@ -7,9 +7,11 @@ quantizers, runs one warm-up iteration (n = 1, batch 1), then resets the kernel'
 FP window (target), the quantized window and the backward pass, as
 `denoq.calibrators.accuquant.reconstruct` does. Reported: peak RSS during that iteration minus the RSS before it
 (MB), the seconds it took, and per variant the ratio to its n = 1 (goal for `recompute`: n = 8 ≤ 1.2× n = 1). On a
-CUDA machine (`--device cuda`) the peak is torch's `max_memory_allocated` instead.
+CUDA machine (`--device cuda`) the peak is torch's `max_memory_allocated` instead. `--block NAME` measures block
+granularity (`accuquant.granularity=block`): that top-level block's layers learn, every other one is hard-rounded.
 
     OMP_NUM_THREADS=1 python tools/accuquant_memory.py --windows 1,2,4,8 --batch 32
+    OMP_NUM_THREADS=1 python tools/accuquant_memory.py --windows 1,2,4,8 --batch 32 --block mid_block
 """
 
 from __future__ import annotations
@@ -30,21 +32,16 @@ GOAL = 1.2
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One measurement (runs in its own process)."""
     import torch
 
     from denoq.calibrators.accuquant_window import Window, sampler_step, window_backward
     from denoq.calibrators.learnable import LearnableModel
+    from denoq.calibrators.weights import top_block
     from denoq.compiler.artifact import Artifact
     from denoq.compiler.backends import artifact_model, artifact_plan
+    from denoq.memory import PeakMemory
     from denoq.sampling import NoiseSchedule, module_eps
 
     torch.set_num_threads(1)
@@ -52,7 +49,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     art = Artifact.open(args.art)
     spec = artifact_model(art)
     model = spec.module.to(device)
-    q = LearnableModel(model, artifact_plan(art)).to(device).train()
+    plan = artifact_plan(art)
+    q = LearnableModel(model, plan).to(device).train()
+    if args.block:  # block granularity: that block learns, every other one holds its hard rounding
+        learning = [name for name in plan.layers if top_block(name) == args.block]
+        if not learning:
+            raise SystemExit(f"--block {args.block} holds no planned layer")
+        q.stage([name for name in plan.layers if name not in learning], learning)
     schedule = NoiseSchedule.from_config(spec.scheduler_config)
     step = sampler_step(schedule, "ddim")
     ts = schedule.timesteps(50, "ddim").tolist()
@@ -69,21 +72,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                                args.gradient)
 
     iteration(1, batch=1)  # one-time allocations (autograd engine, thread pools) out of the measurement
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        base = _status_kb("VmRSS") * 1024
     start = time.perf_counter()
-    iteration(args.n)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _status_kb("VmHWM") * 1024
-    return {"variant": args.variant, "n": args.n, "peak_mb": (peak - base) / 2**20,
+    with PeakMemory(device) as peak:
+        iteration(args.n)
+    if peak.mb is None or peak.base_mb is None:
+        raise SystemExit("no peak memory on this system: needs Linux's /proc/self/clear_refs or a CUDA device")
+    return {"variant": args.variant, "n": args.n, "peak_mb": peak.mb - peak.base_mb,
             "seconds": time.perf_counter() - start, "device": str(device), "batch": args.batch}
 
 
@@ -111,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="accuquant.gradient: stop at the model inputs, or full (through them); default: the "
                         "calibrator's")
     p.add_argument("--device", default="cpu", help="cpu, or cuda where torch has it")
+    p.add_argument("--block", default="", help="block granularity (accuquant.granularity=block): the top-level "
+                   "block that learns, e.g. mid_block, the others hard-rounded; default: every layer learns")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--art", type=Path, default=None, help=argparse.SUPPRESS)
@@ -129,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             for n in windows:
                 cmd = [sys.executable, __file__, "--child", "--art", str(art), "--variant", variant, "--n", str(n),
                        "--batch", str(args.batch), "--device", args.device, "--objective", args.objective,
-                       "--gradient", args.gradient]
+                       "--gradient", args.gradient, "--block", args.block]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={
                     **os.environ, "OMP_NUM_THREADS": "1", **MALLOC_ENV})
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 print(f"{variant} n={n}: {rows[-1]['peak_mb']:.1f} MB, {rows[-1]['seconds']:.2f} s", file=sys.stderr)
     base = {r["variant"]: r["peak_mb"] for r in rows if r["n"] == windows[0]}
     print(f"Peak memory of one iteration ({args.model}, batch {args.batch}, objective {args.objective}, "
-          f"gradient {args.gradient}, "
+          f"gradient {args.gradient}, {'block ' + args.block if args.block else 'every layer learning'}, "
           f"{rows[0]['device']}; "
           f"ratio to n = {windows[0]} of the same variant)\n")
     print("| variant | " + " | ".join(f"n = {n}" for n in windows) + " |")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,11 @@ import torch
 from torch import nn
 
 from denoq.calibrators.accuquant_window import StepFn, Window, run_window, sampler_step, window_backward
+from denoq.calibrators.blockrecon import BlockInputs, block_loss, cache_block, sample_inputs
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.calibrators.choices import BACKPROPS, GRADIENTS, OBJECTIVES, STARTS
+from denoq.calibrators.choices import BACKPROPS, GRADIENTS, GRANULARITIES, OBJECTIVES, STARTS
 from denoq.calibrators.learnable import INITS, LearnableModel
+from denoq.calibrators.weights import blocks_in_order
 from denoq.errors import DenoqError
 from denoq.log import bar
 from denoq.plan import QuantPlan
@@ -65,8 +68,9 @@ class AccuQuantSettings:
     `iters` use the per-step objective before the window's (0 = the window throughout); `objective` the window's
     loss, (3) over its end or every state or (4) over its outputs (`OBJECTIVES`); `start` fp | quantized
     (`STARTS`); `gradient` full (through the model inputs) or stop (2) (`GRADIENTS`);
-    `warmup` fraction without the regularizer; `eta` of a DDIM pool;
-    `seed` of the batches, windows and noise."""
+    `warmup` fraction without the regularizer; `eta` of a DDIM pool; `granularity` network (every layer learns at
+    once) or block (one top-level block at a time, `iters` each, on `block_inputs` cached calibration inputs
+    under window 0); `seed` of the batches, windows and noise."""
 
     window: int
     iters: int = 1000
@@ -81,6 +85,8 @@ class AccuQuantSettings:
     start: str = "fp"
     warmup: float = 0.2
     eta: float = 0.0
+    granularity: str = "network"
+    block_inputs: int = 1024
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,9 +99,15 @@ class AccuQuantSettings:
                              "0 ≤ perstep_iters < iters")
         for name, value, choices in (("init", self.init, INITS), ("backprop", self.backprop, BACKPROPS),
                                      ("objective", self.objective, OBJECTIVES),
-                                     ("gradient", self.gradient, GRADIENTS), ("start", self.start, STARTS)):
+                                     ("gradient", self.gradient, GRADIENTS), ("start", self.start, STARTS),
+                                     ("granularity", self.granularity, GRANULARITIES)):
             if value not in choices:
                 raise DenoqError(f"AccuQuant {name} {value!r} is unknown: choose one of {', '.join(choices)}")
+        if self.granularity == "block" and self.start == "quantized":
+            raise DenoqError("accuquant.start=quantized runs the whole quantized model's trajectories and is not "
+                             "implemented with accuquant.granularity=block; use start=fp or granularity=network")
+        if self.block_inputs < 1:
+            raise DenoqError(f"accuquant.block_inputs={self.block_inputs} must be ≥ 1")
 
 
 def check_window(window: int, steps: int) -> None:
@@ -187,13 +199,63 @@ def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: 
                            settings.backprop, settings.gradient)
 
 
+def _optimize(q: LearnableModel, names: list[str] | None, settings: AccuQuantSettings, draw: Callable[[int], float],
+              desc: str) -> tuple[list[float], str | None]:
+    """Adam over the rounding variables and log-scales of the layers `names` (None: all): at each iteration
+    `draw(it)` accumulates the reconstruction loss's gradient and returns its value, λ·f_reg of those layers is
+    added after the warm-up. Returns the losses and why the optimization stopped early (None: it ran to the end);
+    on a non-finite loss or gradient the last finite parameters are restored."""
+    rounding, scales = q.rounding_parameters(names), q.scale_parameters(names)
+    params = [*rounding, *scales]
+    optimizer = torch.optim.Adam([{"params": rounding, "lr": settings.lr},
+                                  {"params": scales, "lr": settings.lr * SCALE_LR_FACTOR}])
+    losses: list[float] = []
+    stopped = None
+    last_good = [p.detach().clone() for p in params]
+    for it in bar(range(settings.iters), desc=desc, unit="iter", leave=names is None):
+        optimizer.zero_grad(set_to_none=True)
+        rec = draw(it)
+        beta = _anneal(it, settings.iters, settings.warmup)
+        reg = 0.0
+        if beta is not None and settings.round_lambda > 0:
+            reg_t = settings.round_lambda * q.regularizer(beta, names)
+            reg_t.backward()
+            reg = float(reg_t.detach())
+        if not math.isfinite(rec + reg) or not _finite_grads(params):
+            stopped = (f"the loss or its gradient became non-finite at iteration {it + 1} of {settings.iters} "
+                       f"(loss {rec + reg!r}); kept the quantizers of iteration {it}: lower accuquant.lr")
+            break
+        last_good = [p.detach().clone() for p in params]
+        losses.append(rec + reg)
+        optimizer.step()
+    if stopped is None and not all(bool(torch.isfinite(p).all()) for p in params):
+        stopped = f"the quantizers became non-finite after iteration {settings.iters}; kept the last finite ones"
+    if stopped is not None:
+        with torch.no_grad():
+            for p, good in zip(params, last_good, strict=True):
+                p.copy_(good)
+    return losses, stopped
+
+
+def _objective_name(settings: AccuQuantSettings) -> str:
+    n = settings.window
+    if settings.granularity == "block" and n == 0:
+        return "each block's output (BRECQ)"
+    states = {"end": "", "every": ", every state", "outputs": ", model outputs"}[settings.objective]
+    objective = "per-step" if n <= 1 else f"window of {n} steps{states}"
+    if n > 1 and settings.perstep_iters:
+        objective = f"per-step for {settings.perstep_iters} iterations, then {objective}"
+    return objective + (", from the quantized trajectories" if settings.start == "quantized" else "")
+
+
 def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedule: NoiseSchedule, sampler: str,
                 num_steps: int, settings: AccuQuantSettings
                 ) -> tuple[QuantPlan, dict[str, Any]]:
     """Learn the plan's weight rounding and input scales with the objective of `settings.window` on `pool` (every
-    step of `sampler` with `num_steps` steps, FP trajectories in sampling order). Returns the plan with hard
-    rounding and the learned scales, and a report (losses, probe errors before / after, seconds, and `stopped`:
-    why the optimization stopped early, or None)."""
+    step of `sampler` with `num_steps` steps, FP trajectories in sampling order), all layers at once or one block
+    at a time (`settings.granularity`). Returns the plan with hard rounding and the learned scales, and a report
+    (losses, probe errors before / after, per block its losses and seconds, seconds, and `stopped`: why an
+    optimization stopped early, or None)."""
     n = settings.window
     check_window(n, len(pool.t))
     expected = schedule.timesteps(num_steps, sampler).tolist()
@@ -205,62 +267,67 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     fp_eps = module_eps(model)
     q = LearnableModel(model, plan, init=settings.init).train()
     q_eps = module_eps(q)
-    rounding, scales = q.rounding_parameters(), q.scale_parameters()
-    optimizer = torch.optim.Adam([{"params": rounding, "lr": settings.lr},
-                                  {"params": scales, "lr": settings.lr * SCALE_LR_FACTOR}])
     step = sampler_step(schedule, sampler, settings.eta)
     g = torch.Generator().manual_seed(settings.seed)
     N = pool.x[0].shape[0]
     before = probe_error(module_eps(q.hard()), fp_eps, pool)  # the hard start
     q.hard(False)
-    losses: list[float] = []
-    stopped = None
-    last_good = q.state()
-    params = [*rounding, *scales]
     zs = pool_noise(fp_eps, pool, step, prev) if settings.start == "quantized" else None
-    q_states, drift = None, []
-    for it in bar(range(settings.iters), desc=f"accuquant window {n}" if n > 1 else "per-step reconstruction",
-                  unit="iter"):
+    q_states: list[torch.Tensor] | None = None
+    drift: list[float] = []
+
+    def sampler_draw(it: int) -> float:
+        nonlocal q_states
         if zs is not None and it % REFRESH_ITERS == 0:
             q_states = quantized_states(module_eps(q.hard()), pool, step, prev, zs)
             q.hard(False)
             drift.append(round(trajectory_drift(q_states, pool), 6))
         rows = torch.randperm(N, generator=g)[:settings.batch]
-        optimizer.zero_grad(set_to_none=True)
-        rec = objective_backward(q_eps, fp_eps, pool, rows, n if it >= settings.perstep_iters else 0, settings,
-                                 step, prev, g, q_states)
-        beta = _anneal(it, settings.iters, settings.warmup)
-        reg = 0.0
-        if beta is not None and settings.round_lambda > 0:
-            reg_t = settings.round_lambda * q.regularizer(beta)
-            reg_t.backward()
-            reg = float(reg_t.detach())
-        if not math.isfinite(rec + reg) or not _finite_grads(params):
-            stopped = (f"the loss or its gradient became non-finite at iteration {it + 1} of {settings.iters} "
-                       f"(loss {rec + reg!r}); kept the quantizers of iteration {it}: lower accuquant.lr")
-            break
-        last_good = q.state()
-        losses.append(rec + reg)
-        optimizer.step()
-    if stopped is None and not all(bool(torch.isfinite(p).all()) for p in params):
-        stopped = f"the quantizers became non-finite after iteration {settings.iters}; kept the last finite ones"
-    if stopped is not None:
-        q.load(last_good)  # else the final step's quantizers stand
+        return objective_backward(q_eps, fp_eps, pool, rows, n if it >= settings.perstep_iters else 0, settings,
+                                  step, prev, g, q_states)
+
+    desc = f"accuquant window {n}" if n > 1 else "per-step reconstruction"
+    losses: list[float] = []
+    stopped: list[str] = []
+    blocks: dict[str, dict[str, Any]] = {}
+    if settings.granularity == "network":
+        losses, why = _optimize(q, None, settings, sampler_draw, desc)
+        stopped += [why] if why else []
+    else:
+        layers = {name: model.get_submodule(name) for name in plan.layers}
+        inputs = sample_inputs(pool, settings.block_inputs, settings.seed)
+        done: list[str] = []
+        order = blocks_in_order(model, layers, pool)
+        for b, (block, names) in enumerate(bar(order.items(), desc="block-wise reconstruction", unit="block")):
+            t0 = time.perf_counter()
+            q.stage(done, names)
+            if n == 0:
+                data = cache_block(q_eps, q.model.get_submodule(block), fp_eps, model.get_submodule(block), pool,
+                                   inputs, plan.num_train_timesteps)
+
+                def block_draw(it: int, data: BlockInputs = data, block: str = block) -> float:
+                    loss = block_loss(q.model.get_submodule(block), data,
+                                      torch.randperm(len(data), generator=g)[:settings.batch], q.clock)
+                    loss.backward()
+                    return float(loss.detach())
+
+            part, why = _optimize(q, names, settings, sampler_draw if n else block_draw,
+                                  f"{block} ({b + 1}/{len(order)})")
+            losses += part
+            stopped += [f"{block}: {why}"] if why else []
+            blocks[block] = {"layers": len(names), "iters": len(part), "seconds": round(time.perf_counter() - t0, 2),
+                             **({"loss_first": round(part[0], 6), "loss_last": round(part[-1], 6)} if part else {})}
+            done += names
     q.hard()
     after = probe_error(q_eps, fp_eps, pool)
     every = max(1, len(losses) // 50)
-    states = {"end": "", "every": ", every state", "outputs": ", model outputs"}[settings.objective]
-    objective = "per-step" if n <= 1 else f"window of {n} steps{states}"
-    if n > 1 and settings.perstep_iters:
-        objective = f"per-step for {settings.perstep_iters} iterations, then {objective}"
     if zs is not None:
-        objective += ", from the quantized trajectories"
         drift.append(round(trajectory_drift(quantized_states(q_eps, pool, step, prev, zs), pool), 6))
-    info = {"window": n, "objective": objective, "iters": len(losses),
-            "backprop": settings.backprop if n > 1 else "per-step",
+    info = {"window": n, "objective": _objective_name(settings), "granularity": settings.granularity,
+            "iters": len(losses), "backprop": settings.backprop if n > 1 else "per-step",
             "gradient": settings.gradient if n > 1 else "per-step", "init": settings.init, "start": settings.start,
-            **({"trajectory_drift": drift} if drift else {}),
+            **({"trajectory_drift": drift} if drift else {}), **({"blocks": blocks} if blocks else {}),
             "loss_curve": [round(v, 6) for v in losses[::every]], "probe_eps_error_before": round(before, 6),
-            "probe_eps_error_after": round(after, 6), "stopped": stopped,
+            "probe_eps_error_after": round(after, 6), "stopped": "; ".join(stopped) or None,
             "seconds": round(time.perf_counter() - start, 2)}
     return q.export_plan(), info

@@ -89,6 +89,7 @@ class LearnableLayer(SimulatedLayer):
         self.v = nn.Parameter(inverse_rectified_sigmoid(h0))
         self.qmax = _weight_qmax(plan)
         self.soft = True
+        self.fp = False  # block-wise reconstruction: a block after the one learning runs in floating point
         self.log_scale: nn.Parameter | None = None
         if plan.input is not None:
             table = plan.input.scale.to(torch.float32)
@@ -116,6 +117,8 @@ class LearnableLayer(SimulatedLayer):
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp:
+            return self.source(x)
         t = self.clock.t
         if t is None or t.shape[0] != x.shape[0]:
             raise DenoqError(f"learnable layer {self.plan.name} got a batch of {x.shape[0]} but timesteps "
@@ -159,20 +162,34 @@ class LearnableModel(SimulatedModel):
             if m.log_scale is not None:
                 m.log_scale.requires_grad_(True)
 
-    def rounding_parameters(self) -> list[nn.Parameter]:
-        return [m.v for _, m in sorted(self.learnable.items())]
+    def _layers(self, names: list[str] | None) -> list[LearnableLayer]:
+        return [self.learnable[n] for n in sorted(self.learnable if names is None else names)]
 
-    def scale_parameters(self) -> list[nn.Parameter]:
-        return [m.log_scale for _, m in sorted(self.learnable.items()) if m.log_scale is not None]
+    def rounding_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
+        """The rounding variables V of the layers `names` (default: all)."""
+        return [m.v for m in self._layers(names)]
 
-    def regularizer(self, beta: float) -> torch.Tensor:
-        """f_reg of (24), averaged over the layers."""
-        return torch.stack([m.regularizer(beta) for _, m in sorted(self.learnable.items())]).mean()
+    def scale_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
+        """The input log-scales of the layers `names` (default: all) that quantize their input."""
+        return [m.log_scale for m in self._layers(names) if m.log_scale is not None]
+
+    def regularizer(self, beta: float, names: list[str] | None = None) -> torch.Tensor:
+        """f_reg of (24), averaged over the layers `names` (default: all)."""
+        return torch.stack([m.regularizer(beta) for m in self._layers(names)]).mean()
 
     def hard(self, on: bool = True) -> LearnableModel:
-        """Hard rounding (`on`) or back to the soft relaxation; returns the model."""
+        """Every layer quantized, with hard rounding (`on`) or the soft relaxation; returns the model."""
         for m in self.learnable.values():
-            m.soft = not on
+            m.soft, m.fp = not on, False
+        return self
+
+    def stage(self, done: list[str], learning: list[str]) -> LearnableModel:
+        """Block-wise reconstruction: the layers `done` hard, `learning` soft, every other layer in floating
+        point; returns the model."""
+        self.hard(False)
+        for name, m in self.learnable.items():
+            m.soft = name not in done
+            m.fp = name not in done and name not in learning
         return self
 
     def state(self) -> dict[str, torch.Tensor]:

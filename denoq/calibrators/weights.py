@@ -64,13 +64,13 @@ class WeightSettings:
     conv_blocks: bool = True
 
 
-def _block(name: str) -> str:
+def top_block(name: str) -> str:
     """The top-level block of a module name: `down_blocks.1` for `down_blocks.1.resnets.0.conv1`."""
     head, _, rest = name.partition(".")
     return f"{head}.{rest.partition('.')[0]}" if rest and rest.partition(".")[0].isdigit() else head
 
 
-def _forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> list[str]:
+def forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> list[str]:
     """The planned layers in the order one forward pass first calls them."""
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None)
@@ -83,6 +83,15 @@ def _forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: Calibr
         for h in handles:
             h.remove()
     return order + sorted(set(layers) - set(order))
+
+
+def blocks_in_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> dict[str, list[str]]:
+    """The planned layers grouped by `top_block`, blocks and the layers in each in the order a forward pass first
+    reaches them."""
+    blocks: dict[str, list[str]] = {}
+    for name in forward_order(model, layers, calib):
+        blocks.setdefault(top_block(name), []).append(name)
+    return blocks
 
 
 def _hessians(model: nn.Module, layers: dict[str, nn.Module],
@@ -152,10 +161,8 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     data = calib.take(list(range(len(calib.t))), min(settings.hessian_samples, calib.x[0].shape[0]))
     work = copy.deepcopy(model).eval() if settings.sequential else model
     work_layers = dict(work.named_modules())
-    order = _forward_order(model, layers, data)
-    blocks: dict[str, list[str]] = {}
-    for name in order:
-        blocks.setdefault(_block(name) if settings.sequential else "all", []).append(name)
+    blocks = (blocks_in_order(model, layers, data) if settings.sequential
+              else {"all": forward_order(model, layers, data)})
     fp_h = _hessians(model, layers, data)
     plans: dict[str, LayerPlan] = {}
     error_vs_rtn: dict[str, float] = {}

@@ -10,8 +10,8 @@ An artifact is a folder whose `manifest.json` holds
 - whatever sections the writer adds (the recipe, the plan, …).
 
 The same inputs and seed give the same artifact byte for byte, except `timings.json` (unlisted, unhashed): every
-`seconds` or `*_seconds` key of the manifest the writer hands over goes there instead (`split_timings`), and no
-timestamp is stored.
+`seconds`, `*_seconds` or `*_peak_mb` (peak memory) key of the manifest the writer hands over goes there instead
+(`split_timings`), and no timestamp is stored.
 
 Writing (`denoq.compiler.artifact_writer.ArtifactWriter`) happens in a hidden temporary folder beside the output
 (`.NAME.tmp-PID-XXXX`), which is renamed into place only when `commit` has written every file and the manifest
@@ -88,12 +88,12 @@ def check_name(name: str) -> str:
 
 
 def split_timings(obj: Any) -> tuple[Any, Any]:
-    """`obj` without its timing keys (`seconds`, `*_seconds`, at any depth), and those keys in the same tree
-    (None when there are none): what varies between two runs of the same compile."""
+    """`obj` without its measurement keys (`seconds`, `*_seconds`, `*_peak_mb`, at any depth), and those keys in
+    the same tree (None when there are none): what varies between two runs of the same compile."""
     if isinstance(obj, Mapping):
         kept, timed = {}, {}
         for key, value in obj.items():
-            if key == "seconds" or str(key).endswith("_seconds"):
+            if key == "seconds" or str(key).endswith(("_seconds", "_peak_mb")):
                 timed[key] = value
                 continue
             kept[key], sub = split_timings(value)

@@ -39,6 +39,7 @@ from denoq.compiler.text_cond import text_condition
 from denoq.errors import DenoqError
 from denoq.export.onnx_export import GraphInputs
 from denoq.layers import match_layers, quantizable_layers, select_layers
+from denoq.memory import PeakMemory
 from denoq.plan import QuantPlan
 from denoq.sampling import NoiseSchedule, schedule_from_config
 from denoq.sampling.cond import Cond
@@ -207,7 +208,8 @@ def accuquant_settings(recipe: Recipe) -> AccuQuantSettings:
     return AccuQuantSettings(
         window=a.window, iters=a.iters, batch=a.batch, lr=a.lr, round_lambda=a.round_lambda,
         init="fp" if a.init == "fp" else "plan", backprop=a.backprop, gradient=a.gradient, start=a.start,
-        perstep_iters=a.perstep_iters, objective=a.objective, seed=recipe.config.seed)
+        perstep_iters=a.perstep_iters, objective=a.objective, granularity=a.granularity,
+        block_inputs=a.block_inputs, seed=recipe.config.seed)
 
 
 def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
@@ -269,6 +271,17 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     match_layers(every_layer, spec.layer_patterns(c.trt.fp32_layers), "trt.fp32_layers")  # typos, early
     guidance_scales(spec, recipe)
     check_sampler_keys(spec, recipe, own_trajectories=pool is None)
+    with PeakMemory(next(spec.module.parameters()).device) as peak:
+        cal = _calibrate(spec, recipe, pool, layers, kept_fp)
+    if peak.mb is not None:
+        cal.info["memory_peak_mb"] = round(peak.mb, 1)
+    return cal
+
+
+def _calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, layers: dict[str, nn.Module],
+               kept_fp: list[str]) -> Calibration:
+    """`calibrate` once its checks have passed: the calibration set, the plan and PTQD's statistics."""
+    c = recipe.config
     fp = torch_eps(spec.module)
     start = time.perf_counter()
     source = "trajectories" if pool is None else "forward_loop"

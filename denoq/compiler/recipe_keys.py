@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from denoq.calibrators.choices import BACKPROPS, GRADIENTS, OBJECTIVES, STARTS, WEIGHT_BITS
+from denoq.calibrators.choices import BACKPROPS, GRADIENTS, GRANULARITIES, OBJECTIVES, STARTS, WEIGHT_BITS
 
 
 @dataclass(frozen=True)
@@ -231,10 +231,18 @@ class AccuQuantKeys:
     """`accuquant.*`: learned rounding and step sizes (weights.method=adaround), AccuQuant's window."""
 
     window: int = key(0,
-            "with weights.method=adaround: 0-1 per-step objective, n ≥ 2 the AccuQuant window of n sampler "
-            "steps", lo=0, hi=64)
+            "with weights.method=adaround: 0 = the learned unit's own output (granularity=block: each block's, "
+            "BRECQ), 1 = the model's output at one step, n ≥ 2 = the AccuQuant window of n sampler steps",
+            lo=0, hi=64)
+    granularity: str = key("network",
+            "adaround: network = every layer learns at once; block = one top-level block at a time in forward "
+            "order (earlier blocks hard-rounded, later ones in floating point), accuquant.iters each",
+            choices=GRANULARITIES)
+    block_inputs: int = key(1024,
+            "adaround with granularity=block and window 0: calibration inputs whose block arguments are cached",
+            lo=1, hi=1_000_000)
     iters: int = key(1000,
-            "adaround: optimizer iterations", lo=1, hi=100_000)
+            "adaround: optimizer iterations (per block with granularity=block)", lo=1, hi=100_000)
     batch: int = key(16,
             "adaround: trajectories per iteration", lo=1, hi=4096)
     lr: float = key(0.1,

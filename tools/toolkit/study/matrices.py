@@ -96,6 +96,19 @@ class MatrixOptions:
         "default accuquant.iters is 1000)"))
     perstep_iters: int = field(default=0, metadata=_cli(
         int, "accuquant", "also rows whose window fine-tunes after this many per-step iterations (0 = no)"))
+    presets: list[str] = field(default_factory=lambda: ["w4a8"], metadata=_cli(
+        words, "recon", "recipes whose weights are reconstructed"))
+    block_iters: int = field(default=300, metadata=_cli(
+        int, "recon", "accuquant.iters of the block-wise rows (per block)"))
+    recon_windows: list[int] = field(default_factory=lambda: [2], metadata=_cli(
+        ints, "recon", "AccuQuant windows n ≥ 2 at block granularity"))
+    lrs: list[float] = field(default_factory=list, metadata=_cli(
+        lambda text: [float(v) for v in text.split(",") if v], "recon",
+        "also block-output rows with these accuquant.lr (the default row uses the recipe's)"))
+    calib_seeds: list[int] = field(default_factory=lambda: [0], metadata=_cli(
+        ints, "recon", "calibration seeds (the recipe's seed: trajectories, batches); every row per seed"))
+    ptqd: bool = field(default=False, metadata=_cli(
+        lambda text: text.lower() in ("1", "true", "yes"), "recon", "also every method with ptqd.enabled=true"))
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> MatrixOptions:
@@ -217,6 +230,35 @@ def accuquant_rows(o: MatrixOptions) -> list[Row]:
     return out
 
 
+def recon_methods(o: MatrixOptions) -> list[tuple[str, tuple[str, ...]]]:
+    """The recon rows' methods, each a name and its keys: GPTQ alone; learned rounding from GPTQ's at network
+    granularity (per step, the recipe's iterations); at block granularity (`block_iters` each) each block's output
+    (BRECQ, with each of `lrs` too), the model's output per step, and AccuQuant windows `recon_windows`; with
+    `ptqd`, each of them with PTQD too."""
+    learn = ("weights.method=adaround", "accuquant.init=gptq")
+    block = (*learn, "accuquant.granularity=block", f"accuquant.iters={o.block_iters}")
+    methods = [("gptq", ()), ("network per-step", (*learn, "accuquant.window=0")),
+               ("block output", (*block, "accuquant.window=0"))]
+    methods += [(f"block output lr {lr:g}", (*block, "accuquant.window=0", f"accuquant.lr={lr:g}")) for lr in o.lrs]
+    methods += [("block per-step", (*block, "accuquant.window=1"))]
+    methods += [(f"block window {n}", (*block, f"accuquant.window={n}")) for n in o.recon_windows]
+    if o.ptqd:
+        methods += [(f"{name} + PTQD", (*sets, "ptqd.enabled=true")) for name, sets in list(methods)]
+    return methods
+
+
+def recon_rows(o: MatrixOptions) -> list[Row]:
+    """Each of `presets` × `recon_methods` × `calib_seeds`, calibrated on the first sampler's schedule and
+    evaluated with it; all main."""
+    (kind, steps), samplers = next(iter(samplers_by_schedule(o.samplers).items()))
+    calib = _schedule_sets(kind, steps)
+    return [Row(f"{preset}-{name.replace(' ', '-').replace('+', 'plus')}-s{seed}", preset,
+                (*calib, f"seed={seed}", *sets),
+                (("recipe", preset.upper()), ("method", name), ("calib seed", str(seed))), f"{preset.upper()} {name}",
+                seed, True, tuple(samplers))
+            for preset in o.presets for name, sets in recon_methods(o) for seed in o.calib_seeds]
+
+
 #: The formats matrix: each row a name, its preset and keys, and its label.
 FORMAT_ROWS = (
     ("int8-w8a8", "w8a8", (), "INT8 W8A8"),
@@ -275,6 +317,10 @@ MATRICES: dict[str, Matrix] = {
     "ptqd": Matrix(ptqd_rows, "1 none, 2 bias, 4 bias + k, 8 + VSC, 16 mixed precision",
                    (Column("GBOPs / image", lambda r: f"{r['bops_per_image'] / 1e9:.1f}"),)),
     "accuquant": Matrix(accuquant_rows, "", (Column("probe ε error before → after", _probe_error),), trajectory=True),
+    "recon": Matrix(recon_rows, "calibration seed",
+                    (Column("probe ε error before → after", _probe_error),
+                     Column("calib peak MB", lambda r: f"{r['memory_peak_mb']:.0f}" if r.get("memory_peak_mb")
+                            else "—"))),
     "formats": Matrix(format_rows, "GBOPs per image",
                       (Column("GBOPs / image", lambda r: f"{r['bops_per_image'] / 1e9:.1f}"),
                        Column("weight bytes / FP32", lambda r: f"{r['weight_bytes'] / r['fp_weight_bytes']:.3f}"),

@@ -40,7 +40,8 @@ def compile_row(row: Row, model: str, out: Path) -> dict[str, Any]:
     cal = art.manifest["calibration"]
     weights = cal.get("weights", {})
     timed = art.timings["calibration"]
-    return {"calib_seconds": timed["seconds"], "timesteps": cal["timesteps"],
+    return {"calib_seconds": timed["seconds"], "memory_peak_mb": timed.get("memory_peak_mb"),
+            "timesteps": cal["timesteps"],
             "bops_per_image": art.manifest["cost"]["bops_per_call"] * art.manifest["recipe"]["values"]["calib.steps"],
             "accuquant": cal.get("accuquant"),
             "selection": cal.get("timestep_selection", {}), "search_terms": cal.get("group_search", {}),

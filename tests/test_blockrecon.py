@@ -1,0 +1,124 @@
+"""Block-wise reconstruction (denoq.calibrators.blockrecon, accuquant.granularity=block): the cached block
+arguments replay the block as the whole model runs it, the staged model, the loop over the blocks, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from denoq.calibrators.accuquant import AccuQuantSettings, reconstruct
+from denoq.calibrators.blockrecon import Batched, block_loss, cache_block, sample_inputs
+from denoq.calibrators.calibset import record_trajectories
+from denoq.calibrators.learnable import LearnableModel
+from denoq.calibrators.weights import blocks_in_order
+from denoq.compiler.backends import artifact_plan
+from denoq.compiler.load import load_model
+from denoq.errors import DenoqError
+from denoq.sampling import NoiseSchedule, module_eps
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pipeline, tiny_artifact_trt):
+    spec = load_model(str(tiny_pipeline))
+    return spec, artifact_plan(tiny_artifact_trt), NoiseSchedule.from_config(spec.scheduler_config)
+
+
+@pytest.fixture(scope="module")
+def pool(tiny):
+    spec, _, schedule = tiny
+    return record_trajectories(module_eps(spec.module), schedule, sampler="ddim", steps=8, n_samples=8,
+                               sample_shape=spec.sample_shape, seed=0)
+
+
+def _blocks(spec, plan, pool) -> dict[str, list[str]]:
+    return blocks_in_order(spec.module, {n: spec.module.get_submodule(n) for n in plan.layers}, pool)
+
+
+def test_batched_concatenates_the_batch_leaves_and_keeps_the_others():
+    g = torch.Generator().manual_seed(0)
+    parts = [((torch.randn(n, 3, generator=g), (torch.randn(n, 2, generator=g),), None, 7),
+              {"temb": torch.randn(n, 4, generator=g), "scale": torch.ones(5)}) for n in (2, 3)]
+    b = Batched.gather(parts, [2, 3])
+    (x, (res,), none, seven), kw = b.rows(torch.tensor([4, 0]))
+    assert torch.equal(x, torch.cat([parts[1][0][0][2:3], parts[0][0][0][0:1]]))
+    assert torch.equal(res[0], parts[1][0][1][0][2]) and torch.equal(kw["temb"][1], parts[0][1]["temb"][0])
+    assert none is None and seven == 7 and torch.equal(kw["scale"], torch.ones(5))  # not per input: kept whole
+    assert len(b.tensors()) == 3
+    parts[1][1]["scale"] = torch.zeros(5)
+    with pytest.raises(DenoqError, match="changes across calibration batches"):
+        Batched.gather(parts, [2, 3])
+
+
+def test_staged_model_runs_later_blocks_in_floating_point(tiny, pool):
+    spec, plan, _ = tiny
+    q = LearnableModel(spec.module, plan).train()
+    x, t = pool.x[3][:4], torch.full((4,), pool.t[3], dtype=torch.int64)
+    with torch.no_grad():
+        fp = spec.module(x, t).sample
+        assert torch.equal(q.stage([], [])(x, t), fp)  # nothing quantized: the FP model exactly
+        assert not torch.equal(q.hard()(x, t), fp)
+    blocks = list(_blocks(spec, plan, pool).values())
+    q.stage(blocks[0], blocks[1])
+    q(x, t).pow(2).sum().backward()
+    grads = {n for n, m in q.learnable.items() if m.v.grad is not None}
+    assert grads == set(blocks[1])  # the hard block before and the FP blocks after take no gradient
+
+
+def test_cached_block_loss_is_the_block_error_of_the_whole_models(tiny, pool):
+    """The block replayed on its cached arguments (clock at their rows) gives what hooks on the whole quantized
+    and FP models see at that block."""
+    spec, plan, _ = tiny
+    blocks = _blocks(spec, plan, pool)
+    names = list(blocks)
+    block = next(b for b in names[1:] if b.startswith(("down_blocks", "mid_block", "up_blocks")))
+    done = [n for b in names[:names.index(block)] for n in blocks[b]]
+    q = LearnableModel(spec.module, plan).train().stage(done, blocks[block])
+    inputs = sample_inputs(pool, 12, seed=1)
+    assert len(set(inputs)) == 12 and inputs == sorted(inputs)
+    data = cache_block(module_eps(q), q.model.get_submodule(block), module_eps(spec.module),
+                       spec.module.get_submodule(block), pool, inputs, plan.num_train_timesteps)
+    with torch.no_grad():
+        got = float(block_loss(q.model.get_submodule(block), data, torch.arange(12), q.clock))
+    outs: dict[str, list[torch.Tensor]] = {"q": [], "fp": []}
+
+    def keep(key):
+        def hook(_m, _a, out):
+            outs[key] += [o for o in (out if isinstance(out, tuple) else (out,))
+                          for o in (o if isinstance(o, tuple) else (o,))]
+        return hook
+
+    x = torch.stack([pool.x[s][r] for s, r in inputs])
+    t = torch.tensor([pool.t[s] for s, _ in inputs])
+    handles = [q.model.get_submodule(block).register_forward_hook(keep("q")),
+               spec.module.get_submodule(block).register_forward_hook(keep("fp"))]
+    with torch.no_grad():
+        q(x, t)
+        spec.module(x, t)
+    for h in handles:
+        h.remove()
+    err = sum(float((a - b).pow(2).sum()) for a, b in zip(outs["q"], outs["fp"], strict=True))
+    energy = sum(float(b.pow(2).sum()) for b in outs["fp"])
+    assert got == pytest.approx(err / energy, rel=1e-4) and got > 0
+
+
+@pytest.mark.parametrize("window, words", [(0, "each block's output (BRECQ)"), (1, "per-step"),
+                                           (2, "window of 2 steps, model outputs")])
+def test_block_reconstruction_learns_each_block_in_forward_order(tiny, pool, window, words):
+    spec, plan, schedule = tiny
+    settings = AccuQuantSettings(window=window, iters=3, batch=4, lr=0.05, warmup=0.0, granularity="block",
+                                 block_inputs=16, init="fp")
+    learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings)
+    blocks = _blocks(spec, plan, pool)
+    assert info["granularity"] == "block" and info["objective"] == words and info["stopped"] is None
+    assert list(info["blocks"]) == list(blocks) and info["iters"] == 3 * len(blocks)
+    assert all(b["iters"] == 3 and b["layers"] == len(blocks[name]) for name, b in info["blocks"].items())
+    assert sum(int((learned.layers[n].weight_int != lp.weight_int).sum()) for n, lp in plan.layers.items()) > 0
+
+
+def test_block_granularity_refuses_what_it_does_not_implement():
+    with pytest.raises(DenoqError, match=r"start=quantized .* not implemented with accuquant.granularity=block"):
+        AccuQuantSettings(window=2, granularity="block", start="quantized")
+    with pytest.raises(DenoqError, match="granularity 'layer' is unknown: choose one of network, block"):
+        AccuQuantSettings(window=0, granularity="layer")
+    with pytest.raises(DenoqError, match="block_inputs=0 must be ≥ 1"):
+        AccuQuantSettings(window=0, granularity="block", block_inputs=0)
