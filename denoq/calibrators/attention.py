@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.distributed import RowLayout
 from denoq.calibrators.igq import row_groups
 from denoq.calibrators.observers import ObserverSettings, observe_qparams, qparams
-from denoq.calibrators.stats import TensorStats
+from denoq.calibrators.stats import TensorStats, reduce_stats
 from denoq.errors import DenoqError
 from denoq.layers import attention_modules
 from denoq.plan import ATTENTION_ROLES, ActQuant, AttentionPlan
@@ -117,12 +118,14 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
     stats = {name: {role: TensorStats() for role in (*ATTENTION_ROLES, "p_rows")} for name in modules}
     generator = torch.Generator().manual_seed(seed)
     current_t = [0]
+    layout: list[RowLayout | None] = [None]
 
     def recorder(name: str) -> Quant:
         def record(role: str, x: torch.Tensor) -> torch.Tensor:
-            stats[name][role].observe(x, current_t[0], generator, f"{name} ({role})")
+            stats[name][role].observe(x, current_t[0], generator, f"{name} ({role})", layout[0])
             if role == "p":  # each query row's largest probability: what token-wise groups are assigned by
-                stats[name]["p_rows"].observe(x.amax(dim=-1), current_t[0], generator, f"{name} (p rows)")
+                stats[name]["p_rows"].observe(x.amax(dim=-1), current_t[0], generator, f"{name} (p rows)",
+                                              layout[0])
             return x
 
         return record
@@ -130,12 +133,14 @@ def collect_attention_stats(model: nn.Module, forward: Callable, calib: Calibrat
     install(modules, recorder)
     try:
         with torch.no_grad():
-            for x, t, cond in calib.progress_batches(batch_size, "attention statistics"):
+            for (x, t, cond), layout[0] in zip(calib.progress_batches(batch_size, "attention statistics"),
+                                               calib.layouts(batch_size), strict=True):
                 current_t[0] = t[0].item()  # the sampler's timestep: int, or float (flow)
                 forward(x, t, cond)
     finally:
         for name, m in modules.items():
             m.set_processor(saved[name])
+    reduce_stats([st for roles in stats.values() for st in roles.values()])
     return stats
 
 

@@ -9,6 +9,10 @@ guidance=…)`) are recorded as the deployed sampler runs them: every step calls
 (null label, then the label). `batches` yields those doubled model inputs, so activation statistics, timestep
 groups and weight rounding see both halves; `guided_batches` yields the trajectories themselves with their scale,
 for PTQD, whose statistics are taken on the guidance-combined output.
+
+Data-parallel calibration (`distributed`): a rank's set holds its shard of the trajectories (`rows`, their global
+indices, out of `total`); `batches` still walks the one-process batches and yields this rank's rows of each, and
+`layouts` says where those rows sit in them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 
+from denoq.calibrators.distributed import RowLayout, all_gather_objects, shard_rows
 from denoq.errors import DenoqError
 from denoq.log import bar
 from denoq.sampling import FlowSchedule, NoiseSchedule, sample
@@ -32,7 +37,9 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 class CalibrationSet:
     """`x[i]` is the `[N, C, H, W]` batch of trajectory states at timestep `t[i]`; `cond` the conditioning of
     the N trajectories (None, one tensor or a `Conditioning`); for guided trajectories `guidance` holds each one's
-    scale [N] and `null_cond` the null conditioning (one sample's: the null label, the empty prompt's encoding)."""
+    scale [N] and `null_cond` the null conditioning (one sample's: the null label, the empty prompt's encoding).
+    `rows`: the global indices (ascending) of the N trajectories when they are one rank's shard of `total`
+    (data-parallel calibration), None when the set is whole."""
 
     x: list[torch.Tensor]
     t: list[int] | list[float]  # the sampler's timesteps: training timesteps (DDPM/DDIM), 1000 σ (flow matching)
@@ -40,19 +47,64 @@ class CalibrationSet:
     guidance: torch.Tensor | None = None
     null_cond: Cond = None
     conditioning: dict[str, Any] = field(default_factory=dict)  # what conditioned them (the manifest's words)
+    rows: torch.Tensor | None = None
+    total: int = 0
+
+    @property
+    def trajectories(self) -> int:
+        """The number of trajectories of the whole set (every rank's)."""
+        return self.x[0].shape[0] if self.rows is None else self.total
+
+    def gather_states(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, Cond]:
+        """The states x and conditioning of the (step index, trajectory) `picks`, in that order, on every rank:
+        a shard takes each from the rank that holds it (a collective: every rank must call it)."""
+        where = {j: r for r, j in enumerate(self.global_rows.tolist())}
+        mine = {(i, j): (self.x[i][where[j]:where[j] + 1], None if self.cond is None else
+                         self.cond[where[j]:where[j] + 1]) for i, j in picks if j in where}
+        found = {k: v for part in all_gather_objects(mine, "check inputs") for k, v in part.items()}
+        x = torch.cat([found[key][0] for key in picks])
+        return x, None if self.cond is None else cat([found[key][1] for key in picks])
+
+    def whole(self) -> CalibrationSet:
+        """The set with every rank's trajectories, in their global order, on every rank (a collective under a
+        shard: every rank must call it); the set itself when it is whole."""
+        if self.rows is None:
+            return self
+        parts = all_gather_objects((self.rows, self.x, self.cond, self.guidance), "calibration trajectories")
+        order = torch.argsort(torch.cat([rows for rows, *_ in parts]))
+        x = [torch.cat([p[1][i] for p in parts])[order] for i in range(len(self.x))]
+        cond = None if self.cond is None else cat([p[2] for p in parts])[order]
+        guidance = None if self.guidance is None else torch.cat([p[3] for p in parts])[order]
+        return CalibrationSet(x, self.t, cond, guidance, self.null_cond, self.conditioning)
+
+    @property
+    def global_rows(self) -> torch.Tensor:
+        """The global indices of the trajectories this set holds (0 … N − 1 for a whole set)."""
+        return torch.arange(self.x[0].shape[0]) if self.rows is None else self.rows
+
+    def _ranges(self, states: int) -> Iterator[tuple[int, int, int, int]]:
+        """(global lo, one-process batch size, local lo, local hi) of each one-process batch of `states`
+        trajectories that holds rows of this set."""
+        rows = self.global_rows
+        total = self.total if self.rows is not None else len(rows)
+        for lo in range(0, total, states):
+            a, b = (int(torch.searchsorted(rows, v)) for v in (lo, lo + states))
+            if b > a:
+                yield lo, min(states, total - lo), a, b
 
     def __len__(self) -> int:
-        """The number of model inputs (a guided trajectory state counts twice: both halves of the batch)."""
-        return sum(xi.shape[0] for xi in self.x) * (1 if self.guidance is None else 2)
+        """The number of model inputs (a guided trajectory state counts twice: both halves of the batch), every
+        rank's for a shard."""
+        return (self.trajectories if self.x else 0) * len(self.x) * (1 if self.guidance is None else 2)
 
     def guided_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor | None]]:
         """(x, t [B], cond, guidance scales [B] or None) per batch of trajectory states, in step order; each batch
         holds a single timestep (int64, or float32 for a flow-matching sampler's)."""
         for xi, ti in zip(self.x, self.t, strict=True):
-            for lo in range(0, xi.shape[0], batch_size):
-                xb = xi[lo:lo + batch_size]
-                cb = None if self.cond is None else self.cond[lo:lo + batch_size]
-                gb = None if self.guidance is None else self.guidance[lo:lo + batch_size]
+            for _, _, lo, hi in self._ranges(batch_size):
+                xb = xi[lo:hi]
+                cb = None if self.cond is None else self.cond[lo:hi]
+                gb = None if self.guidance is None else self.guidance[lo:hi]
                 dtype = torch.float32 if isinstance(ti, float) else torch.int64
                 yield xb, torch.full((xb.shape[0],), ti, dtype=dtype), cb, gb
 
@@ -70,7 +122,23 @@ class CalibrationSet:
     def num_batches(self, batch_size: int) -> int:
         """How many batches `batches(batch_size)` yields."""
         states = batch_size if self.guidance is None else max(1, batch_size // 2)
-        return sum(-(-xi.shape[0] // states) for xi in self.x)
+        return len(self.x) * sum(1 for _ in self._ranges(states)) if self.x else 0
+
+    def layouts(self, batch_size: int) -> Iterator[RowLayout | None]:
+        """Beside `batches(batch_size)`: where each batch's rows sit in the one-process batch (`RowLayout`), None
+        for a whole set."""
+        states = batch_size if self.guidance is None else max(1, batch_size // 2)
+        for _ in self.x:
+            for lo, total, a, b in self._ranges(states):
+                yield (None if self.rows is None
+                       else RowLayout.of(self.rows[a:b], lo, total, doubled=self.guidance is not None))
+
+    def batch_rows(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Beside `guided_batches(batch_size)`: the global indices of each batch's trajectories."""
+        rows = self.global_rows
+        for _ in self.x:
+            for _, _, a, b in self._ranges(batch_size):
+                yield rows[a:b]
 
     def progress_batches(self, batch_size: int, desc: str
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond]]:
@@ -78,12 +146,18 @@ class CalibrationSet:
         return bar(self.batches(batch_size), total=self.num_batches(batch_size), desc=desc, unit="batch")
 
     def take(self, steps: list[int], samples: int | None = None) -> CalibrationSet:
-        """The recorded steps at indices `steps` (in that order), of the first `samples` trajectories (all: None)."""
-        n = self.x[0].shape[0] if samples is None else samples
+        """The recorded steps at indices `steps` (in that order), of the first `samples` trajectories (all: None;
+        a shard keeps its rows among the first `samples` of all ranks')."""
+        if self.rows is None:
+            n = self.x[0].shape[0] if samples is None else samples
+        else:
+            n = int(torch.searchsorted(self.rows, self.total if samples is None else samples))
         cond = None if self.cond is None else self.cond[:n]
         guidance = None if self.guidance is None else self.guidance[:n]
+        rows = None if self.rows is None else self.rows[:n]
+        total = self.total if samples is None or self.rows is None else min(samples, self.total)
         return CalibrationSet([self.x[i][:n] for i in steps], [self.t[i] for i in steps], cond, guidance,
-                              self.null_cond, self.conditioning)
+                              self.null_cond, self.conditioning, rows, total)
 
     def guided_eps(self, eps: EpsFn, scales: torch.Tensor | None) -> EpsFn:
         """`eps` as the sampler calls it on these trajectories: guided with `scales` (one per sample of the batch,
@@ -96,25 +170,25 @@ class CalibrationSet:
 def record_trajectories(eps: EpsFn, schedule: NoiseSchedule | FlowSchedule, *, sampler: str, steps: int, n_samples: int,
                         sample_shape: tuple[int, ...], seed: int, cond: Cond = None,
                         guidance: torch.Tensor | None = None, null_cond: Cond = None, mu: float | None = None,
-                        timestep_scale: float = 1.0) -> CalibrationSet:
+                        timestep_scale: float = 1.0, sharded: bool = True) -> CalibrationSet:
     """Run the FP sampler from seeded noise and record the model input at every step; with `guidance` (one
     classifier-free guidance scale per trajectory, [n_samples]) and `null_cond`, each trajectory is sampled with
     guidance at its scale (`denoq.sampling.guidance`), as the deployed sampler runs it. `mu`: a flow schedule's
     resolution shift. `timestep_scale`: the denoiser takes the scheduler's timesteps times it (FluxPipeline's
-    t / 1000), and the set records the timesteps the denoiser took.
+    t / 1000), and the set records the timesteps the denoiser took. `sharded` (data-parallel calibration,
+    `distributed.shard_rows`): every rank draws the noise of all `n_samples` trajectories, runs the model on its
+    own rows only and records them (the other rows' states are not computed: their ε is 0).
 
     Raises DenoqError when the FP model produces NaN/Inf: the calibration would be meaningless.
     """
     xs: list[torch.Tensor] = []
     ts: list[int] = []
 
-    def record(step: int, t: torch.Tensor, x_t: torch.Tensor, eps_t: torch.Tensor) -> None:
-        if not (torch.isfinite(x_t).all() and torch.isfinite(eps_t).all()):
-            raise DenoqError(f"NaN/Inf in calibration at step {step} (timestep {float(t[0]):g}): the FP model's output "
-                             "is not finite; check the model weights and its scheduler config")
-        xs.append(x_t.detach().clone())
-        ts.append(float(t[0]) * timestep_scale if t.is_floating_point() else int(t[0]))
-
+    rows = shard_rows(n_samples) if sharded else None
+    whole_cond = cond
+    if rows is not None:
+        cond = None if cond is None else cond[rows]
+        guidance = None if guidance is None else guidance[rows]
     if guidance is not None:
         if cond is None or null_cond is None:
             raise DenoqError("guided calibration trajectories need the labels (cond) and the null conditioning")
@@ -125,11 +199,35 @@ def record_trajectories(eps: EpsFn, schedule: NoiseSchedule | FlowSchedule, *, s
         def eps(x: torch.Tensor, t: torch.Tensor, c: Cond = None) -> torch.Tensor:
             return inner(x, t * timestep_scale, c)
 
+    if rows is not None:
+        eps = _on_rows(eps, rows, cond)
+
+    def record(step: int, t: torch.Tensor, x_t: torch.Tensor, eps_t: torch.Tensor) -> None:
+        if rows is not None:
+            x_t, eps_t = x_t[rows.to(x_t.device)], eps_t[rows.to(x_t.device)]
+        if not (torch.isfinite(x_t).all() and torch.isfinite(eps_t).all()):
+            raise DenoqError(f"NaN/Inf in calibration at step {step} (timestep {float(t[0]):g}): the FP model's output "
+                             "is not finite; check the model weights and its scheduler config")
+        xs.append(x_t.detach().clone())
+        ts.append(float(t[0]) * timestep_scale if t.is_floating_point() else int(t[0]))
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sample(eps, schedule, sampler=sampler, steps=steps, shape=(n_samples, *sample_shape), generator=generator,
-               cond=cond, callback=record, mu=mu)
-    return CalibrationSet(xs, ts, cond, guidance, null_cond)
+               cond=whole_cond, callback=record, mu=mu)
+    return CalibrationSet(xs, ts, cond, guidance, null_cond, rows=rows, total=n_samples if rows is not None else 0)
+
+
+def _on_rows(eps: EpsFn, rows: torch.Tensor, cond: Cond) -> EpsFn:
+    """`eps` on the whole batch computed on `rows` only (with their conditioning `cond`), 0 on the others."""
+
+    def sharded(x: torch.Tensor, t: torch.Tensor, _cond: Cond = None) -> torch.Tensor:
+        out = eps(x[rows.to(x.device)], t[rows.to(t.device)], cond)
+        full = out.new_zeros((x.shape[0], *out.shape[1:]))
+        full[rows.to(x.device)] = out
+        return full
+
+    return sharded
 
 
 def record_calls(module: torch.nn.Module, run: Callable[[torch.nn.Module], object],

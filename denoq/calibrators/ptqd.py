@@ -56,6 +56,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.distributed import active, all_gather_objects, all_reduce
 from denoq.errors import DenoqError
 from denoq.log import bar
 from denoq.sampling import EpsFn
@@ -102,10 +103,12 @@ class StepSums:
         self.sums: torch.Tensor | None = None  # [5, C]: Σε, ΣΔ, Σε², ΣεΔ, ΣΔ²
         self._seen = 0
         self._level = 0
-        self._kept = torch.empty(4, 0, dtype=torch.float64)  # rows: ε, Δ, channel, hash
+        self._kept = torch.empty(5, 0, dtype=torch.float64)  # rows: ε, Δ, channel, hash, element index
 
-    def add(self, eps_fp: torch.Tensor, eps_q: torch.Tensor, where: str = "") -> None:
-        """Accumulate one batch of paired predictions `[N, C, ...]` (FP and quantized, same inputs)."""
+    def add(self, eps_fp: torch.Tensor, eps_q: torch.Tensor, where: str = "", rows: torch.Tensor | None = None) -> None:
+        """Accumulate one batch of paired predictions `[N, C, ...]` (FP and quantized, same inputs); `rows`: the
+        global indices of its N trajectories when they are one rank's shard (data-parallel calibration), else the
+        batch follows the previous ones."""
         if eps_fp.shape != eps_q.shape or eps_fp.dim() < 2:
             raise DenoqError(f"PTQD{where}: FP and quantized predictions must have the same shape [N, C, ...], got "
                              f"{tuple(eps_fp.shape)} and {tuple(eps_q.shape)}; pass both models' outputs on the same "
@@ -123,11 +126,15 @@ class StepSums:
         self.channels = eps_fp.shape[1]
         self.sums = batch if self.sums is None else self.sums + batch
         self.count += e.shape[1]
-        self._sample(eps_fp.detach(), eps_q.detach())
+        self._sample(eps_fp.detach(), eps_q.detach(), rows)
 
-    def _sample(self, eps_fp: torch.Tensor, eps_q: torch.Tensor) -> None:
+    def _sample(self, eps_fp: torch.Tensor, eps_q: torch.Tensor, rows: torch.Tensor | None) -> None:
         n = eps_fp.numel()
-        idx = torch.arange(self._seen, self._seen + n, dtype=torch.int64)
+        if rows is None:
+            idx = torch.arange(self._seen, self._seen + n, dtype=torch.int64)
+        else:
+            per_row = n // eps_fp.shape[0]
+            idx = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)
         self._seen += n
         h = torch.bitwise_and(idx * _HASH_MULT, 0xFFFFFFFF)  # low 32 bits survive int64 wrap-around
         pos = torch.nonzero(h < (1 << 32) >> self._level).squeeze(1)
@@ -136,10 +143,28 @@ class StepSums:
         e = eps_fp.reshape(-1)[on_device].cpu().to(torch.float64)
         d = eps_q.reshape(-1)[on_device].cpu().to(torch.float64) - e
         c = ((pos // per_channel) % eps_fp.shape[1]).to(torch.float64)
-        self._kept = torch.cat([self._kept, torch.stack([e, d, c, h[pos].to(torch.float64)])], dim=1)
+        kept = torch.stack([e, d, c, h[pos].to(torch.float64), idx[pos].to(torch.float64)])
+        self._kept = torch.cat([self._kept, kept], dim=1)
+        self._thin()
+
+    def _thin(self) -> None:
         while self._kept.shape[1] > self.max_samples:
             self._level += 1
             self._kept = self._kept[:, self._kept[3] < (1 << 32) >> self._level]
+
+    def all_reduce(self) -> None:
+        """Data-parallel calibration: the sums and counts of every rank's predictions, and the normality
+        subsample one process keeps from them all (gathered, in element order, thinned to the final level)."""
+        if not active():
+            return
+        self.count = int(all_reduce(torch.tensor([self.count], dtype=torch.float64), "sum", "PTQD counts"))
+        self.sums = all_reduce(self.sums, "sum", "PTQD moments")
+        parts = all_gather_objects((self._level, self._kept), "PTQD normality samples")
+        self._level = max(level for level, _ in parts)
+        kept = torch.cat([k for _, k in parts], dim=1)
+        kept = kept[:, torch.argsort(kept[4])]
+        self._kept = kept[:, kept[3] < (1 << 32) >> self._level]
+        self._thin()
 
     def finish(self, where: str = "", correlated: bool = True) -> StepFit:
         """The fit (2)–(4) from the sums, and the normality test on the subsampled residual r − b_c. With
@@ -155,7 +180,7 @@ class StepSums:
         k = max(slope, 0.0) if correlated else 0.0
         bias = (sd - k * se) / n
         var = float(((cdd - 2 * k * ced + k * k * cee) / n).clamp_min(0).mean())
-        e, d, c, _ = self._kept
+        e, d, c = self._kept[:3]
         residual = (d - k * e - bias[c.long()]).numpy()
         return StepFit(k=k, slope=slope, bias=bias, residual_var=var, normality_p=normality_p(residual),
                        count=self.count)
@@ -312,17 +337,23 @@ def collect_pairs(fp_eps: EpsFn, q_eps: EpsFn, trajectory: CalibrationSet, batch
 
 
 def fit(pairs: Iterable[tuple[int, torch.Tensor, torch.Tensor]], num_train_timesteps: int, sampler: str,
-        num_steps: int, correlated: bool = True) -> PtqdStats:
+        num_steps: int, correlated: bool = True, rows: Iterable[torch.Tensor] | None = None) -> PtqdStats:
     """PTQD's tables from paired predictions (t, ε, ε_q), any number of batches per timestep (streaming sums).
-    `correlated` False fits the bias alone (k = 0 at every step): the "bias correction only" ablation."""
+    `correlated` False fits the bias alone (k = 0 at every step): the "bias correction only" ablation. `rows`
+    (data-parallel calibration): beside the pairs, each batch's global trajectory indices
+    (`CalibrationSet.batch_rows`); the sums are then reduced over the ranks."""
     if sampler not in SAMPLERS:
         raise DenoqError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     sums: dict[int, StepSums] = {}
+    batch_rows = iter(rows) if rows is not None else None
     for t, eps_fp, eps_q in pairs:
         if not 0 <= t < num_train_timesteps:
             raise DenoqError(f"PTQD: timestep {t} lies outside [0, {num_train_timesteps}) = the scheduler's "
                              "num_train_timesteps; calibrate with the model's own scheduler config")
-        sums.setdefault(t, StepSums()).add(eps_fp, eps_q, where=f" at timestep {t}")
+        sums.setdefault(t, StepSums()).add(eps_fp, eps_q, where=f" at timestep {t}",
+                                           rows=None if batch_rows is None else next(batch_rows))
+    for t in sorted(sums):
+        sums[t].all_reduce()
     channels = {s.channels for s in sums.values()}
     if len(channels) > 1:
         raise DenoqError(f"PTQD: predictions with different channel counts {sorted(channels)} across timesteps; "

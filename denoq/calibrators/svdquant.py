@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from denoq.calibrators.calibset import CalibrationSet, run_hooked
+from denoq.calibrators.distributed import all_reduce
 from denoq.calibrators.layer_matrix import from_matrix, weight_matrix
 from denoq.log import bar
 from denoq.plan import LayerPlan
@@ -94,7 +95,7 @@ def channel_amax(model: nn.Module, layers: dict[str, nn.Module], calib: Calibrat
 
     run_hooked(model, calib, [m.register_forward_pre_hook(hook(n, isinstance(m, nn.Conv2d)))
                               for n, m in layers.items()])
-    return amax
+    return {n: all_reduce(a, "max", "SVDQuant channel maxima") for n, a in sorted(amax.items())}  # every rank's
 
 
 def decompose(module: nn.Module, x_amax: torch.Tensor, settings: SvdQuantSettings

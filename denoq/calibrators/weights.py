@@ -158,7 +158,7 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
                  for name, m in sorted(layers.items())}
         return plans, {"method": "rtn", "seconds": round(time.perf_counter() - start, 2),
                        "per_channel_layers": _per_channel(layers, settings)}
-    data = calib.take(list(range(len(calib.t))), min(settings.hessian_samples, calib.x[0].shape[0]))
+    data = calib.take(list(range(len(calib.t))), min(settings.hessian_samples, calib.trajectories)).whole()
     work = copy.deepcopy(model).eval() if settings.sequential else model
     work_layers = dict(work.named_modules())
     blocks = (blocks_in_order(model, layers, data) if settings.sequential

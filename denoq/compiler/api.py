@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet, record_calls
+from denoq.calibrators.distributed import is_main
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.artifact_writer import check_output_dir
 from denoq.compiler.backend_names import BACKENDS
+from denoq.compiler.data_parallel import on_main, one_process
 from denoq.compiler.load import load_model
 from denoq.compiler.mixed_compile import compile_mixed
 from denoq.compiler.pipeline import compile_model
@@ -84,7 +86,7 @@ def _source_folder(model: Any, scheduler: Any, out: Path) -> str | None:
 def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, scheduler: Any = None,
              calib: Callable[[torch.nn.Module], Any] | None = None, config: str | Path | None = None,
              force: bool = False, progress: bool = True,
-             allow_parity_failure: bool = False, **keys: Any) -> CompiledArtifact:
+             allow_parity_failure: bool = False, **keys: Any) -> CompiledArtifact | None:
     """Calibrate, export and quantize `model` with the recipe preset `recipe` into the artifact folder `out`.
 
     `model`: a diffusers pipeline folder (`DiffusionPipeline.save_pretrained`; Stable Diffusion 1.x/2.x and SDXL
@@ -100,26 +102,35 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     conditioning at every step). Returns the committed artifact (`CompiledArtifact`: `.sample`, `.evaluate`,
     `.build`, `.load`). `progress`: denoq's messages and progress bars on stderr while it works (`denoq.log`;
     False leaves the user's own logging configuration in charge). Every user error is a DenoqError (one line: the
-    problem and the fix), and nothing is written then.
+    problem and the fix), and nothing is written then. Under an initialized process group (data-parallel
+    calibration, docs/distributed.md) rank 0 writes and returns the artifact, the other ranks return None.
     """
     if calib is not None and not callable(calib):
         raise DenoqError(f"calib= takes None (denoq's own FP sampling trajectories) or a forward_loop(model) "
                          f"callable, not {type(calib).__name__}; calibration prompts go in calib__prompts=FILE")
     out = Path(out)
     rec = load_recipe(recipe, _set_items(keys), None if config is None else Path(config))
-    check_output_dir(out, force)  # before a model object is saved beside it
+    on_main(lambda: check_output_dir(out, force), "checking the output folder")  # before a model object is saved
     saved = out.with_name(out.name + "-model")
     fresh = not saved.exists()
-    source = _source_folder(model, scheduler, out)
+    # under a process group rank 0 alone saves a model object; every rank then loads the saved folder
+    source = on_main(lambda: _source_folder(model, scheduler, out), "saving the model beside the artifact")
+    source = source if is_main() else _source_name(model, saved)
     try:
         with verbose(progress):
             pool = None if calib is None else _forward_loop_inputs(model, source, calib)
-            return CompiledArtifact.of(compile_artifact(source, rec, out, force=force,
-                                                        allow_parity_failure=allow_parity_failure, pool=pool))
+            art = compile_artifact(source, rec, out, force=force, allow_parity_failure=allow_parity_failure,
+                                   pool=pool)
+            return None if art is None else CompiledArtifact.of(art)
     except BaseException:
-        if fresh and source == str(saved):  # nothing half-written: the saved model goes with the failed artifact
+        if fresh and source == str(saved) and is_main():  # nothing half-written: the saved model goes too
             shutil.rmtree(saved, ignore_errors=True)
         raise
+
+
+def _source_name(model: Any, saved: Path) -> str | None:
+    """What `_source_folder` returns, without saving anything: `model` itself, or the folder it saves to."""
+    return None if model is None else str(model) if isinstance(model, str | Path) else str(saved)
 
 
 def _forward_loop_inputs(model: Any, source: str | None, forward_loop: Callable[[torch.nn.Module], Any]
@@ -135,10 +146,11 @@ def _forward_loop_inputs(model: Any, source: str | None, forward_loop: Callable[
 
 def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: bool = False,
                      allow_parity_failure: bool = False,
-                     pool: CalibrationSet | None = None) -> Artifact:
+                     pool: CalibrationSet | None = None) -> Artifact | None:
     """`compile_model` for one plan, `compile_mixed` for a `precision.mixed` recipe (one member per candidate);
-    `pool`: calibration inputs from a user's loop (one plan only)."""
+    `pool`: calibration inputs from a user's loop (one plan only). None on the ranks ≠ 0 of a process group."""
     if recipe["precision.mixed"]:
+        one_process("precision.mixed")
         if pool is not None:
             raise DenoqError("precision.mixed chooses its members on denoq's own trajectories; pass calib=None")
         return compile_mixed(model, recipe, out, force=force,

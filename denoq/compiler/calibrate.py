@@ -31,6 +31,7 @@ from denoq.calibrators.simulate import simulate
 from denoq.calibrators.stats import collect_stats
 from denoq.calibrators.timegroups_search import search_groups
 from denoq.compiler.backends import torch_eps
+from denoq.compiler.data_parallel import check_ranks, check_same_plan
 from denoq.compiler.load import ModelSpec
 from denoq.compiler.parity import check_batch
 from denoq.compiler.precisions import attention_observer, group_plan, observer_settings, precision_groups
@@ -170,7 +171,8 @@ def record_pool(spec: ModelSpec, recipe: Recipe) -> CalibrationSet:
     mu = schedule.mu_for(spec.sample_shape, spec.patch) if isinstance(schedule, FlowSchedule) else None
     pool = record_trajectories(torch_eps(spec.module), schedule, sampler=c.calib.sampler, steps=c.calib.steps,
                                n_samples=n, sample_shape=spec.sample_shape, seed=c.seed, cond=cond, guidance=guidance,
-                               null_cond=null if scales else None, mu=mu, timestep_scale=spec.timestep_scale)
+                               null_cond=null if scales else None, mu=mu, timestep_scale=spec.timestep_scale,
+                               sharded=True)
     pool.conditioning = info
     return pool
 
@@ -184,7 +186,7 @@ def calibration_set(spec: ModelSpec, recipe: Recipe, layers: dict[str, nn.Module
     statistics need each step of the sampler)."""
     c = recipe.config
     pool = record_pool(spec, recipe) if pool is None else pool
-    n = pool.x[0].shape[0]
+    n = pool.trajectories
     strategy, k = c.activations.calib_timesteps, c.calib.timesteps
     calibtimes.check_count(strategy, len(pool.t), k)
     info: dict[str, Any] = {"strategy": strategy}
@@ -217,10 +219,9 @@ def check_inputs(spec: ModelSpec, calib: CalibrationSet) -> GraphInputs:
     rows."""
     batch = check_batch(sum(p.numel() for p in spec.module.parameters()))
     steps = np.linspace(0, len(calib.t) - 1, batch).round().astype(int)
-    rows = [j % calib.x[0].shape[0] for j in range(batch)]
-    x = torch.stack([calib.x[i][r] for i, r in zip(steps, rows, strict=True)])
+    x, cond = calib.gather_states([(int(i), j % calib.trajectories) for i, j in zip(steps, range(batch),
+                                                                                   strict=True)])
     t = torch.tensor([calib.t[i] for i in steps], dtype=torch.float32)  # the graph takes the scheduler's values
-    cond = None if calib.cond is None else calib.cond[rows]
     return GraphInputs(x, t, cond, spec.cond_input or "encoder_hidden_states", spec.resolution_multiple)
 
 
@@ -271,10 +272,12 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     match_layers(every_layer, spec.layer_patterns(c.trt.fp32_layers), "trt.fp32_layers")  # typos, early
     guidance_scales(spec, recipe)
     check_sampler_keys(spec, recipe, own_trajectories=pool is None)
+    check_ranks(spec, recipe, pool, bool(guidance_scales(spec, recipe)))
     with PeakMemory(next(spec.module.parameters()).device) as peak:
         cal = _calibrate(spec, recipe, pool, layers, kept_fp)
     if peak.mb is not None:
         cal.info["memory_peak_mb"] = round(peak.mb, 1)
+    check_same_plan(cal.plan, cal.ptqd)
     return cal
 
 
@@ -318,7 +321,7 @@ def _calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, lay
     if c.ptqd.enabled:
         pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64)
         ptqd = fit_ptqd(pairs, spec.num_train_timesteps, c.calib.sampler, c.calib.steps,
-                        correlated=c.ptqd.correlation)
+                        correlated=c.ptqd.correlation, rows=pool.batch_rows(64))
     info = {"source": source, "conditioning": pool.conditioning, "inputs": len(calib), "timesteps": calib.t,
             "timestep_selection": step_info,
             "kept_fp": kept_fp,

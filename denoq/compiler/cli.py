@@ -22,12 +22,18 @@ from denoq.errors import DenoqError
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
+    from denoq.calibrators.distributed import init_from_environment, leave
     from denoq.compiler.api import compile_artifact
     from denoq.compiler.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set, args.config)
-    compile_artifact(args.model, recipe, args.out, force=args.force,
-                     allow_parity_failure=args.allow_parity_failure)
+    joined = init_from_environment(dict(os.environ))  # under torchrun: data-parallel calibration
+    try:
+        compile_artifact(args.model, recipe, args.out, force=args.force,
+                         allow_parity_failure=args.allow_parity_failure)
+    finally:
+        if joined:
+            leave()
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -301,6 +307,12 @@ OS_ERROR_FIXES: dict[int, str] = {
 }
 
 
+def rank_prefix() -> str:
+    """`rank R: ` under a launcher of several ranks (`torchrun` sets RANK and WORLD_SIZE), else nothing. Read from
+    the environment: the process group is already left when `main` prints the error."""
+    return f"rank {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def os_error_line(exc: OSError) -> str:
     """What `main` prints after `error: ` for an OSError (a full disk, a read-only folder, …): the path, the
     operating system's words and the fix (OS_ERROR_FIXES), on one line."""
@@ -318,10 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from denoq.log import verbose
 
-        with verbose(not getattr(args, "quiet", False)):
+        with verbose(not getattr(args, "quiet", False) and os.environ.get("RANK", "0") == "0"):
             args.func(args)
     except DenoqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`denoq inspect ART | head`): end quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

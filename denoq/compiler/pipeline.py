@@ -22,6 +22,7 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.artifact_writer import ArtifactWriter, check_output_dir
 from denoq.compiler.calibrate import Calibration, calibrate, check_inputs, guidance_scales, resolve_sampler
+from denoq.compiler.data_parallel import on_main
 from denoq.compiler.graphs import Graphs, head_after_guidance, write_graphs
 from denoq.compiler.load import ModelSpec, load_model
 from denoq.compiler.parity import check_gate, check_scales, first_disagreeing_layer, guided_parity, parity
@@ -61,17 +62,21 @@ def check(spec: ModelSpec, cal: Calibration, inputs: GraphInputs, fp_path: Path,
 
 
 def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool = False,
-                  allow_parity_failure: bool = False, pool: CalibrationSet | None = None) -> Artifact:
+                  allow_parity_failure: bool = False, pool: CalibrationSet | None = None) -> Artifact | None:
     """Compile `model` with `recipe` into the artifact folder `out` (see module docstring): one model, one plan.
     `denoq.compiler.api.compile_artifact` also compiles `precision.mixed` recipes (`denoq.compiler.mixed_compile`).
 
     DenoqError when the Q/DQ graph in ONNX Runtime disagrees with the simulation beyond the parity bound
     (`denoq.compiler.parity`), unless `allow_parity_failure`, which the manifest then records. `pool`: the
-    calibration inputs of a user's own loop (`record_calls`) instead of denoq's trajectories."""
+    calibration inputs of a user's own loop (`record_calls`) instead of denoq's trajectories.
+
+    Under a process group (`torchrun`: docs/distributed.md) every rank calibrates its shard and ends with the same
+    plan; rank 0 alone checks `out`, exports and writes, and the others return None once it has committed (or
+    fail with its one line)."""
     if recipe.config.precision.mixed:
         raise DenoqError(f"precision.mixed={recipe.config.precision.mixed} compiles one member per candidate; use "
                          "denoq.quantize or denoq.compiler.api.compile_artifact (the CLI does)")
-    check_output_dir(out, force)
+    on_main(lambda: check_output_dir(out, force), "checking the output folder")
     spec = load_model(model, recipe.config.calib.size)
     recipe = resolve_sampler(spec, recipe)
     log.info("model %s: %s, sample %s, %s parameters", spec.name, spec.model_class, spec.sample_shape,
@@ -80,8 +85,14 @@ def compile_model(model: str | None, recipe: Recipe, out: Path, *, force: bool =
     cal = calibrate(spec, recipe, pool)
     log.info("calibrated %d layers on %d inputs in %s s", len(cal.plan.layers), cal.info["inputs"],
              cal.info["seconds"])
-    scales = guidance_scales(spec, recipe)
     inputs = check_inputs(spec, cal.calib)
+    return on_main(lambda: write(spec, recipe, cal, inputs, out, force, allow_parity_failure), "writing the artifact")
+
+
+def write(spec: ModelSpec, recipe: Recipe, cal: Calibration, inputs: GraphInputs, out: Path, force: bool,
+          allow_parity_failure: bool) -> Artifact:
+    """The export, passes, checks and store stages of `compile_model`, in an atomic `ArtifactWriter`."""
+    scales = guidance_scales(spec, recipe)
     with ArtifactWriter(out, force) as writer:
         fp_path = writer.path("model.fp.onnx")
         layer_map = export(spec, inputs, fp_path)

@@ -1,0 +1,136 @@
+"""The compile's side of data-parallel calibration (docs/distributed.md): what N ranks may run, the settings every
+rank must share, the plan every rank must end with, and rank 0 alone writing.
+
+Without a process group (or with one rank) every function here passes through: nothing is checked or exchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.calibtimes import PROBE_SAMPLES
+from denoq.calibrators.distributed import (
+    broadcast_object,
+    check_same,
+    check_shardable,
+    fingerprint,
+    is_main,
+    rank,
+    world_size,
+)
+from denoq.calibrators.ptqd import PtqdStats
+from denoq.compiler.load import ModelSpec
+from denoq.compiler.recipe import Recipe
+from denoq.errors import DenoqError
+from denoq.plan import QuantPlan
+
+T = TypeVar("T")
+
+#: Trajectories per batch of the activation statistics (`collect_stats`' batch size).
+STATS_BATCH = 64
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """Names, shapes and a strided sample of every parameter's values: two ranks that loaded different weights
+    (or another model) disagree here."""
+    digest = hashlib.sha256()
+    for name, p in module.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def settings_fingerprint(spec: ModelSpec, recipe: Recipe) -> str:
+    """What every rank must share: the recipe's values, the model and the torch version."""
+    text = json.dumps({"recipe": recipe.values, "model": spec.name, "weights": model_fingerprint(spec.module),
+                       "torch": torch.__version__}, sort_keys=True, default=str)
+    return fingerprint(text)
+
+
+def refused(recipe: Recipe, pool: CalibrationSet | None) -> list[str]:
+    """The recipe settings that run in one process only (the learned and searched calibrations train on random
+    subsets; a user's forward_loop records its own calls on each rank)."""
+    c = recipe.config
+    return [key for key, on in (
+        ("weights.method=adaround", c.weights.method == "adaround"),
+        ("activations.group_search=differentiable", c.activations.group_search == "differentiable"
+         and c.activations.timestep_groups > 1),
+        ("activations.igq_groups>0", c.activations.igq_groups > 0),
+        ("a forward_loop (calib=…)", pool is not None)) if on]
+
+
+def one_process(what: str) -> None:
+    """DenoqError under more than one rank: `what` runs in one process for now."""
+    if world_size() > 1:
+        raise DenoqError(f"{what} run(s) in one process for now, not under {world_size()} ranks; run it without "
+                         "torchrun (or drop the setting)")
+
+
+def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, guided: bool) -> None:
+    """Before any calibration work, on every rank: DenoqError (the same line on every rank) for a setting that
+    runs in one process only, a calibration set that leaves a rank without rows in some batch, or settings that
+    differ between the ranks."""
+    size = world_size()
+    if size == 1:
+        return
+    no = refused(recipe, pool)
+    if no:
+        one_process(", ".join(no))
+    c = recipe.config
+    check_shardable(c.calib.samples, STATS_BATCH // 2 if guided else STATS_BATCH, "calib.samples")
+    if c.activations.calib_timesteps == "srm":
+        check_shardable(min(PROBE_SAMPLES, c.calib.samples), STATS_BATCH, "the srm probe's trajectories")
+    if c.weights.method in ("gptq", "obq") and min(c.weights.hessian_samples, c.calib.samples) < size:
+        raise DenoqError(f"weights.hessian_samples={c.weights.hessian_samples} leaves ranks without Hessian "
+                         f"inputs under {size} ranks; set it to at least {size}")
+    check_same(settings_fingerprint(spec, recipe), "settings fingerprint (recipe, model weights, torch version)",
+               "start every rank with the same command, model folder and denoq / torch install")
+
+
+def plan_fingerprint(plan: QuantPlan, ptqd: PtqdStats | None) -> str:
+    """The plan's (and PTQD's) numbers and structure."""
+    digest = hashlib.sha256(json.dumps(plan.meta(), sort_keys=True, default=str).encode())
+    tensors = plan.tensors() | ({} if ptqd is None else ptqd.to_tensors())
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_plan(plan: QuantPlan, ptqd: PtqdStats | None) -> None:
+    """DenoqError on every rank unless every rank ended calibration with the same plan (a reduction that was not
+    the same everywhere would show here)."""
+    if world_size() > 1:
+        check_same(plan_fingerprint(plan, ptqd), "plan", "report this: the ranks' reductions diverged; run the "
+                   "calibration in one process meanwhile")
+
+
+def on_main(run: Callable[[], T], what: str) -> T | None:
+    """`run()` on rank 0 (returning its value there, None elsewhere) while the other ranks wait for its outcome:
+    a DenoqError on rank 0 ends every rank with rank 0's line. One process: `run()`."""
+    if world_size() == 1:
+        return run()
+    outcome: Any = None
+    error: str | None = None
+    if is_main():
+        try:
+            outcome = run()
+        except DenoqError as exc:
+            error = str(exc)
+            broadcast_object(error, what)
+            raise
+        except BaseException as exc:
+            broadcast_object(f"{type(exc).__name__}: {exc}", what)
+            raise
+    error = broadcast_object(error, what)
+    if error is not None:
+        raise DenoqError(f"rank 0 failed while {what}: {error}")
+    return outcome if rank() == 0 else None

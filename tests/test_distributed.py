@@ -1,0 +1,154 @@
+"""Data-parallel calibration (docs/distributed.md): the shard rule, the exact reconstruction of the activation
+subsamples, and `torchrun --nproc-per-node 2` on gloo giving the one-process plan, refusing mismatched settings and
+ending every rank when one dies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from denoq.calibrators.distributed import RowLayout, check_shardable
+from denoq.errors import DenoqError
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+SMALL = ["--set", "calib.samples=8", "--set", "calib.steps=4", "--set", "seed=3"]
+#: W4A8 with GPTQ alone, spelled out: the w4a8 preset may add a reconstruction that runs in one process only.
+W4_GPTQ = ["--set", "weights.bits=4", "--set", "weights.method=gptq", "--set", "weights.group_size=64"]
+
+
+def test_rank_shards_of_a_batch_sum_to_the_one_process_subsample():
+    x = torch.randn(6, 3, 20, 20)  # one process: 7200 values, 4096 drawn
+    one = x.reshape(-1)[torch.randint(0, x.numel(), (4096,), generator=torch.Generator().manual_seed(5))]
+    parts = [RowLayout.of(torch.arange(r, 6, 2), 0, 6, doubled=False).subsample(
+        x[r::2], 4096, torch.Generator().manual_seed(5)) for r in (0, 1)]
+    assert torch.equal(parts[0] + parts[1], one)
+    assert 0 < int((parts[0] != 0).sum()) < 4096
+
+
+def test_guided_layout_places_both_halves_of_the_doubled_batch():
+    layout = RowLayout.of(torch.tensor([1, 3]), 0, 4, doubled=True)
+    assert layout.total == 8 and layout.local.tolist() == [1, 3, 5, 7]
+    x = torch.arange(8.0).reshape(8, 1)  # one value per row: the doubled batch as one process sees it
+    assert layout.subsample(x[[1, 3, 5, 7]], 4096, torch.Generator()).tolist() == [0, 1, 0, 3, 0, 5, 0, 7]
+
+
+def test_a_batch_without_rows_of_some_rank_is_refused(monkeypatch):
+    monkeypatch.setattr("denoq.calibrators.distributed.world_size", lambda: 4)
+    check_shardable(72, 64, "calib.samples")  # the last batch holds 8 ≥ 4 trajectories
+    with pytest.raises(DenoqError, match=r"calib.samples: 66 trajectories leave 2 in a batch of up to 64"):
+        check_shardable(66, 64, "calib.samples")
+
+
+def test_port_zero_is_refused_before_the_ranks_wait_for_each_other():
+    from denoq.calibrators.distributed import init_from_environment
+
+    with pytest.raises(DenoqError, match=r"MASTER_PORT is 0.*torchrun --standalone"):
+        init_from_environment({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"})
+
+
+def _torchrun(args: list[str], cwd: Path, program: list[str] | None = None) -> subprocess.CompletedProcess:
+    if TORCHRUN is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", *(program or ["-m", "denoq"]), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _compile_both(tmp_path: Path, recipe: str, sets: list[str]) -> tuple[Path, Path]:
+    from denoq.compiler.cli import main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["compile", "digits", "--recipe", recipe, *SMALL, *sets, "--out", str(one), "--quiet"]) == 0
+    run = _torchrun(["compile", "digits", "--recipe", recipe, *SMALL, *sets, "--out", str(two), "--quiet"], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return one, two
+
+
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys()
+    for key in x:
+        if x[key].dtype.is_floating_point:  # scales: equal up to float reduction order
+            torch.testing.assert_close(x[key], y[key], rtol=1e-6, atol=0, msg=key)
+        else:  # integers: identical
+            assert torch.equal(x[key], y[key]), key
+
+
+def test_two_ranks_give_the_one_process_plan_with_timestep_groups(tmp_path):
+    import json
+
+    one, two = _compile_both(tmp_path, "w8a8", ["--set", "activations.timestep_groups=3"])
+    _assert_same_tensors(one / "plan.safetensors", two / "plan.safetensors")
+    manifests = [json.loads((p / "manifest.json").read_text()) for p in (one, two)]
+    assert manifests[0]["plan"] == manifests[1]["plan"]
+    assert manifests[0]["calibration"]["timestep_groups"] == manifests[1]["calibration"]["timestep_groups"]
+    assert manifests[0]["calibration"]["inputs"] == manifests[1]["calibration"]["inputs"] == 32
+
+
+def test_two_ranks_give_the_one_process_gptq_plan_and_ptqd_tables(tmp_path):
+    one, two = _compile_both(tmp_path, "w8a8", [*W4_GPTQ, "--set", "ptqd.enabled=true", "--set",
+                                                "weights.hessian_samples=6"])
+    _assert_same_tensors(one / "plan.safetensors", two / "plan.safetensors")
+    _assert_same_tensors(one / "ptqd.safetensors", two / "ptqd.safetensors")
+
+
+def test_python_api_under_a_process_group_returns_the_artifact_on_rank_0_only(tmp_path):
+    # a model object: rank 0 saves it beside the artifact, every rank calibrates from the saved folder
+    program = ("import torch.distributed as dist\n"
+               "from diffusers import DDPMScheduler\n"
+               "import denoq\n"
+               "from denoq.compiler.load import load_model\n"
+               "dist.init_process_group('gloo')\n"
+               "spec = load_model('digits')\n"
+               "art = denoq.quantize(spec.module, 'w8a8', out='art', progress=False, calib__samples=8,\n"
+               "                     calib__steps=4, scheduler=DDPMScheduler.from_config(spec.scheduler_config))\n"
+               "print('rank', dist.get_rank(), 'returned', type(art).__name__)\n"
+               "dist.destroy_process_group()\n")
+    run = _torchrun([], tmp_path, program=["--no-python", sys.executable, "-c", program])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rank 0 returned CompiledArtifact" in run.stdout and "rank 1 returned NoneType" in run.stdout
+    assert (tmp_path / "art" / "manifest.json").is_file() and (tmp_path / "art-model" / "model_index.json").is_file()
+
+
+def test_ranks_with_different_settings_stop_with_one_line_and_write_nothing(tmp_path):
+    denoq = [sys.executable, "-m", "denoq"]
+    script = 'exec "$@" --set seed=$RANK'  # rank 0 seed 0, rank 1 seed 1
+    run = _torchrun(["sh", "-c", script, "sh", *denoq, "compile", "digits", *SMALL[:4], "--out", "art", "--quiet"],
+                    tmp_path, program=["--no-python"])
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("error: ")]
+    # every rank raises the same line; torchrun ends the others once the first has exited, so 1 or 2 are printed
+    assert 1 <= len(lines) <= 2 and all("rank 1's settings fingerprint" in ln for ln in lines), run.stderr[-2000:]
+    assert {ln.split(":")[1].strip() for ln in lines} <= {"rank 0", "rank 1"}
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_rank_that_dies_ends_the_run_and_nothing_is_written(tmp_path):
+    # rank 1 is killed where it would reduce its first activation statistics: rank 0 waits in that collective
+    # (torchrun's macros would turn a shell's `$$` into `$`, so the rank's program is Python)
+    program = ("import os, runpy, signal, sys\n"
+               "import denoq.calibrators.stats as stats\n"
+               "if os.environ['RANK'] == '1':\n"
+               "    stats.reduce_stats = lambda _: os.kill(os.getpid(), signal.SIGKILL)\n"
+               "sys.argv[0] = 'denoq'\n"
+               "runpy.run_module('denoq', run_name='__main__')\n")
+    run = _torchrun(["compile", "digits", *SMALL, "--out", "art", "--quiet"], tmp_path,
+                    program=["--no-python", sys.executable, "-c", program])
+    assert run.returncode != 0
+    assert "rank      : 1 (local_rank: 1)" in run.stderr and "SIGKILL" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "art").exists()
+
+
+def test_adaround_is_refused_under_two_ranks(tmp_path):
+    run = _torchrun(["compile", "digits", "--recipe", "w8a8", *SMALL, "--set", "weights.method=adaround",
+                     "--out", "art", "--quiet"], tmp_path)
+    assert run.returncode != 0
+    assert "error: rank 0: weights.method=adaround run(s) in one process for now" in run.stderr
+    assert not (tmp_path / "art").exists()
