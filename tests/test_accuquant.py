@@ -379,7 +379,7 @@ def test_recipe_defaults_are_the_reconstruction_settings_defaults():
     from denoq.compiler.calibrate import accuquant_settings
     from denoq.compiler.recipe import load_recipe
 
-    recipe = load_recipe("w4a8", ["weights.method=adaround", "seed=3"])
+    recipe = load_recipe("w8a8", ["weights.method=adaround", "seed=3"])
     assert accuquant_settings(recipe) == AccuQuantSettings(window=0, seed=3)
     picked = accuquant_settings(load_recipe("w4a8", ["weights.method=adaround", "accuquant.window=4",
                                                       "accuquant.init=fp", "accuquant.gradient=full"]))

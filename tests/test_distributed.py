@@ -20,7 +20,6 @@ from denoq.errors import DenoqError
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 SMALL = ["--set", "calib.samples=8", "--set", "calib.steps=4", "--set", "seed=3"]
 #: W4A8 with GPTQ alone, spelled out: the w4a8 preset may add a reconstruction that runs in one process only.
-W4_GPTQ = ["--set", "weights.bits=4", "--set", "weights.method=gptq", "--set", "weights.group_size=64"]
 
 
 def test_rank_shards_of_a_batch_sum_to_the_one_process_subsample():
@@ -93,8 +92,8 @@ def test_two_ranks_give_the_one_process_plan_with_timestep_groups(tmp_path):
 
 
 def test_two_ranks_give_the_one_process_gptq_plan_and_ptqd_tables(tmp_path):
-    one, two = _compile_both(tmp_path, "w8a8", [*W4_GPTQ, "--set", "ptqd.enabled=true", "--set",
-                                                "weights.hessian_samples=6"])
+    one, two = _compile_both(tmp_path, "w4a8-fast", ["--set", "ptqd.enabled=true", "--set",
+                                                     "weights.hessian_samples=6"])
     _assert_same_tensors(one / "plan.safetensors", two / "plan.safetensors")
     _assert_same_tensors(one / "ptqd.safetensors", two / "ptqd.safetensors")
 
@@ -146,9 +145,9 @@ def test_a_rank_that_dies_ends_the_run_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "art").exists()
 
 
-def test_adaround_is_refused_under_two_ranks(tmp_path):
-    run = _torchrun(["compile", "digits", "--recipe", "w8a8", *SMALL, "--set", "weights.method=adaround",
-                     "--out", "art", "--quiet"], tmp_path)
+def test_w4a8_reconstruction_is_refused_under_two_ranks(tmp_path):
+    run = _torchrun(["compile", "digits", "--recipe", "w4a8", *SMALL, "--out", "art", "--quiet"], tmp_path)
     assert run.returncode != 0
     assert "error: rank 0: weights.method=adaround run(s) in one process for now" in run.stderr
+    assert "--recipe w4a8-fast" in run.stderr
     assert not (tmp_path / "art").exists()

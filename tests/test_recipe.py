@@ -56,6 +56,8 @@ EXPECTED_DEFAULTS = {
     "ptqd.vsc": False,
     "precision.mixed": "",
     "accuquant.window": 0,
+    "accuquant.granularity": "network",
+    "accuquant.block_inputs": 1024,
     "accuquant.iters": 1000,
     "accuquant.batch": 16,
     "accuquant.lr": 0.1,
@@ -101,12 +103,15 @@ def test_keys_and_defaults_match_the_contract():
 
 
 def test_presets():
-    assert set(RECIPES) == {"w8a8", "w8a8-ort", "w4a8", "w4a16", "fp8", "w4a4", "w4a4-svdquant", "nvfp4",
-                            "nvfp4-svdquant"}
-    for name, act_bits in (("w4a8", 8), ("w4a16", 16)):
+    assert set(RECIPES) == {"w8a8", "w8a8-ort", "w4a8", "w4a8-fast", "w4a16", "fp8", "w4a4", "w4a4-svdquant",
+                            "nvfp4", "nvfp4-svdquant"}
+    for name, method, act_bits in (("w4a8", "adaround", 8), ("w4a8-fast", "gptq", 8), ("w4a16", "gptq", 16)):
         r = load_recipe(name)
-        assert (r["weights.bits"], r["weights.method"], r["activations.bits"], r["target"]) == (4, "gptq", act_bits,
+        assert (r["weights.bits"], r["weights.method"], r["activations.bits"], r["target"]) == (4, method, act_bits,
                                                                                                  "trt")
+    fast = load_recipe("w4a8-fast")  # w4a8 without the reconstruction, nothing else
+    assert {k: v for k, v in load_recipe("w4a8").values.items() if not k.startswith("accuquant.")} == {
+        k: v for k, v in fast.values.items() if not k.startswith("accuquant.")} | {"weights.method": "adaround"}
     assert load_recipe("w8a8")["target"] == "trt"
     ort = load_recipe("w8a8-ort")
     assert ort["target"] == "ort-cpu"
@@ -315,7 +320,8 @@ def test_describe_lists_presets_and_keys():
 def test_typed_config_reads_the_same_values_as_the_flat_keys():
     recipe = load_recipe("w4a8", ["activations.timestep_groups=4", "seed=3", "trt.fp16=false"])
     config = recipe.config
-    assert (config.weights.bits, config.weights.method, config.weights.group_size) == (4, "gptq", 64)
+    assert (config.weights.bits, config.weights.method, config.weights.group_size) == (4, "adaround", 64)
+    assert (config.accuquant.init, config.accuquant.granularity, config.accuquant.window) == ("gptq", "block", 0)
     assert config.activations.timestep_groups == 4 and config.seed == 3 and config.trt.fp16 is False
     for key in RECIPE_KEYS:  # every flat key is one field of the tree, with the same value
         node = config

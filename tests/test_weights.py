@@ -10,7 +10,7 @@ from denoq.calibrators.calibset import record_trajectories
 from denoq.calibrators.gptq import GptqSettings, layer_output_error
 from denoq.calibrators.layer_matrix import HessianAccumulator, weight_matrix
 from denoq.calibrators.quantizer import symmetric_weight_quant
-from denoq.calibrators.weights import WeightSettings, _block, round_weights
+from denoq.calibrators.weights import WeightSettings, round_weights, top_block
 from denoq.compiler.backends import torch_eps
 from denoq.layers import quantizable_layers
 from denoq.sampling import NoiseSchedule
@@ -26,10 +26,10 @@ def model_and_calib():
 
 
 def test_block_names():
-    assert _block("down_blocks.1.resnets.0.conv1") == "down_blocks.1"
-    assert _block("mid_block.attentions.0.to_q") == "mid_block"
-    assert _block("conv_in") == "conv_in"
-    assert _block("time_embedding.linear_1") == "time_embedding"
+    assert top_block("down_blocks.1.resnets.0.conv1") == "down_blocks.1"
+    assert top_block("mid_block.attentions.0.to_q") == "mid_block"
+    assert top_block("conv_in") == "conv_in"
+    assert top_block("time_embedding.linear_1") == "time_embedding"
 
 
 def test_rtn_8_bit_is_the_per_channel_symmetric_rounding(model_and_calib):
@@ -85,9 +85,9 @@ def test_sequential_rounds_later_blocks_against_quantized_inputs(model_and_calib
     kw = dict(hessian_samples=4)
     seq, _ = round_weights(unet, layers, calib, WeightSettings("gptq", GptqSettings(bits=4), True, **kw))
     par, _ = round_weights(unet, layers, calib, WeightSettings("gptq", GptqSettings(bits=4), False, **kw))
-    first = [n for n in layers if _block(n) == "conv_in"]
+    first = [n for n in layers if top_block(n) == "conv_in"]
     assert first and all(torch.equal(seq[n].weight_int, par[n].weight_int) for n in first)
-    assert any(not torch.equal(seq[n].weight_int, par[n].weight_int) for n in layers if _block(n) != "conv_in")
+    assert any(not torch.equal(seq[n].weight_int, par[n].weight_int) for n in layers if top_block(n) != "conv_in")
     assert all(torch.equal(before[n], p) for n, p in unet.state_dict().items())
 
 
@@ -109,14 +109,14 @@ def w4_artifacts(tiny_pipeline, tmp_path_factory):
     from denoq.compiler.recipe import load_recipe
 
     out = {}
-    for preset in ("w4a8", "w4a16"):
+    for preset in ("w4a8-fast", "w4a16"):
         recipe = load_recipe(preset, ["calib.samples=8", "calib.steps=6", "weights.group_size=32",
                                       "weights.hessian_samples=4"])
         out[preset] = compile_model(str(tiny_pipeline), recipe, tmp_path_factory.mktemp(preset) / "art")
     return out
 
 
-@pytest.mark.parametrize("preset", ["w4a8", "w4a16"])
+@pytest.mark.parametrize("preset", ["w4a8-fast", "w4a16"])
 def test_w4_artifacts_end_to_end(w4_artifacts, preset):
     """GPTQ int4 artifacts: blocks where the group divides the channels (16-channel layers keep per-channel scales,
     listed), int4 MatMul/Gemm weights and int8-container convs recorded with the on-disk size, W4A16 without any
@@ -137,7 +137,7 @@ def test_w4_artifacts_end_to_end(w4_artifacts, preset):
 
     graph = onnx.load(str(art.file("model.qdq.onnx"))).graph
     has_act_qdq = any(n.op_type == "QuantizeLinear" for n in graph.node)
-    assert has_act_qdq == (preset == "w4a8")
+    assert has_act_qdq == (preset == "w4a8-fast")
     assert any(i.data_type == onnx.TensorProto.INT4 for i in graph.initializer)
     quant_error, op_by_op, fused = end_to_end_rms(art)
     assert quant_error > 0 and op_by_op < 0.6 * quant_error and fused < 1.15 * quant_error

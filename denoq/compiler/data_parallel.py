@@ -71,7 +71,7 @@ def one_process(what: str) -> None:
     """DenoqError under more than one rank: `what` runs in one process for now."""
     if world_size() > 1:
         raise DenoqError(f"{what} run(s) in one process for now, not under {world_size()} ranks; run it without "
-                         "torchrun (or drop the setting)")
+                         "torchrun, or drop the setting (w4a8's reconstruction: --recipe w4a8-fast)")
 
 
 def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, guided: bool) -> None:

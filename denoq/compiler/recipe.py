@@ -42,6 +42,10 @@ NVFP4 = {"weights.format": "nvfp4", "weights.bits": 4, "weights.group_size": 16,
          "activations.format": "nvfp4",
          "activations.bits": 4, "activations.block_size": 16, "layers.conv_format": "fp8"}
 SVDQUANT = {"svdquant.rank": 32, "svdquant.alpha": 0.5}
+W4 = {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64}
+#: Block-wise reconstruction from GPTQ's rounding (docs/accuquant.md, "Block-wise reconstruction").
+BLOCK_RECON = {"weights.method": "adaround", "accuquant.init": "gptq", "accuquant.granularity": "block",
+               "accuquant.window": 0, "accuquant.iters": 300}
 
 #: The named presets `--recipe NAME` selects.
 RECIPES: dict[str, Preset] = {
@@ -49,10 +53,11 @@ RECIPES: dict[str, Preset] = {
         Preset("w8a8", "int8 weights per output channel (RTN), int8 activations (MSE); TensorRT target"),
         Preset("w8a8-ort", "w8a8 for ONNX Runtime CPU: uint8 activations, quantized outputs (QLinear kernels)",
                {"target": "ort-cpu"}),
-        Preset("w4a8", "int4 weights (GPTQ, blocks of 64 input channels), int8 activations; TensorRT target",
-               {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64}),
+        Preset("w4a8", "int4 weights (GPTQ, then each block's output reconstructed; blocks of 64 input channels), "
+               "int8 activations; TensorRT target", {**W4, **BLOCK_RECON}),
+        Preset("w4a8-fast", "w4a8 with GPTQ alone: no reconstruction, a fraction of the calibration time", W4),
         Preset("w4a16", "int4 weights (GPTQ, blocks of 64 input channels), floating-point activations",
-               {"weights.bits": 4, "weights.method": "gptq", "weights.group_size": 64, "activations.bits": 16}),
+               {**W4, "activations.bits": 16}),
         Preset("fp8", "FP8 E4M3 weights per output channel (GPTQ on the FP8 grid) and activations per tensor "
                "(Hopper / Ada); TensorRT target", {"weights.format": "fp8", "weights.method": "gptq",
                                                     "activations.format": "fp8"}),

@@ -237,7 +237,7 @@ def recon_methods(o: MatrixOptions) -> list[tuple[str, tuple[str, ...]]]:
     `ptqd`, each of them with PTQD too."""
     learn = ("weights.method=adaround", "accuquant.init=gptq")
     block = (*learn, "accuquant.granularity=block", f"accuquant.iters={o.block_iters}")
-    methods = [("gptq", ()), ("network per-step", (*learn, "accuquant.window=0")),
+    methods = [("gptq", ("weights.method=gptq",)), ("network per-step", (*learn, "accuquant.window=0")),
                ("block output", (*block, "accuquant.window=0"))]
     methods += [(f"block output lr {lr:g}", (*block, "accuquant.window=0", f"accuquant.lr={lr:g}")) for lr in o.lrs]
     methods += [("block per-step", (*block, "accuquant.window=1"))]
