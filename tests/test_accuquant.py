@@ -343,7 +343,7 @@ def test_compile_with_an_accuquant_window(tiny_pipeline, tmp_path):
 
     recipe = load_recipe("w4a8", ["calib.samples=8", "calib.steps=6", "weights.method=adaround",
                                   "accuquant.window=2", "accuquant.iters=4", "accuquant.batch=4",
-                                  "accuquant.init=gptq"])
+                                  "accuquant.init=gptq", "accuquant.granularity=network"])
     art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a")
     info = art.manifest["calibration"]["accuquant"]
     assert info["objective"] == "window of 2 steps, model outputs" and info["init"] == "plan" and info["iters"] == 4

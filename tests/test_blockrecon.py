@@ -110,8 +110,8 @@ def test_block_reconstruction_learns_each_block_in_forward_order(tiny, pool, win
     learned, info = reconstruct(spec.module, plan, pool, schedule, "ddim", 8, settings)
     blocks = _blocks(spec, plan, pool)
     assert info["granularity"] == "block" and info["objective"] == words and info["stopped"] is None
-    assert list(info["blocks"]) == list(blocks) and info["iters"] == 3 * len(blocks)
-    assert all(b["iters"] == 3 and b["layers"] == len(blocks[name]) for name, b in info["blocks"].items())
+    assert [b["block"] for b in info["blocks"]] == list(blocks) and info["iters"] == 3 * len(blocks)
+    assert all(b["iters"] == 3 and b["layers"] == len(blocks[b["block"]]) for b in info["blocks"])
     assert sum(int((learned.layers[n].weight_int != lp.weight_int).sum()) for n, lp in plan.layers.items()) > 0
 
 
@@ -122,3 +122,26 @@ def test_block_granularity_refuses_what_it_does_not_implement():
         AccuQuantSettings(window=0, granularity="layer")
     with pytest.raises(DenoqError, match="block_inputs=0 must be ≥ 1"):
         AccuQuantSettings(window=0, granularity="block", block_inputs=0)
+
+
+def test_w4a8_preset_compiles_block_by_block_and_runs_in_ort_as_simulated(tiny_pipeline, tmp_path):
+    from test_parity import end_to_end_rms
+
+    from denoq.compiler.pipeline import compile_model
+    from denoq.compiler.recipe import load_recipe
+
+    recipe = load_recipe("w4a8", ["calib.samples=8", "calib.steps=6", "accuquant.iters=3", "accuquant.batch=4",
+                                  "accuquant.block_inputs=16"])
+    art = compile_model(str(tiny_pipeline), recipe, tmp_path / "a")
+    info = art.manifest["calibration"]["accuquant"]
+    assert info["granularity"] == "block" and info["objective"] == "each block's output (BRECQ)"
+    assert art.manifest["calibration"]["weights"]["method"] == "gptq"  # the rounding it started from
+    blocks = info["blocks"]
+    kinds = [b["block"].split(".")[0] for b in blocks]  # forward order: the down path, the middle, the up path
+    assert kinds == sorted(kinds, key=["time_embedding", "down_blocks", "mid_block", "up_blocks"].index), kinds
+    assert all(b["iters"] == 3 for b in blocks)
+    assert info["iters"] == 3 * len(blocks) and info["stopped"] is None
+    assert sum(b["layers"] for b in blocks) == len(art.manifest["plan"]["layers"])
+    assert art.timings["calibration"]["memory_peak_mb"] > 0
+    quant_error, op_by_op, _ = end_to_end_rms(art)
+    assert quant_error > 0 and op_by_op < 0.6 * quant_error  # the exported plan runs in ORT as simulated

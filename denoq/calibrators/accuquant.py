@@ -254,8 +254,8 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     """Learn the plan's weight rounding and input scales with the objective of `settings.window` on `pool` (every
     step of `sampler` with `num_steps` steps, FP trajectories in sampling order), all layers at once or one block
     at a time (`settings.granularity`). Returns the plan with hard rounding and the learned scales, and a report
-    (losses, probe errors before / after, per block its losses and seconds, seconds, and `stopped`: why an
-    optimization stopped early, or None)."""
+    (losses, probe errors before / after, per block in forward order its losses and seconds, seconds, and
+    `stopped`: why an optimization stopped early, or None)."""
     n = settings.window
     check_window(n, len(pool.t))
     expected = schedule.timesteps(num_steps, sampler).tolist()
@@ -289,7 +289,7 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     desc = f"accuquant window {n}" if n > 1 else "per-step reconstruction"
     losses: list[float] = []
     stopped: list[str] = []
-    blocks: dict[str, dict[str, Any]] = {}
+    blocks: list[dict[str, Any]] = []  # a list: the forward order survives the manifest's sorted keys
     if settings.granularity == "network":
         losses, why = _optimize(q, None, settings, sampler_draw, desc)
         stopped += [why] if why else []
@@ -315,8 +315,9 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
                                   f"{block} ({b + 1}/{len(order)})")
             losses += part
             stopped += [f"{block}: {why}"] if why else []
-            blocks[block] = {"layers": len(names), "iters": len(part), "seconds": round(time.perf_counter() - t0, 2),
-                             **({"loss_first": round(part[0], 6), "loss_last": round(part[-1], 6)} if part else {})}
+            blocks.append({"block": block, "layers": len(names), "iters": len(part),
+                           "seconds": round(time.perf_counter() - t0, 2),
+                           **({"loss_first": round(part[0], 6), "loss_last": round(part[-1], 6)} if part else {})})
             done += names
     q.hard()
     after = probe_error(q_eps, fp_eps, pool)
