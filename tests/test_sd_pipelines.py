@@ -111,7 +111,8 @@ def test_quantized_graph_matches_the_simulation_at_fractional_timesteps(request,
     x = torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([999.0, 640.5, 641.5, 12.25])
     emb = torch.randn(4, 77, 32, generator=g)
-    cond = emb if which == "sd" else Conditioning({"encoder_hidden_states": emb, "text_embeds": torch.randn(4, 16),
+    pooled = torch.randn(4, 16, generator=g)
+    cond = emb if which == "sd" else Conditioning({"encoder_hidden_states": emb, "text_embeds": pooled,
                                                    "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 4)})
     ort, sim, fp = (denoq.load(art, backend=b) for b in ("ort", "torch-sim", "torch-fp"))
     kw = {"encoder_hidden_states": emb, **({} if which == "sd" else {"added_cond_kwargs": {
