@@ -18,7 +18,7 @@ window at block granularity), are in `accuquant.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.simulate import TimestepClock
 from denoq.errors import DenoqError
 from denoq.sampling import EpsFn
-from denoq.sampling.cond import timestep_index
+from denoq.sampling.cond import Cond, timestep_index
 
 CAPTURE_BATCH = 64  # calibration inputs per forward pass while caching a block's inputs or targets
 
@@ -122,13 +122,13 @@ def sample_inputs(pool: CalibrationSet, count: int, seed: int) -> list[tuple[int
     return [(int(i) // N, int(i) % N) for i in pick]
 
 
-def _pool_batches(pool: CalibrationSet, inputs: list[tuple[int, int]]):
+def _pool_batches(pool: CalibrationSet,
+                  inputs: list[tuple[int, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Cond]]:
+    """(x, t, cond) of the (step, trajectory) `inputs`, CAPTURE_BATCH at a time."""
     for start in range(0, len(inputs), CAPTURE_BATCH):
         chunk = inputs[start:start + CAPTURE_BATCH]
-        x = torch.stack([pool.x[s][r] for s, r in chunk])
-        t = torch.tensor([pool.t[s] for s, _ in chunk], dtype=torch.int64)
-        cond = None if pool.cond is None else pool.cond[torch.tensor([r for _, r in chunk])]
-        yield x, t, cond
+        x, cond = pool.gather_states(chunk)
+        yield x, torch.tensor([pool.t[s] for s, _ in chunk], dtype=torch.int64), cond
 
 
 @dataclass
