@@ -26,17 +26,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.calibset import CalibrationSet, StopForward
 from denoq.calibrators.simulate import TimestepClock
 from denoq.errors import DenoqError
 from denoq.sampling import EpsFn
 from denoq.sampling.cond import Cond, timestep_index
 
 CAPTURE_BATCH = 64  # calibration inputs per forward pass while caching a block's inputs or targets
-
-
-class _Reached(Exception):
-    """Raised by a capture hook to end the forward pass once the block's inputs or outputs are taken."""
 
 
 def _capture(run: Callable[[], object], block: nn.Module, output: bool) -> Any:
@@ -46,18 +42,18 @@ def _capture(run: Callable[[], object], block: nn.Module, output: bool) -> Any:
 
     def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         box.append((args, kwargs))
-        raise _Reached
+        raise StopForward
 
     def post(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
         box.append(out)
-        raise _Reached
+        raise StopForward
 
     handle = (block.register_forward_hook(post, with_kwargs=True) if output
               else block.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with torch.no_grad():
             run()
-    except _Reached:
+    except StopForward:
         pass
     finally:
         handle.remove()

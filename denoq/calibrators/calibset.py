@@ -289,13 +289,27 @@ def _same(a: Cond, b: Cond) -> bool:
     return torch.equal(a, b)
 
 
-def run_hooked(model: torch.nn.Module, calib: CalibrationSet, handles: list, batch_size: int = 64) -> None:
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs (`run_hooked(stop_after=…)`)."""
+
+
+def run_hooked(model: torch.nn.Module, calib: CalibrationSet, handles: list, batch_size: int = 64,
+               stop_after: torch.nn.Module | None = None) -> None:
     """Call `model` (no grad) on every input of `calib` in batches of `batch_size`, then remove the hook `handles`
-    (also on an error): the pass that lets forward hooks collect statistics."""
+    (also on an error): the pass that lets forward hooks collect statistics. With `stop_after` (a submodule), each
+    call ends when that module returns: the hooks inside it have seen their inputs, the rest is not computed."""
+    def stop(_m: torch.nn.Module, _a: tuple, _o: object) -> None:
+        raise StopForward
+
+    if stop_after is not None:
+        handles = [*handles, stop_after.register_forward_hook(stop)]
     try:
         with torch.no_grad():
             for x, t, cond in calib.batches(batch_size):
-                call_denoiser(model, x, t, cond)
+                try:
+                    call_denoiser(model, x, t, cond)
+                except StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()

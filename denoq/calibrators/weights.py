@@ -23,6 +23,7 @@ Activations stay in floating point here (as in GPTQ); their quantizers are calib
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -45,6 +46,7 @@ from denoq.calibrators.gptq import (
     rtn,
 )
 from denoq.calibrators.layer_matrix import HessianAccumulator, weight_matrix
+from denoq.calibrators.offload import is_offloaded, resident, substitute, top_block
 from denoq.log import bar
 from denoq.plan import LayerPlan
 from denoq.sampling.cond import call_denoiser
@@ -62,12 +64,6 @@ class WeightSettings:
     sequential: bool = True
     hessian_samples: int = 16
     conv_blocks: bool = True
-
-
-def top_block(name: str) -> str:
-    """The top-level block of a module name: `down_blocks.1` for `down_blocks.1.resnets.0.conv1`."""
-    head, _, rest = name.partition(".")
-    return f"{head}.{rest.partition('.')[0]}" if rest and rest.partition(".")[0].isdigit() else head
 
 
 def forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> list[str]:
@@ -94,11 +90,37 @@ def blocks_in_order(model: nn.Module, layers: dict[str, nn.Module], calib: Calib
     return blocks
 
 
-def _hessians(model: nn.Module, layers: dict[str, nn.Module],
-              calib: CalibrationSet) -> dict[str, torch.Tensor | None]:
-    """Every layer's H over `calib` (None for a layer the forward pass never reached)."""
+def _ends(model: nn.Module, blocks: dict[str, list[str]], calib: CalibrationSet) -> dict[str, nn.Module | None]:
+    """Per block, the module after which a Hessian pass of the block's layers may stop: the block itself when one
+    forward pass calls it exactly once and calls its layers only inside that call (DiT's head calls the first
+    block's embedder again: that block runs to the end), else None."""
+    modules = dict(model.named_modules())
+    calls = dict.fromkeys(blocks, 0)
+    inside: set[str] = set()
+    outside: set[str] = set()
+
+    def enter(b: str) -> None:
+        calls[b] += 1
+        inside.add(b)
+
+    def layer(b: str) -> None:
+        if b not in inside:
+            outside.add(b)
+
+    handles = [h for b, names in blocks.items() for h in (
+        modules[b].register_forward_pre_hook(lambda _m, _a, b=b: enter(b)),
+        modules[b].register_forward_hook(lambda _m, _a, _o, b=b: inside.discard(b)),
+        *(modules[n].register_forward_pre_hook(lambda _m, _a, b=b: layer(b)) for n in names))]
+    run_hooked(model, calib.take([0], 1), handles)
+    return {b: modules[b] if calls[b] == 1 and b not in outside else None for b in blocks}
+
+
+def _hessians(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet,
+              stop_after: nn.Module | None = None) -> dict[str, torch.Tensor | None]:
+    """Every layer's H over `calib` (None for a layer the forward pass never reached); with `stop_after`, each
+    forward pass ends when that module (the block holding `layers`) returns."""
     acc = {name: HessianAccumulator(m) for name, m in layers.items()}
-    run_hooked(model, calib, [a.attach() for a in acc.values()])
+    run_hooked(model, calib, [a.attach() for a in acc.values()], stop_after=stop_after)
     return {name: a.hessian if a.count else None for name, a in acc.items()}
 
 
@@ -151,41 +173,60 @@ def _per_channel(layers: dict[str, nn.Module], settings: WeightSettings) -> list
 def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, settings: WeightSettings
                   ) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
     """Weight-only LayerPlans (activation quantizers unset) for `layers` of `model`, and a report: seconds, mode,
-    and per layer the output error proxy ½tr(ΔW H ΔWᵀ) against FP inputs relative to RTN's (obq / gptq only)."""
+    and per layer the output error proxy ½tr(ΔW H ΔWᵀ) relative to RTN's, on the inputs the layer was rounded for
+    (FP inputs in parallel mode, the rounded prefix's in sequential mode; obq / gptq only).
+
+    The layers are rounded block by block (`blocks_in_order`), each block held loaded while it is rounded, so an
+    offloaded model (`offload.BlockOffload`) holds one block's weights at a time. Sequential mode computes the
+    rounded prefix on a copy of the model, or, when the model is offloaded, by substituting the rounded weights as
+    the blocks load (no copy)."""
     start = time.perf_counter()
     if settings.method == "rtn":
-        plans = {name: layer_plan(name, m, _round(m, None, settings), layer_rounding(m, settings))
-                 for name, m in sorted(layers.items())}
+        plans: dict[str, LayerPlan] = {}
+        for name, m in sorted(layers.items()):
+            with resident(model, [name]):
+                plans[name] = layer_plan(name, m, _round(m, None, settings), layer_rounding(m, settings))
         return plans, {"method": "rtn", "seconds": round(time.perf_counter() - start, 2),
                        "per_channel_layers": _per_channel(layers, settings)}
     data = calib.take(list(range(len(calib.t))), min(settings.hessian_samples, calib.trajectories)).whole()
-    work = copy.deepcopy(model).eval() if settings.sequential else model
-    work_layers = dict(work.named_modules())
-    blocks = (blocks_in_order(model, layers, data) if settings.sequential
-              else {"all": forward_order(model, layers, data)})
-    fp_h = _hessians(model, layers, data)
-    plans: dict[str, LayerPlan] = {}
-    error_vs_rtn: dict[str, float] = {}
-    fallbacks: dict[str, str] = {}
-    done = bar(total=len(layers), desc=f"{settings.method} weights", unit="layer")
-    for names in blocks.values():
-        hs = fp_h if work is model else _hessians(work, {n: work_layers[n] for n in names}, data)
-        for name in names:
-            module = layers[name]
-            wq, fallback = _round_or_fall_back(module, hs[name], settings)
-            if fallback is not None:
-                fallbacks[name] = fallback
-            plans[name] = layer_plan(name, module, wq, layer_rounding(module, settings))
-            if fp_h[name] is not None:
-                base = layer_output_error(weight_matrix(module).double(),
-                                          _round(module, None, settings).dequantized().double(), fp_h[name])
-                error_vs_rtn[name] = layer_output_error(weight_matrix(module).double(), wq.dequantized().double(),
-                                                        fp_h[name]) / max(base, 1e-30)
-            if work is not model:
-                with torch.no_grad():
-                    work_layers[name].weight.copy_(plans[name].dequantized_weight())
-            done.update()
-    done.close()
+    blocks = blocks_in_order(model, layers, data)
+    with contextlib.ExitStack() as stack:
+        if not settings.sequential:
+            work, fp_h = model, _hessians(model, layers, data)
+        elif is_offloaded(model):
+            work, fp_h = model, None
+            rounded: dict[str, Any] = {}
+            stack.enter_context(substitute(model, rounded))
+        else:
+            work, fp_h = copy.deepcopy(model).eval(), None
+        work_layers = dict(work.named_modules())
+        ends = _ends(work, blocks, data) if fp_h is None else {}
+        plans = {}
+        error_vs_rtn: dict[str, float] = {}
+        fallbacks: dict[str, str] = {}
+        done = bar(total=len(layers), desc=f"{settings.method} weights", unit="layer")
+        for names in blocks.values():
+            hs = fp_h if fp_h is not None else _hessians(work, {n: work_layers[n] for n in names}, data,
+                                                         ends[top_block(names[0])])
+            with resident(model, names):
+                for name in names:
+                    module = layers[name]
+                    wq, fallback = _round_or_fall_back(module, hs[name], settings)
+                    if fallback is not None:
+                        fallbacks[name] = fallback
+                    plans[name] = plan = layer_plan(name, module, wq, layer_rounding(module, settings))
+                    if hs[name] is not None:
+                        w = weight_matrix(module).double()
+                        base = layer_output_error(w, _round(module, None, settings).dequantized().double(), hs[name])
+                        error_vs_rtn[name] = layer_output_error(w, wq.dequantized().double(), hs[name]) / max(base,
+                                                                                                             1e-30)
+                    if work is not model:
+                        with torch.no_grad():
+                            work_layers[name].weight.copy_(plan.dequantized_weight())
+                    elif settings.sequential:
+                        rounded[f"{name}.weight"] = plan.dequantized_weight
+                    done.update()
+        done.close()
     ratios = sorted(error_vs_rtn.values()) or [1.0]
     return plans, {"method": settings.method, "sequential": settings.sequential,
                    "hessian_inputs": len(data), "seconds": round(time.perf_counter() - start, 2),

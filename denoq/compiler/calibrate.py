@@ -25,6 +25,7 @@ from denoq.calibrators.baseline import activation_signed
 from denoq.calibrators.calibset import CalibrationSet, record_trajectories
 from denoq.calibrators.igq import IgqSettings, group_layers
 from denoq.calibrators.observers import ObserverSettings
+from denoq.calibrators.offload import offloaded
 from denoq.calibrators.ptqd import PtqdStats, collect_pairs
 from denoq.calibrators.ptqd import fit as fit_ptqd
 from denoq.calibrators.simulate import simulate
@@ -273,7 +274,8 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     guidance_scales(spec, recipe)
     check_sampler_keys(spec, recipe, own_trajectories=pool is None)
     check_ranks(spec, recipe, pool, bool(guidance_scales(spec, recipe)))
-    with PeakMemory(next(spec.module.parameters()).device) as peak:
+    device = next(spec.module.parameters()).device
+    with offloaded(spec.module, c.calib.offload), PeakMemory(device) as peak:
         cal = _calibrate(spec, recipe, pool, layers, kept_fp)
     if peak.mb is not None:
         cal.info["memory_peak_mb"] = round(peak.mb, 1)

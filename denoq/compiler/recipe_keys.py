@@ -322,6 +322,11 @@ class CalibKeys:
     size: int = key(0,
             "latent height = width of the calibration samples: 0 = the model's own (its config's sample_size; "
             "Flux: 128, FluxPipeline's 1024 px); set it to the resolution the model is deployed at", lo=0, hi=1024)
+    offload: str = key("none",
+            "disk = during calibration keep each top-level block's weights in a temporary safetensors file (TMPDIR) "
+            "and load it only while the model runs through it: the calibration's peak memory holds one block "
+            "instead of the whole model (rtn / gptq / obq weights, observers, timestep groups, attention); none = "
+            "the model stays in memory", choices=("none", "disk"))
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,29 @@ def _formats(c: RecipeConfig) -> str | None:
     return None
 
 
+def _offload_supports(c: RecipeConfig) -> str | None:
+    if c.calib.offload == "none":
+        return None
+    a = c.activations
+    refused = [k for k, on in (("weights.method=adaround", c.weights.method == "adaround"),
+                               ("ptqd.enabled=true", c.ptqd.enabled),
+                               ("activations.igq_groups>0", a.igq_groups > 0),
+                               ("activations.group_search=differentiable",
+                                a.group_search == "differentiable" and a.timestep_groups > 1),
+                               ("svdquant", bool(c.svdquant.rank or c.svdquant.alpha)),
+                               ("precision.mixed", bool(c.precision.mixed))) if on]
+    if refused:
+        return (f"calib.offload={c.calib.offload} runs rtn / gptq / obq weights, observers, timestep groups and "
+                f"attention; {', '.join(refused)} need the whole model in memory: set calib.offload=none or "
+                "leave them off")
+    return None
+
+
 #: Every rule, in the order they are checked (the first problem found is reported).
 CROSS_KEY_RULES: tuple[Callable[[RecipeConfig], str | None], ...] = (
     _timesteps_within_steps, _groups_need_quantized_activations, _window_needs_adaround, _adaround_alone,
     _attention_needs_quantized_activations, _igq_needs_one_quantizer_set, _vsc_needs_ptqd,
-    _one_text_source, _formats)
+    _one_text_source, _formats, _offload_supports)
 
 
 def check_rules(config: RecipeConfig) -> None:

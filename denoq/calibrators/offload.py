@@ -1,0 +1,176 @@
+"""Block-wise offloading: calibrate a denoiser while only one of its top-level blocks holds its weights in memory.
+
+The units are the model's top-level blocks as `top_block` names them (`conv_in`, `time_embedding`,
+`down_blocks.1`, `mid_block`, `transformer_blocks.7`, `proj_out`, …): each direct child of the model, and each
+member of a direct `ModuleList` / `Sequential` child. Parameters that sit on the model itself stay in memory, and
+so do all buffers (normalization statistics, position tables: small).
+
+`BlockOffload(model, folder)` writes every unit's parameters to `folder/<unit>.safetensors` and leaves them on the
+`meta` device. A forward pre-hook loads a unit's parameters when the model calls it, or any module inside it that
+owns parameters (DiT's head calls the first block's embedder directly), and a forward hook drops them when the
+outermost such call returns, so a forward pass of the whole model holds one block's weights at a time; the
+calibrators' own hooks on the layers inside a block see it loaded, as without offloading. Code that reads weights
+outside a forward pass (weight rounding) holds a unit loaded with `resident(model, [unit])`, a no-op for a model
+that is not offloaded. `substitute(model, {param: fn})` makes a later load of that parameter take `fn()` instead of
+the file's tensor (sequential GPTQ's already-rounded prefix, instead of a second copy of the model). Leaving the
+`BlockOffload` context loads every unit back and removes its hooks: the model is as it was.
+
+Peak memory while offloaded: the largest unit's parameters + the calibration's own data (trajectories, statistics,
+a block's Hessians) + the resident rest, instead of the whole model + the same (`tools/offload_bench.py`).
+A load or a drop puts new `Parameter` objects into the modules (a tensor cannot move to `meta` in place): hold
+modules, not parameters, across them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from denoq.errors import DenoqError
+
+
+def top_block(name: str) -> str:
+    """The top-level block of a module name: `down_blocks.1` for `down_blocks.1.resnets.0.conv1`."""
+    head, _, rest = name.partition(".")
+    return f"{head}.{rest.partition('.')[0]}" if rest and rest.partition(".")[0].isdigit() else head
+
+
+def offload_units(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's top-level blocks that own parameters, by `top_block` name, in registration order."""
+    units: dict[str, nn.Module] = {}
+    for name, child in model.named_children():
+        members = child.named_children() if isinstance(child, nn.ModuleList | nn.Sequential) else [("", child)]
+        for index, member in members:
+            if next(member.parameters(), None) is not None:
+                units[f"{name}.{index}" if index else name] = member
+    return units
+
+
+_OFFLOADED: weakref.WeakKeyDictionary[nn.Module, BlockOffload] = weakref.WeakKeyDictionary()
+
+
+class BlockOffload:
+    """Context manager keeping `model`'s top-level blocks' parameters in `folder` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, folder: Path) -> None:
+        self.model = model
+        self.folder = Path(folder)
+        self.units = offload_units(model)
+        self.loaded: dict[str, int] = {}      # unit → how many holders keep it loaded
+        self.substitutes: dict[str, Callable[[], torch.Tensor]] = {}
+        self.loads = 0                        # unit loads so far (what offloading costs in reads)
+        self._handles: list = []
+
+    def __enter__(self) -> BlockOffload:
+        if self.model in _OFFLOADED:
+            raise DenoqError("this model is offloaded already; leave the first BlockOffload before starting another")
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            raise DenoqError("the model has parameters on the meta device (not loaded); load its weights before "
+                             "calibrating with calib.offload=disk")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name, unit in self.units.items():
+            save_file({full[len(name) + 1:]: m._parameters[key].detach().clone() for m, key, full in
+                       self._slots(name)}, str(self._file(name)))
+            self._drop(name)
+            for m in dict.fromkeys([unit, *(m for m, _, _ in self._slots(name))]):
+                self._handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: self._hold(n)))
+                self._handles.append(m.register_forward_hook(lambda _m, _a, _o, n=name: self._release(n),
+                                                             always_call=True))
+        _OFFLOADED[self.model] = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _OFFLOADED.pop(self.model, None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.substitutes.clear()
+        for name in self.units:
+            if name not in self.loaded:
+                self._load(name)
+        self.loaded.clear()
+
+    def _file(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def _slots(self, name: str) -> list[tuple[nn.Module, str, str]]:
+        """(owner module, attribute, full dotted name) of every parameter of unit `name`."""
+        return [(m, key, f"{name}.{path}.{key}" if path else f"{name}.{key}")
+                for path, m in self.units[name].named_modules(remove_duplicate=False)
+                for key, p in m._parameters.items() if p is not None]
+
+    def _load(self, name: str) -> None:
+        tensors = load_file(str(self._file(name)))
+        for m, key, full in self._slots(name):
+            value = self.substitutes[full]() if full in self.substitutes else tensors[full[len(name) + 1:]]
+            m._parameters[key] = nn.Parameter(value, requires_grad=m._parameters[key].requires_grad)
+        self.loads += 1
+
+    def _drop(self, name: str) -> None:
+        for m, key, _ in self._slots(name):
+            p = m._parameters[key]
+            m._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+
+    def _hold(self, name: str) -> None:
+        if name not in self.loaded:
+            self._load(name)
+        self.loaded[name] = self.loaded.get(name, 0) + 1
+
+    def _release(self, name: str) -> None:
+        self.loaded[name] -= 1
+        if not self.loaded[name]:
+            del self.loaded[name]
+            self._drop(name)
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether `model` is inside a `BlockOffload`."""
+    return model in _OFFLOADED
+
+
+@contextlib.contextmanager
+def resident(model: nn.Module, units: Iterable[str]) -> Iterator[None]:
+    """Hold the named units of an offloaded `model` loaded inside the block (nothing to do for another model);
+    `units` may name any layer inside a unit (`top_block` maps it)."""
+    store = _OFFLOADED.get(model)
+    names = sorted({top_block(u) for u in units} & set(store.units)) if store is not None else []
+    for name in names:
+        store._hold(name)
+    try:
+        yield
+    finally:
+        for name in names:
+            store._release(name)
+
+
+@contextlib.contextmanager
+def substitute(model: nn.Module, tensors: dict[str, Callable[[], torch.Tensor]]) -> Iterator[None]:
+    """Inside the block, a unit of the offloaded `model` that loads parameter `name` (full dotted name) takes
+    `tensors[name]()` instead of the saved value; `tensors` may grow while the block runs. A unit loaded already
+    keeps what it holds until it is loaded again."""
+    store = _OFFLOADED[model]
+    store.substitutes = tensors
+    try:
+        yield
+    finally:
+        store.substitutes = {}
+
+
+@contextlib.contextmanager
+def offloaded(model: nn.Module, mode: str) -> Iterator[None]:
+    """`calib.offload`: inside the block, `model` is offloaded to a temporary folder (removed afterwards; `TMPDIR`
+    picks where) for "disk"; nothing happens for "none"."""
+    if mode == "none":
+        yield
+        return
+    if mode != "disk":
+        raise DenoqError(f"calib.offload={mode!r} is not a mode; use none or disk")
+    with tempfile.TemporaryDirectory(prefix="denoq-offload-") as tmp, BlockOffload(model, Path(tmp)):
+        yield

@@ -1,0 +1,93 @@
+"""Block-wise offloading (`calib.offload=disk`, `denoq.calibrators.offload`): one block's weights in memory at a
+time during a forward pass, the model restored afterwards, and the same plan as calibrating in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from denoq.calibrators.offload import BlockOffload, offload_units, offloaded, resident
+from denoq.compiler.calibrate import calibrate
+from denoq.compiler.load import load_model
+from denoq.compiler.recipe import load_recipe
+from denoq.errors import DenoqError
+from denoq.sampling.cond import call_denoiser
+
+SMALL = ["calib.samples=8", "calib.steps=4", "seed=3"]
+
+
+def _loaded(model: torch.nn.Module) -> set[str]:
+    return {name for name, unit in offload_units(model).items()
+            if any(p.device.type != "meta" for p in unit.parameters())}
+
+
+def test_a_forward_pass_holds_one_block_and_the_model_comes_back(tmp_path):
+    spec = load_model("digits")
+    model = spec.module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    units = offload_units(model)
+    assert {"conv_in", "time_embedding", "down_blocks.0", "mid_block", "up_blocks.1", "conv_out"} <= set(units)
+    seen: list[set[str]] = []
+    probes = [m.register_forward_pre_hook(lambda _m, _a: seen.append(_loaded(model)))
+              for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(2, *spec.sample_shape)
+    with torch.no_grad():
+        want = model(x, torch.tensor([10, 500])).sample
+        with BlockOffload(model, tmp_path) as store:
+            assert _loaded(model) == set()
+            got = model(x, torch.tensor([10, 500])).sample
+            assert store.loads >= len(units)
+            with resident(model, ["down_blocks.1.resnets.0.conv1"]):
+                assert _loaded(model) == {"down_blocks.1"}
+    for h in probes:
+        h.remove()
+    assert torch.equal(got, want)
+    assert seen and max(len(s) for s in seen[len(seen) // 2:]) == 1  # the offloaded pass: one block at a time
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_layer_called_from_outside_its_block_loads_it(tmp_path):
+    """DiT's head calls the first transformer block's timestep embedder itself, outside the block's own call."""
+    spec = load_model("digits-dit")
+    x, t, y = torch.randn(2, *spec.sample_shape), torch.tensor([3, 900]), torch.tensor([1, 7])
+    with torch.no_grad():
+        want = call_denoiser(spec.module, x, t, y)
+        with offloaded(spec.module, "disk"):
+            got = call_denoiser(spec.module, x, t, y)
+    assert torch.equal(got, want)
+
+
+def _plan_tensors(model: str, recipe: str, sets: list[str]) -> dict[str, torch.Tensor]:
+    spec = load_model(model)
+    return calibrate(spec, load_recipe(recipe, [*SMALL, *sets])).plan.tensors()
+
+
+@pytest.mark.parametrize(("model", "recipe", "sets"), [
+    ("digits", "w8a8", ["activations.timestep_groups=3"]),
+    ("digits-dit", "w4a8-fast", []),              # sequential GPTQ over the substituted, rounded prefix
+    ("digits-sd", "w8a8", ["attention.quantize=true"]),
+])
+def test_offloaded_calibration_gives_the_in_memory_plan(model, recipe, sets):
+    memory = _plan_tensors(model, recipe, sets)
+    disk = _plan_tensors(model, recipe, [*sets, "calib.offload=disk"])
+    assert memory.keys() == disk.keys()
+    assert all(torch.equal(memory[k], disk[k]) for k in memory), [k for k in memory if not torch.equal(memory[k],
+                                                                                                      disk[k])][:5]
+
+
+def test_sequential_gptq_stopping_after_each_block_changes_nothing(monkeypatch):
+    """The Hessian pass of a block ends when the block returns, except where a layer of it is called again later
+    (DiT's first block): the plan equals running every pass to the end."""
+    import denoq.calibrators.weights as weights
+
+    stopped = _plan_tensors("digits-dit", "w4a8-fast", [])
+    monkeypatch.setattr(weights, "_ends", lambda _model, blocks, _calib: dict.fromkeys(blocks))
+    full = _plan_tensors("digits-dit", "w4a8-fast", [])
+    assert all(torch.equal(stopped[k], full[k]) for k in full)
+
+
+def test_methods_that_need_the_whole_model_are_refused():
+    with pytest.raises(DenoqError, match=r"calib.offload=disk .* ptqd.enabled=true need the whole model in memory"):
+        load_recipe("w4a8-fast", ["calib.offload=disk", "ptqd.enabled=true"])
+    with pytest.raises(DenoqError, match=r"weights.method=adaround"):
+        load_recipe("w4a8", ["calib.offload=disk"])
