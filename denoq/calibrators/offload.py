@@ -3,7 +3,8 @@
 The units are the model's top-level blocks as `top_block` names them (`conv_in`, `time_embedding`,
 `down_blocks.1`, `mid_block`, `transformer_blocks.7`, `proj_out`, …): each direct child of the model, and each
 member of a direct `ModuleList` / `Sequential` child. Parameters that sit on the model itself stay in memory, and
-so do all buffers (normalization statistics, position tables: small).
+so do all buffers (normalization statistics, position tables: small), copied out of the checkpoint's file mapping
+(a model loaded from safetensors holds views of one mapping, which is released only when no view is left).
 
 `BlockOffload(model, folder)` writes every unit's parameters to `folder/<unit>.safetensors` and leaves them on the
 `meta` device. A forward pre-hook loads a unit's parameters when the model calls it, or any module inside it that
@@ -75,6 +76,7 @@ class BlockOffload:
             raise DenoqError("the model has parameters on the meta device (not loaded); load its weights before "
                              "calibrating with calib.offload=disk")
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._own_resident()
         for name, unit in self.units.items():
             save_file({full[len(name) + 1:]: m._parameters[key].detach().clone() for m, key, full in
                        self._slots(name)}, str(self._file(name)))
@@ -96,6 +98,28 @@ class BlockOffload:
             if name not in self.loaded:
                 self._load(name)
         self.loaded.clear()
+
+    def _own_resident(self) -> None:
+        """Copy what stays in memory (buffers, parameters outside the units) into memory of its own: a model loaded
+        from safetensors holds views of one mapping of its file, which lives (and keeps every page read) as long
+        as any view does."""
+        in_units = {id(m) for unit in self.units.values() for m in unit.modules()}
+        for m in self.model.modules():
+            for key, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[key] = b.clone()
+            if id(m) not in in_units:
+                for key, p in m._parameters.items():
+                    if p is not None:
+                        m._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+    def summary(self) -> dict[str, object]:
+        """What offloading held and cost: the blocks, the largest one's parameters (MB) and the loads so far."""
+        sizes = {name: sum(p.numel() * p.element_size() for p in unit.parameters())
+                 for name, unit in self.units.items()}
+        largest = max(sizes, key=sizes.__getitem__)
+        return {"blocks": len(sizes), "largest_block": largest, "largest_block_mb": round(sizes[largest] / 2**20, 1),
+                "loads": self.loads}
 
     def _file(self, name: str) -> Path:
         return self.folder / f"{name}.safetensors"
@@ -164,13 +188,13 @@ def substitute(model: nn.Module, tensors: dict[str, Callable[[], torch.Tensor]])
 
 
 @contextlib.contextmanager
-def offloaded(model: nn.Module, mode: str) -> Iterator[None]:
+def offloaded(model: nn.Module, mode: str) -> Iterator[BlockOffload | None]:
     """`calib.offload`: inside the block, `model` is offloaded to a temporary folder (removed afterwards; `TMPDIR`
-    picks where) for "disk"; nothing happens for "none"."""
+    picks where) for "disk", and the `BlockOffload` is yielded; nothing happens for "none" (None is yielded)."""
     if mode == "none":
-        yield
+        yield None
         return
     if mode != "disk":
         raise DenoqError(f"calib.offload={mode!r} is not a mode; use none or disk")
-    with tempfile.TemporaryDirectory(prefix="denoq-offload-") as tmp, BlockOffload(model, Path(tmp)):
-        yield
+    with tempfile.TemporaryDirectory(prefix="denoq-offload-") as tmp, BlockOffload(model, Path(tmp)) as store:
+        yield store
