@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from denoq.calibrators.calibset import CalibrationSet, run_hooked
+from denoq.calibrators.distributed import all_gather_objects, rank, world_size
 from denoq.calibrators.gptq import (
     GptqSettings,
     HessianNotPositiveDefinite,
@@ -69,8 +70,13 @@ class WeightSettings:
 def forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> list[str]:
     """The planned layers in the order one forward pass first calls them."""
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order else None)
-               for name, m in layers.items()]
+    _one_call(model, calib, [m.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n) if n not in order
+                                                         else None) for name, m in layers.items()])
+    return order + sorted(set(layers) - set(order))
+
+
+def _one_call(model: nn.Module, calib: CalibrationSet, handles: list) -> None:
+    """One forward pass of `model` on the first calibration input this rank holds, then remove the hooks."""
     try:
         x, t, cond = next(calib.batches(1))
         with torch.no_grad():
@@ -78,7 +84,6 @@ def forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     finally:
         for h in handles:
             h.remove()
-    return order + sorted(set(layers) - set(order))
 
 
 def blocks_in_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> dict[str, list[str]]:
@@ -111,7 +116,7 @@ def _ends(model: nn.Module, blocks: dict[str, list[str]], calib: CalibrationSet)
         modules[b].register_forward_pre_hook(lambda _m, _a, b=b: enter(b)),
         modules[b].register_forward_hook(lambda _m, _a, _o, b=b: inside.discard(b)),
         *(modules[n].register_forward_pre_hook(lambda _m, _a, b=b: layer(b)) for n in names))]
-    run_hooked(model, calib.take([0], 1), handles)
+    _one_call(model, calib, handles)
     return {b: modules[b] if calls[b] == 1 and b not in outside else None for b in blocks}
 
 
@@ -170,6 +175,35 @@ def _per_channel(layers: dict[str, nn.Module], settings: WeightSettings) -> list
                   and layer_rounding(m, settings).group_size == 0)
 
 
+def _solve(name: str, module: nn.Module, h: torch.Tensor | None, settings: WeightSettings
+           ) -> tuple[LayerPlan, str | None, float | None]:
+    """Layer `name` rounded against `h`: its plan, the fallback taken (or None) and its output error ½tr(ΔW H ΔWᵀ)
+    relative to RTN's on the same H (None without H)."""
+    wq, fallback = _round_or_fall_back(module, h, settings)
+    plan = layer_plan(name, module, wq, layer_rounding(module, settings))
+    if h is None:
+        return plan, fallback, None
+    w = weight_matrix(module).double()
+    base = layer_output_error(w, _round(module, None, settings).dequantized().double(), h)
+    return plan, fallback, layer_output_error(w, wq.dequantized().double(), h) / max(base, 1e-30)
+
+
+def _owners(layers: dict[str, nn.Module], ranks: int) -> dict[str, int]:
+    """Which rank rounds each layer: the largest first (cost ∝ cols²·(rows + cols), GPTQ's), each to the rank with
+    the least work so far; the same on every rank."""
+    def cost(m: nn.Module) -> int:
+        rows = m.weight.shape[0]
+        cols = m.weight.numel() // rows
+        return cols * cols * (rows + cols)
+
+    load = [0] * ranks
+    owners = {}
+    for name in sorted(layers, key=lambda n: (-cost(layers[n]), n)):
+        owners[name] = r = load.index(min(load))
+        load[r] += cost(layers[name])
+    return owners
+
+
 def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, settings: WeightSettings
                   ) -> tuple[dict[str, LayerPlan], dict[str, Any]]:
     """Weight-only LayerPlans (activation quantizers unset) for `layers` of `model`, and a report: seconds, mode,
@@ -179,7 +213,9 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     The layers are rounded block by block (`blocks_in_order`), each block held loaded while it is rounded, so an
     offloaded model (`offload.BlockOffload`) holds one block's weights at a time. Sequential mode computes the
     rounded prefix on a copy of the model, or, when the model is offloaded, by substituting the rounded weights as
-    the blocks load (no copy)."""
+    the blocks load (no copy). Under several ranks every rank computes every Hessian from the gathered inputs (the
+    one-process sums, in the one-process order: the integers stay identical), and the layers of each block are
+    rounded by one rank each (`_owners`) and all-gathered before the next block."""
     start = time.perf_counter()
     if settings.method == "rtn":
         plans: dict[str, LayerPlan] = {}
@@ -208,24 +244,23 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
         for names in blocks.values():
             hs = fp_h if fp_h is not None else _hessians(work, {n: work_layers[n] for n in names}, data,
                                                          ends[top_block(names[0])])
+            owners = _owners({n: layers[n] for n in names}, world_size())
             with resident(model, names):
-                for name in names:
-                    module = layers[name]
-                    wq, fallback = _round_or_fall_back(module, hs[name], settings)
-                    if fallback is not None:
-                        fallbacks[name] = fallback
-                    plans[name] = plan = layer_plan(name, module, wq, layer_rounding(module, settings))
-                    if hs[name] is not None:
-                        w = weight_matrix(module).double()
-                        base = layer_output_error(w, _round(module, None, settings).dequantized().double(), hs[name])
-                        error_vs_rtn[name] = layer_output_error(w, wq.dequantized().double(), hs[name]) / max(base,
-                                                                                                             1e-30)
-                    if work is not model:
-                        with torch.no_grad():
-                            work_layers[name].weight.copy_(plan.dequantized_weight())
-                    elif settings.sequential:
-                        rounded[f"{name}.weight"] = plan.dequantized_weight
-                    done.update()
+                mine = {name: _solve(name, layers[name], hs[name], settings) for name in names
+                        if owners[name] == rank()}
+            solved = {k: v for part in all_gather_objects(mine, "GPTQ / OBQ roundings") for k, v in part.items()}
+            for name in names:
+                plans[name], fallback, ratio = solved[name]
+                if fallback is not None:
+                    fallbacks[name] = fallback
+                if ratio is not None:
+                    error_vs_rtn[name] = ratio
+                if work is not model:
+                    with torch.no_grad():
+                        work_layers[name].weight.copy_(plans[name].dequantized_weight())
+                elif settings.sequential:
+                    rounded[f"{name}.weight"] = plans[name].dequantized_weight
+                done.update()
         done.close()
     ratios = sorted(error_vs_rtn.values()) or [1.0]
     return plans, {"method": settings.method, "sequential": settings.sequential,
