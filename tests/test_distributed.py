@@ -19,7 +19,6 @@ from denoq.errors import DenoqError
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 SMALL = ["--set", "calib.samples=8", "--set", "calib.steps=4", "--set", "seed=3"]
-#: W4A8 with GPTQ alone, spelled out: the w4a8 preset may add a reconstruction that runs in one process only.
 
 
 def test_rank_shards_of_a_batch_sum_to_the_one_process_subsample():
@@ -145,9 +144,25 @@ def test_a_rank_that_dies_ends_the_run_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "art").exists()
 
 
-def test_w4a8_reconstruction_is_refused_under_two_ranks(tmp_path):
-    run = _torchrun(["compile", "digits", "--recipe", "w4a8", *SMALL, "--out", "art", "--quiet"], tmp_path)
+def test_two_ranks_reconstruct_block_outputs_as_one_process(tmp_path):
+    """w4a8's block-output reconstruction: each rank runs its share of every batch and the gradients are summed,
+    so the ranks learn the one-process quantizers up to the order of float sums (a few integers flip)."""
+    import json
+
+    one, two = _compile_both(tmp_path, "w4a8", ["--set", "accuquant.iters=10", "--set", "accuquant.block_inputs=32"])
+    a, b = load_file(str(one / "plan.safetensors")), load_file(str(two / "plan.safetensors"))
+    ints = [k for k in a if not a[k].dtype.is_floating_point]
+    flipped = sum(int((a[k] != b[k]).sum()) for k in ints) / sum(a[k].numel() for k in ints)
+    assert flipped < 0.01, flipped
+    learned = [json.loads((p / "manifest.json").read_text())["calibration"]["accuquant"] for p in (one, two)]
+    assert [x["block"] for x in learned[0]["blocks"]] == [x["block"] for x in learned[1]["blocks"]]
+    assert learned[1]["probe_eps_error_after"] == pytest.approx(learned[0]["probe_eps_error_after"], rel=0.05)
+
+
+def test_network_reconstruction_is_refused_under_two_ranks(tmp_path):
+    run = _torchrun(["compile", "digits", "--recipe", "w4a8", *SMALL, "--set", "accuquant.granularity=network",
+                     "--out", "art", "--quiet"], tmp_path)
     assert run.returncode != 0
-    assert "error: rank 0: weights.method=adaround run(s) in one process for now" in run.stderr
-    assert "--recipe w4a8-fast" in run.stderr
+    assert ("error: rank 0: weights.method=adaround with accuquant.granularity=network or accuquant.window>0 "
+            "run(s) in one process for now") in run.stderr
     assert not (tmp_path / "art").exists()

@@ -1,7 +1,8 @@
 """Data-parallel calibration (docs/distributed.md): the same compile in one process and under
 `torchrun --standalone --nproc-per-node N`, side by side.
 
-Each case is one `denoq compile` of the embedded model with a recipe (W4A8 GPTQ + PTQD, W8A8 with 3 timestep
+Each case is one `denoq compile` of the embedded model with a recipe (W4A8 GPTQ + PTQD, W4A8 with its block
+reconstruction, W8A8 with 3 timestep
 groups), run once with 1 process and once with N ranks (gloo on the CPU, NCCL where CUDA is). Reported per run:
 the calibration seconds, the weight rounding's part of them and the calibration peak memory that rank 0 writes to
 the artifact's `timings.json` (`calibration.seconds`, `calibration.weights.seconds`, `calibration.memory_peak_mb`:
@@ -36,8 +37,8 @@ if str(TOOLS) not in sys.path:
 from toolkit.common import fmt, log, md_table  # noqa: E402
 
 CASES = {
-    # W4A8 with GPTQ alone: w4a8's block reconstruction runs in one process only
     "w4a8 gptq + ptqd": ["--recipe", "w4a8-fast", "--set", "ptqd.enabled=true"],
+    "w4a8 (gptq + block reconstruction)": ["--recipe", "w4a8"],
     "w8a8 timestep_groups=3": ["--recipe", "w8a8", "--set", "activations.timestep_groups=3"],
 }
 

@@ -47,6 +47,7 @@ from denoq.calibrators.accuquant_window import StepFn, Window, run_window, sampl
 from denoq.calibrators.blockrecon import BlockInputs, block_loss, cache_block, sample_inputs
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.choices import BACKPROPS, GRADIENTS, GRANULARITIES, OBJECTIVES, STARTS
+from denoq.calibrators.distributed import all_reduce, all_reduce_grads, rank, world_size
 from denoq.calibrators.learnable import INITS, LearnableModel
 from denoq.calibrators.weights import blocks_in_order
 from denoq.errors import DenoqError
@@ -133,12 +134,12 @@ def _finite_grads(params: list[torch.Tensor]) -> bool:
 def probe_error(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet) -> float:
     """Mean relative ε error ‖ε_q − ε‖ / ‖ε‖ over PROBE_STEPS evenly spaced steps × PROBE_SAMPLES trajectories."""
     idx = sorted({round(i * (len(pool.t) - 1) / max(PROBE_STEPS - 1, 1)) for i in range(PROBE_STEPS)})
+    probe = pool.take(idx, min(PROBE_SAMPLES, pool.trajectories)).whole()
     errs = []
     with torch.no_grad():
-        for i in idx:
-            x = pool.x[i][:PROBE_SAMPLES]
-            t = torch.full((x.shape[0],), pool.t[i], dtype=torch.int64)
-            cond = None if pool.cond is None else pool.cond[:x.shape[0]]
+        for x, step in zip(probe.x, probe.t, strict=True):
+            t = torch.full((x.shape[0],), step, dtype=torch.int64)
+            cond = probe.cond
             ref = fp_eps(x, t, cond)
             errs.append(float((q_eps(x, t, cond) - ref).norm() / ref.norm().clamp_min(1e-12)))
     return sum(errs) / len(errs)
@@ -305,11 +306,15 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
                 data = cache_block(q_eps, q.model.get_submodule(block), fp_eps, model.get_submodule(block), pool,
                                    inputs, plan.num_train_timesteps)
 
-                def block_draw(it: int, data: BlockInputs = data, block: str = block) -> float:
-                    loss = block_loss(q.model.get_submodule(block), data,
-                                      torch.randperm(len(data), generator=g)[:settings.batch], q.clock)
+                def block_draw(it: int, data: BlockInputs = data, block: str = block,
+                               names: list[str] = names) -> float:
+                    index = torch.randperm(len(data), generator=g)[:settings.batch]
+                    loss = block_loss(q.model.get_submodule(block), data, index, q.clock,
+                                      index[rank()::world_size()] if world_size() > 1 else None)
                     loss.backward()
-                    return float(loss.detach())
+                    all_reduce_grads([*q.rounding_parameters(names), *q.scale_parameters(names)],
+                                     "the reconstruction gradients")
+                    return float(all_reduce(loss.detach(), "sum", "the reconstruction loss"))
 
             part, why = _optimize(q, names, settings, sampler_draw if n else block_draw,
                                   f"{block} ({b + 1}/{len(order)})")

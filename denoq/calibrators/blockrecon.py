@@ -111,8 +111,8 @@ class Batched:
 
 def sample_inputs(pool: CalibrationSet, count: int, seed: int) -> list[tuple[int, int]]:
     """`count` distinct (step, trajectory) inputs of `pool` drawn with `seed` (all of them if it has fewer),
-    sorted."""
-    S, N = len(pool.t), pool.x[0].shape[0]
+    sorted; trajectories by their global index (the same draw on every rank of a sharded pool)."""
+    S, N = len(pool.t), pool.trajectories
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(S * N, generator=g)[:count].sort().values
     return [(int(i) // N, int(i) % N) for i in pick]
@@ -154,9 +154,14 @@ def cache_block(q_eps: EpsFn, q_block: nn.Module, fp_eps: EpsFn, fp_block: nn.Mo
     return BlockInputs(Batched.gather(args, sizes), torch.cat(rows), Batched.gather(outs, sizes))
 
 
-def block_loss(block: nn.Module, data: BlockInputs, index: torch.Tensor, clock: TimestepClock) -> torch.Tensor:
+def block_loss(block: nn.Module, data: BlockInputs, index: torch.Tensor, clock: TimestepClock,
+               part: torch.Tensor | None = None) -> torch.Tensor:
     """(7) on the cached inputs `index`: the block run on its quantized-model arguments with the simulated
-    layers' `clock` at their timestep rows, against the FP block's outputs."""
+    layers' `clock` at their timestep rows, against the FP block's outputs. With `part` (a subset of `index`: one
+    rank's share of the batch) only those inputs run, and the error is still divided by the energy of all of
+    `index`, so the ranks' losses (and gradients) add up to the whole batch's."""
+    energy = sum(r.pow(2).sum() for r in _float_leaves(data.target.rows(index)))
+    index = index if part is None else part
     args, kwargs = data.args.rows(index)
     clock.t = data.t[index]
     try:
@@ -170,5 +175,8 @@ def block_loss(block: nn.Module, data: BlockInputs, index: torch.Tensor, clock: 
         raise DenoqError(f"block {type(block).__name__} returns no floating-point tensor to reconstruct; use "
                          "accuquant.granularity=network")
     err = sum((o - r).pow(2).sum() for o, r in pairs)
-    energy = sum(r.pow(2).sum() for _, r in pairs)
     return err / energy.clamp_min(1e-12)
+
+
+def _float_leaves(tree: Any) -> list[torch.Tensor]:
+    return [v for v in tree_flatten(tree)[0] if isinstance(v, torch.Tensor) and v.is_floating_point()]

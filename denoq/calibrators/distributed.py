@@ -13,9 +13,9 @@ function here is the one-process identity: nothing is communicated.
   What is drawn per batch (a random subsample of an activation) is drawn by every rank over the whole batch, each
   fills the values of its own rows and zeros elsewhere, and a sum across ranks restores exactly the subsample one
   process takes (`RowLayout.subsample`).
-- **Reductions**: sums (Hessians XXᵀ and their counts, PTQD's moments), maxima and minima (activation ranges), and
-  gathers concatenated in rank order (`all_gather_objects`). Sums of floats are reduced in another order than one
-  process adds them: the results agree to float rounding.
+- **Reductions**: sums (PTQD's moments, the learned quantizers' gradients), maxima and minima (activation ranges),
+  and gathers concatenated in rank order (`all_gather_objects`: GPTQ's inputs and roundings). Sums of floats are
+  reduced in another order than one process adds them: the results agree to float rounding.
 - **Failures**: a settings mismatch between ranks (`check_same`) and a lost rank (a collective that fails or times
   out, `DenoqError` from `collective`) end every rank with one line naming the rank and the cause.
 """
@@ -108,6 +108,19 @@ def all_reduce(t: torch.Tensor, op: str, what: str) -> torch.Tensor:
     buf = t.detach().to(_device()).clone().contiguous()
     collective(lambda: dist.all_reduce(buf, ops[op]), what)
     return buf.to(t.device, t.dtype)
+
+
+def all_reduce_grads(params: list[torch.Tensor], what: str) -> None:
+    """Sum every rank's `.grad` of `params` in place (one all-reduce over their concatenation; a missing grad counts
+    as zeros); nothing in one process."""
+    if not active():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), "sum", what)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
 
 
 def all_gather_objects(obj: Any, what: str) -> list[Any]:

@@ -56,11 +56,14 @@ def settings_fingerprint(spec: ModelSpec, recipe: Recipe) -> str:
 
 
 def refused(recipe: Recipe, pool: CalibrationSet | None) -> list[str]:
-    """The recipe settings that run in one process only (the learned and searched calibrations train on random
-    subsets; a user's forward_loop records its own calls on each rank)."""
+    """The recipe settings that run in one process only (the learned rounding over the whole network or sampler
+    windows and the searched groups train on random subsets of trajectories that are not split across the ranks
+    yet; a user's forward_loop records its own calls on each rank). Block-output reconstruction runs: each rank
+    computes its share of every batch and the gradients are summed."""
     c = recipe.config
     return [key for key, on in (
-        ("weights.method=adaround", c.weights.method == "adaround"),
+        ("weights.method=adaround with accuquant.granularity=network or accuquant.window>0",
+         c.weights.method == "adaround" and (c.accuquant.granularity != "block" or c.accuquant.window > 0)),
         ("activations.group_search=differentiable", c.activations.group_search == "differentiable"
          and c.activations.timestep_groups > 1),
         ("activations.igq_groups>0", c.activations.igq_groups > 0),
@@ -71,7 +74,7 @@ def one_process(what: str) -> None:
     """DenoqError under more than one rank: `what` runs in one process for now."""
     if world_size() > 1:
         raise DenoqError(f"{what} run(s) in one process for now, not under {world_size()} ranks; run it without "
-                         "torchrun, or drop the setting (w4a8's reconstruction: --recipe w4a8-fast)")
+                         "torchrun, or drop the setting (w4a8 reconstructs block outputs, which runs under torchrun)")
 
 
 def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, guided: bool) -> None:
@@ -88,7 +91,8 @@ def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, gu
     check_shardable(c.calib.samples, STATS_BATCH // 2 if guided else STATS_BATCH, "calib.samples")
     if c.activations.calib_timesteps == "srm":
         check_shardable(min(PROBE_SAMPLES, c.calib.samples), STATS_BATCH, "the srm probe's trajectories")
-    if c.weights.method in ("gptq", "obq") and min(c.weights.hessian_samples, c.calib.samples) < size:
+    gptq = c.weights.method in ("gptq", "obq") or (c.weights.method == "adaround" and c.accuquant.init == "gptq")
+    if gptq and min(c.weights.hessian_samples, c.calib.samples) < size:
         raise DenoqError(f"weights.hessian_samples={c.weights.hessian_samples} leaves ranks without Hessian "
                          f"inputs under {size} ranks; set it to at least {size}")
     check_same(settings_fingerprint(spec, recipe), "settings fingerprint (recipe, model weights, torch version)",
