@@ -2,14 +2,14 @@
 `torchrun --standalone --nproc-per-node N`, side by side.
 
 Each case is one `denoq compile` of the embedded model with a recipe (W4A8 GPTQ + PTQD, W4A8 with its block
-reconstruction, W8A8 with 3 timestep
-groups), run once with 1 process and once with N ranks (gloo on the CPU, NCCL where CUDA is). Reported per run:
-the calibration seconds, the weight rounding's part of them and the calibration peak memory that rank 0 writes to
-the artifact's `timings.json` (`calibration.seconds`, `calibration.weights.seconds`, `calibration.memory_peak_mb`:
-RSS on the CPU, CUDA allocation on a GPU); every rank's CPU seconds in calibration (what a rank computes, whatever
-else the machine runs) and process peak RSS (`ru_maxrss`, the export included on rank 0); the whole command's wall
-seconds; then the ratios N ranks / 1 process. Every process runs `--threads` CPU threads (default 1: one core
-plays one device). The 1-minute load average before and after says how busy the machine was.
+reconstruction, W8A8 with 3 timestep groups), run once with 1 process and once with N ranks (gloo on the CPU, NCCL
+where CUDA is). Reported per run: the calibration seconds, the weight rounding's part of them and the calibration
+peak memory that rank 0 writes to the artifact's `timings.json` (`calibration.seconds`,
+`calibration.weights.seconds`, `calibration.memory_peak_mb`: RSS on the CPU, CUDA allocation on a GPU); every rank's
+CPU seconds in calibration (what a rank computes, whatever else the machine runs) and process peak RSS (`ru_maxrss`,
+the export included on rank 0); the whole command's wall seconds; then the ratios N ranks / 1 process. Every process
+runs `--threads` CPU threads (default 1: one core plays one device). The 1-minute load average before and after says
+how busy the machine was.
 
     python tools/distributed_bench.py --samples 64 --steps 10 --json distributed.json
 
