@@ -26,7 +26,8 @@ def test_a_forward_pass_holds_one_block_and_the_model_comes_back(tmp_path):
     model = spec.module
     before = {k: v.clone() for k, v in model.state_dict().items()}
     units = offload_units(model)
-    assert {"conv_in", "time_embedding", "down_blocks.0", "mid_block", "up_blocks.1", "conv_out"} <= set(units)
+    assert {"conv_in", "time_embedding", "down_blocks.0.resnets.0", "mid_block.resnets.1", "conv_out"} <= set(units)
+    assert not any(u in units for u in ("down_blocks.0", "mid_block", "up_blocks.1"))  # split into their pieces
     seen: list[set[str]] = []
     probes = [m.register_forward_pre_hook(lambda _m, _a: seen.append(_loaded(model)))
               for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
@@ -38,7 +39,7 @@ def test_a_forward_pass_holds_one_block_and_the_model_comes_back(tmp_path):
             got = model(x, torch.tensor([10, 500])).sample
             assert store.loads >= len(units)
             with resident(model, ["down_blocks.1.resnets.0.conv1"]):
-                assert _loaded(model) == {"down_blocks.1"}
+                assert _loaded(model) == {"down_blocks.1.resnets.0"}
     for h in probes:
         h.remove()
     assert torch.equal(got, want)

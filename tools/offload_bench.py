@@ -5,7 +5,7 @@ and a recipe), the calibrate stage runs twice in child processes, with the model
 `calib.offload=disk`: random text conditioning, one trajectory of two steps at latent side `--size`. Reported per
 run: the model's float32 MB, the calibration's peak resident set (`calibration.memory_peak_mb`: measured after the
 model is loaded, and for offloading after its blocks are written out), the process's peak (`ru_maxrss`: loading
-the model included), calibration and weight-rounding seconds, the largest block and the block loads; and whether
+the model included), calibration and weight-rounding seconds, the offloaded units, the largest one and the unit loads; and whether
 the two plans are identical (every integer and scale).
 
     python tools/offload_bench.py --cases sd3:w8a8,sd3:w4a8-fast,sdxl:w8a8 --size 32 --work offload-work \\
@@ -52,7 +52,7 @@ def child(folder: Path, recipe: str, offload: str, size: int, plan_out: Path) ->
                            "process_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if "offload" in cal.info:
         o = cal.info["offload"]
-        row.update(blocks=o["blocks"], largest_block=f"{o['largest_block']} ({o['largest_block_mb']:.0f} MB)",
+        row.update(units=o["units"], largest_unit=f"{o['largest_unit']} ({o['largest_unit_mb']:.0f} MB)",
                    loads=o["loads"])
     save_file(cal.plan.tensors(), str(plan_out))
     return row

@@ -1,20 +1,23 @@
-"""Block-wise offloading: calibrate a denoiser while only one of its top-level blocks holds its weights in memory.
+"""Block-wise offloading: calibrate a denoiser while only one piece of it (a unit) holds its weights in memory.
 
-The units are the model's top-level blocks as `top_block` names them (`conv_in`, `time_embedding`,
-`down_blocks.1`, `mid_block`, `transformer_blocks.7`, `proj_out`, …): each direct child of the model, and each
-member of a direct `ModuleList` / `Sequential` child. Parameters that sit on the model itself stay in memory, and
-so do all buffers (normalization statistics, position tables: small), copied out of the checkpoint's file mapping
-(a model loaded from safetensors holds views of one mapping, which is released only when no view is left).
+The units are the modules `offload_units` picks: from the model down through its containers (ModuleList,
+Sequential) and through every module holding one, to the first modules without: a UNet's `conv_in`,
+`time_embedding`, each resnet, attention (Transformer2DModel: its norm, projections and each transformer block)
+and sampler of every block; a DiT's, PixArt's or SD3's transformer blocks. Parameters owned directly by a module
+above the units stay in memory, and so do all buffers (normalization statistics, position tables: small), copied
+out of the checkpoint's file mapping (a model loaded from safetensors holds views of one mapping, which is
+released only when no view is left).
 
 `BlockOffload(model, folder)` writes every unit's parameters to `folder/<unit>.safetensors` and leaves them on the
 `meta` device. A forward pre-hook loads a unit's parameters when the model calls it, or any module inside it that
 owns parameters (DiT's head calls the first block's embedder directly), and a forward hook drops them when the
-outermost such call returns, so a forward pass of the whole model holds one block's weights at a time; the
+outermost such call returns, so a forward pass of the whole model holds one unit's weights at a time; the
 calibrators' own hooks on the layers inside a block see it loaded, as without offloading. Code that reads weights
 outside a forward pass (weight rounding) holds a unit loaded with `resident(model, [unit])`, a no-op for a model
-that is not offloaded. `substitute(model, {param: fn})` makes a later load of that parameter take `fn()` instead of
-the file's tensor (sequential GPTQ's already-rounded prefix, instead of a second copy of the model). Leaving the
-`BlockOffload` context loads every unit back and removes its hooks: the model is as it was.
+that is not offloaded (`by_unit` groups layers so that each unit loads once). `substitute(model, {param: fn})` makes
+a later load of that parameter take `fn()` instead of the file's tensor (sequential GPTQ's already-rounded prefix,
+instead of a second copy of the model). Leaving the `BlockOffload` context loads every unit back and removes its
+hooks: the model is as it was.
 
 Peak memory while offloaded: the largest unit's parameters + the calibration's own data (trajectories, statistics,
 a block's Hessians) + the resident rest, instead of the whole model + the same (`tools/offload_bench.py`).
@@ -36,21 +39,25 @@ from torch import nn
 
 from denoq.errors import DenoqError
 
-
-def top_block(name: str) -> str:
-    """The top-level block of a module name: `down_blocks.1` for `down_blocks.1.resnets.0.conv1`."""
-    head, _, rest = name.partition(".")
-    return f"{head}.{rest.partition('.')[0]}" if rest and rest.partition(".")[0].isdigit() else head
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
 def offload_units(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's top-level blocks that own parameters, by `top_block` name, in registration order."""
+    """The modules whose parameters load together, by module name, in registration order: from the model down
+    through the containers (ModuleList, Sequential, ModuleDict) and through every module that has one as a child,
+    to the first modules without one (a UNet block gives its resnets, attentions and samplers, a transformer model
+    its blocks); those that own parameters."""
     units: dict[str, nn.Module] = {}
-    for name, child in model.named_children():
-        members = child.named_children() if isinstance(child, nn.ModuleList | nn.Sequential) else [("", child)]
-        for index, member in members:
-            if next(member.parameters(), None) is not None:
-                units[f"{name}.{index}" if index else name] = member
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, _CONTAINERS) or any(isinstance(c, _CONTAINERS) for c in child.children()):
+                visit(path, child)
+            elif next(child.parameters(), None) is not None:
+                units[path] = child
+
+    visit("", model)
     return units
 
 
@@ -78,8 +85,7 @@ class BlockOffload:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._own_resident()
         for name, unit in self.units.items():
-            save_file({full[len(name) + 1:]: m._parameters[key].detach().clone() for m, key, full in
-                       self._slots(name)}, str(self._file(name)))
+            save_file(self._own_tensors(name), str(self._file(name)))
             self._drop(name)
             for m in dict.fromkeys([unit, *(m for m, _, _ in self._slots(name))]):
                 self._handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: self._hold(n)))
@@ -99,6 +105,18 @@ class BlockOffload:
                 self._load(name)
         self.loaded.clear()
 
+    def _own_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Unit `name`'s parameters by their key in it, as safetensors writes them: each in storage of its own (a
+        parameter sharing storage with one before it, a tied weight, is copied)."""
+        seen: set[int] = set()
+        out = {}
+        for m, key, full in self._slots(name):
+            t = m._parameters[key].detach()
+            ptr = t.untyped_storage().data_ptr()
+            out[full[len(name) + 1:]] = t.clone() if ptr in seen or not t.is_contiguous() else t
+            seen.add(ptr)
+        return out
+
     def _own_resident(self) -> None:
         """Copy what stays in memory (buffers, parameters outside the units) into memory of its own: a model loaded
         from safetensors holds views of one mapping of its file, which lives (and keeps every page read) as long
@@ -113,12 +131,17 @@ class BlockOffload:
                     if p is not None:
                         m._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
+    def unit_of(self, name: str) -> str | None:
+        """The unit holding module `name` (None for a module outside every unit)."""
+        parts = name.split(".")
+        return next((p for p in (".".join(parts[:k]) for k in range(len(parts), 0, -1)) if p in self.units), None)
+
     def summary(self) -> dict[str, object]:
-        """What offloading held and cost: the blocks, the largest one's parameters (MB) and the loads so far."""
+        """What offloading held and cost: the units, the largest one's parameters (MB) and the loads so far."""
         sizes = {name: sum(p.numel() * p.element_size() for p in unit.parameters())
                  for name, unit in self.units.items()}
         largest = max(sizes, key=sizes.__getitem__)
-        return {"blocks": len(sizes), "largest_block": largest, "largest_block_mb": round(sizes[largest] / 2**20, 1),
+        return {"units": len(sizes), "largest_unit": largest, "largest_unit_mb": round(sizes[largest] / 2**20, 1),
                 "loads": self.loads}
 
     def _file(self, name: str) -> Path:
@@ -162,9 +185,9 @@ def is_offloaded(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def resident(model: nn.Module, units: Iterable[str]) -> Iterator[None]:
     """Hold the named units of an offloaded `model` loaded inside the block (nothing to do for another model);
-    `units` may name any layer inside a unit (`top_block` maps it)."""
+    `units` may name any module inside a unit (or the unit itself)."""
     store = _OFFLOADED.get(model)
-    names = sorted({top_block(u) for u in units} & set(store.units)) if store is not None else []
+    names = sorted({n for n in map(store.unit_of, units) if n is not None}) if store is not None else []
     for name in names:
         store._hold(name)
     try:
@@ -172,6 +195,19 @@ def resident(model: nn.Module, units: Iterable[str]) -> Iterator[None]:
     finally:
         for name in names:
             store._release(name)
+
+
+def by_unit(model: nn.Module, names: Iterable[str]) -> list[list[str]]:
+    """`names` (module names) grouped by the unit of the offloaded `model` holding them, groups in the order of
+    their first name; one group of all of them for a model that is not offloaded."""
+    store = _OFFLOADED.get(model)
+    names = list(names)
+    if store is None:
+        return [names] if names else []
+    groups: dict[str | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(store.unit_of(name), []).append(name)
+    return list(groups.values())
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ from denoq.calibrators.gptq import (
     rtn,
 )
 from denoq.calibrators.layer_matrix import HessianAccumulator, weight_matrix
-from denoq.calibrators.offload import is_offloaded, resident, substitute, top_block
+from denoq.calibrators.offload import by_unit, is_offloaded, resident, substitute
 from denoq.log import bar
 from denoq.plan import LayerPlan
 from denoq.sampling.cond import call_denoiser
@@ -65,6 +65,12 @@ class WeightSettings:
     sequential: bool = True
     hessian_samples: int = 16
     conv_blocks: bool = True
+
+
+def top_block(name: str) -> str:
+    """The top-level block of a module name: `down_blocks.1` for `down_blocks.1.resnets.0.conv1`."""
+    head, _, rest = name.partition(".")
+    return f"{head}.{rest.partition('.')[0]}" if rest and rest.partition(".")[0].isdigit() else head
 
 
 def forward_order(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet) -> list[str]:
@@ -210,8 +216,8 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     and per layer the output error proxy ½tr(ΔW H ΔWᵀ) relative to RTN's, on the inputs the layer was rounded for
     (FP inputs in parallel mode, the rounded prefix's in sequential mode; obq / gptq only).
 
-    The layers are rounded block by block (`blocks_in_order`), each block held loaded while it is rounded, so an
-    offloaded model (`offload.BlockOffload`) holds one block's weights at a time. Sequential mode computes the
+    The layers are rounded block by block (`blocks_in_order`); an offloaded model (`offload.BlockOffload`) holds
+    the unit of the layers being rounded loaded, one unit at a time. Sequential mode computes the
     rounded prefix on a copy of the model, or, when the model is offloaded, by substituting the rounded weights as
     the blocks load (no copy). Under several ranks every rank computes every Hessian from the gathered inputs (the
     one-process sums, in the one-process order: the integers stay identical), and the layers of each block are
@@ -219,9 +225,10 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     start = time.perf_counter()
     if settings.method == "rtn":
         plans: dict[str, LayerPlan] = {}
-        for name, m in sorted(layers.items()):
-            with resident(model, [name]):
-                plans[name] = layer_plan(name, m, _round(m, None, settings), layer_rounding(m, settings))
+        for group in by_unit(model, sorted(layers)):
+            with resident(model, group):
+                plans.update({name: layer_plan(name, layers[name], _round(layers[name], None, settings),
+                                               layer_rounding(layers[name], settings)) for name in group})
         return plans, {"method": "rtn", "seconds": round(time.perf_counter() - start, 2),
                        "per_channel_layers": _per_channel(layers, settings)}
     data = calib.take(list(range(len(calib.t))), min(settings.hessian_samples, calib.trajectories)).whole()
@@ -245,9 +252,10 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
             hs = fp_h if fp_h is not None else _hessians(work, {n: work_layers[n] for n in names}, data,
                                                          ends[top_block(names[0])])
             owners = _owners({n: layers[n] for n in names}, world_size())
-            with resident(model, names):
-                mine = {name: _solve(name, layers[name], hs[name], settings) for name in names
-                        if owners[name] == rank()}
+            mine = {}
+            for group in by_unit(model, [n for n in names if owners[n] == rank()]):
+                with resident(model, group):
+                    mine.update({name: _solve(name, layers[name], hs[name], settings) for name in group})
             solved = {k: v for part in all_gather_objects(mine, "GPTQ / OBQ roundings") for k, v in part.items()}
             for name in names:
                 plans[name], fallback, ratio = solved[name]
