@@ -4,7 +4,7 @@ For each case (a random-init full-size denoiser with a released architecture's c
 recipe), the calibrate stage runs twice in child processes, with the model in memory and with `calib.offload=disk`:
 random text conditioning, one trajectory of two steps at latent side `--size`. Reported per run: the model's float32
 MB, the calibration's peak resident set (`calibration.memory_peak_mb`: measured after the model is loaded, and for
-offloading after its blocks are written out), the process's peak (`ru_maxrss`: loading the model included),
+offloading after its units are written out), the process's peak (`ru_maxrss`: loading the model included),
 calibration and weight-rounding seconds, the offloaded units, the largest one and the unit loads; and whether the
 two plans are identical (every integer and scale).
 
