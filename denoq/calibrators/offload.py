@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -61,16 +62,37 @@ def offload_units(model: nn.Module) -> dict[str, nn.Module]:
     return units
 
 
+def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of the safetensors `files`: its file and shape (read from the headers only)."""
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            shapes.update({k: (f, tuple(handle.get_slice(k).get_shape())) for k in handle.keys()})
+    return shapes
+
+
+def _first_rows_match(source: Path, params: dict[str, torch.Tensor]) -> bool:
+    """Whether each parameter's first row (first element of a vector) equals the checkpoint tensor's: a cheap
+    check (a page per tensor) that the checkpoint is the one the weights came from."""
+    with safe_open(str(source), "pt") as handle:
+        return all(torch.equal(handle.get_slice(k)[:1].to(p.dtype), p.detach()[:1]) for k, p in params.items())
+
+
 _OFFLOADED: weakref.WeakKeyDictionary[nn.Module, BlockOffload] = weakref.WeakKeyDictionary()
 
 
 class BlockOffload:
     """Context manager keeping `model`'s top-level blocks' parameters in `folder` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, folder: Path) -> None:
+    def __init__(self, model: nn.Module, folder: Path, checkpoint: Iterable[Path] = ()) -> None:
+        """`checkpoint`: the safetensors files the model's weights were loaded from (and still equal, as
+        `load_model` leaves them); a unit whose parameters are all found there, with their shapes and first rows,
+        is read back from there instead of being written to `folder`."""
         self.model = model
         self.folder = Path(folder)
+        self.checkpoint = [Path(p) for p in checkpoint]
         self.units = offload_units(model)
+        self.in_checkpoint: dict[str, Path] = {}  # unit → the checkpoint file that holds all its parameters
         self.loaded: dict[str, int] = {}      # unit → how many holders keep it loaded
         self.substitutes: dict[str, Callable[[], torch.Tensor]] = {}
         self.loads = 0                        # unit loads so far (what offloading costs in reads)
@@ -84,8 +106,15 @@ class BlockOffload:
                              "calibrating with calib.offload=disk")
         self.folder.mkdir(parents=True, exist_ok=True)
         self._own_resident()
+        shapes = _checkpoint_shapes(self.checkpoint)
         for name, unit in self.units.items():
-            save_file(self._own_tensors(name), str(self._file(name)))
+            params = {full: m._parameters[key] for m, key, full in self._slots(name)}
+            found = {shapes[k][0] for k, p in params.items() if k in shapes and shapes[k][1] == tuple(p.shape)}
+            where = found.pop() if len(found) == 1 and all(k in shapes for k in params) else None
+            if where is not None and _first_rows_match(where, params):
+                self.in_checkpoint[name] = where  # read back from the file the weights came from
+            else:
+                save_file(self._own_tensors(name), str(self._file(name)))
             self._drop(name)
             for m in dict.fromkeys([unit, *(m for m, _, _ in self._slots(name))]):
                 self._handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: self._hold(n)))
@@ -142,7 +171,7 @@ class BlockOffload:
                  for name, unit in self.units.items()}
         largest = max(sizes, key=sizes.__getitem__)
         return {"units": len(sizes), "largest_unit": largest, "largest_unit_mb": round(sizes[largest] / 2**20, 1),
-                "loads": self.loads}
+                "from_checkpoint": len(self.in_checkpoint), "loads": self.loads}
 
     def _file(self, name: str) -> Path:
         return self.folder / f"{name}.safetensors"
@@ -154,10 +183,17 @@ class BlockOffload:
                 for key, p in m._parameters.items() if p is not None]
 
     def _load(self, name: str) -> None:
-        tensors = load_file(str(self._file(name)))
+        source = self.in_checkpoint.get(name)
+        if source is None:
+            saved = {f"{name}.{k}": v for k, v in load_file(str(self._file(name))).items()}
+        else:
+            with safe_open(str(source), "pt") as handle:
+                saved = {full: handle.get_tensor(full) for _, _, full in self._slots(name)
+                         if full not in self.substitutes}
         for m, key, full in self._slots(name):
-            value = self.substitutes[full]() if full in self.substitutes else tensors[full[len(name) + 1:]]
-            m._parameters[key] = nn.Parameter(value, requires_grad=m._parameters[key].requires_grad)
+            old = m._parameters[key]
+            value = self.substitutes[full]() if full in self.substitutes else saved[full].to(old.dtype)
+            m._parameters[key] = nn.Parameter(value, requires_grad=old.requires_grad)
         self.loads += 1
 
     def _drop(self, name: str) -> None:
@@ -224,13 +260,15 @@ def substitute(model: nn.Module, tensors: dict[str, Callable[[], torch.Tensor]])
 
 
 @contextlib.contextmanager
-def offloaded(model: nn.Module, mode: str) -> Iterator[BlockOffload | None]:
-    """`calib.offload`: inside the block, `model` is offloaded to a temporary folder (removed afterwards; `TMPDIR`
-    picks where) for "disk", and the `BlockOffload` is yielded; nothing happens for "none" (None is yielded)."""
+def offloaded(model: nn.Module, mode: str, checkpoint: Iterable[Path] = ()) -> Iterator[BlockOffload | None]:
+    """`calib.offload`: inside the block, `model` is offloaded for "disk" (the units found in the safetensors
+    `checkpoint` it was loaded from are read from there, the others from a temporary folder removed afterwards;
+    `TMPDIR` picks where), and the `BlockOffload` is yielded; nothing happens for "none" (None is yielded)."""
     if mode == "none":
         yield None
         return
     if mode != "disk":
         raise DenoqError(f"calib.offload={mode!r} is not a mode; use none or disk")
-    with tempfile.TemporaryDirectory(prefix="denoq-offload-") as tmp, BlockOffload(model, Path(tmp)) as store:
+    with (tempfile.TemporaryDirectory(prefix="denoq-offload-") as tmp,
+          BlockOffload(model, Path(tmp), checkpoint) as store):
         yield store

@@ -275,7 +275,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     check_sampler_keys(spec, recipe, own_trajectories=pool is None)
     check_ranks(spec, recipe, pool, bool(guidance_scales(spec, recipe)))
     device = next(spec.module.parameters()).device
-    with offloaded(spec.module, c.calib.offload) as store, PeakMemory(device) as peak:
+    with offloaded(spec.module, c.calib.offload, spec.checkpoint) as store, PeakMemory(device) as peak:
         cal = _calibrate(spec, recipe, pool, layers, kept_fp)
         if store is not None:
             cal.info["offload"] = store.summary()

@@ -68,6 +68,7 @@ class ModelSpec:
     cond_input: str | None = None  # graph input of the conditioning: encoder_hidden_states | class_labels | None
     num_classes: int | None = None  # class_labels models: labels 0 … num_classes − 1; num_classes is the null label
     text: TextModel | None = None  # text-conditioned models: the pipeline's text side (`pipelines.TextModel`)
+    checkpoint: tuple[Path, ...] = ()  # the safetensors files the module's weights were loaded from
 
     @property
     def resolution_multiple(self) -> int:
@@ -302,4 +303,5 @@ def load_model(model: str | None = None, size: int = 0) -> ModelSpec:
         cond_shape, cond_input, num_classes = (), "class_labels", int(config["num_class_embeds"]) - 1
     return ModelSpec(name=name, folder=folder, module=module, model_class=cls, scheduler_config=scheduler_config,
                      sample_shape=sample_shape, cond_shape=cond_shape, weights_sha256=_weights_hash(model_dir),
-                     cond_input=cond_input, num_classes=num_classes, text=text)
+                     cond_input=cond_input, num_classes=num_classes, text=text,
+                     checkpoint=tuple(sorted(model_dir.glob("*.safetensors"))))
