@@ -79,6 +79,7 @@ EXPECTED_DEFAULTS = {
     "calib.conditioning": "model",
     "calib.timesteps": 0,
     "calib.size": 0,
+    "calib.offload": "none",
     "seed": 0,
 }
 
@@ -344,6 +345,7 @@ def test_typed_config_reads_the_same_values_as_the_flat_keys():
     (["ptqd.vsc=true"], "ptqd.enabled=true"),
     (["calib.prompts=p.txt", "calib.conditioning=random"], "two sources of the text conditioning"),
     (["weights.format=fp8", "target=ort-cpu"], "TensorRT's formats"),
+    (["calib.offload=disk", "ptqd.enabled=true"], "need the whole model in memory"),
 ])
 def test_rules_between_keys_refuse_at_load(sets, words):
     with pytest.raises(DenoqError, match=re.escape(words)) as exc:
@@ -354,4 +356,4 @@ def test_rules_between_keys_refuse_at_load(sets, words):
 def test_every_rule_is_reached_by_a_test():
     from denoq.compiler.recipe_rules import CROSS_KEY_RULES
 
-    assert len(CROSS_KEY_RULES) == 9  # a new rule needs a case in test_rules_between_keys_refuse_at_load
+    assert len(CROSS_KEY_RULES) == 10  # a new rule needs a case in test_rules_between_keys_refuse_at_load

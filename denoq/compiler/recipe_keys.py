@@ -323,10 +323,11 @@ class CalibKeys:
             "latent height = width of the calibration samples: 0 = the model's own (its config's sample_size; "
             "Flux: 128, FluxPipeline's 1024 px); set it to the resolution the model is deployed at", lo=0, hi=1024)
     offload: str = key("none",
-            "disk = during calibration keep each top-level block's weights in a temporary safetensors file (TMPDIR) "
-            "and load it only while the model runs through it: the calibration's peak memory holds one block "
-            "instead of the whole model (rtn / gptq / obq weights, observers, timestep groups, attention); none = "
-            "the model stays in memory", choices=("none", "disk"))
+            "disk = during calibration load each unit's weights (a UNet's resnets and transformer blocks, a "
+            "transformer's blocks) only while the model runs through it, from the model's safetensors checkpoint "
+            "or a temporary copy (TMPDIR): the calibration's peak memory holds one unit instead of the whole model "
+            "(rtn / gptq / obq weights, observers, timestep groups, attention); none = the model stays in memory",
+            choices=("none", "disk"))
 
 
 @dataclass(frozen=True)
