@@ -220,12 +220,12 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     and per layer the output error proxy ½tr(ΔW H ΔWᵀ) relative to RTN's, on the inputs the layer was rounded for
     (FP inputs in parallel mode, the rounded prefix's in sequential mode; obq / gptq only).
 
-    The layers are rounded block by block (`blocks_in_order`); an offloaded model (`offload.BlockOffload`) holds
-    the unit of the layers being rounded loaded, one unit at a time. Sequential mode computes the
-    rounded prefix on a copy of the model, or, when the model is offloaded, by substituting the rounded weights as
-    the blocks load (no copy). Under several ranks every rank computes every Hessian from the gathered inputs (the
-    one-process sums, in the one-process order: the integers stay identical), and the layers of each block are
-    rounded by one rank each (`_owners`) and all-gathered before the next block."""
+    The layers are rounded block by block (`blocks_in_order`); an offloaded model (`offload.BlockOffload`) holds the
+    unit of the layers being rounded loaded, one unit at a time. Sequential mode computes the rounded prefix on a
+    copy of the model, or, when the model is offloaded, by substituting the rounded weights as the units load (no
+    copy). Under several ranks every rank computes every Hessian from the gathered inputs (the one-process sums, in
+    the one-process order: the integers stay identical), and the layers of each block are rounded by one rank each
+    (`_owners`) and all-gathered before the next block."""
     start = time.perf_counter()
     if settings.method == "rtn":
         plans: dict[str, LayerPlan] = {}
