@@ -82,14 +82,16 @@ SCHEDULERS = {"PixArtSigmaPipeline": {"_class_name": "DPMSolverMultistepSchedule
                                "base_image_seq_len": 256, "max_image_seq_len": 4096, "num_train_timesteps": 1000}}
 
 
-def make_folder(name: str, folder: Path) -> int:
-    """Save the random-init denoiser `name` as a bare pipeline folder; returns its parameter count."""
+def make_folder(name: str, folder: Path, num_layers: int | None = None) -> int:
+    """Save the random-init denoiser `name` as a bare pipeline folder (a transformer with `num_layers` blocks
+    instead of its own number, where given); returns its parameter count."""
     import diffusers
     import torch
 
     torch.manual_seed(0)
     if name in TRANSFORMERS:
         cls, pipeline, config = TRANSFORMERS[name]
+        config = config if num_layers is None else {**config, "num_layers": num_layers}
         component, scheduler = "transformer", SCHEDULERS[pipeline]
     else:
         cls, pipeline, config = "UNet2DConditionModel", "StableDiffusionPipeline", CONFIGS[name]

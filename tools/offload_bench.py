@@ -8,7 +8,7 @@ offloading after its units are written out), the process's peak (`ru_maxrss`: lo
 calibration and weight-rounding seconds, the offloaded units, the largest one and the unit loads; and whether the
 two plans are identical (every integer and scale).
 
-    python tools/offload_bench.py --cases sd3:w8a8,sd3:w4a8-fast,sdxl:w8a8 --size 32 --work offload-work \\
+    python tools/offload_bench.py --cases sd3:w8a8,sdxl:w8a8,pixart@4:w4a8-fast --size 32 --work offload-work \\
         --json offload.json
 
 The markdown table goes to stdout, progress to stderr, every number (with the CPU model) to `--json`.
@@ -68,7 +68,8 @@ def same_plan(a: Path, b: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default="sd3:w8a8,sd3:w4a8-fast,sdxl:w8a8", help="comma-separated MODEL:RECIPE")
+    ap.add_argument("--cases", default="sd3:w8a8,sdxl:w8a8,pixart@4:w4a8-fast",
+                    help="comma-separated MODEL:RECIPE; MODEL@N: a transformer with N blocks")
     ap.add_argument("--size", type=int, default=32, help="calib.size: the latent side of the calibration samples")
     ap.add_argument("--work", type=Path, default=Path("offload-work"), help="folder for the models and plans")
     ap.add_argument("--json", type=Path, help="write every number here")
@@ -83,10 +84,11 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         name, recipe = case.split(":")
+        base, _, blocks = name.partition("@")
         folder = args.work / f"{name}-model"
         if not (folder / "model_index.json").exists():
             log(f"{name}: saving the random-init model")
-            make_folder(name, folder)
+            make_folder(base, folder, int(blocks) if blocks else None)
         plans = {}
         for offload in ("none", "disk"):
             plans[offload] = args.work / f"{name}-{recipe}-{offload}.safetensors"
