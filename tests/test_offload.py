@@ -42,7 +42,7 @@ def test_a_forward_pass_holds_one_block_and_the_model_comes_back(tmp_path):
                 assert _loaded(model) == {"down_blocks.1.resnets.0"}
     for h in probes:
         h.remove()
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # loaded weights: other alignment, rounding
     assert seen and max(len(s) for s in seen[len(seen) // 2:]) == 1  # the offloaded pass: one block at a time
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -55,7 +55,7 @@ def test_a_layer_called_from_outside_its_block_loads_it(tmp_path):
         want = call_denoiser(spec.module, x, t, y)
         with offloaded(spec.module, "disk"):
             got = call_denoiser(spec.module, x, t, y)
-    assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # loaded weights: other alignment, rounding
 
 
 def _calibrate(model: str, recipe: str, sets: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
