@@ -105,7 +105,10 @@ def test_drop_in_ort_fp_matches_the_pytorch_pipeline(request, which, scheduler):
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
 def test_quantized_graph_matches_the_simulation_at_fractional_timesteps(request, which):
     """ORT on the Q/DQ graph vs the PyTorch simulation at Euler-like timesteps: the tables are read at the same
-    rows (nearest training timestep), so the two agree far below the quantization error."""
+    rows (nearest training timestep), so the two agree far below the quantization error on every sample but at
+    most one. (A table read at another row would show on every fractional timestep; one sample may differ where
+    ORT's and torch's sine of the time embedding differ by an ulp at a quantizer's rounding tie, which tips that
+    sample's whole embedding: on an AVX-512 host SDXL's t = 640.5 row does, 0.42 of its quantization error.)"""
     _, art = request.getfixturevalue(which)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 4, 8, 8, generator=g)
@@ -118,7 +121,8 @@ def test_quantized_graph_matches_the_simulation_at_fractional_timesteps(request,
     kw = {"encoder_hidden_states": emb, **({} if which == "sd" else {"added_cond_kwargs": {
         k: v for k, v in cond.tensors.items() if k != "encoder_hidden_states"}})}
     y_ort, y_sim, y_fp = (m(x, t, **kw).sample for m in (ort, sim, fp))
-    assert float((y_ort - y_sim).abs().max()) < 0.2 * float((y_sim - y_fp).abs().max())
+    ratios = sorted(float((y_ort[i] - y_sim[i]).norm() / (y_sim[i] - y_fp[i]).norm()) for i in range(len(t)))
+    assert ratios[-2] < 0.01, ratios
 
 
 def test_timestep_rows_round_half_to_even_and_clip():
