@@ -26,7 +26,6 @@ import logging
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +36,7 @@ TOOLS = Path(__file__).resolve().parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
-from toolkit.common import log, records_table  # noqa: E402
+from toolkit.common import log, records_table, run_child  # noqa: E402
 
 #: the UNet configs of the released checkpoints (runwayml SD 1.5, stabilityai SDXL base 1.0)
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -208,12 +207,7 @@ def main() -> None:
         log(f"{name}: compiling (child process)")
         cmd = [sys.executable, __file__, "--child", str(folder), str(out), "--max-rss-gb", str(args.max_rss_gb),
                "--size", str(args.size), *(["--gptq"] if args.gptq else [])]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode in (0, 3):
-            row.update(json.loads(done.stdout.strip().splitlines()[-1]))
-        else:
-            tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            row["error"] = f"exit {done.returncode}: {tail[:200]}"
+        row.update(run_child(cmd, ok=(0, 3)))
         log(f"{name}: {row}")
         rows.append(row)
     print(records_table(rows))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
 from fullsize_bench import make_folder  # noqa: E402
-from toolkit.common import log, records_table  # noqa: E402
+from toolkit.common import log, records_table, run_child  # noqa: E402
 
 
 def child(folder: Path, recipe: str, offload: str, size: int, plan_out: Path) -> dict[str, Any]:
@@ -95,13 +94,7 @@ def main() -> None:
             log(f"{case}: calibrating, calib.offload={offload} (child process)")
             cmd = [sys.executable, __file__, "--child", str(folder), recipe, offload, str(plans[offload]),
                    "--size", str(args.size)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            row: dict[str, Any] = {"model": name, "recipe": recipe, "offload": offload}
-            if done.returncode == 0:
-                row.update(json.loads(done.stdout.strip().splitlines()[-1]))
-            else:
-                tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-                row["error"] = f"exit {done.returncode}: {tail[:200]}"
+            row: dict[str, Any] = {"model": name, "recipe": recipe, "offload": offload, **run_child(cmd)}
             log(f"{case}: {row}")
             rows.append(row)
         if all(p.exists() for p in plans.values()):

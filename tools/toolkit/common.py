@@ -1,7 +1,9 @@
-"""What the bench and the study share: progress lines on stderr and markdown tables described by their columns."""
+"""What the bench and the study share: progress lines on stderr, markdown tables of columns, child runs."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,3 +53,13 @@ def records_table(records: Sequence[dict[str, Any]]) -> str:
     """`md_table` of dict rows: one column per key in order of first appearance, `–` where a row has none."""
     header = list(dict.fromkeys(k for r in records for k in r))
     return md_table(header, [[str(r[k]) if k in r else "–" for k in header] for r in records])
+
+
+def run_child(cmd: Sequence[str], ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Run a benchmark's child process: the JSON object on the last line of its stdout when it exits with one of
+    the `ok` statuses, else {"error": its exit status and the last line of its stderr}."""
+    done = subprocess.run(list(cmd), capture_output=True, text=True)
+    if done.returncode in ok:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return {"error": f"exit {done.returncode}: {tail[:200]}"}
