@@ -75,14 +75,16 @@ def _first_rows_match(source: Path, params: dict[str, torch.Tensor]) -> bool:
     """Whether each parameter's first row (first element of a vector) equals the checkpoint tensor's: a cheap
     check (a page per tensor) that the checkpoint is the one the weights came from."""
     with safe_open(str(source), "pt") as handle:
-        return all(torch.equal(handle.get_slice(k)[:1].to(p.dtype), p.detach()[:1]) for k, p in params.items())
+        return all(torch.equal((handle.get_slice(k)[:1] if p.dim() else handle.get_tensor(k)).to(p.dtype),
+                               p.detach()[:1] if p.dim() else p.detach()) for k, p in params.items())
 
 
 _OFFLOADED: weakref.WeakKeyDictionary[nn.Module, BlockOffload] = weakref.WeakKeyDictionary()
 
 
 class BlockOffload:
-    """Context manager keeping `model`'s top-level blocks' parameters in `folder` (see the module docstring)."""
+    """Context manager keeping `model`'s units' parameters out of memory, in its checkpoint or `folder`, each
+    loaded while the model runs through it (see the module docstring)."""
 
     def __init__(self, model: nn.Module, folder: Path, checkpoint: Iterable[Path] = ()) -> None:
         """`checkpoint`: the safetensors files the model's weights were loaded from (and still equal, as
