@@ -310,7 +310,7 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
                                names: list[str] = names) -> float:
                     index = torch.randperm(len(data), generator=g)[:settings.batch]
                     loss = block_loss(q.model.get_submodule(block), data, index, q.clock,
-                                      index[rank()::world_size()] if world_size() > 1 else None)
+                                      index[rank()::world_size()])
                     loss.backward()
                     all_reduce_grads([*q.rounding_parameters(names), *q.scale_parameters(names)],
                                      "the reconstruction gradients")
