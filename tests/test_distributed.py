@@ -97,6 +97,23 @@ def test_two_ranks_give_the_one_process_gptq_plan_and_ptqd_tables(tmp_path):
     _assert_same_tensors(one / "ptqd.safetensors", two / "ptqd.safetensors")
 
 
+def test_two_ranks_choose_the_one_process_step_precisions(tmp_path):
+    """precision.mixed: every member calibrated by both ranks (rank 0 sends its written member to rank 1), the
+    SNR sums all-reduced: the same member plans and the same choice per step as one process."""
+    import json
+
+    one, two = _compile_both(tmp_path, "w4a8-fast", ["--set", "precision.mixed=w8a8", "--set",
+                                                     "weights.method=rtn"])
+    for member in ("w4a8-fast", "w8a8"):
+        _assert_same_tensors(one / "members" / member / "plan.safetensors", two / "members" / member /
+                             "plan.safetensors")
+    steps = [json.loads((p / "manifest.json").read_text())["mixed"]["steps"] for p in (one, two)]
+    assert [(s["t"], s["member"]) for s in steps[0]] == [(s["t"], s["member"]) for s in steps[1]]
+    # the members' scales agree to float rounding, which moves a few activation roundings: SNRs within 2%
+    for a, b in zip(steps[0], steps[1], strict=True):
+        assert b["snr_q"] == pytest.approx(a["snr_q"], rel=0.02)
+
+
 def test_python_api_under_a_process_group_returns_the_artifact_on_rank_0_only(tmp_path):
     # a model object: rank 0 saves it beside the artifact, every rank calibrates from the saved folder
     program = ("import torch.distributed as dist\n"

@@ -8,7 +8,8 @@ per step, the signal-to-noise ratio of the quantized prediction
     SNR_Q(t) = Σ ‖ε(x_t, t)‖² / Σ ‖ε̂_q(x_t, t) − ε(x_t, t)‖²                                                 (1)
 
 (ε the FP model's prediction, ε̂_q the quantized one as deployed, i.e. after the PTQD correction head when it has
-one; sums over the calibration trajectories' inputs at step t) with that of the diffusion process
+one; sums over the calibration trajectories' inputs at step t, all-reduced over the ranks under torchrun) with that
+of the diffusion process
 
     SNR_F(t) = ᾱ_t / (1 − ᾱ_t)                                                                               (2)
 
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.distributed import all_reduce, world_size
 from denoq.errors import DenoqError
 from denoq.figures import figure_png
 from denoq.sampling import NoiseSchedule
@@ -55,8 +57,22 @@ def quantization_snr(fp_eps: EpsFn, candidates: dict[str, EpsFn], trajectory: Ca
             for name, eps in sorted(candidates.items()):
                 err = float((eps(x, t, cond).double() - ref).pow(2).sum())
                 noise[name][step] = noise[name].get(step, 0.0) + err
+    signal, noise = _all_reduce_sums(signal, noise)
     return {name: {t: signal[t] / max(e, 1e-300) for t, e in sorted(errs.items())}
             for name, errs in sorted(noise.items())}
+
+
+def _all_reduce_sums(signal: dict[int, float], noise: dict[str, dict[int, float]]
+                     ) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
+    """The sums of (1) over every rank's shard of the trajectories (every rank holds rows at every step: the shard
+    rule splits trajectories, not steps); the same dictionaries in one process."""
+    if world_size() == 1:
+        return signal, noise
+    steps, names = sorted(signal), sorted(noise)
+    table = torch.tensor([[signal[t]] + [noise[n][t] for n in names] for t in steps], dtype=torch.float64)
+    table = all_reduce(table, "sum", "the step-precision SNR sums").tolist()
+    return ({t: row[0] for t, row in zip(steps, table, strict=True)},
+            {n: {t: row[1 + i] for t, row in zip(steps, table, strict=True)} for i, n in enumerate(names)})
 
 
 def choose_precision(snr_q: dict[str, dict[int, float]], snr_f: dict[int, float],

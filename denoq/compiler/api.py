@@ -24,7 +24,7 @@ from denoq.calibrators.distributed import is_main
 from denoq.compiler.artifact import Artifact
 from denoq.compiler.artifact_writer import check_output_dir
 from denoq.compiler.backend_names import BACKENDS
-from denoq.compiler.data_parallel import on_main, one_process
+from denoq.compiler.data_parallel import on_main
 from denoq.compiler.load import load_model
 from denoq.compiler.mixed_compile import compile_mixed
 from denoq.compiler.pipeline import compile_model
@@ -150,7 +150,6 @@ def compile_artifact(model: str | None, recipe: Recipe, out: Path, *, force: boo
     """`compile_model` for one plan, `compile_mixed` for a `precision.mixed` recipe (one member per candidate);
     `pool`: calibration inputs from a user's loop (one plan only). None on the ranks ≠ 0 of a process group."""
     if recipe["precision.mixed"]:
-        one_process("precision.mixed")
         if pool is not None:
             raise DenoqError("precision.mixed chooses its members on denoq's own trajectories; pass calib=None")
         return compile_mixed(model, recipe, out, force=force,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -138,3 +139,19 @@ def on_main(run: Callable[[], T], what: str) -> T | None:
     if error is not None:
         raise DenoqError(f"rank 0 failed while {what}: {error}")
     return outcome if rank() == 0 else None
+
+
+def share_folder(path: Path, scratch: Path, what: str) -> Path:
+    """Rank 0's folder `path` (a member artifact it wrote) on every rank: rank 0 sends its files, sorted, one at a
+    time, and the other ranks write them under `scratch`. Returns where this rank reads the folder (`path` itself on
+    rank 0 and in one process)."""
+    if world_size() == 1:
+        return path
+    files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file()) if is_main() else None
+    for name in broadcast_object(files, what):
+        data = broadcast_object((path / name).read_bytes() if is_main() else None, f"{what}: {name}")
+        if not is_main():
+            target = scratch / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    return path if is_main() else scratch
