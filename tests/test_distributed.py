@@ -59,12 +59,12 @@ def _torchrun(args: list[str], cwd: Path, program: list[str] | None = None) -> s
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _compile_both(tmp_path: Path, recipe: str, sets: list[str]) -> tuple[Path, Path]:
+def _compile_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "digits") -> tuple[Path, Path]:
     from denoq.compiler.cli import main
 
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["compile", "digits", "--recipe", recipe, *SMALL, *sets, "--out", str(one), "--quiet"]) == 0
-    run = _torchrun(["compile", "digits", "--recipe", recipe, *SMALL, *sets, "--out", str(two), "--quiet"], tmp_path)
+    assert main(["compile", model, "--recipe", recipe, *SMALL, *sets, "--out", str(one), "--quiet"]) == 0
+    run = _torchrun(["compile", model, "--recipe", recipe, *SMALL, *sets, "--out", str(two), "--quiet"], tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     return one, two
 
@@ -112,6 +112,19 @@ def test_two_ranks_choose_the_one_process_step_precisions(tmp_path):
     # the members' scales agree to float rounding, which moves a few activation roundings: SNRs within 2%
     for a, b in zip(steps[0], steps[1], strict=True):
         assert b["snr_q"] == pytest.approx(a["snr_q"], rel=0.02)
+
+
+def test_two_ranks_give_the_one_process_instance_aware_groups(tmp_path):
+    """IGQ-ViT on the DiT: instances' channel ranges placed and summed, layer errors summed; a budget that makes
+    the allocation choose between 1, 2 and 4 groups gives the same choice and plan."""
+    import json
+
+    one, two = _compile_both(tmp_path, "w8a8", ["--set", "activations.igq_groups=4", "--set",
+                                                "activations.igq_budget=1.15", "--set", "attention.quantize=true"],
+                             model="digits-dit")
+    _assert_same_tensors(one / "plan.safetensors", two / "plan.safetensors")
+    chosen = [json.loads((p / "manifest.json").read_text())["calibration"]["igq"] for p in (one, two)]
+    assert chosen[0] == chosen[1] and sorted(set(chosen[0]["layers"].values())) == [1, 2, 4]
 
 
 def test_python_api_under_a_process_group_returns_the_artifact_on_rank_0_only(tmp_path):

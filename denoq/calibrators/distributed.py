@@ -191,6 +191,17 @@ class RowLayout:
         pos = rows - lo
         return cls(2 * total, torch.cat([pos, pos + total])) if doubled else cls(total, pos)
 
+    def place(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (this rank's rows of a per-row quantity [k, …]) at their positions of the one-process batch, zeros
+        elsewhere: the sum over the ranks is the one-process batch's rows, exactly (x + 0 = x)."""
+        if rows.shape[0] != len(self.local):
+            raise DenoqError(f"an activation of shape {tuple(rows.shape)} does not lead with the batch's "
+                             f"{len(self.local)} rows; data-parallel calibration needs batch-major activations: run "
+                             "it in one process")
+        out = rows.new_zeros((self.total, *rows.shape[1:]))
+        out[self.local.to(rows.device)] = rows
+        return out
+
     def subsample(self, x: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
         """This rank's part of the one-process subsample of a batch activation: one process flattens the whole
         batch's `x` and keeps all of it (≤ `m` values) or `m` values at `randint` positions from `generator`. Every

@@ -45,6 +45,7 @@ from torch import nn
 
 from denoq.bops import group_bops
 from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.distributed import RowLayout, all_reduce, world_size
 from denoq.calibrators.gptq import GptqSettings, layer_plan, rtn
 from denoq.calibrators.observers import qparams
 from denoq.calibrators.quantizer import fake_quantize
@@ -151,24 +152,30 @@ class InstanceRanges:
 
 def collect_ranges(forward: Callable, layers: dict[str, nn.Module], calib: CalibrationSet, *,
                    batch_size: int = 64) -> dict[str, InstanceRanges]:
-    """Per-instance channel ranges of the token inputs ([B, L, C]) of `layers` over the calibration set."""
+    """Per-instance channel ranges of the token inputs ([B, L, C]) of `layers` over the calibration set, in the
+    one-process order of the instances. On a rank's shard each batch's ranges are placed at their rows of the
+    one-process batch (`RowLayout.place`) and summed over the ranks: every rank holds every instance's, exactly."""
     found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    layout: list[RowLayout | None] = [None]
 
     def hook(name: str):
         def pre(mod: nn.Module, args: tuple) -> None:
             if args[0].dim() == 3:
-                found[name].append(channel_ranges(args[0].detach().float()))
+                ranges = channel_ranges(args[0].detach().float())
+                found[name].append(ranges if layout[0] is None else tuple(layout[0].place(r) for r in ranges))
         return pre
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     try:
         with torch.no_grad():
-            for x, t, cond in calib.progress_batches(batch_size, "IGQ channel ranges"):
+            for (x, t, cond), layout[0] in zip(calib.progress_batches(batch_size, "IGQ channel ranges"),
+                                               calib.layouts(batch_size), strict=True):
                 forward(x, t, cond)
     finally:
         for h in handles:
             h.remove()
-    return {name: InstanceRanges(torch.cat([a for a, _ in v]), torch.cat([b for _, b in v]))
+    return {name: InstanceRanges(*(all_reduce(torch.cat([r[i] for r in v]), "sum", f"IGQ ranges of {name}")
+                                   for i in (0, 1)))
             for name, v in sorted(found.items()) if v}
 
 
@@ -186,26 +193,42 @@ def output_errors(forward: Callable, layers: dict[str, nn.Module], fitted: dict[
     """Per layer and group count, the mean squared error its grouped input quantization puts on the layer's output
     (‖(X̂ − X) Wᵀ‖², on about `batches` calibration batches spread over the steps)."""
     errors = {name: dict.fromkeys(per, 0.0) for name, per in fitted.items()}
+    whole = [1.0]  # the one-process batch's rows per row held here (a rank's shard holds part of each batch)
 
     def hook(name: str):
         def pre(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
             for g, gq in fitted[name].items():
-                errors[name][g] += float(torch.nn.functional.linear(fake_quant_groups(x, gq) - x,
-                                                                    mod.weight.float()).pow(2).mean())
+                err = torch.nn.functional.linear(fake_quant_groups(x, gq) - x, mod.weight.float()).pow(2)
+                errors[name][g] += float(err.sum()) / (err.numel() * whole[0])
         return pre
 
     handles = [layers[name].register_forward_pre_hook(hook(name)) for name in fitted]
     stride = max(1, calib.num_batches(batch_size) // batches)  # spread over the steps
     try:
         with torch.no_grad():
-            for i, (x, t, cond) in enumerate(calib.batches(batch_size)):
+            for i, ((x, t, cond), layout) in enumerate(zip(calib.batches(batch_size), calib.layouts(batch_size),
+                                                           strict=True)):
                 if i % stride == 0:
+                    whole[0] = 1.0 if layout is None else layout.total / len(layout.local)
                     forward(x, t, cond)
     finally:
         for h in handles:
             h.remove()
-    return errors
+    return _all_reduce_errors(errors)
+
+
+def _all_reduce_errors(errors: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """Every rank's share of the mean errors summed (float order differs from one process: equal to rounding);
+    `errors` itself in one process."""
+    if world_size() == 1:
+        return errors
+    keys = [(name, g) for name in sorted(errors) for g in sorted(errors[name])]
+    total = all_reduce(torch.tensor([errors[n][g] for n, g in keys], dtype=torch.float64), "sum", "IGQ errors")
+    out: dict[str, dict[int, float]] = {name: {} for name in errors}
+    for (name, g), v in zip(keys, total.tolist(), strict=True):
+        out[name][g] = v
+    return out
 
 
 def allocate_groups(errors: dict[str, dict[int, float]], bops: dict[str, dict[int, int]], budget: int
