@@ -13,14 +13,15 @@ and α is optimized on the model's output error, entropy-regularized so that eve
 
 with the denominator measured per calibrated step at the start on a fixed probe batch (so every step weighs the
 same); the reported `output_error_ratio` is the same ratio at the end, averaged over the steps.
-Rounding passes gradients straight through (Q(x) → x + sg(Q(x) − x)), so a layer's α also learns from the error
-it causes downstream. The G quantizers start as the exact partition's groups (their scales; α favours each
-timestep's DP group by SEARCH_INIT); at the end every timestep takes its arg-max group and the groups, no longer
-necessarily contiguous, have their scales re-observed on their own timesteps (`scale_table`). For the ort-cpu
-profile the search quantizes each layer's output (bias included) with its constant table, which is what a layer
-without a selector does; the deployed selector layer quantizes its bias-free, r_t-scaled output instead
-(`simulate.py`), so the search sees that layer's output error only approximately.
-"""
+Rounding passes gradients straight through (Q(x) → x + sg(Q(x) − x)), so a layer's α also learns from the error it
+causes downstream. Under torchrun every rank draws the same steps and trajectories and computes the error of the
+ones it holds; the gradients of those shares are summed before the entropy's is added (docs/distributed.md). The G
+quantizers start as the exact partition's groups (their scales; α favours each timestep's DP group by SEARCH_INIT);
+at the end every timestep takes its arg-max group and the groups, no longer necessarily contiguous, have their
+scales re-observed on their own timesteps (`scale_table`). For the ort-cpu profile the search quantizes each layer's
+output (bias included) with its constant table, which is what a layer without a selector does; the deployed selector
+layer quantizes its bias-free, r_t-scaled output instead (`simulate.py`), so the search sees that layer's output
+error only approximately."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import dataclasses
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet
+from denoq.calibrators.distributed import all_reduce, all_reduce_grads
 from denoq.calibrators.observers import ObserverSettings
 from denoq.calibrators.quantizer import fake_quantize, straight_through
 from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, fake_quant_at
@@ -90,30 +92,43 @@ def search_groups(model: torch.nn.Module, plan: QuantPlan, stats: dict[str, Tens
         layer.arm(torch.stack([table[a] for a, _ in segs]), logits, step_index)
         params.append(logits)
     optimizer = torch.optim.Adam(params, lr=SEARCH_LR)
-    n = calib.x[0].shape[0]
+    n = calib.trajectories
+    local = {int(r): i for i, r in enumerate(calib.global_rows.tolist())}
 
     def error(step: int, rows: torch.Tensor) -> torch.Tensor:
-        x, t = calib.x[step][rows], torch.full((len(rows),), calib.t[step], dtype=torch.int64)
-        cond = None if calib.cond is None else calib.cond[rows]
+        """This rank's share of E‖ε̂ − ε‖² over the trajectories `rows` (global indices; all of them in one
+        process): its rows' squared errors over the whole batch's element count, so the ranks' shares add up."""
+        mine = torch.tensor([local[r] for r in rows.tolist() if r in local], dtype=torch.int64)
+        if len(mine) == 0:
+            return torch.zeros(())
+        x, t = calib.x[step][mine], torch.full((len(mine),), calib.t[step], dtype=torch.int64)
+        cond = None if calib.cond is None else calib.cond[mine]
         with torch.no_grad():
             target = call_denoiser(model, x, t, cond)
-        return (searched(x, t, cond) - target).pow(2).mean()
+        err = (searched(x, t, cond) - target).pow(2)
+        return err.sum() / (err[0].numel() * len(rows))
+
+    def reduced(value: torch.Tensor) -> float:
+        return float(all_reduce(value.detach(), "sum", "the group search's output error"))
 
     probe = torch.arange(min(n, SEARCH_BATCH))  # E‖ε̂ − ε‖² per calibrated step at the start (the DP groups)
     with torch.no_grad():
-        reference = [max(error(step, probe).item(), 1e-30) for step in range(len(calib.t))]
+        reference = [max(reduced(error(step, probe)), 1e-30) for step in range(len(calib.t))]
     entropy = torch.zeros(())
     for _ in bar(range(iters), desc="timestep-group search", unit="iter"):
         step = int(torch.randint(len(calib.t), (1,), generator=generator))
         rows = torch.randperm(n, generator=generator)[:SEARCH_BATCH]
+        optimizer.zero_grad()
+        part = error(step, rows) / reference[step]
+        if part.requires_grad:
+            part.backward()
+        all_reduce_grads(params, "the group search's gradients")  # the ranks' shares summed: the batch's gradient
         pis = [torch.softmax(p, dim=1) for p in params]
         entropy = torch.stack([-(pi * pi.clamp_min(1e-12).log()).sum(dim=1).mean() for pi in pis]).mean()
-        loss = error(step, rows) / reference[step] + SEARCH_BETA * entropy
-        optimizer.zero_grad()
-        loss.backward()
+        (SEARCH_BETA * entropy).backward()
         optimizer.step()
     with torch.no_grad():
-        final = [error(step, probe).item() / reference[step] for step in range(len(calib.t))]
+        final = [reduced(error(step, probe)) / reference[step] for step in range(len(calib.t))]
     terms = {"output_error_ratio": sum(final) / len(final), "entropy": entropy.item()}
     new_plan = QuantPlan(num_train_timesteps=plan.num_train_timesteps, target=plan.target)
     new_segments = {}

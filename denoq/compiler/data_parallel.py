@@ -58,16 +58,14 @@ def settings_fingerprint(spec: ModelSpec, recipe: Recipe) -> str:
 
 def refused(recipe: Recipe, pool: CalibrationSet | None) -> list[str]:
     """The recipe settings that run in one process only (the learned rounding over the whole network or sampler
-    windows and the searched groups train on random subsets of trajectories that are not split across the ranks
-    yet; a user's forward_loop records its own calls on each rank). Block-output reconstruction runs (each rank
-    computes its share of every batch and the gradients are summed), and so do IGQ-ViT's groups (the instances'
-    ranges are placed and summed, the layers' errors summed)."""
+    windows runs the sampler on random trajectories, which is not split across the ranks yet; a user's
+    forward_loop records its own calls on each rank). Block-output reconstruction and the differentiable group
+    search run (each rank computes its share of every batch and the gradients are summed), and so do IGQ-ViT's
+    groups (the instances' ranges are placed and summed, the layers' errors summed)."""
     c = recipe.config
     return [key for key, on in (
         ("weights.method=adaround with accuquant.granularity=network or accuquant.window>0",
          c.weights.method == "adaround" and (c.accuquant.granularity != "block" or c.accuquant.window > 0)),
-        ("activations.group_search=differentiable", c.activations.group_search == "differentiable"
-         and c.activations.timestep_groups > 1),
         ("a forward_loop (calib=…)", pool is not None)) if on]
 
 
