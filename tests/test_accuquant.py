@@ -170,9 +170,9 @@ def test_weights_of_the_end_every_and_outputs_objectives():
     assert state_weights("end", [1.0, 2.0, 3.0]) == [0.0, 0.0, pytest.approx(1 / 6)]
     assert state_weights("every", [1.0, 2.0, 3.0]) == [pytest.approx(1 / 10)] * 3  # 1 + (1 + 2) + (1 + 2 + 3)
     assert state_weights("every", [4.0]) == state_weights("end", [4.0]) == [0.25]  # n = 1: the per-step loss
-    outs = [torch.ones(2), 2 * torch.ones(2)]  # energies 2 and 8
-    assert output_weights("outputs", outs) == [pytest.approx(1 / 10)] * 2 and state_weights("outputs", [2, 8]) == [0, 0]
-    assert output_weights("end", outs) == output_weights("every", outs) == [0.0, 0.0]
+    assert output_weights("outputs", 10.0, 2) == [pytest.approx(1 / 10)] * 2  # Σ‖ε_k‖² = 10 over 2 steps
+    assert state_weights("outputs", [2, 8]) == [0, 0]
+    assert output_weights("end", 10.0, 2) == output_weights("every", 10.0, 2) == [0.0, 0.0]
 
 
 def test_one_step_window_of_outputs_is_the_per_step_loss_and_longer_ones_see_the_drift(tiny, pool):

@@ -47,7 +47,7 @@ from denoq.calibrators.accuquant_window import StepFn, Window, run_window, sampl
 from denoq.calibrators.blockrecon import BlockInputs, block_loss, cache_block, sample_inputs
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.choices import BACKPROPS, GRADIENTS, GRANULARITIES, OBJECTIVES, STARTS
-from denoq.calibrators.distributed import all_reduce, all_reduce_grads, rank, world_size
+from denoq.calibrators.distributed import all_reduce_grads, rank, sum_floats, world_size
 from denoq.calibrators.learnable import INITS, LearnableModel
 from denoq.calibrators.weights import blocks_in_order
 from denoq.errors import DenoqError
@@ -176,36 +176,42 @@ def trajectory_drift(q_states: list[torch.Tensor], pool: CalibrationSet) -> floa
 
 def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: torch.Tensor, n: int,
                        settings: AccuQuantSettings, step: StepFn, prev: dict[int, int], g: torch.Generator,
-                       q_states: list[torch.Tensor] | None = None) -> float:
+                       q_states: list[torch.Tensor] | None = None, part: torch.Tensor | None = None) -> float:
     """One draw of the objective for the pool's trajectories `rows`: a step (n ≤ 1, loss (1)) or a window of n
     steps (loss (3) or (4) with `settings`' objective, gradient and backprop), drawn from `g` (the window's noise
     too); its gradient is accumulated into the quantizers' .grad. Returns the loss. `prev` maps each timestep to the
     next. With `q_states` (the quantized trajectories, `quantized_states`) the step or window starts at their
-    state instead of the FP trajectories' (both models run from there)."""
-    cond = None if pool.cond is None else pool.cond[rows]
+    state instead of the FP trajectories' (both models run from there). With `part` (positions in `rows`: one
+    rank's share of the batch) only those trajectories run, against the whole batch's energies (summed over the
+    ranks), so the ranks' losses and gradients add up to the batch's."""
+    own = rows if part is None else rows[part]
+    cond = None if pool.cond is None else pool.cond[own]
     S = len(pool.t)
     starts = pool.x if q_states is None else q_states
     if n <= 1:
         s = int(torch.randint(S, (1,), generator=g))
-        x, t = starts[s][rows], torch.full((len(rows),), pool.t[s], dtype=torch.int64)
+        x, t = starts[s][own], torch.full((len(own),), pool.t[s], dtype=torch.int64)
         with torch.no_grad():
             ref = fp_eps(x, t, cond)
-        loss = (q_eps(x, t, cond) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-12)
+        energy = sum_floats([float(ref.pow(2).sum())], "the per-step loss's energy")[0]
+        loss = (q_eps(x, t, cond) - ref).pow(2).sum() / max(energy, 1e-12)
         loss.backward()
         return float(loss.detach())
     s = int(torch.randint(S - n + 1, (1,), generator=g))
     pairs = [(pool.t[s + k], prev[pool.t[s + k]]) for k in range(n)]
-    noise = [torch.randn(starts[s][rows].shape, generator=g) for _ in range(n)]
-    return window_backward(q_eps, fp_eps, Window(starts[s][rows], pairs, noise, cond), step, settings.objective,
+    noise = [torch.randn((len(rows), *starts[s].shape[1:]), generator=g) for _ in range(n)]  # the whole batch's
+    noise = noise if part is None else [z[part] for z in noise]
+    return window_backward(q_eps, fp_eps, Window(starts[s][own], pairs, noise, cond), step, settings.objective,
                            settings.backprop, settings.gradient)
 
 
 def _optimize(q: LearnableModel, names: list[str] | None, settings: AccuQuantSettings, draw: Callable[[int], float],
               desc: str) -> tuple[list[float], str | None]:
     """Adam over the rounding variables and log-scales of the layers `names` (None: all): at each iteration
-    `draw(it)` accumulates the reconstruction loss's gradient and returns its value, λ·f_reg of those layers is
-    added after the warm-up. Returns the losses and why the optimization stopped early (None: it ran to the end);
-    on a non-finite loss or gradient the last finite parameters are restored."""
+    `draw(it)` accumulates the reconstruction loss's gradient and returns its value (under torchrun, of this rank's
+    share of the batch; both are summed over the ranks), λ·f_reg of those layers is added after the warm-up.
+    Returns the losses and why the optimization stopped early (None: it ran to the end); on a non-finite loss or
+    gradient the last finite parameters are restored."""
     rounding, scales = q.rounding_parameters(names), q.scale_parameters(names)
     params = [*rounding, *scales]
     optimizer = torch.optim.Adam([{"params": rounding, "lr": settings.lr},
@@ -215,7 +221,9 @@ def _optimize(q: LearnableModel, names: list[str] | None, settings: AccuQuantSet
     last_good = [p.detach().clone() for p in params]
     for it in bar(range(settings.iters), desc=desc, unit="iter", leave=names is None):
         optimizer.zero_grad(set_to_none=True)
-        rec = draw(it)
+        rec = draw(it)  # under torchrun this rank's share: the gradients and losses are summed over the ranks
+        all_reduce_grads(params, "the reconstruction gradients")
+        rec = sum_floats([rec], "the reconstruction loss")[0]
         beta = _anneal(it, settings.iters, settings.warmup)
         reg = 0.0
         if beta is not None and settings.round_lambda > 0:
@@ -270,22 +278,30 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     q_eps = module_eps(q)
     step = sampler_step(schedule, sampler, settings.eta)
     g = torch.Generator().manual_seed(settings.seed)
-    N = pool.x[0].shape[0]
+    # the sampler's steps / windows draw from every trajectory on every rank (a shard's pool is gathered) and each
+    # rank runs its share of the batch; the cached block inputs are gathered where they are drawn (`cache_block`)
+    whole = pool.whole() if settings.granularity == "network" or n > 0 else pool
     before = probe_error(module_eps(q.hard()), fp_eps, pool)  # the hard start
     q.hard(False)
-    zs = pool_noise(fp_eps, pool, step, prev) if settings.start == "quantized" else None
+    zs = pool_noise(fp_eps, pool, step, prev) if settings.start == "quantized" else None  # this rank's trajectories
     q_states: list[torch.Tensor] | None = None
     drift: list[float] = []
+
+    def drifted(eps: EpsFn, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The quantized trajectories (each rank runs its own, every rank gets them all), their drift recorded."""
+        states = pool.whole_rows(quantized_states(eps, pool, step, prev, zs))
+        drift.append(round(trajectory_drift(states, whole), 6))
+        return states
 
     def sampler_draw(it: int) -> float:
         nonlocal q_states
         if zs is not None and it % REFRESH_ITERS == 0:
-            q_states = quantized_states(module_eps(q.hard()), pool, step, prev, zs)
+            q_states = drifted(module_eps(q.hard()), zs)
             q.hard(False)
-            drift.append(round(trajectory_drift(q_states, pool), 6))
-        rows = torch.randperm(N, generator=g)[:settings.batch]
-        return objective_backward(q_eps, fp_eps, pool, rows, n if it >= settings.perstep_iters else 0, settings,
-                                  step, prev, g, q_states)
+        rows = torch.randperm(whole.trajectories, generator=g)[:settings.batch]
+        part = None if world_size() == 1 else torch.arange(rank(), len(rows), world_size())
+        return objective_backward(q_eps, fp_eps, whole, rows, n if it >= settings.perstep_iters else 0, settings,
+                                  step, prev, g, q_states, part)
 
     desc = f"accuquant window {n}" if n > 1 else "per-step reconstruction"
     losses: list[float] = []
@@ -306,15 +322,12 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
                 data = cache_block(q_eps, q.model.get_submodule(block), fp_eps, model.get_submodule(block), pool,
                                    inputs, plan.num_train_timesteps)
 
-                def block_draw(it: int, data: BlockInputs = data, block: str = block,
-                               names: list[str] = names) -> float:
+                def block_draw(it: int, data: BlockInputs = data, block: str = block) -> float:
                     index = torch.randperm(len(data), generator=g)[:settings.batch]
                     loss = block_loss(q.model.get_submodule(block), data, index, q.clock,
                                       index[rank()::world_size()])
                     loss.backward()
-                    all_reduce_grads([*q.rounding_parameters(names), *q.scale_parameters(names)],
-                                     "the reconstruction gradients")
-                    return float(all_reduce(loss.detach(), "sum", "the reconstruction loss"))
+                    return float(loss.detach())
 
             part, why = _optimize(q, names, settings, sampler_draw if n else block_draw,
                                   f"{block} ({b + 1}/{len(order)})")
@@ -328,7 +341,7 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
     after = probe_error(q_eps, fp_eps, pool)
     every = max(1, len(losses) // 50)
     if zs is not None:
-        drift.append(round(trajectory_drift(quantized_states(q_eps, pool, step, prev, zs), pool), 6))
+        drifted(q_eps, zs)
     info = {"window": n, "objective": _objective_name(settings), "granularity": settings.granularity,
             "iters": len(losses), "backprop": settings.backprop if n > 1 else "per-step",
             "gradient": settings.gradient if n > 1 else "per-step", "init": settings.init, "start": settings.start,

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
+from denoq.calibrators.distributed import sum_floats
 from denoq.sampling import EpsFn, NoiseSchedule
 from denoq.sampling.ddim import ddim_step
 from denoq.sampling.ddpm import ddpm_step
@@ -118,12 +119,12 @@ def state_weights(objective: str, energies: list[float]) -> list[float]:
     return [1 / max(sum(cumulative), 1e-12)] * len(energies)
 
 
-def output_weights(objective: str, outs: list[torch.Tensor]) -> list[float]:
-    """u_k of (4) for the model outputs at each of the window's steps, from the FP run's ε_k (none but under
-    "outputs")."""
+def output_weights(objective: str, energy: float, steps: int) -> list[float]:
+    """u_k of (4) for the model outputs at each of the window's `steps`, from the FP run's Σ_k ‖ε_k‖² `energy`
+    (none but under "outputs")."""
     if objective != "outputs":
-        return [0.0] * len(outs)
-    return [1 / max(sum(float(o.pow(2).sum()) for o in outs), 1e-12)] * len(outs)
+        return [0.0] * steps
+    return [1 / max(energy, 1e-12)] * steps
 
 
 def states_after(end: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -150,11 +151,14 @@ class WindowTargets:
 
 
 def window_targets(fp_eps: EpsFn, window: Window, step: StepFn, objective: str) -> WindowTargets:
-    """Run the FP sampler over `window` (no gradients) and weigh its states and outputs for `objective`."""
+    """Run the FP sampler over `window` (no gradients) and weigh its states and outputs for `objective`. Under
+    torchrun `window` is one rank's share of the batch: the energies behind the weights are summed over the
+    ranks, so each rank's loss is its part of the whole batch's."""
     end, fp_xs, fp_outs = run_window(fp_eps, window, step)
-    return WindowTargets(states_after(end, fp_xs), state_weights(objective, eps_energies(window, fp_xs, fp_outs,
-                                                                                         step)),
-                         fp_outs, output_weights(objective, fp_outs))
+    *energies, out_energy = sum_floats([*eps_energies(window, fp_xs, fp_outs, step),
+                                        sum(float(o.pow(2).sum()) for o in fp_outs)], "the window's energies")
+    return WindowTargets(states_after(end, fp_xs), state_weights(objective, energies),
+                         fp_outs, output_weights(objective, out_energy, len(fp_outs)))
 
 
 def window_loss(q_eps: EpsFn, window: Window, step: StepFn, targets: WindowTargets,

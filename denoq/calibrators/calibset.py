@@ -77,6 +77,16 @@ class CalibrationSet:
         guidance = None if self.guidance is None else torch.cat([p[3] for p in parts])[order]
         return CalibrationSet(x, self.t, cond, guidance, self.null_cond, self.conditioning)
 
+    def whole_rows(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-trajectory tensors of this set's rows ([N, …] each, e.g. states computed from it) with every rank's
+        rows, in their global order (a collective under a shard: every rank must call it); `tensors` themselves
+        when the set is whole."""
+        if self.rows is None:
+            return tensors
+        parts = all_gather_objects((self.rows, tensors), "per-trajectory states")
+        order = torch.argsort(torch.cat([rows for rows, _ in parts]))
+        return [torch.cat([p[1][i] for p in parts])[order] for i in range(len(tensors))]
+
     @property
     def global_rows(self) -> torch.Tensor:
         """The global indices of the trajectories this set holds (0 … N − 1 for a whole set)."""

@@ -77,9 +77,14 @@ def init_from_environment(env: dict[str, str], timeout: timedelta = TIMEOUT) -> 
     return True
 
 
-def leave() -> None:
-    """Leave the process group `init_from_environment` joined (at the end of a command)."""
+def leave(finished: bool) -> None:
+    """Leave the process group `init_from_environment` joined (at the end of a command). `finished` (every rank
+    ran to the end): first wait for the others at a barrier, so no rank tears gloo down while a peer still
+    completes its last collective (that aborts the peer); after an error, leave at once (a barrier would wait for
+    ranks that may have died)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            collective(dist.barrier, "the end of the run")
         dist.destroy_process_group()
 
 
@@ -108,6 +113,14 @@ def all_reduce(t: torch.Tensor, op: str, what: str) -> torch.Tensor:
     buf = t.detach().to(_device()).clone().contiguous()
     collective(lambda: dist.all_reduce(buf, ops[op]), what)
     return buf.to(t.device, t.dtype)
+
+
+def sum_floats(values: list[float], what: str) -> list[float]:
+    """Each of `values` summed over the ranks (one all-reduce in float64; every rank passes the same number of
+    values, in the same order); `values` themselves in one process."""
+    if not active():
+        return values
+    return all_reduce(torch.tensor(values, dtype=torch.float64), "sum", what).tolist()
 
 
 def all_reduce_grads(params: list[torch.Tensor], what: str) -> None:

@@ -45,7 +45,7 @@ from torch import nn
 
 from denoq.bops import group_bops
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.calibrators.distributed import RowLayout, all_reduce, world_size
+from denoq.calibrators.distributed import RowLayout, all_reduce, sum_floats
 from denoq.calibrators.gptq import GptqSettings, layer_plan, rtn
 from denoq.calibrators.observers import qparams
 from denoq.calibrators.quantizer import fake_quantize
@@ -220,13 +220,11 @@ def output_errors(forward: Callable, layers: dict[str, nn.Module], fitted: dict[
 
 def _all_reduce_errors(errors: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
     """Every rank's share of the mean errors summed (float order differs from one process: equal to rounding);
-    `errors` itself in one process."""
-    if world_size() == 1:
-        return errors
+    the same values in one process."""
     keys = [(name, g) for name in sorted(errors) for g in sorted(errors[name])]
-    total = all_reduce(torch.tensor([errors[n][g] for n, g in keys], dtype=torch.float64), "sum", "IGQ errors")
+    total = sum_floats([errors[n][g] for n, g in keys], "IGQ errors")
     out: dict[str, dict[int, float]] = {name: {} for name in errors}
-    for (name, g), v in zip(keys, total.tolist(), strict=True):
+    for (name, g), v in zip(keys, total, strict=True):
         out[name][g] = v
     return out
 

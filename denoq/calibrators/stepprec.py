@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.calibrators.distributed import all_reduce, world_size
+from denoq.calibrators.distributed import sum_floats
 from denoq.errors import DenoqError
 from denoq.figures import figure_png
 from denoq.sampling import NoiseSchedule
@@ -65,14 +65,13 @@ def quantization_snr(fp_eps: EpsFn, candidates: dict[str, EpsFn], trajectory: Ca
 def _all_reduce_sums(signal: dict[int, float], noise: dict[str, dict[int, float]]
                      ) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
     """The sums of (1) over every rank's shard of the trajectories (every rank holds rows at every step: the shard
-    rule splits trajectories, not steps); the same dictionaries in one process."""
-    if world_size() == 1:
-        return signal, noise
+    rule splits trajectories, not steps); the same values in one process."""
     steps, names = sorted(signal), sorted(noise)
-    table = torch.tensor([[signal[t]] + [noise[n][t] for n in names] for t in steps], dtype=torch.float64)
-    table = all_reduce(table, "sum", "the step-precision SNR sums").tolist()
-    return ({t: row[0] for t, row in zip(steps, table, strict=True)},
-            {n: {t: row[1 + i] for t, row in zip(steps, table, strict=True)} for i, n in enumerate(names)})
+    flat = sum_floats([signal[t] for t in steps] + [noise[n][t] for n in names for t in steps],
+                      "the step-precision SNR sums")
+    k = len(steps)
+    return (dict(zip(steps, flat[:k], strict=True)),
+            {n: dict(zip(steps, flat[k * (1 + i):k * (2 + i)], strict=True)) for i, n in enumerate(names)})
 
 
 def choose_precision(snr_q: dict[str, dict[int, float]], snr_f: dict[int, float],

@@ -31,9 +31,12 @@ def cmd_compile(args: argparse.Namespace) -> None:
     try:
         compile_artifact(args.model, recipe, args.out, force=args.force,
                          allow_parity_failure=args.allow_parity_failure)
-    finally:
+    except BaseException:
         if joined:
-            leave()
+            leave(finished=False)
+        raise
+    if joined:
+        leave(finished=True)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

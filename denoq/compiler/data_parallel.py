@@ -56,24 +56,6 @@ def settings_fingerprint(spec: ModelSpec, recipe: Recipe) -> str:
     return fingerprint(text)
 
 
-def refused(recipe: Recipe, pool: CalibrationSet | None) -> list[str]:
-    """The recipe settings that run in one process only (the learned rounding over the whole network or sampler
-    windows runs the sampler on random trajectories, which is not split across the ranks yet; a user's
-    forward_loop records its own calls on each rank). Block-output reconstruction and the differentiable group
-    search run (each rank computes its share of every batch and the gradients are summed), and so do IGQ-ViT's
-    groups (the instances' ranges are placed and summed, the layers' errors summed)."""
-    c = recipe.config
-    return [key for key, on in (
-        ("weights.method=adaround with accuquant.granularity=network or accuquant.window>0",
-         c.weights.method == "adaround" and (c.accuquant.granularity != "block" or c.accuquant.window > 0)),
-        ("a forward_loop (calib=…)", pool is not None)) if on]
-
-
-def one_process(what: str) -> None:
-    """DenoqError under more than one rank: `what` runs in one process for now."""
-    if world_size() > 1:
-        raise DenoqError(f"{what} run(s) in one process for now, not under {world_size()} ranks; run it without "
-                         "torchrun, or drop the setting (w4a8 reconstructs block outputs, which runs under torchrun)")
 
 
 def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, guided: bool) -> None:
@@ -83,13 +65,18 @@ def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, gu
     size = world_size()
     if size == 1:
         return
-    no = refused(recipe, pool)
-    if no:
-        one_process(", ".join(no))
+    if pool is not None:  # each rank would record its own calls: not a shard of one set
+        raise DenoqError(f"a forward_loop (calib=…) runs in one process, not under {size} ranks: each rank would "
+                         "record its own calls; pass calib=None (denoq's own trajectories are sharded) or run "
+                         "without torchrun")
     c = recipe.config
     check_shardable(c.calib.samples, STATS_BATCH // 2 if guided else STATS_BATCH, "calib.samples")
     if c.activations.calib_timesteps == "srm":
         check_shardable(min(PROBE_SAMPLES, c.calib.samples), STATS_BATCH, "the srm probe's trajectories")
+    sampled = c.weights.method == "adaround" and (c.accuquant.granularity == "network" or c.accuquant.window > 0)
+    if sampled and min(c.accuquant.batch, c.calib.samples) < size:
+        raise DenoqError(f"accuquant.batch={c.accuquant.batch} leaves ranks without trajectories in a batch under "
+                         f"{size} ranks; set it (and calib.samples) to at least {size}")
     gptq = c.weights.method in ("gptq", "obq") or (c.weights.method == "adaround" and c.accuquant.init == "gptq")
     if gptq and min(c.weights.hessian_samples, c.calib.samples) < size:
         raise DenoqError(f"weights.hessian_samples={c.weights.hessian_samples} leaves ranks without Hessian "
