@@ -304,10 +304,11 @@ class StopForward(Exception):
 
 
 def run_hooked(model: torch.nn.Module, calib: CalibrationSet, handles: list, batch_size: int = 64,
-               stop_after: torch.nn.Module | None = None) -> None:
+               stop_after: torch.nn.Module | None = None, only: range | None = None) -> None:
     """Call `model` (no grad) on every input of `calib` in batches of `batch_size`, then remove the hook `handles`
     (also on an error): the pass that lets forward hooks collect statistics. With `stop_after` (a submodule), each
-    call ends when that module returns: the hooks inside it have seen their inputs, the rest is not computed."""
+    call ends when that module returns: the hooks inside it have seen their inputs, the rest is not computed.
+    `only`: the positions of the batches to run (all: None)."""
     def stop(_m: torch.nn.Module, _a: tuple, _o: object) -> None:
         raise StopForward
 
@@ -315,7 +316,9 @@ def run_hooked(model: torch.nn.Module, calib: CalibrationSet, handles: list, bat
         handles = [*handles, stop_after.register_forward_hook(stop)]
     try:
         with torch.no_grad():
-            for x, t, cond in calib.batches(batch_size):
+            for i, (x, t, cond) in enumerate(calib.batches(batch_size)):
+                if only is not None and i not in only:
+                    continue
                 try:
                     call_denoiser(model, x, t, cond)
                 except StopForward:

@@ -123,6 +123,48 @@ def sum_floats(values: list[float], what: str) -> list[float]:
     return all_reduce(torch.tensor(values, dtype=torch.float64), "sum", what).tolist()
 
 
+def ordered_sum(parts: list[torch.Tensor], shape: tuple[int, ...], what: str) -> torch.Tensor | None:
+    """The sum of every rank's `parts` (each [shape], float64), rank 0's first, each rank's in its order, added one
+    at a time left to right: ((p₁ + p₂) + p₃) + …, bit for bit the sum one process takes over the concatenated
+    list (an all-reduce adds in another order, which tips roundings). Rank r receives the running sum from rank
+    r − 1, adds its parts and passes it on; the last rank's total is broadcast. None when no rank has a part.
+    One process: the left-to-right sum of `parts`."""
+    total = None
+    if active() and rank() > 0:
+        total = _receive_optional(shape, rank() - 1, what)
+    for part in parts:
+        total = part.clone() if total is None else total.add_(part)
+    if not active():
+        return total
+    if rank() < world_size() - 1:
+        _send_optional(total, shape, rank() + 1, what)
+    flag = torch.tensor([0 if total is None or rank() != world_size() - 1 else 1], dtype=torch.int64)
+    if all_reduce(flag, "max", what).item() == 0:
+        return None
+    buf = total if rank() == world_size() - 1 else torch.empty(shape, dtype=torch.float64)
+    device_buf = buf.to(_device()).contiguous()
+    collective(lambda: dist.broadcast(device_buf, src=world_size() - 1), what)
+    return device_buf.to(buf.device)
+
+
+def _send_optional(t: torch.Tensor | None, shape: tuple[int, ...], dst: int, what: str) -> None:
+    """`t` (or that there is none) to rank `dst`: a flag, then the tensor."""
+    collective(lambda: dist.send(torch.tensor([t is not None], dtype=torch.int64).to(_device()), dst), what)
+    if t is not None:
+        collective(lambda: dist.send(t.to(_device()).contiguous(), dst), what)
+
+
+def _receive_optional(shape: tuple[int, ...], src: int, what: str) -> torch.Tensor | None:
+    """What `_send_optional` sent from rank `src`: a float64 tensor of `shape`, or None."""
+    flag = torch.zeros(1, dtype=torch.int64, device=_device())
+    collective(lambda: dist.recv(flag, src), what)
+    if not flag.item():
+        return None
+    buf = torch.empty(shape, dtype=torch.float64, device=_device())
+    collective(lambda: dist.recv(buf, src), what)
+    return buf.cpu()
+
+
 def all_reduce_grads(params: list[torch.Tensor], what: str) -> None:
     """Sum every rank's `.grad` of `params` in place (one all-reduce over their concatenation; a missing grad counts
     as zeros); nothing in one process."""

@@ -2,7 +2,7 @@
 (`weight_matrix`) times calibration inputs X `[cols, N]`, one column per input vector (`layer_inputs`: a Conv2d's
 input unfolded into its kernel patches with the module's padding, dilation and stride, so that W X is the
 convolution and a group of input channels is a contiguous block of columns), and the Hessian H = 2XXᵀ / N of the
-layer's output error E(Ŵ) = ½ tr(ΔW H ΔWᵀ) (GPTQ eq. 1), accumulated over the calibration batches
+layer's output error E(Ŵ) = ½ tr(ΔW H ΔWᵀ) (GPTQ eq. 1), summed over the calibration batches
 (`HessianAccumulator`).
 """
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from denoq.calibrators.distributed import all_reduce, ordered_sum
 from denoq.errors import DenoqError
 
 
@@ -69,17 +70,19 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class HessianAccumulator:
-    """H = 2XXᵀ/N over every input batch `add`ed, as a running mean in float64:
+    """H = 2XXᵀ/N over every input batch `add`ed: S = Σ_b X_b X_bᵀ summed batch after batch in float64 (X_b
+    `[cols, n]`, the n input vectors of the batch, `layer_inputs`), N = Σ n, H = 2S/N.
 
-        H ← H · N/(N + n) + (2/(N + n)) · X_b X_bᵀ,   N ← N + n
+    Under several ranks each rank adds its own run of consecutive batches (`deferred`: each batch's product is
+    kept) and `combine` sums them after the earlier ranks' running sum (`distributed.ordered_sum`): every rank ends
+    with one process's S, bit for bit."""
 
-    where X_b `[cols, n]` are the n input vectors of the batch (`layer_inputs`)."""
-
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, deferred: bool = False) -> None:
         check_module(module)
         self.module = module
         self.count = 0
-        self._h: torch.Tensor | None = None
+        self._s: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] | None = [] if deferred else None
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of the layer's *input* activations (Linear `[..., in]`, Conv2d NCHW)."""
@@ -87,20 +90,29 @@ class HessianAccumulator:
         n = xt.shape[0]
         if n == 0:
             return
-        if self._h is None:
-            self._h = torch.zeros(xt.shape[1], xt.shape[1], dtype=torch.float64, device=xt.device)
-        total = self.count + n
-        self._h.mul_(self.count / total).addmm_(xt.T, xt, alpha=2.0 / total)
-        self.count = total
+        product = xt.T @ xt
+        if self._parts is not None:
+            self._parts.append(product)
+        else:
+            self._s = product if self._s is None else self._s.add_(product)
+        self.count += n
 
     def attach(self) -> RemovableHandle:
         """Accumulate every forward input of the module from now on; `.remove()` the handle when done."""
         return self.module.register_forward_pre_hook(lambda _m, args: self.add(args[0]))
 
+    def combine(self, what: str) -> None:
+        """Under several ranks (a collective: every rank calls it for the same layers in the same order): S and N
+        of every rank's batches, in rank order; the kept products are released."""
+        cols = weight_matrix(self.module).shape[1]
+        self._s = ordered_sum(self._parts or [], (cols, cols), what)
+        self._parts = None
+        self.count = int(all_reduce(torch.tensor([self.count], dtype=torch.float64), "sum", what).item())
+
     @property
     def hessian(self) -> torch.Tensor:
-        """H = 2XXᵀ/N, float64 `[cols, cols]` (a copy)."""
-        if self._h is None:
+        """H = 2XXᵀ/N, float64 `[cols, cols]` (a new tensor)."""
+        if self._s is None:
             raise DenoqError("no calibration inputs reached this layer, so it has no Hessian; check that the "
                              "calibration run executes the layer (or quantize it with weights.method=rtn)")
-        return self._h.clone()
+        return self._s * (2.0 / self.count)

@@ -54,6 +54,7 @@ from denoq.sampling.cond import call_denoiser
 
 DAMP_RETRIES = (10.0, 100.0)  # dampening multipliers tried when the Cholesky factorization fails
 REPORT_ROWS = 256  # output rows the report's error-vs-RTN ratio is measured on
+HESSIAN_BATCH = 64  # calibration inputs per forward pass of the Hessian passes
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,17 @@ def _ends(model: nn.Module, blocks: dict[str, list[str]], calib: CalibrationSet)
 def _hessians(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet,
               stop_after: nn.Module | None = None) -> dict[str, torch.Tensor | None]:
     """Every layer's H over `calib` (None for a layer the forward pass never reached); with `stop_after`, each
-    forward pass ends when that module (the block holding `layers`) returns."""
-    acc = {name: HessianAccumulator(m) for name, m in layers.items()}
-    run_hooked(model, calib, [a.attach() for a in acc.values()], stop_after=stop_after)
+    forward pass ends when that module (the block holding `layers`) returns. Under R ranks (`calib` whole on
+    every rank) rank r runs the r-th of R runs of consecutive batches and the sums are combined in batch order
+    (`HessianAccumulator.combine`): the one-process H on every rank, bit for bit."""
+    size = world_size()
+    acc = {name: HessianAccumulator(m, deferred=size > 1) for name, m in sorted(layers.items())}
+    batches = calib.num_batches(HESSIAN_BATCH)
+    mine = range(batches * rank() // size, batches * (rank() + 1) // size)
+    run_hooked(model, calib, [a.attach() for a in acc.values()], HESSIAN_BATCH, stop_after=stop_after, only=mine)
+    if size > 1:
+        for name, a in acc.items():
+            a.combine(f"the Hessian of {name}")
     return {name: a.hessian if a.count else None for name, a in acc.items()}
 
 
@@ -223,9 +232,9 @@ def round_weights(model: nn.Module, layers: dict[str, nn.Module], calib: Calibra
     The layers are rounded block by block (`blocks_in_order`); an offloaded model (`offload.BlockOffload`) holds the
     unit of the layers being rounded loaded, one unit at a time. Sequential mode computes the rounded prefix on a
     copy of the model, or, when the model is offloaded, by substituting the rounded weights as the units load (no
-    copy). Under several ranks every rank computes every Hessian from the gathered inputs (the one-process sums, in
-    the one-process order: the integers stay identical), and the layers of each block are rounded by one rank each
-    (`_owners`) and all-gathered before the next block."""
+    copy). Under several ranks the inputs are gathered, each rank runs its share of the Hessian passes' batches and
+    the sums are combined in the one-process order (`_hessians`: the integers stay identical), and the layers of
+    each block are rounded by one rank each (`_owners`) and all-gathered before the next block."""
     start = time.perf_counter()
     if settings.method == "rtn":
         plans: dict[str, LayerPlan] = {}

@@ -77,10 +77,6 @@ def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, gu
     if sampled and min(c.accuquant.batch, c.calib.samples) < size:
         raise DenoqError(f"accuquant.batch={c.accuquant.batch} leaves ranks without trajectories in a batch under "
                          f"{size} ranks; set it (and calib.samples) to at least {size}")
-    gptq = c.weights.method in ("gptq", "obq") or (c.weights.method == "adaround" and c.accuquant.init == "gptq")
-    if gptq and min(c.weights.hessian_samples, c.calib.samples) < size:
-        raise DenoqError(f"weights.hessian_samples={c.weights.hessian_samples} leaves ranks without Hessian "
-                         f"inputs under {size} ranks; set it to at least {size}")
     check_same(settings_fingerprint(spec, recipe), "settings fingerprint (recipe, model weights, torch version)",
                "start every rank with the same command, model folder and denoq / torch install")
 
