@@ -36,6 +36,8 @@ if str(TOOLS) not in sys.path:
 
 from toolkit.common import fmt, log, md_table  # noqa: E402
 
+from denoq.cpu import cpu_model  # noqa: E402
+
 CASES = {
     "w4a8 gptq + ptqd": ["--recipe", "w4a8-fast", "--set", "ptqd.enabled=true"],
     "w4a8 (gptq + block reconstruction)": ["--recipe", "w4a8"],
@@ -66,17 +68,6 @@ finally:
         json.dump(spent, f)
 sys.exit(code)
 """
-
-
-def cpu_model() -> str:
-    """`lscpu`'s model name, or the platform's words where lscpu is missing."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        import platform
-
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def run_compile(args: list[str], ranks: int, folder: Path, threads: int) -> dict[str, Any]:
