@@ -10,7 +10,8 @@ rounding, and x_b and B_b(x_b) the FP model's input and output of the same block
 block's hidden state and its skip connections). The inputs are `BlockInputs`: a seeded subset of the calibration
 pool's (step, trajectory) inputs whose block arguments are cached on the CPU, taken by running the quantized
 prefix and stopping the forward pass where the block is called, so each block costs one pass over the cache
-for its inputs and one for its targets, however many iterations it learns for.
+for its inputs and one for its targets, however many iterations it learns for (under torchrun each rank captures
+every R-th input and the captures are all-gathered).
 
 The loop over the blocks, and the objectives that run the whole sampler instead of one block (AccuQuant's
 window at block granularity), are in `accuquant.py`.
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from denoq.calibrators.calibset import CalibrationSet, StopForward
+from denoq.calibrators.distributed import all_gather_objects, rank, world_size
 from denoq.calibrators.simulate import TimestepClock
 from denoq.errors import DenoqError
 from denoq.sampling import EpsFn
@@ -99,6 +101,11 @@ class Batched:
             batched.append(is_batched)
         return cls(spec, leaves, batched)
 
+    def take(self, index: torch.Tensor) -> Batched:
+        """The inputs `index`, in that order, as a Batched."""
+        return Batched(self.spec, [v[index] if b else v for v, b in zip(self.leaves, self.batched, strict=True)],
+                       self.batched)
+
     def rows(self, index: torch.Tensor, device: torch.device | None = None) -> Any:
         """The structure restricted to the inputs `index`."""
         leaves = [v[index].to(device) if b else v for v, b in zip(self.leaves, self.batched, strict=True)]
@@ -144,14 +151,29 @@ class BlockInputs:
 def cache_block(q_eps: EpsFn, q_block: nn.Module, fp_eps: EpsFn, fp_block: nn.Module, pool: CalibrationSet,
                 inputs: list[tuple[int, int]], num_train_timesteps: int) -> BlockInputs:
     """Capture `q_block`'s arguments while `q_eps` (the quantized model, its earlier blocks hard) runs the
-    calibration `inputs` of `pool`, and `fp_block`'s outputs while `fp_eps` runs the same inputs."""
-    args, rows, outs, sizes = [], [], [], []
-    for x, t, cond in _pool_batches(pool, inputs):
+    calibration `inputs` of `pool`, and `fp_block`'s outputs while `fp_eps` runs the same inputs. Under R ranks
+    rank r captures the inputs at positions r, r + R, … and the captures are all-gathered back into the order of
+    `inputs`: every rank holds the whole cache."""
+    size, me = world_size(), rank()
+    args, rows, outs, sizes, positions = [], [], [], [], []
+    for lo, (x, t, cond) in zip(range(0, len(inputs), CAPTURE_BATCH), _pool_batches(pool, inputs), strict=True):
+        own = torch.arange((me - lo) % size, x.shape[0], size)  # this rank's positions in the chunk
+        if len(own) == 0:
+            continue
+        if size > 1:
+            x, t, cond = x[own], t[own], None if cond is None else cond[own]
         args.append(_capture(lambda x=x, t=t, cond=cond: q_eps(x, t, cond), q_block, output=False))
         outs.append(_capture(lambda x=x, t=t, cond=cond: fp_eps(x, t, cond), fp_block, output=True))
         rows.append(timestep_index(t, num_train_timesteps))
         sizes.append(x.shape[0])
-    return BlockInputs(Batched.gather(args, sizes), torch.cat(rows), Batched.gather(outs, sizes))
+        positions.append(own + lo)
+    if size == 1:
+        return BlockInputs(Batched.gather(args, sizes), torch.cat(rows), Batched.gather(outs, sizes))
+    parts = all_gather_objects((args, rows, outs, sizes, positions), "the block's cached inputs")
+    args, rows, outs, sizes, positions = ([item for part in parts for item in part[k]] for k in range(5))
+    order = torch.argsort(torch.cat(positions))
+    return BlockInputs(Batched.gather(args, sizes).take(order), torch.cat(rows)[order],
+                       Batched.gather(outs, sizes).take(order))
 
 
 def block_loss(block: nn.Module, data: BlockInputs, index: torch.Tensor, clock: TimestepClock,
