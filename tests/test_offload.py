@@ -72,6 +72,8 @@ def _plan_tensors(model: str, recipe: str, sets: list[str]) -> dict[str, torch.T
     ("digits", "w8a8", ["activations.timestep_groups=3"]),
     ("digits-dit", "w4a8-fast", []),              # sequential GPTQ over the substituted, rounded prefix
     ("digits-sd", "w8a8", ["attention.quantize=true"]),
+    ("digits-dit", "w8a8", ["activations.igq_groups=4", "activations.igq_budget=1.15", "attention.quantize=true"]),
+    ("digits-dit", "w8a8", ["activations.igq_groups=4", "activations.igq_mode=static"]),  # weights re-rounded
 ])
 def test_offloaded_calibration_gives_the_in_memory_plan(model, recipe, sets):
     memory = _plan_tensors(model, recipe, sets)

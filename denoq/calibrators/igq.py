@@ -48,10 +48,11 @@ from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.distributed import RowLayout, all_reduce, sum_floats
 from denoq.calibrators.gptq import GptqSettings, layer_plan, rtn
 from denoq.calibrators.observers import qparams
+from denoq.calibrators.offload import by_unit, resident
 from denoq.calibrators.quantizer import fake_quantize
 from denoq.errors import DenoqError
 from denoq.log import bar
-from denoq.plan import GroupQuant, QuantPlan
+from denoq.plan import GroupQuant, LayerPlan, QuantPlan
 
 KMEANS_ITERS = 20
 MIN_WIDTH = 1e-6
@@ -270,15 +271,16 @@ class IgqSettings:
     mode: str = "dynamic"
 
 
-def group_layers(plan: QuantPlan, forward: Callable, layers: dict[str, nn.Module], calib: CalibrationSet,
-                 macs: dict[str, int], settings: IgqSettings
+def group_layers(plan: QuantPlan, model: nn.Module, forward: Callable, layers: dict[str, nn.Module],
+                 calib: CalibrationSet, macs: dict[str, int], settings: IgqSettings
                  ) -> tuple[QuantPlan, dict[str, Any]]:
     """`plan` with IGQ-ViT groups on the token inputs of its linear layers (those calibrated on [B, L, C] inputs
-    with a quantized input), their counts allocated under the budget; and what was chosen, for the manifest."""
+    with a quantized input), their counts allocated under the budget; and what was chosen, for the manifest.
+    `forward` runs `model` (whose modules `layers` are, by name: possibly offloaded, `offload.py`)."""
     ranges = collect_ranges(forward, layers, calib)
     token_layers = {n: r for n, r in ranges.items() if n in plan.layers and plan.layers[n].input is not None}
     if settings.mode == "static":
-        return static_groups(plan, layers, token_layers, settings)
+        return static_groups(plan, model, layers, token_layers, settings)
     counts = candidate_groups(settings.groups) if settings.budget > 0 else [settings.groups]
     fitted = {name: {g: fit_groups(r.m, r.big_m, g, settings.bits, settings.signed, name) for g in counts}
               for name, r in bar(sorted(token_layers.items()), desc="IGQ groups", unit="layer")}
@@ -315,8 +317,8 @@ def static_factors(r: InstanceRanges, groups: int, bits: int, name: str) -> tupl
     return (scale.max() / scale[g]).float(), gq
 
 
-def static_groups(plan: QuantPlan, layers: dict[str, nn.Module], token_layers: dict[str, InstanceRanges],
-                  settings: IgqSettings) -> tuple[QuantPlan, dict[str, Any]]:
+def static_groups(plan: QuantPlan, model: nn.Module, layers: dict[str, nn.Module],
+                  token_layers: dict[str, InstanceRanges], settings: IgqSettings) -> tuple[QuantPlan, dict[str, Any]]:
     """`plan` with static groups on the token layers (`static_factors`): their weights re-rounded (round to
     nearest, the layer's layout) after the columns are divided by the factors, their input quantizer the constant
     per-tensor scale s_max (symmetric: the `trt` target's int8)."""
@@ -326,19 +328,21 @@ def static_groups(plan: QuantPlan, layers: dict[str, nn.Module], token_layers: d
     if settings.budget > 0:
         raise DenoqError("activations.igq_budget allocates dynamic groups by their run-time cost; static groups "
                          "cost nothing at run time: leave activations.igq_budget=0 with activations.igq_mode=static")
+    static: dict[str, LayerPlan] = {}
+    for group in by_unit(model, sorted(token_layers)):  # an offloaded model holds each unit's weights in turn
+        with resident(model, group):
+            for name in group:
+                lp = plan.layers[name]
+                factors, gq = static_factors(token_layers[name], settings.groups, settings.bits, name)
+                w = layers[name].weight.detach().float() / factors
+                rounding = GptqSettings(bits=lp.weight_bits, group_size=lp.block_size)
+                requantized = layer_plan(name, layers[name], rtn(w, rounding), rounding)
+                table = torch.full_like(lp.input.scale, float(gq.scale.max()))
+                static[name] = dataclasses.replace(requantized, input=dataclasses.replace(lp.input, scale=table),
+                                                   output=lp.output, input_factors=factors)
     out = QuantPlan(plan.num_train_timesteps, plan.target, attention=plan.attention)
     for name, lp in plan.layers.items():
-        if name not in token_layers:
-            out.add(lp)
-            continue
-        factors, gq = static_factors(token_layers[name], settings.groups, settings.bits, name)
-        w = layers[name].weight.detach().float() / factors
-        rounding = GptqSettings(bits=lp.weight_bits, group_size=lp.block_size)
-        wq = rtn(w, rounding)
-        requantized = layer_plan(name, layers[name], wq, rounding)
-        table = torch.full_like(lp.input.scale, float(gq.scale.max()))
-        out.add(dataclasses.replace(requantized, input=dataclasses.replace(lp.input, scale=table),
-                                    output=lp.output, input_factors=factors))
+        out.add(static.get(name, lp))
     info = {"groups": settings.groups, "mode": "static", "layers": dict.fromkeys(sorted(token_layers),
                                                                                settings.groups)}
     return out, info

@@ -256,7 +256,7 @@ def _instance_groups(spec: ModelSpec, recipe: Recipe, plan: QuantPlan, layers: d
     inputs = check_inputs(spec, calib)
     macs = layer_macs(spec.module, lambda: fp(inputs.sample[:1], inputs.timestep[:1],
                                               None if inputs.cond is None else inputs.cond[:1]))
-    return group_layers(plan, fp, layers, calib, macs, IgqSettings(
+    return group_layers(plan, spec.module, fp, layers, calib, macs, IgqSettings(
         a.igq_groups, a.igq_budget, a.bits, activation_signed(recipe.config.target), a.igq_mode))
 
 
