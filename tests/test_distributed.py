@@ -69,6 +69,55 @@ def _compile_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "di
     return one, two
 
 
+#: Under torchrun: the calibrate stage alone (no export, passes or checks); rank 0 saves the plan and the
+#: calibration report. argv: model, recipe, then KEY=VALUE items.
+CALIBRATE = """import json, os, sys
+import torch
+from safetensors.torch import save_file
+from denoq.calibrators.distributed import init_from_environment, leave, rank
+from denoq.compiler.calibrate import calibrate, resolve_sampler
+from denoq.compiler.load import load_model
+from denoq.compiler.recipe import load_recipe
+init_from_environment(dict(os.environ))
+spec = load_model(sys.argv[1])
+recipe = resolve_sampler(spec, load_recipe(sys.argv[2], sys.argv[3:]))
+torch.manual_seed(recipe.config.seed)
+cal = calibrate(spec, recipe)
+if rank() == 0:
+    save_file({k: v.contiguous() for k, v in cal.plan.tensors().items()}, 'plan.safetensors')
+    open('info.json', 'w').write(json.dumps(cal.info, default=str))
+leave(True)
+"""
+
+
+def _calibrate_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "digits"
+                    ) -> tuple[tuple[dict, dict], tuple[dict, dict]]:
+    """The plan tensors and calibration report of the calibrate stage in this process and under 2 ranks (for the
+    calibrators whose writing the CLI tests above already cover)."""
+    import json
+
+    from denoq.compiler.calibrate import calibrate, resolve_sampler
+    from denoq.compiler.load import load_model
+    from denoq.compiler.recipe import load_recipe
+
+    items = [*SMALL[1::2], *sets]
+    spec = load_model(model)
+    rec = resolve_sampler(spec, load_recipe(recipe, items))
+    torch.manual_seed(rec.config.seed)
+    cal = calibrate(spec, rec)
+    one = ({k: v.contiguous() for k, v in cal.plan.tensors().items()}, json.loads(json.dumps(cal.info, default=str)))
+    run = _torchrun([model, recipe, *items], tmp_path, program=["--no-python", sys.executable, "-c", CALIBRATE])
+    assert run.returncode == 0, run.stderr[-2000:]
+    two = (load_file(str(tmp_path / "plan.safetensors")), json.loads((tmp_path / "info.json").read_text()))
+    return one, two
+
+
+def _flipped(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The fraction of the plans' integers that differ."""
+    ints = [k for k in a if not a[k].dtype.is_floating_point]
+    return sum(int((a[k] != b[k]).sum()) for k in ints) / sum(a[k].numel() for k in ints)
+
+
 def _assert_same_tensors(a: Path, b: Path) -> None:
     x, y = load_file(str(a)), load_file(str(b))
     assert x.keys() == y.keys()
@@ -117,39 +166,34 @@ def test_two_ranks_choose_the_one_process_step_precisions(tmp_path):
 def test_two_ranks_give_the_one_process_instance_aware_groups(tmp_path):
     """IGQ-ViT on the DiT: instances' channel ranges placed and summed, layer errors summed; a budget that makes
     the allocation choose between 1, 2 and 4 groups gives the same choice and plan."""
-    import json
-
-    one, two = _compile_both(tmp_path, "w8a8", ["--set", "activations.igq_groups=4", "--set",
-                                                "activations.igq_budget=1.15", "--set", "attention.quantize=true"],
-                             model="digits-dit")
-    _assert_same_tensors(one / "plan.safetensors", two / "plan.safetensors")
-    chosen = [json.loads((p / "manifest.json").read_text())["calibration"]["igq"] for p in (one, two)]
-    assert chosen[0] == chosen[1] and sorted(set(chosen[0]["layers"].values())) == [1, 2, 4]
+    (a, info_a), (b, info_b) = _calibrate_both(tmp_path, "w8a8", ["activations.igq_groups=4",
+                                                                  "activations.igq_budget=1.15",
+                                                                  "attention.quantize=true"], model="digits-dit")
+    assert a.keys() == b.keys() and _flipped(a, b) == 0
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=0) for k in a if a[k].dtype.is_floating_point)
+    assert info_a["igq"] == info_b["igq"] and sorted(set(info_a["igq"]["layers"].values())) == [1, 2, 4]
 
 
 def test_two_ranks_search_timestep_groups_as_one_process_up_to_float_order(tmp_path):
     """ADP-DM's differentiable search: both ranks draw the same batches, each computes its rows' share, gradients
     summed. Its arg-max is sensitive to float order (one process with 1 or 2 threads differs in 2 of 62 layers on
     this set): at most 10% of the layers may end in other groups, and the others take the same tables."""
-    import json
-
-    one, two = _compile_both(tmp_path, "w8a8", ["--set", "activations.timestep_groups=2", "--set",
-                                                "activations.group_search=differentiable"])
-    cal = [json.loads((p / "manifest.json").read_text())["calibration"] for p in (one, two)]
-    assert cal[0]["group_search"]["method"] == cal[1]["group_search"]["method"] == "differentiable"
-    groups = [c["timestep_groups"] for c in cal]
+    (a, info_a), (b, info_b) = _calibrate_both(tmp_path, "w8a8", ["activations.timestep_groups=2",
+                                                                  "activations.group_search=differentiable"])
+    assert info_a["group_search"]["method"] == info_b["group_search"]["method"] == "differentiable"
+    groups = [info_a["timestep_groups"], info_b["timestep_groups"]]
     moved = [name for name in groups[0] if groups[0][name] != groups[1][name]]
     assert len(moved) <= 0.1 * len(groups[0]), moved
-    a, b = load_file(str(one / "plan.safetensors")), load_file(str(two / "plan.safetensors"))
     same = [k for k in a if k.endswith(".input_scale") and k.removesuffix(".input_scale") not in moved]
     assert same and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=0) for k in same)
-    assert cal[1]["group_search"]["output_error_ratio"] == pytest.approx(cal[0]["group_search"]["output_error_ratio"],
-                                                                        rel=0.1)
+    assert info_b["group_search"]["output_error_ratio"] == pytest.approx(
+        info_a["group_search"]["output_error_ratio"], rel=0.1)
 
 
 def test_python_api_under_a_process_group_returns_the_artifact_on_rank_0_only(tmp_path):
     # a model object: rank 0 saves it beside the artifact, every rank calibrates from the saved folder
-    program = ("import torch.distributed as dist\n"
+    program = ("import sys\n"
+               "import torch.distributed as dist\n"
                "from diffusers import DDPMScheduler\n"
                "import denoq\n"
                "from denoq.compiler.load import load_model\n"
@@ -157,7 +201,9 @@ def test_python_api_under_a_process_group_returns_the_artifact_on_rank_0_only(tm
                "spec = load_model('digits')\n"
                "art = denoq.quantize(spec.module, 'w8a8', out='art', progress=False, calib__samples=8,\n"
                "                     calib__steps=4, scheduler=DDPMScheduler.from_config(spec.scheduler_config))\n"
-               "print('rank', dist.get_rank(), 'returned', type(art).__name__)\n"
+               "sys.stdout.write(f'rank {dist.get_rank()} returned {type(art).__name__}\\n')  # one write\n"
+               "sys.stdout.flush()\n"
+               "dist.barrier()\n"
                "dist.destroy_process_group()\n")
     run = _torchrun([], tmp_path, program=["--no-python", sys.executable, "-c", program])
     assert run.returncode == 0, run.stderr[-2000:]
@@ -195,16 +241,12 @@ def test_a_rank_that_dies_ends_the_run_and_nothing_is_written(tmp_path):
 
 
 def test_two_ranks_reconstruct_block_outputs_as_one_process(tmp_path):
-    """w4a8's block-output reconstruction: each rank runs its share of every batch and the gradients are summed,
-    so the ranks learn the one-process quantizers up to the order of float sums (a few integers flip)."""
-    import json
-
-    one, two = _compile_both(tmp_path, "w4a8", ["--set", "accuquant.iters=10", "--set", "accuquant.block_inputs=32"])
-    a, b = load_file(str(one / "plan.safetensors")), load_file(str(two / "plan.safetensors"))
-    ints = [k for k in a if not a[k].dtype.is_floating_point]
-    flipped = sum(int((a[k] != b[k]).sum()) for k in ints) / sum(a[k].numel() for k in ints)
-    assert flipped < 0.01, flipped
-    learned = [json.loads((p / "manifest.json").read_text())["calibration"]["accuquant"] for p in (one, two)]
+    """w4a8's block-output reconstruction: each rank captures half of every block's inputs and runs its share of
+    every batch, the gradients are summed, so the ranks learn the one-process quantizers up to the order of float
+    sums (a few integers flip)."""
+    (a, info_a), (b, info_b) = _calibrate_both(tmp_path, "w4a8", ["accuquant.iters=10", "accuquant.block_inputs=32"])
+    assert _flipped(a, b) < 0.01
+    learned = [info_a["accuquant"], info_b["accuquant"]]
     assert [x["block"] for x in learned[0]["blocks"]] == [x["block"] for x in learned[1]["blocks"]]
     assert learned[1]["probe_eps_error_after"] == pytest.approx(learned[0]["probe_eps_error_after"], rel=0.05)
 
@@ -214,17 +256,13 @@ def test_two_ranks_reconstruct_over_sampler_windows_as_one_process(tmp_path):
     draws the same trajectories and noise, runs its share and the gradients are summed. Without activation
     quantizers (W4A16) nothing rounds on the activations' path, so the losses follow one process's to float
     rounding (with them, float order flips a few activation roundings: see the block-output test)."""
-    import json
-
-    one, two = _compile_both(tmp_path, "w4a16", [f"--set={kv}" for kv in (
+    (a, info_a), (b, info_b) = _calibrate_both(tmp_path, "w4a16", [
         "weights.method=adaround", "accuquant.granularity=network", "accuquant.window=2", "accuquant.iters=5",
-        "accuquant.batch=4", "accuquant.init=rtn", "accuquant.start=quantized")])
-    learned = [json.loads((p / "manifest.json").read_text())["calibration"]["accuquant"] for p in (one, two)]
+        "accuquant.batch=4", "accuquant.init=rtn", "accuquant.start=quantized"])
+    learned = [info_a["accuquant"], info_b["accuquant"]]
     assert learned[1]["loss_curve"] == pytest.approx(learned[0]["loss_curve"], rel=1e-4)
     assert learned[1]["trajectory_drift"] == pytest.approx(learned[0]["trajectory_drift"], rel=1e-4)
-    a, b = load_file(str(one / "plan.safetensors")), load_file(str(two / "plan.safetensors"))
-    ints = [k for k in a if not a[k].dtype.is_floating_point]
-    assert sum(int((a[k] != b[k]).sum()) for k in ints) <= 1e-3 * sum(a[k].numel() for k in ints)
+    assert _flipped(a, b) <= 1e-3
 
 
 def test_what_cannot_be_split_across_ranks_is_refused_before_any_work(monkeypatch):
