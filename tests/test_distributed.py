@@ -190,6 +190,31 @@ def test_two_ranks_search_timestep_groups_as_one_process_up_to_float_order(tmp_p
         info_a["group_search"]["output_error_ratio"], rel=0.1)
 
 
+def test_ordered_sum_adds_in_the_one_process_order_across_ranks(tmp_path):
+    """GPTQ's Hessian sums travel along the ranks: rank 1 adds its parts after rank 0's running sum, so floats whose
+    sum depends on the order come out as one process adds them (an all-reduce adds the ranks' partial sums)."""
+    parts = [[1e16, 1.0, 1.0], [-1e16, 1.0]]  # left to right: ((1e16 + 1) + 1) − 1e16 + 1 = 1
+    program = ("import os, sys, torch\n"
+               "from denoq.calibrators.distributed import init_from_environment, leave, ordered_sum, rank\n"
+               "init_from_environment(dict(os.environ))\n"
+               f"mine = [torch.tensor([v], dtype=torch.float64) for v in {parts}[rank()]]\n"
+               "total = ordered_sum(mine, (1,), 'a test sum')\n"
+               "sys.stdout.write(f'rank {rank()} total {float(total[0])!r}\\n')\n"
+               "sys.stdout.flush()\n"
+               "leave(True)\n")
+    def left_to_right(values: list[float]) -> float:
+        total = 0.0
+        for v in values:
+            total += v
+        return total
+
+    # one process gets 1.0; adding each rank's partial sum instead gets 0.0
+    assert left_to_right(parts[0] + parts[1]) == 1.0 and left_to_right([left_to_right(p) for p in parts]) == 0.0
+    run = _torchrun([], tmp_path, program=["--no-python", sys.executable, "-c", program])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rank 0 total 1.0" in run.stdout and "rank 1 total 1.0" in run.stdout, run.stdout
+
+
 def test_python_api_under_a_process_group_returns_the_artifact_on_rank_0_only(tmp_path):
     # a model object: rank 0 saves it beside the artifact, every rank calibrates from the saved folder
     program = ("import sys\n"
