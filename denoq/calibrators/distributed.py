@@ -123,6 +123,17 @@ def sum_floats(values: list[float], what: str) -> list[float]:
     return all_reduce(torch.tensor(values, dtype=torch.float64), "sum", what).tolist()
 
 
+def sum_tables(tables: dict[Any, dict[Any, float]], what: str) -> dict[Any, dict[Any, float]]:
+    """Every value of `tables` summed over the ranks (one `sum_floats`; every rank builds the same keys in the same
+    order); the same values in one process."""
+    keys = [(a, b) for a, row in tables.items() for b in row]
+    total = sum_floats([tables[a][b] for a, b in keys], what)
+    out: dict[Any, dict[Any, float]] = {a: {} for a in tables}
+    for (a, b), v in zip(keys, total, strict=True):
+        out[a][b] = v
+    return out
+
+
 def ordered_sum(parts: list[torch.Tensor], shape: tuple[int, ...], what: str) -> torch.Tensor | None:
     """The sum of every rank's `parts` (each [shape], float64), rank 0's first, each rank's in its order, added one
     at a time left to right: ((p₁ + p₂) + p₃) + …, bit for bit the sum one process takes over the concatenated
@@ -137,7 +148,7 @@ def ordered_sum(parts: list[torch.Tensor], shape: tuple[int, ...], what: str) ->
     if not active():
         return total
     if rank() < world_size() - 1:
-        _send_optional(total, shape, rank() + 1, what)
+        _send_optional(total, rank() + 1, what)
     flag = torch.tensor([0 if total is None or rank() != world_size() - 1 else 1], dtype=torch.int64)
     if all_reduce(flag, "max", what).item() == 0:
         return None
@@ -147,7 +158,7 @@ def ordered_sum(parts: list[torch.Tensor], shape: tuple[int, ...], what: str) ->
     return device_buf.to(buf.device)
 
 
-def _send_optional(t: torch.Tensor | None, shape: tuple[int, ...], dst: int, what: str) -> None:
+def _send_optional(t: torch.Tensor | None, dst: int, what: str) -> None:
     """`t` (or that there is none) to rank `dst`: a flag, then the tensor."""
     collective(lambda: dist.send(torch.tensor([t is not None], dtype=torch.int64).to(_device()), dst), what)
     if t is not None:

@@ -45,7 +45,7 @@ from torch import nn
 
 from denoq.bops import group_bops
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.calibrators.distributed import RowLayout, all_reduce, sum_floats
+from denoq.calibrators.distributed import RowLayout, all_reduce, sum_tables
 from denoq.calibrators.gptq import GptqSettings, layer_plan, rtn
 from denoq.calibrators.observers import qparams
 from denoq.calibrators.offload import by_unit, resident
@@ -216,18 +216,7 @@ def output_errors(forward: Callable, layers: dict[str, nn.Module], fitted: dict[
     finally:
         for h in handles:
             h.remove()
-    return _all_reduce_errors(errors)
-
-
-def _all_reduce_errors(errors: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
-    """Every rank's share of the mean errors summed (float order differs from one process: equal to rounding);
-    the same values in one process."""
-    keys = [(name, g) for name in sorted(errors) for g in sorted(errors[name])]
-    total = sum_floats([errors[n][g] for n, g in keys], "IGQ errors")
-    out: dict[str, dict[int, float]] = {name: {} for name in errors}
-    for (name, g), v in zip(keys, total, strict=True):
-        out[name][g] = v
-    return out
+    return sum_tables(errors, "IGQ errors")  # every rank's share of the means (equal to float rounding)
 
 
 def allocate_groups(errors: dict[str, dict[int, float]], bops: dict[str, dict[int, int]], budget: int

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.calibrators.distributed import sum_floats
+from denoq.calibrators.distributed import sum_tables
 from denoq.errors import DenoqError
 from denoq.figures import figure_png
 from denoq.sampling import NoiseSchedule
@@ -57,21 +57,11 @@ def quantization_snr(fp_eps: EpsFn, candidates: dict[str, EpsFn], trajectory: Ca
             for name, eps in sorted(candidates.items()):
                 err = float((eps(x, t, cond).double() - ref).pow(2).sum())
                 noise[name][step] = noise[name].get(step, 0.0) + err
-    signal, noise = _all_reduce_sums(signal, noise)
+    # every rank holds rows at every step (the shard rule splits trajectories, not steps): the sums of (1) over ranks
+    summed = sum_tables({None: signal, **noise}, "the step-precision SNR sums")
+    signal, noise = summed.pop(None), summed
     return {name: {t: signal[t] / max(e, 1e-300) for t, e in sorted(errs.items())}
             for name, errs in sorted(noise.items())}
-
-
-def _all_reduce_sums(signal: dict[int, float], noise: dict[str, dict[int, float]]
-                     ) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
-    """The sums of (1) over every rank's shard of the trajectories (every rank holds rows at every step: the shard
-    rule splits trajectories, not steps); the same values in one process."""
-    steps, names = sorted(signal), sorted(noise)
-    flat = sum_floats([signal[t] for t in steps] + [noise[n][t] for n in names for t in steps],
-                      "the step-precision SNR sums")
-    k = len(steps)
-    return (dict(zip(steps, flat[:k], strict=True)),
-            {n: dict(zip(steps, flat[k * (1 + i):k * (2 + i)], strict=True)) for i, n in enumerate(names)})
 
 
 def choose_precision(snr_q: dict[str, dict[int, float]], snr_f: dict[int, float],
