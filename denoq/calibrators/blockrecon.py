@@ -76,8 +76,9 @@ class Batched:
     batched: list[bool]
 
     @classmethod
-    def gather(cls, parts: list[Any], sizes: list[int]) -> Batched:
-        """One structure from the captures `parts` of passes of `sizes` inputs each."""
+    def gather(cls, parts: list[Any], sizes: list[int], positions: list[torch.Tensor] | None = None) -> Batched:
+        """One structure from the captures `parts` of passes of `sizes` inputs each, concatenated, or with
+        `positions` (where each part's inputs go: together 0 … Σ sizes − 1) placed there in one allocation."""
         flat = [tree_flatten(p) for p in parts]
         spec = flat[0][1]
         if any(s != spec for _, s in flat):
@@ -89,7 +90,12 @@ class Batched:
             is_batched = isinstance(first, torch.Tensor) and all(
                 isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v, n in zip(column, sizes,
                                                                                                 strict=True))
-            if is_batched:
+            if is_batched and positions is not None:
+                out = first.new_empty((sum(sizes), *first.shape[1:]), device="cpu")
+                for v, where in zip(column, positions, strict=True):
+                    out[where] = v.detach().cpu()
+                leaves.append(out)
+            elif is_batched:
                 leaves.append(torch.cat([v.detach().cpu() for v in column]))
             else:
                 same = all((torch.equal(v, first) if isinstance(first, torch.Tensor) else v == first)
@@ -100,11 +106,6 @@ class Batched:
                 leaves.append(first)
             batched.append(is_batched)
         return cls(spec, leaves, batched)
-
-    def take(self, index: torch.Tensor) -> Batched:
-        """The inputs `index`, in that order, as a Batched."""
-        return Batched(self.spec, [v[index] if b else v for v, b in zip(self.leaves, self.batched, strict=True)],
-                       self.batched)
 
     def rows(self, index: torch.Tensor, device: torch.device | None = None) -> Any:
         """The structure restricted to the inputs `index`."""
@@ -172,8 +173,8 @@ def cache_block(q_eps: EpsFn, q_block: nn.Module, fp_eps: EpsFn, fp_block: nn.Mo
     parts = all_gather_objects((args, rows, outs, sizes, positions), "the block's cached inputs")
     args, rows, outs, sizes, positions = ([item for part in parts for item in part[k]] for k in range(5))
     order = torch.argsort(torch.cat(positions))
-    return BlockInputs(Batched.gather(args, sizes).take(order), torch.cat(rows)[order],
-                       Batched.gather(outs, sizes).take(order))
+    return BlockInputs(Batched.gather(args, sizes, positions), torch.cat(rows)[order],
+                       Batched.gather(outs, sizes, positions))
 
 
 def block_loss(block: nn.Module, data: BlockInputs, index: torch.Tensor, clock: TimestepClock,
