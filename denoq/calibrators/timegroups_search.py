@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from denoq.calibrators.calibset import CalibrationSet
-from denoq.calibrators.distributed import all_reduce, all_reduce_grads
+from denoq.calibrators.distributed import all_reduce_grads, sum_floats
 from denoq.calibrators.observers import ObserverSettings
 from denoq.calibrators.quantizer import fake_quantize, straight_through
 from denoq.calibrators.simulate import SimulatedLayer, SimulatedModel, fake_quant_at
@@ -109,7 +109,7 @@ def search_groups(model: torch.nn.Module, plan: QuantPlan, stats: dict[str, Tens
         return err.sum() / (err[0].numel() * len(rows))
 
     def reduced(value: torch.Tensor) -> float:
-        return float(all_reduce(value.detach(), "sum", "the group search's output error"))
+        return sum_floats([float(value)], "the group search's output error")[0]
 
     probe = torch.arange(min(n, SEARCH_BATCH))  # E‖ε̂ − ε‖² per calibrated step at the start (the DP groups)
     with torch.no_grad():

@@ -56,8 +56,6 @@ def settings_fingerprint(spec: ModelSpec, recipe: Recipe) -> str:
     return fingerprint(text)
 
 
-
-
 def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, guided: bool) -> None:
     """Before any calibration work, on every rank: DenoqError (the same line on every rank) for a setting that
     runs in one process only, a calibration set that leaves a rank without rows in some batch, or settings that
@@ -122,17 +120,15 @@ def on_main(run: Callable[[], T], what: str) -> T | None:
     return outcome if rank() == 0 else None
 
 
-def share_folder(path: Path, scratch: Path, what: str) -> Path:
-    """Rank 0's folder `path` (a member artifact it wrote) on every rank: rank 0 sends its files, sorted, one at a
-    time, and the other ranks write them under `scratch`. Returns where this rank reads the folder (`path` itself on
-    rank 0 and in one process)."""
+def share_folder(path: Path, what: str) -> None:
+    """Rank 0's folder `path` (a member artifact it wrote) at `path` on every rank: rank 0 sends its files, sorted,
+    one at a time, and the other ranks write them there (a scratch folder of their own). Nothing in one process."""
     if world_size() == 1:
-        return path
+        return
     files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file()) if is_main() else None
     for name in broadcast_object(files, what):
         data = broadcast_object((path / name).read_bytes() if is_main() else None, f"{what}: {name}")
         if not is_main():
-            target = scratch / name
+            target = path / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-    return path if is_main() else scratch

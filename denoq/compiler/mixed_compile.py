@@ -46,8 +46,8 @@ def compile_mixed(model: str | None, recipe: Recipe, out: Path, *, force: bool =
             log.info("mixed precision: compiling member %s", name)
             path = writer.path(f"{MEMBERS_DIR}/{name}") if writer else scratch / name
             art = compile_model(model, member, path, allow_parity_failure=allow_parity_failure)
-            local = share_folder(path, path, f"member {name}'s files")
-            arts[name] = art if art is not None else Artifact.open(local)
+            share_folder(path, f"member {name}'s files")
+            arts[name] = art if art is not None else Artifact.open(path)
         start = time.perf_counter()
         pool = record_pool(spec, recipe)
         fp = torch_eps(spec.module)
