@@ -3,10 +3,14 @@ time during a forward pass, the model restored afterwards, and the same plan as 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from denoq.calibrators.attention import QuantAttnProcessor
 from denoq.calibrators.offload import BlockOffload, offload_units, offloaded, resident
+from denoq.calibrators.simulate import simulate, simulated_in_place
 from denoq.compiler.calibrate import calibrate
 from denoq.compiler.load import load_model
 from denoq.compiler.recipe import load_recipe
@@ -58,10 +62,42 @@ def test_a_layer_called_from_outside_its_block_loads_it(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # loaded weights: other alignment, rounding
 
 
+def test_the_twin_in_place_computes_the_copy_and_leaves_the_fp_calls_fp():
+    """`simulated_in_place` on the model's own modules, offloaded or not: the twin's output is the deep-copied
+    simulation's, the model's own calls in between stay FP, and the model's forwards and processors come back."""
+    spec = load_model("digits-sd")
+    cal = calibrate(spec, load_recipe("w8a8", [*SMALL, "activations.timestep_groups=3", "attention.quantize=true"]))
+    assert cal.plan.attention and cal.info["timestep_groups"]
+    x, t, cond = next(cal.calib.batches(4))
+    processors = {n: type(m.processor) for n, m in spec.module.named_modules() if hasattr(m, "processor")}
+    with torch.no_grad():
+        fp = call_denoiser(spec.module, x, t, cond)
+        copied = call_denoiser(simulate(spec.module, cal.plan), x, t, cond)
+        assert not torch.allclose(copied, fp, rtol=1e-3, atol=1e-3)
+        for mode in ("none", "disk"):
+            with offloaded(spec.module, mode), simulated_in_place(spec.module, cal.plan) as twin:
+                got = call_denoiser(twin, x, t, cond)
+                fp_inside = call_denoiser(spec.module, x, t, cond)
+            torch.testing.assert_close(got, copied, rtol=1e-5, atol=1e-5, msg=mode)
+            torch.testing.assert_close(fp_inside, fp, rtol=1e-5, atol=1e-5, msg=mode)
+    assert not any("forward" in vars(m) for m in spec.module.modules())
+    assert {n: type(m.processor) for n, m in spec.module.named_modules() if hasattr(m, "processor")} == processors
+    assert QuantAttnProcessor not in processors.values()
+    # a layer the simulation refuses, after others were switched: the model gets every forward back
+    grouped = next(n for n in reversed(sorted(cal.plan.layers)) if not cal.plan.layers[n].input.is_constant)
+    bad = dataclasses.replace(cal.plan, layers={**cal.plan.layers, grouped: dataclasses.replace(
+        cal.plan.layers[grouped], input_factors=torch.ones(1))})
+    with pytest.raises(DenoqError, match="IGQ groups or SVDQuant and timestep groups"), simulated_in_place(
+            spec.module, bad):
+        pass
+    assert not any("forward" in vars(m) for m in spec.module.modules())
+
+
 def _calibrate(model: str, recipe: str, sets: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The plan's tensors and PTQD's (where enabled), and the calibration's info."""
     spec = load_model(model)
     cal = calibrate(spec, load_recipe(recipe, [*SMALL, *sets]))
-    return cal.plan.tensors(), cal.info
+    return {**cal.plan.tensors(), **({} if cal.ptqd is None else cal.ptqd.to_tensors())}, cal.info
 
 
 def _plan_tensors(model: str, recipe: str, sets: list[str]) -> dict[str, torch.Tensor]:
@@ -74,6 +110,8 @@ def _plan_tensors(model: str, recipe: str, sets: list[str]) -> dict[str, torch.T
     ("digits-sd", "w8a8", ["attention.quantize=true"]),
     ("digits-dit", "w8a8", ["activations.igq_groups=4", "activations.igq_budget=1.15", "attention.quantize=true"]),
     ("digits-dit", "w8a8", ["activations.igq_groups=4", "activations.igq_mode=static"]),  # weights re-rounded
+    ("digits", "w4a8-fast", ["ptqd.enabled=true"]),   # the quantized twin shares the offloaded modules
+    ("digits-sd", "w8a8", ["activations.timestep_groups=3", "attention.quantize=true", "ptqd.enabled=true"]),
 ])
 def test_offloaded_calibration_gives_the_in_memory_plan(model, recipe, sets):
     memory = _plan_tensors(model, recipe, sets)
@@ -106,8 +144,8 @@ def test_sequential_gptq_stopping_after_each_block_changes_nothing(monkeypatch):
 
 
 def test_methods_that_need_the_whole_model_are_refused():
-    with pytest.raises(DenoqError, match=r"calib.offload=disk .* ptqd.enabled=true need the whole model in memory"):
-        load_recipe("w4a8-fast", ["calib.offload=disk", "ptqd.enabled=true"])
+    with pytest.raises(DenoqError, match=r"calib.offload=disk .* svdquant need the whole model in memory"):
+        load_recipe("w4a8-fast", ["calib.offload=disk", "svdquant.rank=4"])
     with pytest.raises(DenoqError, match=r"weights.method=adaround"):
         load_recipe("w4a8", ["calib.offload=disk"])
 

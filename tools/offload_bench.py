@@ -6,10 +6,11 @@ random text conditioning, one trajectory of two steps at latent side `--size`. R
 MB, the calibration's peak resident set (`calibration.memory_peak_mb`: measured after the model is loaded, and for
 offloading after its units are written out), the process's peak (`ru_maxrss`: loading the model included),
 calibration and weight-rounding seconds, the offloaded units, the largest one and the unit loads; and whether the
-two plans are identical (every integer and scale).
+two plans are identical (every integer and scale, and PTQD's statistics where the recipe has them).
 
     python tools/offload_bench.py --cases sd3:w8a8,sdxl:w8a8,pixart@4:w4a8-fast --size 32 --work offload-work \\
         --json offload.json
+    python tools/offload_bench.py --cases sdxl:w8a8+ptqd.enabled=true --json offload-ptqd.json
 
 The markdown table goes to stdout, progress to stderr, every number (with the CPU model) to `--json`.
 """
@@ -33,7 +34,8 @@ from toolkit.common import log, records_table, run_child  # noqa: E402
 
 
 def child(folder: Path, recipe: str, offload: str, size: int, plan_out: Path) -> dict[str, Any]:
-    """Calibrate (in this process) and write the plan's tensors to `plan_out`: the numbers of one run."""
+    """Calibrate (in this process) and write the plan's tensors and PTQD's to `plan_out`: the numbers of one run.
+    `recipe`: a preset, then `+KEY=VALUE` settings."""
     from safetensors.torch import save_file
 
     from denoq.compiler.calibrate import calibrate
@@ -42,9 +44,10 @@ def child(folder: Path, recipe: str, offload: str, size: int, plan_out: Path) ->
 
     spec = load_model(str(folder), size=size)
     model_mb = sum(p.numel() * p.element_size() for p in spec.module.parameters()) / 2**20
-    sets = ["calib.conditioning=random", "calib.samples=1", "calib.steps=2", f"calib.offload={offload}"]
+    preset, *extra = recipe.split("+")
+    sets = ["calib.conditioning=random", "calib.samples=1", "calib.steps=2", f"calib.offload={offload}", *extra]
     start = time.perf_counter()
-    cal = calibrate(spec, load_recipe(recipe, sets))
+    cal = calibrate(spec, load_recipe(preset, sets))
     row: dict[str, Any] = {"model_mb": round(model_mb), "calibrate_s": round(time.perf_counter() - start, 1),
                            "weights_s": cal.info["weights"].get("seconds"),
                            "calibration_peak_mb": cal.info.get("memory_peak_mb"),
@@ -53,7 +56,7 @@ def child(folder: Path, recipe: str, offload: str, size: int, plan_out: Path) ->
         o = cal.info["offload"]
         row.update(units=o["units"], largest_unit=f"{o['largest_unit']} ({o['largest_unit_mb']:.0f} MB)",
                    loads=o["loads"])
-    save_file(cal.plan.tensors(), str(plan_out))
+    save_file({**cal.plan.tensors(), **({} if cal.ptqd is None else cal.ptqd.to_tensors())}, str(plan_out))
     return row
 
 
@@ -68,7 +71,7 @@ def same_plan(a: Path, b: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="sd3:w8a8,sdxl:w8a8,pixart@4:w4a8-fast",
-                    help="comma-separated MODEL:RECIPE; MODEL@N: a transformer with N blocks")
+                    help="comma-separated MODEL:RECIPE[+KEY=VALUE...]; MODEL@N: a transformer with N blocks")
     ap.add_argument("--size", type=int, default=32, help="calib.size: the latent side of the calibration samples")
     ap.add_argument("--work", type=Path, default=Path("offload-work"), help="folder for the models and plans")
     ap.add_argument("--json", type=Path, help="write every number here")

@@ -86,6 +86,25 @@ class QuantAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+class SwitchedAttnProcessor(QuantAttnProcessor):
+    """The QuantAttnProcessor while `quantized()` holds, the module's own processor `fp` otherwise (a model shared
+    by its FP and quantized twins, `denoq.calibrators.simulate.simulated_in_place`)."""
+
+    def __init__(self, name: str, quant: Quant, fp: Callable, quantized: Callable[[], bool]) -> None:
+        super().__init__(name, quant)
+        self.fp = fp
+        self.quantized = quantized
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs: object) -> torch.Tensor:
+        if self.quantized():
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        given = {} if temb is None else {"temb": temb}  # as diffusers' Attention.forward calls a processor
+        return self.fp(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                       attention_mask=attention_mask, **given, **kwargs)
+
+
 def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
     """Probabilities on the log2 grid: p̂ = 2^−q with q = clip(round(−ln p / ln 2), 0, 2^bits − 1), in the graph's op
     order (Log, Div, Neg, Round, Clip, Neg, Pow). Small probabilities keep their relative precision (a uniform

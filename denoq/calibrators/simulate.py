@@ -28,19 +28,30 @@ group quantizers instead of its one scale (`denoq.calibrators.igq.fake_quant_gro
 with the four matmul inputs fake-quantized; the probabilities by token-wise groups where the plan has them
 (`fake_quant_rows`). Static groups (`LayerPlan.input_factors`) multiply the input by constant per-channel factors
 before its quantizer, as the graph's Mul does (their inverse is folded into the plan's weights).
+
+`simulate(model, plan)` computes on a copy of the model. `simulated_in_place(model, plan)` shares the model's own
+modules instead (a calibrator that runs the FP model and its quantized twin side by side, PTQD's, holds one copy):
+while the block runs, each planned layer's `forward` and each planned attention's processor compute the quantized
+layer when the twin calls them and the FP layer otherwise. The twin's layers dequantize the plan's weights at each
+call instead of holding them (a call's share of the work is small: one multiply per weight against a forward pass
+over the batch), so the twin's memory is the plan's own, and on a model offloaded by `denoq.calibrators.offload`
+only the unit in use holds its FP weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denoq.calibrators.attention import fake_quant_log2, install
+from denoq.calibrators.attention import SwitchedAttnProcessor, fake_quant_log2, install
 from denoq.calibrators.igq import fake_quant_groups, fake_quant_rows
+from denoq.calibrators.offload import by_unit, resident
 from denoq.calibrators.quantizer import fake_quant_act
 from denoq.errors import DenoqError
 from denoq.plan import ActQuant, AttentionPlan, LayerPlan, QuantPlan, selector_tables
@@ -63,7 +74,9 @@ def fake_quant_at(x: torch.Tensor, q: ActQuant, t: torch.Tensor, axis: int = 1) 
 
 
 class SimulatedLayer(nn.Module):
-    """A Conv2d or Linear computed from the plan's integer weights with fake-quantized activations."""
+    """A Conv2d or Linear computed from the plan's integer weights with fake-quantized activations; its bias is the
+    source module's (read at each call: an offloaded module gets a new one at each load). `weight` holds the
+    dequantized weight, or is None where the layer dequantizes at each call."""
 
     def __init__(self, module: nn.Module, plan: LayerPlan, clock: TimestepClock,
                  num_timesteps: int | None = None) -> None:
@@ -72,7 +85,6 @@ class SimulatedLayer(nn.Module):
         self.plan = plan
         self.clock = clock
         self.register_buffer("weight", plan.dequantized_weight().to(module.weight.device))
-        self.bias = module.bias
         # timestep selector (module docstring): only for a non-constant table, so constant plans keep today's path
         self.ratio: torch.Tensor | None = None
         self.s0: float | None = None
@@ -93,6 +105,10 @@ class SimulatedLayer(nn.Module):
             tables = selector_tables(plan.name, plan.input, plan.output, T)
             self.s0, self.s_out0 = tables.input_scale, tables.output_scale
             self.ratio = None if tables.ratio is None else tables.ratio.to(module.weight.device)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.source.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.clock.t
@@ -121,7 +137,8 @@ class SimulatedLayer(nn.Module):
     def _layer(self, x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None = None
                ) -> torch.Tensor:
         """The Conv2d / Linear with `weight` (default: the plan's dequantized weight)."""
-        w = self.weight if weight is None else weight
+        w = weight if weight is not None else (
+            self.weight if self.weight is not None else self.plan.dequantized_weight().to(x.device))
         if isinstance(self.source, nn.Conv2d):
             m = self.source
             return F.conv2d(x, w, bias, m.stride, m.padding, m.dilation, m.groups)
@@ -149,27 +166,63 @@ class SimulatedModel(nn.Module):
     """The quantized model with the FP model's calling convention, returning `out_sample` itself (an eps
     backend through `denoq.sampling.module_eps`)."""
 
-    def __init__(self, model: nn.Module, plan: QuantPlan, layer: type[SimulatedLayer] = SimulatedLayer) -> None:
+    def __init__(self, model: nn.Module, plan: QuantPlan, layer: type[SimulatedLayer] = SimulatedLayer,
+                 share: bool = False) -> None:
         """`layer` is the class of the simulated layers (a subclass changes how a layer quantizes, e.g. the
-        differentiable timestep-group search of `timegroups.py`)."""
+        differentiable timestep-group search of `timegroups.py`). `share`: compute on `model`'s own modules
+        (`simulated_in_place`, which undoes it) instead of a copy."""
         super().__init__()
-        self.model = copy.deepcopy(model).eval()
+        self.model = model if share else copy.deepcopy(model).eval()
         self.clock = TimestepClock()
         self.num_train_timesteps = plan.num_train_timesteps
+        self._patched: list[nn.Module] = []                 # shared: modules whose forward is switched
+        self._processors: list[tuple[nn.Module, Any]] = []  # shared: attention modules and their own processors
         modules = dict(self.model.named_modules())
-        for name in sorted(plan.layers):
-            if name not in modules:
-                raise DenoqError(f"plan layer {name} is not a module of this model; the plan belongs to another "
-                                 "model (recompile)")
-            parent_name, _, child = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else self.model
-            setattr(parent, child, layer(modules[name], plan.layers[name], self.clock, plan.num_train_timesteps))
-        missing = sorted(set(plan.attention) - set(modules))
+        missing = sorted(set(plan.layers) - set(modules)) + sorted(set(plan.attention) - set(modules))
         if missing:
-            raise DenoqError(f"plan attention {missing[0]} is not a module of this model; the plan belongs to another "
-                             "model (recompile)")
-        install({name: modules[name] for name in sorted(plan.attention)},
-                lambda name: self._attention_quant(plan.attention[name]))
+            raise DenoqError(f"the plan's module {missing[0]} is not a module of this model; the plan belongs to "
+                             "another model (recompile)")
+        try:
+            self._install(plan, modules, layer, share)
+        except BaseException:
+            self.restore()
+            raise
+
+    def _install(self, plan: QuantPlan, modules: dict[str, nn.Module], layer: type[SimulatedLayer], share: bool
+                 ) -> None:
+        """Put the simulated layers and attention processors in place (in the copy, or switched in `share`)."""
+        for names in by_unit(self.model, sorted(plan.layers)):
+            with resident(self.model, names):  # each layer built from its module's loaded weights
+                for name in names:
+                    sim = layer(modules[name], plan.layers[name], self.clock, plan.num_train_timesteps)
+                    if share:
+                        sim.weight = None  # dequantized at each call
+                        modules[name].forward = self._switch(sim, modules[name].forward)
+                        self._patched.append(modules[name])
+                    else:
+                        parent_name, _, child = name.rpartition(".")
+                        setattr(modules[parent_name] if parent_name else self.model, child, sim)
+        attention = {name: modules[name] for name in sorted(plan.attention)}
+        if not share:
+            install(attention, lambda name: self._attention_quant(plan.attention[name]))
+            return
+        for name, m in attention.items():
+            self._processors.append((m, m.processor))
+            m.set_processor(SwitchedAttnProcessor(name, self._attention_quant(plan.attention[name]), m.processor,
+                                                  lambda: self.clock.t is not None))
+
+    def _switch(self, sim: SimulatedLayer, fp: Any) -> Any:
+        """A shared module's forward: the simulated layer's while the twin runs, its own `fp` otherwise."""
+        return lambda x: sim(x) if self.clock.t is not None else fp(x)
+
+    def restore(self) -> None:
+        """Give a shared model its own forwards and attention processors back."""
+        for module in self._patched:
+            del module.forward
+        for module, processor in self._processors:
+            module.set_processor(processor)
+        self._patched.clear()
+        self._processors.clear()
 
     def _attention_quant(self, ap: AttentionPlan):
         """The fake-quantization hook of one attention module's matmul inputs (constant scales)."""
@@ -199,3 +252,14 @@ class SimulatedModel(nn.Module):
 def simulate(model: nn.Module, plan: QuantPlan) -> SimulatedModel:
     """The quantized twin of `model` under `plan` (the FP model is left untouched)."""
     return SimulatedModel(model, plan)
+
+
+@contextlib.contextmanager
+def simulated_in_place(model: nn.Module, plan: QuantPlan) -> Iterator[SimulatedModel]:
+    """The quantized twin of `model` under `plan` on `model`'s own modules, for the block (module docstring):
+    calls of the twin compute the quantized model, every other call of `model` the FP one, exactly as before."""
+    twin = SimulatedModel(model, plan, share=True)
+    try:
+        yield twin
+    finally:
+        twin.restore()

@@ -28,7 +28,7 @@ from denoq.calibrators.observers import ObserverSettings
 from denoq.calibrators.offload import offloaded
 from denoq.calibrators.ptqd import PtqdStats, collect_pairs
 from denoq.calibrators.ptqd import fit as fit_ptqd
-from denoq.calibrators.simulate import simulate
+from denoq.calibrators.simulate import simulated_in_place
 from denoq.calibrators.stats import collect_stats
 from denoq.calibrators.timegroups_search import search_groups
 from denoq.compiler.backends import torch_eps
@@ -323,9 +323,10 @@ def _calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, lay
             log.info("adaround stopped early: %s", learned["stopped"])
     ptqd = None
     if c.ptqd.enabled:
-        pairs = collect_pairs(fp, torch_eps(simulate(spec.module, plan)), pool, batch_size=64)
-        ptqd = fit_ptqd(pairs, spec.num_train_timesteps, c.calib.sampler, c.calib.steps,
-                        correlated=c.ptqd.correlation, rows=pool.batch_rows(64))
+        with simulated_in_place(spec.module, plan) as twin:  # one copy of the weights, offloaded or not
+            pairs = collect_pairs(fp, torch_eps(twin), pool, batch_size=64)
+            ptqd = fit_ptqd(pairs, spec.num_train_timesteps, c.calib.sampler, c.calib.steps,
+                            correlated=c.ptqd.correlation, rows=pool.batch_rows(64))
     info = {"source": source, "conditioning": pool.conditioning, "inputs": len(calib), "timesteps": calib.t,
             "timestep_selection": step_info,
             "kept_fp": kept_fp,

@@ -122,14 +122,13 @@ def _offload_supports(c: RecipeConfig) -> str | None:
         return None
     a = c.activations
     refused = [k for k, on in (("weights.method=adaround", c.weights.method == "adaround"),
-                               ("ptqd.enabled=true", c.ptqd.enabled),
                                ("activations.group_search=differentiable",
                                 a.group_search == "differentiable" and a.timestep_groups > 1),
                                ("svdquant", bool(c.svdquant.rank or c.svdquant.alpha)),
                                ("precision.mixed", bool(c.precision.mixed))) if on]
     if refused:
         return (f"calib.offload={c.calib.offload} runs rtn / gptq / obq weights, observers, timestep groups, "
-                f"attention and IGQ-ViT groups; {', '.join(refused)} need the whole model in memory: set "
+                f"attention, IGQ-ViT groups and PTQD; {', '.join(refused)} need the whole model in memory: set "
                 "calib.offload=none or leave them off")
     return None
 
