@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _forward_loop import ddim_loop
 from safetensors.torch import load_file
 
+from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.distributed import RowLayout, check_shardable
 from denoq.errors import DenoqError
 
@@ -51,10 +53,11 @@ def test_port_zero_is_refused_before_the_ranks_wait_for_each_other():
         init_from_environment({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"})
 
 
-def _torchrun(args: list[str], cwd: Path, program: list[str] | None = None) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd: Path, program: list[str] | None = None, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
     if TORCHRUN is None:
         pytest.skip("torchrun is not installed beside this Python")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", *(program or ["-m", "denoq"]), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -70,10 +73,14 @@ def _compile_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "di
 
 
 #: Under torchrun: the calibrate stage alone (no export, passes or checks); rank 0 saves the plan and the
-#: calibration report. argv: model, recipe, then KEY=VALUE items.
+#: calibration report. argv: model, recipe, then KEY=VALUE items. With LOOP_SEED set, the calibration set is what
+#: `_forward_loop.ddim_loop` feeds the model from noise of that seed ("rank": each rank's own seed).
 CALIBRATE = """import json, os, sys
+sys.path.insert(0, @TESTS@)
 import torch
 from safetensors.torch import save_file
+from _forward_loop import ddim_loop
+from denoq.calibrators.calibset import record_calls
 from denoq.calibrators.distributed import init_from_environment, leave, rank
 from denoq.compiler.calibrate import calibrate, resolve_sampler
 from denoq.compiler.load import load_model
@@ -82,20 +89,25 @@ init_from_environment(dict(os.environ))
 spec = load_model(sys.argv[1])
 recipe = resolve_sampler(spec, load_recipe(sys.argv[2], sys.argv[3:]))
 torch.manual_seed(recipe.config.seed)
-cal = calibrate(spec, recipe)
+seed = os.environ.get('LOOP_SEED')
+pool = None if seed is None else record_calls(spec.module, ddim_loop(spec, rank() if seed == 'rank' else int(seed)),
+                                              spec.cond_input)
+cal = calibrate(spec, recipe, pool)
 if rank() == 0:
     save_file({k: v.contiguous() for k, v in cal.plan.tensors().items()}, 'plan.safetensors')
     open('info.json', 'w').write(json.dumps(cal.info, default=str))
 leave(True)
-"""
+""".replace("@TESTS@", repr(str(Path(__file__).parent)))
 
 
-def _calibrate_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "digits"
+def _calibrate_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "digits", loop_seed: int | None = None
                     ) -> tuple[tuple[dict, dict], tuple[dict, dict]]:
     """The plan tensors and calibration report of the calibrate stage in this process and under 2 ranks (for the
-    calibrators whose writing the CLI tests above already cover)."""
+    calibrators whose writing the CLI tests above already cover); with `loop_seed`, on the calls of a user's loop
+    (`_forward_loop.ddim_loop`) instead of denoq's trajectories."""
     import json
 
+    from denoq.calibrators.calibset import record_calls
     from denoq.compiler.calibrate import calibrate, resolve_sampler
     from denoq.compiler.load import load_model
     from denoq.compiler.recipe import load_recipe
@@ -104,9 +116,12 @@ def _calibrate_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "
     spec = load_model(model)
     rec = resolve_sampler(spec, load_recipe(recipe, items))
     torch.manual_seed(rec.config.seed)
-    cal = calibrate(spec, rec)
+    pool = None if loop_seed is None else record_calls(spec.module, ddim_loop(spec, loop_seed), spec.cond_input)
+    cal = calibrate(spec, rec, pool)
     one = ({k: v.contiguous() for k, v in cal.plan.tensors().items()}, json.loads(json.dumps(cal.info, default=str)))
-    run = _torchrun([model, recipe, *items], tmp_path, program=["--no-python", sys.executable, "-c", CALIBRATE])
+    env = {} if loop_seed is None else {"LOOP_SEED": str(loop_seed)}
+    run = _torchrun([model, recipe, *items], tmp_path, program=["--no-python", sys.executable, "-c", CALIBRATE],
+                    env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     two = (load_file(str(tmp_path / "plan.safetensors")), json.loads((tmp_path / "info.json").read_text()))
     return one, two
@@ -118,8 +133,8 @@ def _flipped(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(int((a[k] != b[k]).sum()) for k in ints) / sum(a[k].numel() for k in ints)
 
 
-def _assert_same_tensors(a: Path, b: Path) -> None:
-    x, y = load_file(str(a)), load_file(str(b))
+def _assert_same_tensors(a: Path | dict[str, torch.Tensor], b: Path | dict[str, torch.Tensor]) -> None:
+    x, y = (t if isinstance(t, dict) else load_file(str(t)) for t in (a, b))
     assert x.keys() == y.keys()
     for key in x:
         if x[key].dtype.is_floating_point:  # scales: equal up to float reduction order
@@ -290,6 +305,23 @@ def test_two_ranks_reconstruct_over_sampler_windows_as_one_process(tmp_path):
     assert _flipped(a, b) <= 1e-3
 
 
+def test_two_ranks_calibrate_a_forward_loop_as_one_process(tmp_path):
+    """A user's own loop under torchrun: every rank runs the whole loop, keeps its share of the recorded rows and
+    reduces as with denoq's trajectories: the one-process plan (timestep groups and GPTQ)."""
+    (a, info_a), (b, _) = _calibrate_both(tmp_path, "w4a8-fast", ["activations.timestep_groups=2"], loop_seed=5)
+    assert info_a["source"] == "forward_loop" and info_a["inputs"] == 8 * 4 and info_a["timestep_groups"]
+    _assert_same_tensors(a, b)
+
+
+def test_ranks_whose_forward_loops_differ_stop_with_one_line(tmp_path):
+    run = _torchrun(["digits", "w8a8", *SMALL[1::2]], tmp_path, program=["--no-python", sys.executable, "-c",
+                                                                         CALIBRATE], env={"LOOP_SEED": "rank"})
+    assert run.returncode != 0
+    assert "rank 1's forward_loop calls (inputs, timesteps, conditioning) differs from rank 0's" in run.stderr, \
+        run.stderr[-2000:]
+    assert "seed its noise" in run.stderr and not (tmp_path / "plan.safetensors").exists()
+
+
 def test_what_cannot_be_split_across_ranks_is_refused_before_any_work(monkeypatch):
     from denoq.compiler.data_parallel import check_ranks
     from denoq.compiler.load import load_model
@@ -298,8 +330,9 @@ def test_what_cannot_be_split_across_ranks_is_refused_before_any_work(monkeypatc
     for module in ("denoq.compiler.data_parallel", "denoq.calibrators.distributed"):
         monkeypatch.setattr(f"{module}.world_size", lambda: 2)
     spec = load_model("digits")
-    with pytest.raises(DenoqError, match=r"a forward_loop \(calib=…\) runs in one process, not under 2 ranks"):
-        check_ranks(spec, load_recipe("w8a8", []), pool=object(), guided=False)
+    one_row = CalibrationSet(x=[torch.zeros(1, *spec.sample_shape)], t=[10])
+    with pytest.raises(DenoqError, match=r"the forward_loop's rows: 1 trajectories leave 1 in a batch"):
+        check_ranks(spec, load_recipe("w8a8", []), pool=one_row, guided=False)
     windows = load_recipe("w4a8", ["accuquant.granularity=network", "accuquant.batch=1"])
     with pytest.raises(DenoqError, match=r"accuquant.batch=1 leaves ranks without trajectories .* at least 2"):
         check_ranks(spec, windows, pool=None, guided=False)

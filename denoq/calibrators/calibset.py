@@ -65,6 +65,13 @@ class CalibrationSet:
         x = torch.cat([found[key][0] for key in picks])
         return x, None if self.cond is None else cat([found[key][1] for key in picks])
 
+    def shard(self, rows: torch.Tensor) -> CalibrationSet:
+        """This whole set's trajectories `rows` (global indices, ascending: `distributed.shard_rows`) as one rank's
+        shard of it."""
+        return CalibrationSet([xi[rows] for xi in self.x], self.t, None if self.cond is None else self.cond[rows],
+                              None if self.guidance is None else self.guidance[rows], self.null_cond,
+                              self.conditioning, rows, self.trajectories)
+
     def whole(self) -> CalibrationSet:
         """The set with every rank's trajectories, in their global order, on every rank (a collective under a
         shard: every rank must call it); the set itself when it is whole."""

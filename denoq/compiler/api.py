@@ -103,7 +103,8 @@ def quantize(model: Any = None, recipe: str = "w8a8", *, out: str | Path, schedu
     `.build`, `.load`). `progress`: denoq's messages and progress bars on stderr while it works (`denoq.log`;
     False leaves the user's own logging configuration in charge). Every user error is a DenoqError (one line: the
     problem and the fix), and nothing is written then. Under an initialized process group (data-parallel
-    calibration, docs/distributed.md) rank 0 writes and returns the artifact, the other ranks return None.
+    calibration, docs/distributed.md) rank 0 writes and returns the artifact, the other ranks return None; every
+    rank runs the whole `forward_loop`, which must make the same calls on each (seeded), and keeps its share of them.
     """
     if calib is not None and not callable(calib):
         raise DenoqError(f"calib= takes None (denoq's own FP sampling trajectories) or a forward_loop(model) "

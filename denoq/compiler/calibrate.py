@@ -32,7 +32,7 @@ from denoq.calibrators.simulate import simulated_in_place
 from denoq.calibrators.stats import collect_stats
 from denoq.calibrators.timegroups_search import search_groups
 from denoq.compiler.backends import torch_eps
-from denoq.compiler.data_parallel import check_ranks, check_same_plan
+from denoq.compiler.data_parallel import check_ranks, check_same_plan, shard_pool
 from denoq.compiler.load import ModelSpec
 from denoq.compiler.parity import check_batch
 from denoq.compiler.precisions import attention_observer, group_plan, observer_settings, precision_groups
@@ -274,6 +274,7 @@ def calibrate(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None = Non
     guidance_scales(spec, recipe)
     check_sampler_keys(spec, recipe, own_trajectories=pool is None)
     check_ranks(spec, recipe, pool, bool(guidance_scales(spec, recipe)))
+    pool = None if pool is None else shard_pool(pool)
     device = next(spec.module.parameters()).device
     with offloaded(spec.module, c.calib.offload, spec.checkpoint) as store, PeakMemory(device) as peak:
         cal = _calibrate(spec, recipe, pool, layers, kept_fp)

@@ -23,6 +23,7 @@ from denoq.calibrators.distributed import (
     fingerprint,
     is_main,
     rank,
+    shard_rows,
     world_size,
 )
 from denoq.calibrators.ptqd import PtqdStats
@@ -30,6 +31,7 @@ from denoq.compiler.load import ModelSpec
 from denoq.compiler.recipe import Recipe
 from denoq.errors import DenoqError
 from denoq.plan import QuantPlan
+from denoq.sampling.cond import Conditioning
 
 T = TypeVar("T")
 
@@ -57,26 +59,39 @@ def settings_fingerprint(spec: ModelSpec, recipe: Recipe) -> str:
 
 
 def check_ranks(spec: ModelSpec, recipe: Recipe, pool: CalibrationSet | None, guided: bool) -> None:
-    """Before any calibration work, on every rank: DenoqError (the same line on every rank) for a setting that
-    runs in one process only, a calibration set that leaves a rank without rows in some batch, or settings that
-    differ between the ranks."""
+    """Before any calibration work, on every rank: DenoqError (the same line on every rank) for a calibration set
+    that leaves a rank without rows in some batch, or settings that differ between the ranks. `pool`: the whole
+    set a forward_loop recorded (None: denoq's own trajectories, `calib.samples` of them)."""
     size = world_size()
     if size == 1:
         return
-    if pool is not None:  # each rank would record its own calls: not a shard of one set
-        raise DenoqError(f"a forward_loop (calib=…) runs in one process, not under {size} ranks: each rank would "
-                         "record its own calls; pass calib=None (denoq's own trajectories are sharded) or run "
-                         "without torchrun")
     c = recipe.config
-    check_shardable(c.calib.samples, STATS_BATCH // 2 if guided else STATS_BATCH, "calib.samples")
+    n, what = (c.calib.samples, "calib.samples") if pool is None else (pool.trajectories, "the forward_loop's rows")
+    check_shardable(n, STATS_BATCH // 2 if guided else STATS_BATCH, what)
     if c.activations.calib_timesteps == "srm":
-        check_shardable(min(PROBE_SAMPLES, c.calib.samples), STATS_BATCH, "the srm probe's trajectories")
+        check_shardable(min(PROBE_SAMPLES, n), STATS_BATCH, "the srm probe's trajectories")
     sampled = c.weights.method == "adaround" and (c.accuquant.granularity == "network" or c.accuquant.window > 0)
     if sampled and min(c.accuquant.batch, c.calib.samples) < size:
         raise DenoqError(f"accuquant.batch={c.accuquant.batch} leaves ranks without trajectories in a batch under "
                          f"{size} ranks; set it (and calib.samples) to at least {size}")
     check_same(settings_fingerprint(spec, recipe), "settings fingerprint (recipe, model weights, torch version)",
                "start every rank with the same command, model folder and denoq / torch install")
+
+
+def shard_pool(pool: CalibrationSet) -> CalibrationSet:
+    """The calls a forward_loop made, under ranks: every rank ran the whole loop and recorded the same set
+    (DenoqError on every rank, naming the first rank that did not), and keeps its shard of the trajectories by the
+    rule denoq's own trajectories follow (`distributed.shard_rows`). One process: `pool` itself."""
+    if world_size() == 1:
+        return pool
+    digest = hashlib.sha256(json.dumps([str(t) for t in pool.t]).encode())
+    cond = pool.cond.tensors if isinstance(pool.cond, Conditioning) else {"cond": pool.cond}
+    for tensor in [*pool.x, *(cond[k] for k in sorted(cond) if cond[k] is not None)]:
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    check_same(digest.hexdigest()[:16], "forward_loop calls (inputs, timesteps, conditioning)",
+               "make the loop the same on every rank: seed its noise, give it the same prompts or labels (every rank "
+               "runs the whole loop and keeps its share of the rows)")
+    return pool.shard(shard_rows(pool.trajectories))
 
 
 def plan_fingerprint(plan: QuantPlan, ptqd: PtqdStats | None) -> str:
