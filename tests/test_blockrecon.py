@@ -3,13 +3,16 @@ arguments replay the block as the whole model runs it, the staged model, the loo
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from denoq.calibrators.accuquant import AccuQuantSettings, reconstruct
 from denoq.calibrators.blockrecon import Batched, block_loss, cache_block, sample_inputs
 from denoq.calibrators.calibset import record_trajectories
-from denoq.calibrators.learnable import LearnableModel
+from denoq.calibrators.learnable import LearnableModel, staged_twin
+from denoq.calibrators.simulate import simulate
 from denoq.calibrators.weights import blocks_in_order
 from denoq.compiler.backends import artifact_plan
 from denoq.compiler.load import load_model
@@ -49,22 +52,42 @@ def test_batched_concatenates_the_batch_leaves_and_keeps_the_others():
         Batched.gather(parts, [2, 3])
 
 
-def test_staged_model_runs_later_blocks_in_floating_point(tiny, pool):
+@contextlib.contextmanager
+def _staged(kind: str, model: torch.nn.Module, plan):
+    """The staged quantized model: a learnable copy, or the twin on the model's own modules (which must give the
+    model back as it was: its forwards and its parameters' requires_grad)."""
+    if kind == "copy":
+        yield LearnableModel(model, plan).train()
+        return
+    flags = [p.requires_grad for p in model.parameters()]
+    with staged_twin(model, plan) as q:
+        assert not any(p.requires_grad for p in model.parameters())
+        yield q
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("kind", ["copy", "twin"])
+def test_staged_model_runs_later_blocks_in_floating_point(tiny, pool, kind):
     spec, plan, _ = tiny
-    q = LearnableModel(spec.module, plan).train()
     x, t = pool.x[3][:4], torch.full((4,), pool.t[3], dtype=torch.int64)
-    with torch.no_grad():
-        fp = spec.module(x, t).sample
-        assert torch.equal(q.stage([], [])(x, t), fp)  # nothing quantized: the FP model exactly
-        assert not torch.equal(q.hard()(x, t), fp)
     blocks = list(_blocks(spec, plan, pool).values())
-    q.stage(blocks[0], blocks[1])
-    q(x, t).pow(2).sum().backward()
-    grads = {n for n, m in q.learnable.items() if m.v.grad is not None}
-    assert grads == set(blocks[1])  # the hard block before and the FP blocks after take no gradient
+    with _staged(kind, spec.module, plan) as q, torch.no_grad():
+        fp = spec.module(x, t).sample
+        torch.testing.assert_close(q.hard()(x, t), simulate(spec.module, plan)(x, t), rtol=1e-5, atol=1e-6)
+        assert torch.equal(q.stage([], [])(x, t), fp)  # nothing quantized: the FP model exactly
+        with torch.enable_grad():
+            q.stage(blocks[0], blocks[1])
+            q(x, t).pow(2).sum().backward()
+        grads = {n for n, m in q.learnable.items() if m.v.grad is not None}
+        assert grads == set(blocks[1])  # the hard block before and the FP blocks after take no gradient
+        if kind == "twin":  # only the learning block holds rounding variables
+            assert set(q.learnable) == set(blocks[1])
+            assert set(q.shared) == set(blocks[0]) | set(blocks[1])
 
 
-def test_cached_block_loss_is_the_block_error_of_the_whole_models(tiny, pool):
+@pytest.mark.parametrize("kind", ["copy", "twin"])
+def test_cached_block_loss_is_the_block_error_of_the_whole_models(tiny, pool, kind):
     """The block replayed on its cached arguments (clock at their rows) gives what hooks on the whole quantized
     and FP models see at that block."""
     spec, plan, _ = tiny
@@ -72,13 +95,8 @@ def test_cached_block_loss_is_the_block_error_of_the_whole_models(tiny, pool):
     names = list(blocks)
     block = next(b for b in names[1:] if b.startswith(("down_blocks", "mid_block", "up_blocks")))
     done = [n for b in names[:names.index(block)] for n in blocks[b]]
-    q = LearnableModel(spec.module, plan).train().stage(done, blocks[block])
     inputs = sample_inputs(pool, 12, seed=1)
     assert len(set(inputs)) == 12 and inputs == sorted(inputs)
-    data = cache_block(module_eps(q), q.model.get_submodule(block), module_eps(spec.module),
-                       spec.module.get_submodule(block), pool, inputs, plan.num_train_timesteps)
-    with torch.no_grad():
-        got = float(block_loss(q.model.get_submodule(block), data, torch.arange(12), q.clock))
     outs: dict[str, list[torch.Tensor]] = {"q": [], "fp": []}
 
     def keep(key):
@@ -89,13 +107,16 @@ def test_cached_block_loss_is_the_block_error_of_the_whole_models(tiny, pool):
 
     x = torch.stack([pool.x[s][r] for s, r in inputs])
     t = torch.tensor([pool.t[s] for s, _ in inputs])
-    handles = [q.model.get_submodule(block).register_forward_hook(keep("q")),
-               spec.module.get_submodule(block).register_forward_hook(keep("fp"))]
-    with torch.no_grad():
-        q(x, t)
-        spec.module(x, t)
-    for h in handles:
-        h.remove()
+    with _staged(kind, spec.module, plan) as q:
+        q.stage(done, blocks[block])
+        data = cache_block(module_eps(q), q.model.get_submodule(block), module_eps(spec.module),
+                           spec.module.get_submodule(block), pool, inputs, plan.num_train_timesteps)
+        with torch.no_grad():
+            got = float(block_loss(q.model.get_submodule(block), data, torch.arange(12), q.clock))
+            for key, run, model in (("q", q, q.model), ("fp", spec.module, spec.module)):
+                handle = model.get_submodule(block).register_forward_hook(keep(key))
+                run(x, t)
+                handle.remove()
     err = sum(float((a - b).pow(2).sum()) for a, b in zip(outs["q"], outs["fp"], strict=True))
     energy = sum(float(b.pow(2).sum()) for b in outs["fp"])
     assert got == pytest.approx(err / energy, rel=1e-4) and got > 0

@@ -111,6 +111,7 @@ def _plan_tensors(model: str, recipe: str, sets: list[str]) -> dict[str, torch.T
     ("digits-dit", "w8a8", ["activations.igq_groups=4", "activations.igq_budget=1.15", "attention.quantize=true"]),
     ("digits-dit", "w8a8", ["activations.igq_groups=4", "activations.igq_mode=static"]),  # weights re-rounded
     ("digits", "w4a8-fast", ["ptqd.enabled=true"]),   # the quantized twin shares the offloaded modules
+    ("digits-dit", "w4a8", ["accuquant.iters=4", "accuquant.block_inputs=16"]),  # one block's learnables at a time
     ("digits-sd", "w8a8", ["activations.timestep_groups=3", "attention.quantize=true", "ptqd.enabled=true"]),
 ])
 def test_offloaded_calibration_gives_the_in_memory_plan(model, recipe, sets):
@@ -146,8 +147,8 @@ def test_sequential_gptq_stopping_after_each_block_changes_nothing(monkeypatch):
 def test_methods_that_need_the_whole_model_are_refused():
     with pytest.raises(DenoqError, match=r"calib.offload=disk .* svdquant need the whole model in memory"):
         load_recipe("w4a8-fast", ["calib.offload=disk", "svdquant.rank=4"])
-    with pytest.raises(DenoqError, match=r"weights.method=adaround"):
-        load_recipe("w4a8", ["calib.offload=disk"])
+    with pytest.raises(DenoqError, match=r"adaround over the network or sampler windows need the whole model"):
+        load_recipe("w4a8", ["calib.offload=disk", "accuquant.granularity=network"])
 
 
 def test_units_not_in_the_checkpoint_are_written_to_the_scratch_folder(tmp_path):

@@ -48,7 +48,7 @@ from denoq.calibrators.blockrecon import BlockInputs, block_loss, cache_block, s
 from denoq.calibrators.calibset import CalibrationSet
 from denoq.calibrators.choices import BACKPROPS, GRADIENTS, GRANULARITIES, OBJECTIVES, STARTS
 from denoq.calibrators.distributed import all_reduce_grads, rank, sum_floats, world_size
-from denoq.calibrators.learnable import INITS, LearnableModel
+from denoq.calibrators.learnable import INITS, LearnableModel, StagedTwin, staged_twin
 from denoq.calibrators.weights import blocks_in_order
 from denoq.errors import DenoqError
 from denoq.log import bar
@@ -205,8 +205,8 @@ def objective_backward(q_eps: EpsFn, fp_eps: EpsFn, pool: CalibrationSet, rows: 
                            settings.backprop, settings.gradient)
 
 
-def _optimize(q: LearnableModel, names: list[str] | None, settings: AccuQuantSettings, draw: Callable[[int], float],
-              desc: str) -> tuple[list[float], str | None]:
+def _optimize(q: LearnableModel | StagedTwin, names: list[str] | None, settings: AccuQuantSettings,
+              draw: Callable[[int], float], desc: str) -> tuple[list[float], str | None]:
     """Adam over the rounding variables and log-scales of the layers `names` (None: all): at each iteration
     `draw(it)` accumulates the reconstruction loss's gradient and returns its value (under torchrun, of this rank's
     share of the batch; both are summed over the ranks), λ·f_reg of those layers is added after the warm-up.
@@ -273,8 +273,20 @@ def reconstruct(model: nn.Module, plan: QuantPlan, pool: CalibrationSet, schedul
                          f"pool has timesteps {pool.t[:4]}…; record the pool with the same sampler and steps")
     prev = dict(zip(expected, schedule.prev_timesteps(num_steps, sampler).tolist(), strict=True))
     start = time.perf_counter()
+    if settings.granularity == "block" and n == 0:  # one block's quantizers at a time, on the model's own modules
+        with staged_twin(model, plan, settings.init) as twin:
+            return _reconstruct(twin, model, plan, pool, schedule, sampler, prev, settings, start)
+    return _reconstruct(LearnableModel(model, plan, init=settings.init).train(), model, plan, pool, schedule, sampler,
+                        prev, settings, start)
+
+
+def _reconstruct(q: LearnableModel | StagedTwin, model: nn.Module, plan: QuantPlan, pool: CalibrationSet,
+                 schedule: NoiseSchedule, sampler: str, prev: dict[int, int], settings: AccuQuantSettings,
+                 start: float) -> tuple[QuantPlan, dict[str, Any]]:
+    """`reconstruct` on the quantized model `q` (`prev`: each of the pool's timesteps to the next; `start`: when it
+    began, for the report's seconds)."""
+    n = settings.window
     fp_eps = module_eps(model)
-    q = LearnableModel(model, plan, init=settings.init).train()
     q_eps = module_eps(q)
     step = sampler_step(schedule, sampler, settings.eta)
     g = torch.Generator().manual_seed(settings.seed)

@@ -25,12 +25,16 @@
 `LearnableModel(model, plan)` is the SimulatedModel of the plan with these layers; `hard()` switches to hard
 rounding, and `export_plan()` returns the plan with the learned integers and scales, which `simulate` then runs
 exactly as this model's hard mode (constant-table layers; selector layers to float rounding, their graph op order
-differs from the per-timestep division used while learning).
+differs from the per-timestep division used while learning). `StagedTwin` learns one block at a time on the
+model's own modules instead of a copy, with rounding variables for that block's layers only (block-wise
+reconstruction).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -144,7 +148,28 @@ class LearnableLayer(SimulatedLayer):
         return dataclasses.replace(self.plan, weight_int=q, input=act)
 
 
-class LearnableModel(SimulatedModel):
+class _Learning:
+    """The learnable layers by name (`learnable`) and what the optimizer reads from them."""
+
+    learnable: dict[str, LearnableLayer]
+
+    def _layers(self, names: list[str] | None) -> list[LearnableLayer]:
+        return [self.learnable[n] for n in sorted(self.learnable if names is None else names)]
+
+    def rounding_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
+        """The rounding variables V of the layers `names` (default: all)."""
+        return [m.v for m in self._layers(names)]
+
+    def scale_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
+        """The input log-scales of the layers `names` (default: all) that quantize their input."""
+        return [m.log_scale for m in self._layers(names) if m.log_scale is not None]
+
+    def regularizer(self, beta: float, names: list[str] | None = None) -> torch.Tensor:
+        """f_reg of (24), averaged over the layers `names` (default: all)."""
+        return torch.stack([m.regularizer(beta) for m in self._layers(names)]).mean()
+
+
+class LearnableModel(_Learning, SimulatedModel):
     """The plan's simulated model with LearnableLayers; its parameters are the quantizers' (the FP model's own
     parameters are frozen)."""
 
@@ -162,21 +187,6 @@ class LearnableModel(SimulatedModel):
             if m.log_scale is not None:
                 m.log_scale.requires_grad_(True)
 
-    def _layers(self, names: list[str] | None) -> list[LearnableLayer]:
-        return [self.learnable[n] for n in sorted(self.learnable if names is None else names)]
-
-    def rounding_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
-        """The rounding variables V of the layers `names` (default: all)."""
-        return [m.v for m in self._layers(names)]
-
-    def scale_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
-        """The input log-scales of the layers `names` (default: all) that quantize their input."""
-        return [m.log_scale for m in self._layers(names) if m.log_scale is not None]
-
-    def regularizer(self, beta: float, names: list[str] | None = None) -> torch.Tensor:
-        """f_reg of (24), averaged over the layers `names` (default: all)."""
-        return torch.stack([m.regularizer(beta) for m in self._layers(names)]).mean()
-
     def hard(self, on: bool = True) -> LearnableModel:
         """Every layer quantized, with hard rounding (`on`) or the soft relaxation; returns the model."""
         for m in self.learnable.values():
@@ -192,19 +202,90 @@ class LearnableModel(SimulatedModel):
             m.fp = name not in done and name not in learning
         return self
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """A copy of every learnable parameter (to roll back to)."""
-        return {k: v.detach().clone() for k, v in self.named_parameters() if v.requires_grad}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.named_parameters())
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
-
     def export_plan(self) -> QuantPlan:
         """The plan with the hard rounding and learned input scales (layers the model does not learn unchanged)."""
         layers = dict(self.plan.layers)
         for name, m in self.learnable.items():
             layers[name] = m.export()
         return dataclasses.replace(self.plan, layers=layers)
+
+
+class StagedTwin(_Learning, SimulatedModel):
+    """Block-wise reconstruction's quantized twin on the model's own modules (`SimulatedModel(share=True)`), one
+    stage at a time: after `stage(done, learning)` the layers `done` compute from their learned hard rounding (the
+    plan they exported), the layers `learning` are LearnableLayers built from the plan, and every other layer is
+    the FP model's. Only the learning layers hold rounding variables and their floors and scales (three float32
+    tensors the size of the weight each), so the twin adds one block's to the model instead of three copies of the
+    whole model's, and an offloaded model stays offloaded. Stages only move forward: `hard()` ends the one in
+    progress (its layers export their hard rounding) and quantizes every layer; a finished layer does not become
+    soft again (`hard(False)` changes nothing). Use it through `staged_twin`."""
+
+    def __init__(self, model: nn.Module, plan: QuantPlan, init: str = "plan") -> None:
+        super().__init__(model, plan, share=True)
+        self.init = init
+        self.plan = dataclasses.replace(plan, layers=dict(plan.layers))  # each layer's plan once it has learned
+        self.learnable = {}
+        if init == "fp":  # the hard start is AdaRound's init rounded, one layer's variables at a time
+            try:
+                for name in sorted(plan.layers):
+                    self._learn([name])
+                    self._finish()
+            except BaseException:
+                self.restore()
+                raise
+
+    def _simulate(self, names: list[str]) -> None:
+        """The layers `names` compute from their plan."""
+        T = self.plan.num_train_timesteps
+        self.place(names, lambda name, module: SimulatedLayer(module, self.plan.layers[name], self.clock, T))
+
+    def _learn(self, names: list[str]) -> None:
+        T = self.plan.num_train_timesteps
+        self.place(names, lambda name, module: LearnableLayer(module, self.plan.layers[name], self.clock, T,
+                                                              init=self.init))
+        self.learnable = {name: self.shared[name] for name in names}  # type: ignore[misc]
+
+    def _finish(self) -> None:
+        """The learning layers export their hard rounding into the plan and compute from it."""
+        for name, m in self.learnable.items():
+            self.plan.layers[name] = m.export()
+        self._simulate(sorted(self.learnable))
+        self.learnable = {}
+
+    def hard(self, on: bool = True) -> StagedTwin:
+        """`on`: the stage in progress ends (`_finish`) and every layer computes from the plan; returns the twin."""
+        if on:
+            self._finish()
+            self._simulate([n for n in sorted(self.plan.layers) if n not in self.shared])
+        return self
+
+    def stage(self, done: list[str], learning: list[str]) -> StagedTwin:
+        """The layers `done` hard (they have learned, or keep the plan's rounding), `learning` LearnableLayers, every
+        other layer in floating point; returns the twin."""
+        self._finish()
+        self._simulate([n for n in done if n not in self.shared])
+        for name in sorted(set(self.shared) - set(done)):
+            del self.shared[name]
+        self._learn(learning)
+        return self
+
+    def export_plan(self) -> QuantPlan:
+        """The plan with every layer's hard rounding and learned input scales."""
+        return self.hard().plan
+
+
+@contextlib.contextmanager
+def staged_twin(model: nn.Module, plan: QuantPlan, init: str = "plan") -> Iterator[StagedTwin]:
+    """A StagedTwin of `model` for the block: the model's parameters are frozen inside it (the gradients go to the
+    quantizers alone), and its forwards, processors and `requires_grad` flags come back after."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    twin = None
+    try:
+        twin = StagedTwin(model, plan, init)
+        yield twin
+    finally:
+        if twin is not None:
+            twin.restore()
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])

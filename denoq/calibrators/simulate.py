@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -175,34 +175,46 @@ class SimulatedModel(nn.Module):
         self.model = model if share else copy.deepcopy(model).eval()
         self.clock = TimestepClock()
         self.num_train_timesteps = plan.num_train_timesteps
-        self._patched: list[nn.Module] = []                 # shared: modules whose forward is switched
+        self.modules_by_name = dict(self.model.named_modules())
+        self.shared: dict[str, SimulatedLayer] = {}         # shared: each switched module's simulated layer
+        self._patched: dict[str, nn.Module] = {}           # shared: modules whose forward is switched
         self._processors: list[tuple[nn.Module, Any]] = []  # shared: attention modules and their own processors
-        modules = dict(self.model.named_modules())
-        missing = sorted(set(plan.layers) - set(modules)) + sorted(set(plan.attention) - set(modules))
+        missing = sorted(set(plan.layers) - set(self.modules_by_name)) + sorted(
+            set(plan.attention) - set(self.modules_by_name))
         if missing:
             raise DenoqError(f"the plan's module {missing[0]} is not a module of this model; the plan belongs to "
                              "another model (recompile)")
         try:
-            self._install(plan, modules, layer, share)
+            self.place(sorted(plan.layers), lambda name, module: layer(
+                module, plan.layers[name], self.clock, plan.num_train_timesteps), share)
+            self._install_attention(plan, share)
         except BaseException:
             self.restore()
             raise
 
-    def _install(self, plan: QuantPlan, modules: dict[str, nn.Module], layer: type[SimulatedLayer], share: bool
-                 ) -> None:
-        """Put the simulated layers and attention processors in place (in the copy, or switched in `share`)."""
-        for names in by_unit(self.model, sorted(plan.layers)):
-            with resident(self.model, names):  # each layer built from its module's loaded weights
-                for name in names:
-                    sim = layer(modules[name], plan.layers[name], self.clock, plan.num_train_timesteps)
-                    if share:
-                        sim.weight = None  # dequantized at each call
-                        modules[name].forward = self._switch(sim, modules[name].forward)
-                        self._patched.append(modules[name])
-                    else:
+    def place(self, names: list[str], make: Callable[[str, nn.Module], SimulatedLayer], share: bool = True
+              ) -> None:
+        """Put `make(name, module)` in place of each layer of `names`, each built while its unit is loaded (an
+        offloaded model): in the copy, or as the switched layer of the shared model (which then dequantizes at
+        each call); a shared layer placed again is replaced."""
+        for group in by_unit(self.model, names):
+            with resident(self.model, group):
+                for name in group:
+                    module = self.modules_by_name[name]
+                    sim = make(name, module)
+                    if not share:
                         parent_name, _, child = name.rpartition(".")
-                        setattr(modules[parent_name] if parent_name else self.model, child, sim)
-        attention = {name: modules[name] for name in sorted(plan.attention)}
+                        setattr(self.modules_by_name[parent_name] if parent_name else self.model, child, sim)
+                        continue
+                    sim.weight = None
+                    if name not in self._patched:
+                        module.forward = self._switch(name, module.forward)
+                        self._patched[name] = module
+                    self.shared[name] = sim
+
+    def _install_attention(self, plan: QuantPlan, share: bool) -> None:
+        """The plan's attention processors: in the copy, or switched in the shared model."""
+        attention = {name: self.modules_by_name[name] for name in sorted(plan.attention)}
         if not share:
             install(attention, lambda name: self._attention_quant(plan.attention[name]))
             return
@@ -211,18 +223,24 @@ class SimulatedModel(nn.Module):
             m.set_processor(SwitchedAttnProcessor(name, self._attention_quant(plan.attention[name]), m.processor,
                                                   lambda: self.clock.t is not None))
 
-    def _switch(self, sim: SimulatedLayer, fp: Any) -> Any:
-        """A shared module's forward: the simulated layer's while the twin runs, its own `fp` otherwise."""
-        return lambda x: sim(x) if self.clock.t is not None else fp(x)
+    def _switch(self, name: str, fp: Any) -> Any:
+        """A shared module's forward: its simulated layer's while the twin runs and it has one, its own `fp`
+        otherwise."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            sim = self.shared.get(name)
+            return sim(x) if sim is not None and self.clock.t is not None else fp(x)
+
+        return forward
 
     def restore(self) -> None:
         """Give a shared model its own forwards and attention processors back."""
-        for module in self._patched:
+        for module in self._patched.values():
             del module.forward
         for module, processor in self._processors:
             module.set_processor(processor)
         self._patched.clear()
         self._processors.clear()
+        self.shared.clear()
 
     def _attention_quant(self, ap: AttentionPlan):
         """The fake-quantization hook of one attention module's matmul inputs (constant scales)."""

@@ -326,8 +326,8 @@ class CalibKeys:
             "disk = during calibration load each unit's weights (a UNet's resnets and transformer blocks, a "
             "transformer's blocks) only while the model runs through it, from the model's safetensors checkpoint "
             "or a temporary copy (TMPDIR): the calibration's peak memory holds one unit instead of the whole model "
-            "(rtn / gptq / obq weights, observers, timestep groups, attention, IGQ-ViT, PTQD); none = the model "
-            "stays in memory",
+            "(rtn / gptq / obq weights, observers, timestep groups, attention, IGQ-ViT, PTQD, block-output "
+            "reconstruction); none = the model stays in memory",
             choices=("none", "disk"))
 
 

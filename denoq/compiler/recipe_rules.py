@@ -121,15 +121,16 @@ def _offload_supports(c: RecipeConfig) -> str | None:
     if c.calib.offload == "none":
         return None
     a = c.activations
-    refused = [k for k, on in (("weights.method=adaround", c.weights.method == "adaround"),
+    learned = c.weights.method == "adaround" and not (c.accuquant.granularity == "block" and c.accuquant.window == 0)
+    refused = [k for k, on in (("adaround over the network or sampler windows", learned),
                                ("activations.group_search=differentiable",
                                 a.group_search == "differentiable" and a.timestep_groups > 1),
                                ("svdquant", bool(c.svdquant.rank or c.svdquant.alpha)),
                                ("precision.mixed", bool(c.precision.mixed))) if on]
     if refused:
         return (f"calib.offload={c.calib.offload} runs rtn / gptq / obq weights, observers, timestep groups, "
-                f"attention, IGQ-ViT groups and PTQD; {', '.join(refused)} need the whole model in memory: set "
-                "calib.offload=none or leave them off")
+                f"attention, IGQ-ViT groups, PTQD and block-output reconstruction (w4a8); {', '.join(refused)} need "
+                "the whole model in memory: set calib.offload=none or leave them off")
     return None
 
 
