@@ -72,9 +72,10 @@ def _compile_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "di
     return one, two
 
 
-#: Under torchrun: the calibrate stage alone (no export, passes or checks); rank 0 saves the plan and the
-#: calibration report. argv: model, recipe, then KEY=VALUE items. With LOOP_SEED set, the calibration set is what
-#: `_forward_loop.ddim_loop` feeds the model from noise of that seed ("rank": each rank's own seed).
+#: Under torchrun: the calibrate stage alone (no export, passes or checks); rank 0 saves the plan's tensors (and
+#: PTQD's) and the calibration report. argv: model, recipe, then KEY=VALUE items. With LOOP_SEED set, the
+#: calibration set is what `_forward_loop.ddim_loop` feeds the model from noise of that seed ("rank": each rank's
+#: own seed).
 CALIBRATE = """import json, os, sys
 sys.path.insert(0, @TESTS@)
 import torch
@@ -94,7 +95,8 @@ pool = None if seed is None else record_calls(spec.module, ddim_loop(spec, rank(
                                               spec.cond_input)
 cal = calibrate(spec, recipe, pool)
 if rank() == 0:
-    save_file({k: v.contiguous() for k, v in cal.plan.tensors().items()}, 'plan.safetensors')
+    tensors = {**cal.plan.tensors(), **({} if cal.ptqd is None else cal.ptqd.to_tensors())}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, 'plan.safetensors')
     open('info.json', 'w').write(json.dumps(cal.info, default=str))
 leave(True)
 """.replace("@TESTS@", repr(str(Path(__file__).parent)))
@@ -118,7 +120,8 @@ def _calibrate_both(tmp_path: Path, recipe: str, sets: list[str], model: str = "
     torch.manual_seed(rec.config.seed)
     pool = None if loop_seed is None else record_calls(spec.module, ddim_loop(spec, loop_seed), spec.cond_input)
     cal = calibrate(spec, rec, pool)
-    one = ({k: v.contiguous() for k, v in cal.plan.tensors().items()}, json.loads(json.dumps(cal.info, default=str)))
+    tensors = {**cal.plan.tensors(), **({} if cal.ptqd is None else cal.ptqd.to_tensors())}
+    one = ({k: v.contiguous() for k, v in tensors.items()}, json.loads(json.dumps(cal.info, default=str)))
     env = {} if loop_seed is None else {"LOOP_SEED": str(loop_seed)}
     run = _torchrun([model, recipe, *items], tmp_path, program=["--no-python", sys.executable, "-c", CALIBRATE],
                     env=env)
@@ -155,10 +158,9 @@ def test_two_ranks_give_the_one_process_plan_with_timestep_groups(tmp_path):
 
 
 def test_two_ranks_give_the_one_process_gptq_plan_and_ptqd_tables(tmp_path):
-    one, two = _compile_both(tmp_path, "w4a8-fast", ["--set", "ptqd.enabled=true", "--set",
-                                                     "weights.hessian_samples=6"])
-    _assert_same_tensors(one / "plan.safetensors", two / "plan.safetensors")
-    _assert_same_tensors(one / "ptqd.safetensors", two / "ptqd.safetensors")
+    (a, _), (b, _) = _calibrate_both(tmp_path, "w4a8-fast", ["ptqd.enabled=true", "weights.hessian_samples=6"])
+    assert any(k.startswith("ptqd.") for k in a)
+    _assert_same_tensors(a, b)
 
 
 def test_two_ranks_choose_the_one_process_step_precisions(tmp_path):
