@@ -27,9 +27,10 @@ demo: install
 	$(BIN)/denoq eval $(ART)
 	@echo "open $(ART)/report.html for the pictures; the ORT sample grid is $(ART)-grid.png"
 
-# the whole suite, slow end-to-end tests included (~14 min on 2 cores); plain `pytest` runs the fast ones
+# the whole suite, slow end-to-end tests included, on two pytest workers, one test file each at a time (~20 min on
+# 2 cores; each worker computes with one torch thread); plain `pytest` runs the fast ones in one process
 test: install-dev
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "slow or not slow" -n 2 --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check denoq tests tools
@@ -47,7 +48,7 @@ try-latest:
 	  > $(LATEST)/freeze.txt
 	@echo "== versions that differ from constraints.txt (< locked, > newest) =="
 	@grep -v '^#' constraints.txt | sort -f | diff - $(LATEST)/freeze.txt | grep '^[<>]' || echo "none"
-	$(LATEST)/bin/python -m pytest -q -m "slow or not slow" -p no:cacheprovider
+	$(LATEST)/bin/python -m pytest -q -m "slow or not slow" -p no:cacheprovider -n 2 --dist loadfile
 
 lock: install-dev
 	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --all --exclude-editable | grep -v '^pip==' \
