@@ -173,6 +173,7 @@ class SimulatedModel(nn.Module):
         (`simulated_in_place`, which undoes it) instead of a copy."""
         super().__init__()
         self.model = model if share else copy.deepcopy(model).eval()
+        self.in_place = share
         self.clock = TimestepClock()
         self.num_train_timesteps = plan.num_train_timesteps
         self.modules_by_name = dict(self.model.named_modules())
@@ -186,14 +187,13 @@ class SimulatedModel(nn.Module):
                              "another model (recompile)")
         try:
             self.place(sorted(plan.layers), lambda name, module: layer(
-                module, plan.layers[name], self.clock, plan.num_train_timesteps), share)
-            self._install_attention(plan, share)
+                module, plan.layers[name], self.clock, plan.num_train_timesteps))
+            self._install_attention(plan)
         except BaseException:
             self.restore()
             raise
 
-    def place(self, names: list[str], make: Callable[[str, nn.Module], SimulatedLayer], share: bool = True
-              ) -> None:
+    def place(self, names: list[str], make: Callable[[str, nn.Module], SimulatedLayer]) -> None:
         """Put `make(name, module)` in place of each layer of `names`, each built while its unit is loaded (an
         offloaded model): in the copy, or as the switched layer of the shared model (which then dequantizes at
         each call); a shared layer placed again is replaced."""
@@ -202,7 +202,7 @@ class SimulatedModel(nn.Module):
                 for name in group:
                     module = self.modules_by_name[name]
                     sim = make(name, module)
-                    if not share:
+                    if not self.in_place:
                         parent_name, _, child = name.rpartition(".")
                         setattr(self.modules_by_name[parent_name] if parent_name else self.model, child, sim)
                         continue
@@ -212,10 +212,10 @@ class SimulatedModel(nn.Module):
                         self._patched[name] = module
                     self.shared[name] = sim
 
-    def _install_attention(self, plan: QuantPlan, share: bool) -> None:
+    def _install_attention(self, plan: QuantPlan) -> None:
         """The plan's attention processors: in the copy, or switched in the shared model."""
         attention = {name: self.modules_by_name[name] for name in sorted(plan.attention)}
-        if not share:
+        if not self.in_place:
             install(attention, lambda name: self._attention_quant(plan.attention[name]))
             return
         for name, m in attention.items():

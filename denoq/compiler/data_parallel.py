@@ -85,9 +85,9 @@ def shard_pool(pool: CalibrationSet) -> CalibrationSet:
     if world_size() == 1:
         return pool
     digest = hashlib.sha256(json.dumps([str(t) for t in pool.t]).encode())
-    cond = pool.cond.tensors if isinstance(pool.cond, Conditioning) else {"cond": pool.cond}
-    for tensor in [*pool.x, *(cond[k] for k in sorted(cond) if cond[k] is not None)]:
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    cond = pool.cond.tensors if isinstance(pool.cond, Conditioning) else {"": pool.cond}
+    _hash_tensors(digest, {f"x.{i:05d}": x for i, x in enumerate(pool.x)}
+                  | {f"cond.{k}": v for k, v in cond.items() if v is not None})
     check_same(digest.hexdigest()[:16], "forward_loop calls (inputs, timesteps, conditioning)",
                "make the loop the same on every rank: seed its noise, give it the same prompts or labels (every rank "
                "runs the whole loop and keeps its share of the rows)")
@@ -97,11 +97,15 @@ def shard_pool(pool: CalibrationSet) -> CalibrationSet:
 def plan_fingerprint(plan: QuantPlan, ptqd: PtqdStats | None) -> str:
     """The plan's (and PTQD's) numbers and structure."""
     digest = hashlib.sha256(json.dumps(plan.meta(), sort_keys=True, default=str).encode())
-    tensors = plan.tensors() | ({} if ptqd is None else ptqd.to_tensors())
+    _hash_tensors(digest, plan.tensors() | ({} if ptqd is None else ptqd.to_tensors()))
+    return digest.hexdigest()[:16]
+
+
+def _hash_tensors(digest: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Each tensor's name and bytes into the hashlib `digest`, in name order."""
     for key in sorted(tensors):
         digest.update(key.encode())
         digest.update(tensors[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def check_same_plan(plan: QuantPlan, ptqd: PtqdStats | None) -> None:
